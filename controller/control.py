@@ -1,0 +1,109 @@
+"""ControlServer: the supervisor's ROUTER socket, answering clients and hearing from workers.
+
+Clients (drivers, the CLI, replicas, the proxy) send CALL messages whose ``meta["op"]`` names an
+operation; each gets one REPLY with ``ok`` and either the answer or ``error`` (a message for the
+user) and ``etype`` (the exception type to raise). Operations that wait (``listen``,
+``wait_app``, ``delete``) run as tasks, so one slow client never blocks another.
+
+Workers send READY and INIT_FAILED; their protocol version is checked by the controller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
+
+import zmq
+
+from shoal.controller.controller import Controller, ControllerError
+from shoal.runtime import transport, wire
+
+logger = logging.getLogger("shoal.control")
+
+
+class ControlServer:
+    def __init__(self, endpoint: str, controller: Controller, *, on_shutdown: Callable[[], None], info: dict[str, Any]) -> None:
+        self.controller = controller
+        self._on_shutdown = on_shutdown
+        self._info = info
+        sock = transport.make_socket(zmq.ROUTER)
+        sock.bind(endpoint)
+        self.channel = transport.Channel(sock, self._on_message)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ops: dict[str, Callable[[dict[str, Any], tuple[bytes, ...]], Awaitable[dict[str, Any]]]] = {
+            "ping": self._ping,
+            "deploy": self._deploy,
+            "wait_app": self._wait_app,
+            "delete": self._delete,
+            "status": self._status,
+            "listen": self._listen,
+            "shutdown": self._shutdown,
+        }
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self.channel.close()
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        identity, msg = frames[0], wire.decode(frames[1:])
+        if msg.kind == wire.Kind.CALL:
+            task = asyncio.get_running_loop().create_task(self._answer(identity, msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif msg.kind == wire.Kind.READY:
+            self.controller.on_ready(msg.meta["replica_id"], msg.incarnation, msg.meta)
+        elif msg.kind == wire.Kind.INIT_FAILED:
+            self.controller.on_init_failed(msg.meta["replica_id"], msg.incarnation, msg.meta.get("error", ""))
+        else:
+            logger.warning("control socket got an unexpected %s message", msg.kind.name)
+
+    async def _answer(self, identity: bytes, msg: wire.Message) -> None:
+        op = msg.meta.get("op", "")
+        handler = self._ops.get(op)
+        try:
+            if handler is None:
+                raise ControllerError(f"unknown operation '{op}'; is the client a different shoal version?")
+            reply = {"ok": True, **await handler(msg.meta, msg.payload)}
+        except ControllerError as exc:
+            reply = {"ok": False, "error": str(exc), "etype": "RayServeException"}
+        except TimeoutError:
+            reply = {"ok": False, "error": f"operation '{op}' timed out", "etype": "TimeoutError"}
+        except Exception as exc:
+            logger.exception("operation '%s' failed", op)
+            reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "etype": "RayServeException"}
+        self.channel.send_message(wire.Message(wire.Kind.REPLY, 0, msg.call_id, reply), identity)
+
+    async def _ping(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
+        return dict(self._info)
+
+    async def _deploy(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
+        self.controller.deploy_app(wire.unpack(payload[0]))
+        return {}
+
+    async def _wait_app(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
+        app = await self.controller.wait_app(meta["name"], meta.get("timeout_s"))
+        if app is None:
+            return {"exists": False}
+        return {"exists": True, "status": app.status.value, "message": app.message, "ingress": app.ingress}
+
+    async def _delete(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
+        name = meta["name"]
+        self.controller.delete_app(name)
+        if meta.get("wait", True):
+            while name in self.controller.apps:
+                app = self.controller.apps[name]
+                app.changed.clear()
+                await app.changed.wait()
+        return {}
+
+    async def _status(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
+        return {"status": self.controller.status()}
+
+    async def _listen(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
+        return {"snapshot": await self.controller.wait_snapshot(meta.get("version", 0))}
+
+    async def _shutdown(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
+        asyncio.get_running_loop().call_soon(self._on_shutdown)
+        return {}

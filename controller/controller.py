@@ -1,0 +1,512 @@
+"""Controller: applications, deployments and replicas, reconciled toward their targets.
+
+The controller is never on the request path. It starts and stops replica processes, tracks
+their states, and publishes versioned snapshots (replica sets, limits, routes) that routers
+long-poll for. ``reconcile`` runs after every event (deploy, READY, exit, timer) and is the only
+place that decides to start or stop replicas.
+
+Statuses follow Ray Serve: a deployment is UPDATING until its target number of replicas of the
+current version run, then HEALTHY; a constructor that keeps failing makes it DEPLOY_FAILED after
+``min(max_constructor_retry_count, 3 * target)`` failed starts, carrying the last traceback. A
+replica that crashes after it was running is replaced (with backoff) and routers fail the
+requests it held at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from shoal.controller import rundir
+from shoal.controller.process import WorkerProcess
+from shoal.runtime import wire
+from shoal.runtime.logs import replica_prefix
+from shoal.serve.schema import ApplicationStatus, DeploymentStatus, DeploymentStatusTrigger, ReplicaState
+
+logger = logging.getLogger("shoal.controller")
+
+_RESTART_BACKOFF_INITIAL_S = 0.1
+_RESTART_BACKOFF_MAX_S = 10.0
+
+
+class ControllerError(Exception):
+    """A request the controller refuses; the message says what to change."""
+
+
+@dataclass(eq=False)
+class Replica:
+    replica_id: str
+    incarnation: int
+    version: str
+    endpoint: str
+    process: WorkerProcess
+    state: ReplicaState = ReplicaState.STARTING
+    pid: int | None = None
+    error: str = ""
+    started_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class DeploymentState:
+    app: str
+    name: str
+    definition: bytes
+    config: dict[str, Any]
+    version: str
+    sys_path: list[str]
+    replicas: dict[str, Replica] = field(default_factory=dict)
+    target: int = 1
+    failed_starts: int = 0
+    restarts: int = 0
+    last_error: str = ""
+    status: DeploymentStatus = DeploymentStatus.UPDATING
+    trigger: DeploymentStatusTrigger = DeploymentStatusTrigger.CONFIG_UPDATE_STARTED
+    message: str = ""
+    deleting: bool = False
+    next_start_at: float = 0.0
+    backoff_s: float = _RESTART_BACKOFF_INITIAL_S
+
+    @property
+    def key(self) -> str:
+        return f"{self.app}#{self.name}"
+
+    def live(self, version: str | None = None) -> list[Replica]:
+        return [
+            r for r in self.replicas.values()
+            if r.state in (ReplicaState.STARTING, ReplicaState.RUNNING)
+            and (version is None or r.version == version)
+        ]
+
+    def running(self, version: str | None = None) -> list[Replica]:
+        return [r for r in self.live(version) if r.state == ReplicaState.RUNNING]
+
+    @property
+    def failure_budget(self) -> int:
+        return min(int(self.config.get("max_constructor_retry_count", 20)), 3 * max(1, self.target))
+
+
+@dataclass(eq=False)
+class AppState:
+    name: str
+    route_prefix: str | None
+    ingress: str
+    deployments: dict[str, DeploymentState]
+    status: ApplicationStatus = ApplicationStatus.DEPLOYING
+    message: str = ""
+    deployed_at: float = field(default_factory=time.time)
+    deleting: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def definition_version(definition: bytes, config: dict[str, Any], code_hash: str) -> str:
+    """Replicas are replaced when this changes: the code and the options that need a restart."""
+    h = hashlib.sha256(definition)
+    h.update(code_hash.encode())
+    h.update(repr(sorted((config.get("ray_actor_options") or {}).items())).encode())
+    h.update(repr(config.get("user_config")).encode())
+    return h.hexdigest()[:16]
+
+
+class Controller:
+    def __init__(self, run_dir: Path, *, echo: Callable[[str], None]) -> None:
+        self.run_dir = run_dir
+        self.apps: dict[str, AppState] = {}
+        self.version = 1
+        self._snapshot: dict[str, Any] = {"version": 1, "deployments": {}, "routes": {}}
+        self._snapshot_changed = asyncio.Event()
+        self._incarnations = itertools.count(1)
+        self._echo = echo
+        self._logs = rundir.ensure_private_dir(run_dir / rundir.LOGS)
+        self._timer: asyncio.TimerHandle | None = None
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- API used by the control server ---------------------------------------------------------
+
+    def deploy_app(self, spec: dict[str, Any]) -> None:
+        """Create or replace an application (``spec`` as built by ``shoal.serve.api``)."""
+        name = spec["name"]
+        prefix = spec.get("route_prefix")
+        if self._stopping:
+            raise ControllerError("the instance is shutting down")
+        for other in self.apps.values():
+            if other.name != name and prefix is not None and other.route_prefix == prefix and not other.deleting:
+                raise ControllerError(
+                    f'Prefix {prefix} is being used by application "{other.name}". '
+                    f'Failed to deploy application "{name}".'
+                )
+        old = self.apps.get(name)
+        deployments: dict[str, DeploymentState] = {}
+        for d in spec["deployments"]:
+            version = definition_version(d["definition"], d["config"], d.get("code_hash", ""))
+            state = old.deployments.get(d["name"]) if old is not None else None
+            if state is None or state.deleting:
+                state = DeploymentState(name, d["name"], d["definition"], d["config"], version, spec.get("sys_path", []))
+            else:
+                if state.version != version:
+                    state.failed_starts = 0
+                    state.last_error = ""
+                state.definition, state.config, state.version = d["definition"], d["config"], version
+                state.sys_path = spec.get("sys_path", [])
+            state.target = _initial_target(d["config"])
+            state.status = DeploymentStatus.UPDATING
+            state.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_STARTED
+            state.message = ""
+            deployments[d["name"]] = state
+        if old is not None:
+            # Deployments dropped from the graph drain and stop under the app until gone.
+            for dep_name, state in old.deployments.items():
+                if dep_name not in deployments:
+                    self._delete_deployment(state)
+                    deployments[dep_name] = state
+            app = AppState(name, prefix, spec["ingress"], deployments, changed=old.changed)
+        else:
+            app = AppState(name, prefix, spec["ingress"], deployments)
+        self.apps[name] = app
+        self.reconcile()
+
+    def delete_app(self, name: str) -> None:
+        app = self.apps.get(name)
+        if app is None:
+            return
+        app.deleting = True
+        app.status = ApplicationStatus.DELETING
+        for state in app.deployments.values():
+            self._delete_deployment(state)
+        self.reconcile()
+
+    def _delete_deployment(self, state: DeploymentState) -> None:
+        state.deleting = True
+        state.target = 0
+
+    async def wait_app(self, name: str, timeout_s: float | None) -> AppState | None:
+        """Wait until app ``name`` is RUNNING, DEPLOY_FAILED or gone; None if gone."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                app = self.apps.get(name)
+                if app is None:
+                    return None
+                if app.status in (ApplicationStatus.RUNNING, ApplicationStatus.DEPLOY_FAILED):
+                    return app
+                app.changed.clear()
+                await app.changed.wait()
+
+    async def wait_snapshot(self, newer_than: int) -> dict[str, Any]:
+        while self._snapshot["version"] <= newer_than:
+            await self._snapshot_changed.wait()
+        return self._snapshot
+
+    def status(self) -> dict[str, Any]:
+        apps: dict[str, Any] = {}
+        for app in self.apps.values():
+            deployments = {}
+            for state in app.deployments.values():
+                if state.deleting and not app.deleting:
+                    continue
+                counts: dict[str, int] = {}
+                for r in state.replicas.values():
+                    counts[r.state.value] = counts.get(r.state.value, 0) + 1
+                deployments[state.name] = {
+                    "status": state.status.value,
+                    "status_trigger": state.trigger.value,
+                    "replica_states": counts,
+                    "message": state.message,
+                    "replicas": [
+                        {"replica_id": r.replica_id, "state": r.state.value, "pid": r.pid, "version": r.version}
+                        for r in state.replicas.values()
+                    ],
+                    "restarts": state.restarts,
+                    "last_error": state.last_error,
+                }
+            apps[app.name] = {
+                "status": app.status.value,
+                "message": app.message,
+                "last_deployed_time_s": app.deployed_at,
+                "deployments": deployments,
+                "route_prefix": app.route_prefix,
+                "ingress": app.ingress,
+            }
+        return {"proxies": {}, "applications": apps, "target_capacity": None}
+
+    # -- reconciliation -------------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Start and stop replicas toward each deployment's target; update statuses; publish."""
+        now = time.monotonic()
+        wake_at: float | None = None
+        for app in list(self.apps.values()):
+            for key, state in list(app.deployments.items()):
+                wake = self._reconcile_deployment(state, now)
+                if wake is not None:
+                    wake_at = wake if wake_at is None else min(wake_at, wake)
+                if state.deleting and not state.replicas:
+                    del app.deployments[key]
+            self._update_app_status(app)
+            if app.deleting and not app.deployments:
+                del self.apps[app.name]
+                app.changed.set()
+        self._publish()
+        if wake_at is not None:
+            self._schedule(wake_at - now)
+
+    def _reconcile_deployment(self, state: DeploymentState, now: float) -> float | None:
+        current = state.live(state.version)
+        failed = state.status == DeploymentStatus.DEPLOY_FAILED
+        wake: float | None = None
+        if not state.deleting and not failed and not self._stopping and len(current) < state.target:
+            if now >= state.next_start_at:
+                for _ in range(state.target - len(current)):
+                    self._start_replica(state)
+            else:
+                wake = state.next_start_at
+        # Extra replicas of the current version: stop the newest, STARTING ones first.
+        extra = len(state.live(state.version)) - state.target
+        if extra > 0:
+            ordered = sorted(state.live(state.version), key=lambda r: (r.state == ReplicaState.RUNNING, -r.started_at))
+            for replica in ordered[:extra]:
+                self._stop_replica(state, replica)
+        # Older versions: stop once the current version serves at target (blue-green), or at
+        # once if they are only starting; keep them serving if the new version failed.
+        old = [r for r in state.live() if r.version != state.version]
+        if old:
+            new_ready = len(state.running(state.version)) >= state.target
+            for replica in old:
+                if replica.state == ReplicaState.STARTING or state.deleting or (new_ready and not failed):
+                    self._stop_replica(state, replica)
+        self._update_deployment_status(state)
+        return wake
+
+    def _update_deployment_status(self, state: DeploymentState) -> None:
+        if state.status == DeploymentStatus.DEPLOY_FAILED:
+            return
+        running = len(state.running(state.version))
+        if running >= state.target and not [r for r in state.live() if r.version != state.version]:
+            if state.status != DeploymentStatus.HEALTHY:
+                state.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED
+            state.status = DeploymentStatus.HEALTHY
+            state.message = ""
+        elif state.status == DeploymentStatus.HEALTHY:
+            state.status = DeploymentStatus.UPSCALING if running < state.target else DeploymentStatus.DOWNSCALING
+
+    def _update_app_status(self, app: AppState) -> None:
+        before = (app.status, app.message)
+        if app.deleting:
+            app.status = ApplicationStatus.DELETING
+        else:
+            states = [s for s in app.deployments.values() if not s.deleting]
+            failed = [s for s in states if s.status == DeploymentStatus.DEPLOY_FAILED]
+            if failed:
+                app.status = ApplicationStatus.DEPLOY_FAILED
+                app.message = "\n".join(f"Deployment '{s.name}': {s.message}" for s in failed)
+            elif all(s.status == DeploymentStatus.HEALTHY for s in states):
+                app.status = ApplicationStatus.RUNNING
+                app.message = ""
+            elif app.status == ApplicationStatus.RUNNING and any(
+                s.status == DeploymentStatus.UNHEALTHY for s in states
+            ):
+                app.status = ApplicationStatus.UNHEALTHY
+            elif app.status != ApplicationStatus.RUNNING:
+                app.status = ApplicationStatus.DEPLOYING
+        if (app.status, app.message) != before:
+            app.changed.set()
+
+    def _schedule(self, delay_s: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, delay_s), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.reconcile()
+
+    # -- replicas -------------------------------------------------------------------------------
+
+    def _start_replica(self, state: DeploymentState) -> None:
+        incarnation = next(self._incarnations)
+        replica_id = f"{state.app}#{state.name}#{os.urandom(4).hex()}"
+        endpoint = rundir.replica_endpoint(self.run_dir, incarnation)
+        spec = wire.pack(
+            {
+                "replica_id": replica_id,
+                "incarnation": incarnation,
+                "app": state.app,
+                "deployment": state.name,
+                "endpoint": endpoint,
+                "control_endpoint": rundir.control_endpoint(self.run_dir),
+                "definition": state.definition,
+                "config": state.config,
+                "version": state.version,
+                "sys_path": state.sys_path,
+                "parent_pid": os.getpid(),
+                "world_size": state.target,
+                "log_level": (state.config.get("logging_config") or {}).get("log_level", "INFO"),
+            }
+        )
+        log_path = self._logs / f"replica_{state.app}_{state.name}_{replica_id.rsplit('#', 1)[-1]}.log"
+        log_file = open(log_path, "a", buffering=1, encoding="utf-8")
+        prefix_holder = {"prefix": replica_prefix(state.app, state.name, replica_id, 0)}
+
+        def on_output(line: str) -> None:
+            log_file.write(line + "\n")
+            self._echo(f"{prefix_holder['prefix']} {line}")
+
+        replica: Replica
+
+        def on_exit(code: int) -> None:
+            log_file.close()
+            self._on_replica_exit(state, replica, code)
+
+        process = WorkerProcess(spec, on_output=on_output, on_exit=on_exit, name=f"shoal:{state.app}:{state.name}")
+        replica = Replica(replica_id, incarnation, state.version, endpoint, process)
+        state.replicas[replica_id] = replica
+        process.start()
+        replica.pid = process.pid
+        prefix_holder["prefix"] = replica_prefix(state.app, state.name, replica_id, process.pid or 0)
+
+    def _stop_replica(self, state: DeploymentState, replica: Replica) -> None:
+        if replica.state == ReplicaState.STOPPING:
+            return
+        was_running = replica.state == ReplicaState.RUNNING
+        replica.state = ReplicaState.STOPPING
+        grace_s = float(state.config.get("graceful_shutdown_timeout_s", 20.0)) + 2.0 if was_running else 2.0
+        self._spawn(replica.process.stop(grace_s))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def find_replica(self, replica_id: str, incarnation: int) -> tuple[DeploymentState, Replica] | None:
+        for app in self.apps.values():
+            for state in app.deployments.values():
+                replica = state.replicas.get(replica_id)
+                if replica is not None and replica.incarnation == incarnation:
+                    return state, replica
+        return None
+
+    def on_ready(self, replica_id: str, incarnation: int, meta: dict[str, Any]) -> None:
+        found = self.find_replica(replica_id, incarnation)
+        if found is None:
+            return
+        state, replica = found
+        if meta.get("protocol") != wire.PROTOCOL_VERSION:
+            replica.error = (
+                f"replica speaks protocol {meta.get('protocol')}, the supervisor speaks "
+                f"{wire.PROTOCOL_VERSION}; reinstall shoal so both are the same version"
+            )
+            replica.process.kill()
+            return
+        if replica.state != ReplicaState.STARTING:
+            return
+        replica.state = ReplicaState.RUNNING
+        replica.pid = meta.get("pid", replica.pid)
+        state.backoff_s = _RESTART_BACKOFF_INITIAL_S
+        self.reconcile()
+
+    def on_init_failed(self, replica_id: str, incarnation: int, error: str) -> None:
+        found = self.find_replica(replica_id, incarnation)
+        if found is not None:
+            found[1].error = error
+
+    def _on_replica_exit(self, state: DeploymentState, replica: Replica, code: int) -> None:
+        state.replicas.pop(replica.replica_id, None)
+        previous = replica.state
+        replica.state = ReplicaState.STOPPED
+        if previous == ReplicaState.STARTING and not state.deleting and not self._stopping:
+            state.failed_starts += 1
+            state.last_error = replica.error or f"the replica process exited with code {code} before it was ready"
+            logger.warning(
+                "replica %s of deployment '%s' failed to start (%d/%d): %s",
+                replica.replica_id, state.name, state.failed_starts, state.failure_budget,
+                state.last_error.strip().splitlines()[-1] if state.last_error.strip() else "",
+            )
+            if state.failed_starts >= state.failure_budget and not state.running(state.version):
+                state.status = DeploymentStatus.DEPLOY_FAILED
+                state.trigger = DeploymentStatusTrigger.REPLICA_STARTUP_FAILED
+                state.message = (
+                    f"The deployment failed to start {state.failed_starts} times in a row. "
+                    f"This may be due to a problem with its constructor or initial health check "
+                    f"failing. See controller logs for details. Error:\n{state.last_error}"
+                )
+            else:
+                self._back_off(state)
+        elif previous == ReplicaState.RUNNING and not self._stopping:
+            state.restarts += 1
+            state.last_error = f"replica {replica.replica_id} (pid {replica.pid}) died unexpectedly (exit code {code})"
+            logger.warning("%s; replacing it", state.last_error)
+            self._back_off(state)
+        self.reconcile()
+
+    def _back_off(self, state: DeploymentState) -> None:
+        state.next_start_at = time.monotonic() + state.backoff_s
+        state.backoff_s = min(state.backoff_s * 2, _RESTART_BACKOFF_MAX_S)
+
+    # -- snapshots ------------------------------------------------------------------------------
+
+    def _publish(self) -> None:
+        deployments: dict[str, Any] = {}
+        routes: dict[str, Any] = {}
+        for app in self.apps.values():
+            for state in app.deployments.values():
+                if state.deleting:
+                    continue
+                deployments[state.key] = {
+                    "replicas": [[r.replica_id, r.incarnation, r.endpoint] for r in state.running()],
+                    "draining": [
+                        [r.replica_id, r.incarnation, r.endpoint]
+                        for r in state.replicas.values() if r.state == ReplicaState.STOPPING
+                    ],
+                    "max_ongoing_requests": state.config["max_ongoing_requests"],
+                    "max_queued_requests": state.config.get("max_queued_requests", -1),
+                    "backpressure": state.config.get("backpressure_config") or {},
+                    "failed_reason": state.message if state.status == DeploymentStatus.DEPLOY_FAILED and not state.running() else None,
+                }
+            if app.route_prefix is not None and not app.deleting:
+                routes[app.route_prefix] = {"app": app.name, "ingress": app.ingress}
+        body = {"deployments": deployments, "routes": routes}
+        if body == {k: self._snapshot[k] for k in ("deployments", "routes")}:
+            return
+        self.version += 1
+        self._snapshot = {"version": self.version, **body}
+        self._snapshot_changed.set()
+        self._snapshot_changed = asyncio.Event()
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Stop every replica gracefully (bounded by each deployment's timeout)."""
+        self._stopping = True
+        for app in list(self.apps.values()):
+            app.deleting = True
+            for state in app.deployments.values():
+                self._delete_deployment(state)
+        waits = []
+        for app in self.apps.values():
+            for state in app.deployments.values():
+                for replica in list(state.replicas.values()):
+                    self._stop_replica(state, replica)
+                    waits.append(replica.process.exited.wait())
+        self._publish()
+        if waits:
+            await asyncio.gather(*waits)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.apps.clear()
+        self._publish()
+
+
+def _initial_target(config: dict[str, Any]) -> int:
+    autoscaling = config.get("autoscaling_config")
+    if config.get("num_replicas") is not None:
+        return int(config["num_replicas"])
+    if autoscaling:
+        initial = autoscaling.get("initial_replicas")
+        return int(initial if initial is not None else autoscaling.get("min_replicas", 1))
+    return 1

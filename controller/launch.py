@@ -1,0 +1,133 @@
+"""Finding or starting the instance a driver talks to.
+
+``connect_or_start()`` uses, in order: the instance named by ``SHOAL_ADDRESS`` (its run directory,
+or ``ipc://<run dir>/control.sock``); this user's running default instance (``shoal start``); or
+a private supervisor started now, which dies with the calling process: it runs in its own session
+(so the terminal's Ctrl-C reaches only the driver) and holds the read end of a lifeline pipe
+whose write end only the driver holds; when the driver exits or is killed, the pipe reaches EOF
+and the supervisor stops its replicas and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.controller import rundir
+from shoal.runtime.errors import ShoalConnectionError
+
+_START_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Instance:
+    run_dir: Path
+    control_endpoint: str
+    process: subprocess.Popen[bytes] | None = None  # set for a private instance
+    lifeline_fd: int | None = None
+
+    @property
+    def private(self) -> bool:
+        return self.process is not None
+
+    def wait_stopped(self, timeout_s: float) -> None:
+        """For a private instance: close the lifeline and wait for the supervisor to exit."""
+        if self.lifeline_fd is not None:
+            os.close(self.lifeline_fd)
+            self.lifeline_fd = None
+        if self.process is not None:
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def run_dir_from_address(address: str) -> Path:
+    path = Path(address.removeprefix("ipc://"))
+    return path.parent if path.name == rundir.CONTROL_SOCKET else path
+
+
+def find_running(address: str | None = None) -> Instance | None:
+    """The instance at ``address`` (or SHOAL_ADDRESS, or the default one) if it runs."""
+    address = address or os.environ.get("SHOAL_ADDRESS")
+    if address:
+        run_dir = run_dir_from_address(address)
+        if rundir.supervisor_pid(run_dir) is None:
+            raise ShoalConnectionError(
+                f"no shoal supervisor runs at {address} (SHOAL_ADDRESS); start one with "
+                "`shoal start` or unset SHOAL_ADDRESS to start a private one."
+            )
+        rundir.check_private_dir(run_dir)
+        return Instance(run_dir, rundir.control_endpoint(run_dir))
+    default = rundir.base_dir() / "default"
+    if default.is_dir() and rundir.supervisor_pid(default) is not None:
+        rundir.check_private_dir(default)
+        return Instance(default, rundir.control_endpoint(default))
+    return None
+
+
+def start_supervisor(run_dir: Path, *, private: bool) -> Instance:
+    """Start a supervisor on ``run_dir`` and wait for its readiness line.
+
+    ``private``: tie it to this process with a lifeline; otherwise it is detached.
+    """
+    ready_r, ready_w = os.pipe()
+    pass_fds = [ready_w]
+    cmd = [sys.executable, "-m", "shoal.controller", "--run-dir", str(run_dir), "--ready-fd", str(ready_w)]
+    life_r = life_w = None
+    if private:
+        life_r, life_w = os.pipe()
+        pass_fds.append(life_r)
+        cmd += ["--lifeline-fd", str(life_r)]
+    stdio = {} if private else {
+        "stdin": subprocess.DEVNULL,
+        "stdout": open(rundir.ensure_private_dir(run_dir / rundir.LOGS) / "supervisor.log", "ab"),
+    }
+    if not private:
+        stdio["stderr"] = subprocess.STDOUT
+    try:
+        proc = subprocess.Popen(cmd, pass_fds=pass_fds, start_new_session=True, **stdio)  # type: ignore[call-overload]
+    finally:
+        os.close(ready_w)
+        if life_r is not None:
+            os.close(life_r)
+        if "stdout" in stdio:
+            stdio["stdout"].close()
+    try:
+        line = _read_line(ready_r, _START_TIMEOUT_S, proc)
+    finally:
+        os.close(ready_r)
+    info = json.loads(line)
+    return Instance(run_dir, info["control"], proc if private else None, life_w)
+
+
+def _read_line(fd: int, timeout_s: float, proc: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + timeout_s
+    data = b""
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            proc.kill()
+            raise ShoalConnectionError(f"the shoal supervisor did not start within {timeout_s}s")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                code = proc.wait(5)
+                raise ShoalConnectionError(f"the shoal supervisor exited with code {code} before it was ready")
+            data += chunk
+    return data.decode()
+
+
+def connect_or_start() -> Instance:
+    running = find_running()
+    if running is not None:
+        return running
+    return start_supervisor(rundir.new_session_dir(), private=True)

@@ -1,0 +1,114 @@
+"""The supervisor process: control socket, controller, signals, and an orderly stop.
+
+Stops on SIGTERM or SIGINT (a second one exits at once), on the ``shutdown`` operation, or when
+the lifeline pipe from the process that started it reaches EOF (that process died, however it
+died). Stopping drains and stops every replica (bounded by their ``graceful_shutdown_timeout_s``),
+then removes the sockets and the pid file; logs stay in the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.controller import rundir
+from shoal.controller.control import ControlServer
+from shoal.controller.controller import Controller
+from shoal.runtime import transport
+
+logger = logging.getLogger("shoal.supervisor")
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    run_dir: Path
+    lifeline_fd: int | None = None
+    ready_fd: int | None = None
+
+
+def _echo(line: str) -> None:
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):
+        pass
+
+
+async def serve(config: SupervisorConfig) -> int:
+    run_dir = config.run_dir
+    rundir.check_private_dir(run_dir)
+    if rundir.supervisor_pid(run_dir) not in (None, os.getpid()):
+        raise rundir.UnsafeRunDirError(f"a shoal supervisor already runs in {run_dir}")
+    rundir.remove_sockets(run_dir)
+    (run_dir / rundir.PID_FILE).write_text(str(os.getpid()))
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal() -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            logger.warning("second signal: exiting at once")
+            os._exit(1)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+    if config.lifeline_fd is not None:
+        fd = config.lifeline_fd
+
+        def on_lifeline() -> None:
+            try:
+                if os.read(fd, 1):
+                    return
+            except OSError:
+                pass
+            loop.remove_reader(fd)
+            stop.set()
+
+        loop.add_reader(fd, on_lifeline)
+
+    controller = Controller(run_dir, echo=_echo)
+    endpoint = rundir.control_endpoint(run_dir)
+    server = ControlServer(
+        endpoint, controller, on_shutdown=stop.set,
+        info={"pid": os.getpid(), "run_dir": str(run_dir)},
+    )
+    if config.ready_fd is not None:
+        with os.fdopen(config.ready_fd, "w") as ready:
+            ready.write(json.dumps({"pid": os.getpid(), "control": endpoint, "run_dir": str(run_dir)}) + "\n")
+    try:
+        await stop.wait()
+        await controller.shutdown()
+    finally:
+        server.close()
+        rundir.remove_sockets(run_dir)
+        transport.terminate_context()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shoal.controller", description="Run a shoal supervisor.")
+    parser.add_argument("--run-dir", required=True, type=Path, help="the instance's run directory (0700)")
+    parser.add_argument("--lifeline-fd", type=int, help="stop when this pipe reaches EOF")
+    parser.add_argument("--ready-fd", type=int, help="write one JSON readiness line to this fd")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="(shoal supervisor) %(levelname)s %(message)s")
+    import uvloop
+
+    config = SupervisorConfig(args.run_dir, args.lifeline_fd, args.ready_fd)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(serve(config))
+    except rundir.UnsafeRunDirError as exc:
+        print(f"shoal: {exc}", file=sys.stderr)
+        return 2

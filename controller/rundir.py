@@ -1,0 +1,130 @@
+"""Run directories: where an instance's sockets, pid file and logs live.
+
+    $SHOAL_RUN_DIR or /tmp/shoal-<uid>/          base, 0700, owned by this user
+        default/                                  the instance `shoal start` runs
+        session_<pid>_<time>/                     a private instance started by serve.run
+            control.sock  supervisor.pid  r<incarnation>.sock ...  logs/
+
+Every directory is created 0700 and checked to be exactly that: owned by this user, not a
+symlink, no access for group or others. A supervisor refuses to start on a directory that is
+not, since any local user who can reach the sockets could make replicas unpickle their data.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import time
+from pathlib import Path
+
+from shoal.runtime.errors import RayServeException
+
+CONTROL_SOCKET = "control.sock"
+PID_FILE = "supervisor.pid"
+LOGS = "logs"
+_KEEP_SESSIONS = 10
+
+
+class UnsafeRunDirError(RayServeException):
+    """A run directory that other users could reach, or that is not ours."""
+
+
+def base_dir() -> Path:
+    configured = os.environ.get("SHOAL_RUN_DIR")
+    return Path(configured) if configured else Path("/tmp") / f"shoal-{os.getuid()}"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` 0700 if missing; raise UnsafeRunDirError unless it is ours and 0700."""
+    try:
+        path.mkdir(mode=0o700, parents=False)
+    except FileExistsError:
+        pass
+    check_private_dir(path)
+    return path
+
+
+def check_private_dir(path: Path) -> None:
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeRunDirError(f"run directory {path} is a symlink; remove it and start again.")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeRunDirError(f"run directory {path} is not a directory.")
+    if st.st_uid != os.getuid():
+        raise UnsafeRunDirError(
+            f"run directory {path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); "
+            "use another SHOAL_RUN_DIR."
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        raise UnsafeRunDirError(
+            f"run directory {path} has mode {stat.S_IMODE(st.st_mode):o}; it must be 700 "
+            f"(run `chmod 700 {path}`) so that other users cannot reach shoal's sockets."
+        )
+
+
+def instance_dir(name: str) -> Path:
+    base = ensure_private_dir(base_dir())
+    return ensure_private_dir(base / name)
+
+
+def new_session_dir() -> Path:
+    base = ensure_private_dir(base_dir())
+    _prune_sessions(base)
+    name = f"session_{os.getpid()}_{time.strftime('%Y%m%d-%H%M%S')}_{os.urandom(2).hex()}"
+    return ensure_private_dir(base / name)
+
+
+def control_endpoint(run_dir: Path) -> str:
+    return f"ipc://{run_dir / CONTROL_SOCKET}"
+
+
+def replica_endpoint(run_dir: Path, incarnation: int) -> str:
+    return f"ipc://{run_dir / f'r{incarnation}.sock'}"
+
+
+def proxy_endpoint(run_dir: Path) -> str:
+    return f"ipc://{run_dir / 'proxy.sock'}"
+
+
+def supervisor_pid(run_dir: Path) -> int | None:
+    """The pid of the live supervisor of ``run_dir``, or None."""
+    try:
+        pid = int((run_dir / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return None
+    return pid
+
+
+def remove_sockets(run_dir: Path) -> None:
+    """Remove the sockets and pid file of a stopped instance; logs stay."""
+    for entry in run_dir.iterdir():
+        if entry.suffix == ".sock" or entry.name == PID_FILE:
+            try:
+                entry.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _prune_sessions(base: Path) -> None:
+    """Clean stale sockets of dead private sessions and keep only the newest few session dirs."""
+    sessions = sorted(
+        (p for p in base.iterdir() if p.name.startswith("session_") and p.is_dir()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    for index, path in enumerate(sessions):
+        if supervisor_pid(path) is not None:
+            continue
+        if index < len(sessions) - _KEEP_SESSIONS:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                remove_sockets(path)
+            except OSError:
+                pass

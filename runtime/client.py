@@ -1,0 +1,279 @@
+"""Runtime: one per process that calls deployments (the driver, the proxy, each replica).
+
+It owns the loop routers run on, the control connection to the supervisor, and the routers. The
+controller's snapshots (replica sets, limits, routes; versioned) arrive by long-polling: the
+runtime asks "anything newer than version v?" and the supervisor answers when there is, so an
+older snapshot is never applied over a newer one.
+
+In the driver the loop runs in a daemon thread ("shoal-runtime"), so handles work from sync code
+(``.result()``) and from any other event loop (``await``). In a replica or the proxy, the
+runtime uses the process's own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import itertools
+import logging
+import threading
+from typing import Any, Callable
+
+import zmq
+
+from shoal.runtime import transport, wire
+from shoal.runtime.errors import RayServeException, ShoalConnectionError
+from shoal.runtime.router import Router
+
+logger = logging.getLogger("shoal.client")
+
+_DEFAULT_CALL_TIMEOUT_S = 30.0
+
+_ERROR_TYPES: dict[str, type[Exception]] = {
+    "ValueError": ValueError,
+    "TypeError": TypeError,
+    "RuntimeError": RuntimeError,
+    "RayServeException": RayServeException,
+}
+
+
+class Runtime:
+    def __init__(self, loop: asyncio.AbstractEventLoop, control_endpoint: str, app_name: str = "") -> None:
+        self.loop = loop
+        self.control_endpoint = control_endpoint
+        self.app_name = app_name  # the app this process serves, if it is a replica
+        self.routers: dict[tuple[str, str], Router] = {}
+        self.snapshot: dict[str, Any] = {"version": 0, "deployments": {}}
+        self.snapshot_changed: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._control: transport.Channel | None = None
+        self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], tuple[bytes, ...]]]] = {}
+        self._ids = itertools.count(1)
+        self._listener: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- setup (on the loop thread) -------------------------------------------------------------
+
+    def _start(self) -> None:
+        sock = transport.make_socket(zmq.DEALER)
+        sock.connect(self.control_endpoint)
+        self._control = transport.Channel(sock, self._on_control, self.loop)
+        self.snapshot_changed = asyncio.Event()
+        self._listener = self.loop.create_task(self._listen())
+
+    def in_loop_thread(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            return False
+
+    def run_sync(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the loop thread and return its result (from any other thread)."""
+        if self.in_loop_thread():
+            return fn()
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return fut.result()
+
+    # -- routers --------------------------------------------------------------------------------
+
+    def router(self, app_name: str, deployment_name: str) -> Router:
+        """The router for a deployment (created on first use). Loop thread only."""
+        key = (app_name, deployment_name)
+        router = self.routers.get(key)
+        if router is None:
+            router = Router(app_name, deployment_name, self.loop)
+            self.routers[key] = router
+            if self.snapshot["version"]:
+                router.update(self.snapshot["deployments"].get(f"{app_name}#{deployment_name}"))
+        return router
+
+    def _apply(self, snapshot: dict[str, Any]) -> None:
+        if snapshot["version"] <= self.snapshot["version"]:
+            return
+        self.snapshot = snapshot
+        deployments = snapshot["deployments"]
+        for (app, name), router in self.routers.items():
+            router.update(deployments.get(f"{app}#{name}"))
+        assert self.snapshot_changed is not None
+        self.snapshot_changed.set()
+        self.snapshot_changed = asyncio.Event()
+
+    async def wait_for_snapshot(self, newer_than: int) -> dict[str, Any]:
+        while self.snapshot["version"] <= newer_than:
+            assert self.snapshot_changed is not None
+            await self.snapshot_changed.wait()
+        return self.snapshot
+
+    async def _listen(self) -> None:
+        while not self._closed:
+            try:
+                meta, _ = await self.call("listen", {"version": self.snapshot["version"]}, timeout_s=None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._closed:
+                    return
+                logger.warning("snapshot listener: %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            self._apply(meta["snapshot"])
+
+    # -- control calls --------------------------------------------------------------------------
+
+    async def call(
+        self,
+        op: str,
+        meta: dict[str, Any] | None = None,
+        payload: tuple[bytes, ...] = (),
+        timeout_s: float | None = _DEFAULT_CALL_TIMEOUT_S,
+    ) -> tuple[dict[str, Any], tuple[bytes, ...]]:
+        """Ask the supervisor to do ``op``; raises its error as the matching exception type."""
+        assert self._control is not None
+        call_id = next(self._ids)
+        fut = self.loop.create_future()
+        self._pending[call_id] = fut
+        body = {"op": op, **(meta or {})}
+        self._control.send_message(wire.Message(wire.Kind.CALL, 0, call_id, body, payload))
+        try:
+            async with asyncio.timeout(timeout_s):
+                reply, data = await fut
+        except TimeoutError:
+            raise ShoalConnectionError(
+                f"the shoal supervisor at {self.control_endpoint} did not answer '{op}' within "
+                f"{timeout_s}s; is it running? (`shoal status` checks)"
+            ) from None
+        finally:
+            self._pending.pop(call_id, None)
+        if not reply.get("ok", False):
+            etype = _ERROR_TYPES.get(reply.get("etype", ""), RayServeException)
+            raise etype(reply.get("error", "unknown error"))
+        return reply, data
+
+    def call_sync(
+        self, op: str, meta: dict[str, Any] | None = None, payload: tuple[bytes, ...] = (),
+        timeout_s: float | None = _DEFAULT_CALL_TIMEOUT_S,
+    ) -> tuple[dict[str, Any], tuple[bytes, ...]]:
+        if self.in_loop_thread():
+            raise RuntimeError("call_sync() cannot be used on the runtime's own loop")
+        return asyncio.run_coroutine_threadsafe(self.call(op, meta, payload, timeout_s), self.loop).result()
+
+    def _on_control(self, frames: list[bytes]) -> None:
+        msg = wire.decode(frames)
+        fut = self._pending.get(msg.call_id)
+        if fut is not None and not fut.done():
+            fut.set_result((msg.meta, msg.payload))
+
+    # -- teardown -------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        for router in self.routers.values():
+            router.close()
+        self.routers.clear()
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ShoalConnectionError("the runtime was shut down"))
+        if self._control is not None:
+            self._control.close()
+
+    def close(self) -> None:
+        """Stop the runtime from a foreign thread; joins the loop thread if it owns one."""
+        if self._thread is None:
+            return
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self.aclose(), self.loop).result(timeout=5)
+            except Exception:
+                logger.debug("runtime close did not finish cleanly", exc_info=True)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+        transport.terminate_context()
+
+
+_runtime: Runtime | None = None
+_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """This process's runtime; RayServeException if the process is not connected to shoal."""
+    if _runtime is None:
+        raise RayServeException(
+            "This process is not connected to a shoal instance: call `serve.run(...)` or "
+            "`serve.start()` first, or set SHOAL_ADDRESS."
+        )
+    return _runtime
+
+
+def current_runtime() -> Runtime | None:
+    return _runtime
+
+
+def connect_driver(control_endpoint: str) -> Runtime:
+    """Start (once) the driver's runtime thread, connected to ``control_endpoint``."""
+    global _runtime
+    with _lock:
+        if _runtime is not None:
+            if _runtime.control_endpoint == control_endpoint:
+                return _runtime
+            _close_driver_locked()
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+        rt = Runtime(loop, control_endpoint)
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(started.set)
+            loop.run_forever()
+            loop.close()
+
+        rt._thread = threading.Thread(target=run, name="shoal-runtime", daemon=True)
+        rt._thread.start()
+        started.wait()
+        rt.run_sync(rt._start)
+        _runtime = rt
+        return rt
+
+
+def close_driver() -> None:
+    with _lock:
+        _close_driver_locked()
+
+
+def _close_driver_locked() -> None:
+    global _runtime
+    if _runtime is not None and _runtime._thread is not None:
+        rt, _runtime = _runtime, None
+        rt.close()
+
+
+def init_replica_runtime(control_endpoint: str, app_name: str) -> Runtime:
+    """Create the runtime of a replica or proxy process on the running loop."""
+    global _runtime
+    rt = Runtime(asyncio.get_running_loop(), control_endpoint, app_name)
+    rt._start()
+    _runtime = rt
+    return rt
+
+
+async def shutdown_runtime() -> None:
+    global _runtime
+    if _runtime is not None:
+        rt, _runtime = _runtime, None
+        await rt.aclose()
+
+
+atexit.register(close_driver)

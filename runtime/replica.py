@@ -1,0 +1,184 @@
+"""ReplicaWorker: one replica's request loop on its ROUTER socket.
+
+Contract with callers (see ``wire``): every REQUEST gets exactly one terminal reply. A request
+that arrives while ``max_ongoing_requests`` are running, or while the replica drains, is
+answered REJECTED at once and never runs, so the caller may route it elsewhere. CANCEL cancels
+the request's task: the user coroutine sees ``asyncio.CancelledError`` and the caller gets
+CANCELLED. Replies carry the replica's current ongoing count (``meta["q"]``).
+
+Stopping: ``drain()`` makes new requests REJECTED and waits, up to a deadline, for the ongoing
+ones to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from typing import Any
+
+from shoal.runtime import wire
+from shoal.runtime.context import RequestContext, reset_request, set_request
+from shoal.runtime.errors import RemoteError
+from shoal.runtime.transport import Channel
+from shoal.runtime.user_code import UserCallable
+
+logger = logging.getLogger("shoal.replica")
+
+_HEALTH_METHOD = "__shoal_check_health__"
+_RECONFIGURE_METHOD = "__shoal_reconfigure__"
+
+
+def encode_exception(exc: BaseException) -> tuple[dict[str, Any], bytes]:
+    """Encode a user exception with its traceback text for an ERROR frame.
+
+    An exception that cannot be pickled travels as its type name, message and traceback.
+    """
+    if isinstance(exc, RemoteError):
+        tb_text = exc.remote_traceback
+        cause: BaseException = exc.cause
+    else:
+        tb_text = "".join(traceback.format_exception(exc))
+        cause = exc
+    try:
+        enc, data = wire.dumps((cause, tb_text))
+    except Exception:
+        enc, data = wire.dumps((None, f"{type(cause).__qualname__}: {cause}\n\n{tb_text}"))
+    return {"enc": int(enc)}, data
+
+
+class ReplicaWorker:
+    def __init__(
+        self,
+        *,
+        user: UserCallable,
+        incarnation: int,
+        max_ongoing_requests: int,
+        app_name: str,
+    ) -> None:
+        self.user = user
+        self.incarnation = incarnation
+        self.max_ongoing_requests = max_ongoing_requests
+        self.app_name = app_name
+        self.channel: Channel | None = None
+        self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def ongoing(self) -> int:
+        return len(self._tasks)
+
+    def attach(self, channel: Channel) -> None:
+        self.channel = channel
+
+    def on_message(self, frames: list[bytes]) -> None:
+        identity, rest = frames[0], frames[1:]
+        msg = wire.decode(rest)
+        if msg.incarnation != self.incarnation:
+            # Addressed to a predecessor: it never runs here.
+            self._reply(identity, msg.call_id, wire.Kind.REJECTED, {"q": self.ongoing, "stale": True})
+            return
+        if msg.kind == wire.Kind.REQUEST:
+            self._on_request(identity, msg)
+        elif msg.kind == wire.Kind.CANCEL:
+            task = self._tasks.get((identity, msg.call_id))
+            if task is not None:
+                task.cancel()
+        else:
+            logger.warning("replica got an unexpected %s message", msg.kind.name)
+
+    def _on_request(self, identity: bytes, msg: wire.Message) -> None:
+        internal = msg.meta.get("m", "").startswith("__shoal_")
+        if not internal and (self._draining or self.ongoing >= self.max_ongoing_requests):
+            self._reply(identity, msg.call_id, wire.Kind.REJECTED, {"q": self.ongoing})
+            return
+        key = (identity, msg.call_id)
+        task = asyncio.get_running_loop().create_task(self._run(identity, msg))
+        self._tasks[key] = task
+        self._idle.clear()
+        task.add_done_callback(lambda _t, key=key: self._forget(key))
+
+    def _forget(self, key: tuple[bytes, int]) -> None:
+        self._tasks.pop(key, None)
+        if not self._tasks:
+            self._idle.set()
+
+    async def _run(self, identity: bytes, msg: wire.Message) -> None:
+        meta = msg.meta
+        method = meta.get("m", "__call__")
+        token = set_request(
+            RequestContext(
+                request_id=meta.get("rid", ""),
+                route=meta.get("route", ""),
+                app_name=self.app_name,
+                multiplexed_model_id=meta.get("mx", ""),
+                is_http_request=bool(meta.get("http", False)),
+            )
+        )
+        call_id = msg.call_id
+        try:
+            args, kwargs = wire.loads_args(meta.get("enc", 0), msg.payload[0]) if msg.payload else ((), {})
+            if method == _HEALTH_METHOD:
+                await self.user.check_health()
+                self._reply(identity, call_id, wire.Kind.RESULT, {"q": self.ongoing - 1}, None)
+            elif method == _RECONFIGURE_METHOD:
+                await self.user.reconfigure(args[0])
+                self._reply(identity, call_id, wire.Kind.RESULT, {"q": self.ongoing - 1}, None)
+            elif meta.get("s"):
+                async for item in self.user.stream(method, args, kwargs):
+                    self._reply(identity, call_id, wire.Kind.STREAM_ITEM, {}, item)
+                self._reply(identity, call_id, wire.Kind.STREAM_END, {"q": self.ongoing - 1})
+            else:
+                value = await self.user.call(method, args, kwargs)
+                self._reply(identity, call_id, wire.Kind.RESULT, {"q": self.ongoing - 1}, value)
+        except asyncio.CancelledError:
+            self._reply(identity, call_id, wire.Kind.CANCELLED, {"q": self.ongoing - 1})
+            raise
+        except Exception as exc:
+            logger.exception(
+                "request %s to method '%s' raised", meta.get("rid", ""), method,
+            )
+            err_meta, data = encode_exception(exc)
+            err_meta["q"] = self.ongoing - 1
+            self._send(identity, wire.Message(wire.Kind.ERROR, self.incarnation, call_id, err_meta, (data,)))
+        finally:
+            reset_request(token)
+
+    def _reply(
+        self, identity: bytes, call_id: int, kind: wire.Kind, meta: dict[str, Any], *value: Any
+    ) -> None:
+        payload: tuple[bytes, ...] = ()
+        if value:
+            try:
+                enc, data = wire.dumps(value[0])
+            except Exception as exc:
+                raise TypeError(
+                    f"The value returned by deployment '{self.user.deployment_name}' could not "
+                    f"be serialized: {exc!r}"
+                ) from exc
+            meta["enc"] = int(enc)
+            payload = (data,)
+        self._send(identity, wire.Message(kind, self.incarnation, call_id, meta, payload))
+
+    def _send(self, identity: bytes, msg: wire.Message) -> None:
+        assert self.channel is not None
+        if not self.channel.send_message(msg, identity):
+            logger.debug("caller of call %d is gone; reply dropped", msg.call_id)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop taking requests and wait for ongoing ones; True if all finished in time."""
+        self._draining = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def cancel_all(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,136 @@
+"""ZeroMQ sockets driven by an asyncio loop through callbacks, without a future per message.
+
+``Channel`` wraps one socket. Incoming multipart messages are handed to ``on_message`` from the
+loop's reader callback; ``send`` never blocks (sockets are created with no high-water mark, and
+every queue in shoal is bounded by ``max_ongoing_requests``/``max_queued_requests`` instead).
+
+ZeroMQ's notification descriptor is edge-triggered: any operation on the socket, a send included,
+may consume the edge that announces pending input. So after every send and after every drain
+batch the channel re-checks ``EVENTS`` and schedules another drain if input is waiting.
+
+All methods must be called from the loop's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Callable
+
+import zmq
+
+from shoal.runtime import wire
+
+logger = logging.getLogger("shoal.transport")
+
+_DRAIN_BATCH = 256
+
+_context: zmq.Context | None = None
+_context_pid: int | None = None
+
+
+def context() -> zmq.Context:
+    """The process's ZeroMQ context, created on first use in this process (never inherited)."""
+    global _context, _context_pid
+    if _context is None or _context_pid != os.getpid():
+        _context = zmq.Context()
+        _context_pid = os.getpid()
+    return _context
+
+
+def terminate_context() -> None:
+    """Terminate the process's context; every socket must be closed (they use linger 0)."""
+    global _context
+    if _context is not None and _context_pid == os.getpid():
+        _context.term()
+    _context = None
+
+
+def make_socket(kind: int) -> zmq.Socket:
+    sock = context().socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    if kind == zmq.ROUTER:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    return sock
+
+
+class Channel:
+    """One socket, its reader callback and non-blocking sends.
+
+    ``on_message(frames)`` receives each multipart message as a list of bytes (ROUTER sockets
+    include the peer identity as frame 0). Exceptions from it are logged, not propagated, so
+    one bad message never stops the socket.
+    """
+
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        on_message: Callable[[list[bytes]], None],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.sock = sock
+        self._on_message = on_message
+        self._loop = loop or asyncio.get_running_loop()
+        self._fd = sock.getsockopt(zmq.FD)
+        self._drain_scheduled = False
+        self._closed = False
+        self._loop.add_reader(self._fd, self._drain)
+        self._schedule_drain()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def send(self, frames: list[bytes]) -> bool:
+        """Queue a multipart message. Returns False if the peer is unreachable (ROUTER)."""
+        if self._closed:
+            return False
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                return False
+            raise
+        finally:
+            self._check_pending()
+        return True
+
+    def send_message(self, msg: wire.Message, identity: bytes | None = None) -> bool:
+        frames = wire.encode(msg)
+        if identity is not None:
+            frames.insert(0, identity)
+        return self.send(frames)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._fd)
+        self.sock.close(linger=0)
+
+    def _schedule_drain(self) -> None:
+        if not self._drain_scheduled and not self._closed:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _check_pending(self) -> None:
+        if not self._closed and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._schedule_drain()
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        for _ in range(_DRAIN_BATCH):
+            if self._closed:
+                return
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._on_message(frames)
+            except Exception:
+                logger.exception("error while handling a message")
+        self._check_pending()

@@ -1,0 +1,164 @@
+"""UserCallable: runs a deployment's user code the way Ray Serve does.
+
+- ``async def`` methods run on the replica's event loop, concurrently.
+- Plain ``def`` methods run in a thread pool sized ``max_ongoing_requests``, with the request's
+  contextvars copied in.
+- A method that returns a generator (sync or async) may only be called with ``stream=True``;
+  its items are produced one by one (sync generators advance in the thread pool).
+- ``async def __init__`` is awaited; ``reconfigure(user_config)`` runs after construction when a
+  ``user_config`` is set, before the replica takes traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Callable
+
+from shoal.runtime.errors import RayServeException
+
+_END = object()
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        return True
+    call = getattr(fn, "__call__", None)
+    return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+
+
+class UserCallable:
+    """One deployment's user object (or function) inside a replica."""
+
+    def __init__(
+        self,
+        *,
+        deployment_name: str,
+        func_or_class: Any,
+        init_args: tuple[Any, ...],
+        init_kwargs: dict[str, Any],
+        max_ongoing_requests: int,
+    ) -> None:
+        self.deployment_name = deployment_name
+        self._target = func_or_class
+        self._is_function = not inspect.isclass(func_or_class)
+        self._init_args = init_args
+        self._init_kwargs = init_kwargs
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, max_ongoing_requests), thread_name_prefix="shoal-user"
+        )
+        self.instance: Any = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def construct(self, user_config: Any = None) -> None:
+        """Create the user object (awaiting ``async def __init__``), then apply ``user_config``."""
+        if self._is_function:
+            self.instance = self._target
+        else:
+            cls = self._target
+            obj = cls.__new__(cls)
+            init = obj.__init__
+            if inspect.iscoroutinefunction(init):
+                await init(*self._init_args, **self._init_kwargs)
+            else:
+                result = init(*self._init_args, **self._init_kwargs)
+                if inspect.isawaitable(result):
+                    await result
+            self.instance = obj
+        if user_config is not None:
+            await self.reconfigure(user_config)
+
+    async def reconfigure(self, user_config: Any) -> None:
+        if self._is_function:
+            raise ValueError("deployment_def must be a class to use user_config")
+        method = getattr(self.instance, "reconfigure", None)
+        if method is None:
+            raise RayServeException(
+                f"user_config specified but deployment '{self.deployment_name}' is missing a "
+                "`reconfigure` method."
+            )
+        await self._invoke(method, (user_config,), {})
+
+    async def check_health(self) -> None:
+        method = getattr(self.instance, "check_health", None) if not self._is_function else None
+        if method is not None:
+            await self._invoke(method, (), {})
+
+    async def destroy(self) -> None:
+        """Run the user's ``__del__`` once (awaited if async), then stop the thread pool."""
+        try:
+            method = None if self._is_function else getattr(type(self.instance), "__del__", None)
+            if method is not None:
+                await self._invoke(functools.partial(method, self.instance), (), {})
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- calls ----------------------------------------------------------------------------------
+
+    def method(self, name: str) -> Callable[..., Any]:
+        """The user callable for ``name``; RayServeException naming the deployment if missing."""
+        if self._is_function:
+            if name == "__call__":
+                return self.instance
+            available = ["__call__"]
+        else:
+            fn = getattr(self.instance, name, None) if not name.startswith("__") or name == "__call__" else None
+            if fn is not None and callable(fn):
+                return fn
+            available = sorted(
+                n for n in dir(self.instance)
+                if (not n.startswith("_") or n == "__call__") and callable(getattr(self.instance, n, None))
+            )
+        raise RayServeException(
+            f"Tried to call a method '{name}' that does not exist on deployment "
+            f"'{self.deployment_name}'. Available methods: {available}."
+        )
+
+    async def call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Call ``name`` and return its value. TypeError if it returns a generator."""
+        result = await self._invoke(self.method(name), args, kwargs)
+        if inspect.isgenerator(result) or inspect.isasyncgen(result):
+            if inspect.isgenerator(result):
+                result.close()
+            raise TypeError(
+                f"Method '{name}' returned a generator. You must use "
+                "`handle.options(stream=True)` to call generators on a deployment."
+            )
+        return result
+
+    async def stream(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        """Yield the items of the generator ``name`` returns, as they are produced."""
+        result = await self._invoke(self.method(name), args, kwargs)
+        if inspect.isasyncgen(result):
+            async for item in result:
+                yield item
+        elif inspect.isgenerator(result):
+            loop = asyncio.get_running_loop()
+            try:
+                while True:
+                    item = await loop.run_in_executor(self._pool, next, result, _END)
+                    if item is _END:
+                        break
+                    yield item
+            finally:
+                result.close()
+        else:
+            raise TypeError(
+                f"Called method '{name}' with `handle.options(stream=True)` but it did not "
+                "return a generator."
+            )
+
+    async def _invoke(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if _is_async(fn):
+            result = fn(*args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+        ctx = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._pool, functools.partial(ctx.run, fn, *args, **kwargs))
+        return await result if inspect.isawaitable(result) else result

@@ -1,0 +1,143 @@
+"""Framing: the only module that knows how messages look on a ZeroMQ socket.
+
+A message is a multipart ZeroMQ message (the ROUTER identity, if any, is stripped by the socket
+owner before ``decode`` and added back after ``encode``):
+
+    frame 0   fixed header, 13 bytes: kind (u8), incarnation (u32), call_id (u64), big-endian
+    frame 1   meta: a msgpack map of plain values (method name, request id, flags, ...)
+    frame 2+  payload frames: opaque bytes whose encoding ``meta["enc"]`` names
+
+``incarnation`` identifies one worker process of a replica; a replica drops requests addressed to
+another incarnation and callers drop replies from one they did not send to, so a restarted
+replica never answers for its predecessor. ``call_id`` correlates a reply with its request on one
+connection.
+
+Values travel as msgpack when they are plain (None, bool, int, float, str, bytes, list, dict of
+those: exactly, with no tuple-to-list drift) and as cloudpickle otherwise. cloudpickle is only
+ever decoded from processes of the same user behind the 0700 run directory; data that came from
+an HTTP client travels as msgpack and raw bytes and is never unpickled.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+_HEADER = struct.Struct("!BIQ")
+
+
+class Kind(enum.IntEnum):
+    # caller -> replica
+    REQUEST = 1
+    CANCEL = 2
+    # replica -> caller; every request gets exactly one terminal reply
+    RESULT = 3  # terminal
+    ERROR = 4  # terminal: payload is an encoded exception plus its traceback text
+    STREAM_ITEM = 5
+    STREAM_END = 6  # terminal
+    REJECTED = 7  # terminal: replica at max_ongoing_requests or draining; nothing ran
+    CANCELLED = 8  # terminal: the request was cancelled on the replica
+    # control plane (client or worker <-> supervisor)
+    READY = 20  # worker -> supervisor, meta carries pid, protocol, endpoint
+    INIT_FAILED = 21  # worker -> supervisor, meta carries the constructor traceback
+    CALL = 22  # client -> supervisor: meta["op"] names the operation
+    REPLY = 23  # supervisor -> client: the answer to a CALL
+
+
+TERMINAL_KINDS = frozenset(
+    {Kind.RESULT, Kind.ERROR, Kind.STREAM_END, Kind.REJECTED, Kind.CANCELLED}
+)
+
+
+class Encoding(enum.IntEnum):
+    MSGPACK = 0
+    PICKLE = 1
+    RAW = 2  # bytes passed through untouched (HTTP bodies)
+
+
+class ProtocolError(Exception):
+    """A frame that does not follow this module's layout."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    kind: Kind
+    incarnation: int = 0
+    call_id: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    payload: tuple[bytes, ...] = ()
+
+
+def encode(msg: Message) -> list[bytes]:
+    """Return the frames of ``msg``; the inverse of ``decode``."""
+    header = _HEADER.pack(msg.kind, msg.incarnation, msg.call_id)
+    return [header, msgpack.packb(msg.meta, use_bin_type=True), *msg.payload]
+
+
+def decode(frames: list[bytes]) -> Message:
+    """Parse frames produced by ``encode``. Raises ProtocolError on a malformed message.
+
+    Payload frames are returned as they are; nothing is unpickled here.
+    """
+    if len(frames) < 2 or len(frames[0]) != _HEADER.size:
+        raise ProtocolError(f"expected a {_HEADER.size}-byte header and a meta frame")
+    kind, incarnation, call_id = _HEADER.unpack(frames[0])
+    try:
+        meta = msgpack.unpackb(frames[1], raw=False, strict_map_key=False)
+        kind = Kind(kind)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"bad meta frame: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ProtocolError("meta frame is not a map")
+    return Message(kind, incarnation, call_id, meta, tuple(frames[2:]))
+
+
+# -- values -------------------------------------------------------------------------------------
+
+
+def dumps(value: Any) -> tuple[Encoding, bytes]:
+    """Encode one Python value: msgpack when it round-trips exactly, else cloudpickle.
+
+    Raises whatever cloudpickle raises for an object that cannot be serialized.
+    """
+    try:
+        return Encoding.MSGPACK, msgpack.packb(value, use_bin_type=True, strict_types=True)
+    except (TypeError, ValueError, OverflowError):
+        return Encoding.PICKLE, cloudpickle.dumps(value)
+
+
+def loads(enc: int, data: bytes) -> Any:
+    """Decode a value produced by ``dumps``. Only for frames from processes of the same user."""
+    if enc == Encoding.MSGPACK:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    if enc == Encoding.PICKLE:
+        return cloudpickle.loads(data)
+    if enc == Encoding.RAW:
+        return bytes(data)
+    raise ProtocolError(f"unknown payload encoding {enc}")
+
+
+def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Encoding, bytes]:
+    """Encode call arguments; positional arguments come back as a tuple from ``loads_args``."""
+    return dumps([list(args), kwargs])
+
+
+def loads_args(enc: int, data: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    args, kwargs = loads(enc, data)
+    return tuple(args), kwargs
+
+
+def pack(value: Any) -> bytes:
+    """msgpack for control-plane bodies: plain values only."""
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)

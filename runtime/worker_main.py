@@ -1,0 +1,190 @@
+"""Entry point of a replica worker process (started with the spawn method by the supervisor).
+
+``main(spec, output, lifeline)``:
+1. points stdout/stderr at ``output`` (a pipe the supervisor reads, prefixes and logs), leaves
+   the terminal's process group (Ctrl-C is the supervisor's to handle) and asks the kernel for
+   SIGKILL when the supervisor dies; ``lifeline`` reaching EOF is the backstop for the same;
+2. binds its ROUTER socket, builds the user object, sends READY (pid, protocol version,
+   endpoint) or INIT_FAILED (with the constructor's traceback) to the supervisor;
+3. serves until SIGTERM, then drains within ``graceful_shutdown_timeout_s``, runs the user's
+   ``__del__`` and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import sys
+import traceback
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def main(spec_bytes: bytes, output: Any, lifeline: Any) -> None:
+    out_fd = output.detach()
+    os.dup2(out_fd, 1)
+    os.dup2(out_fd, 2)
+    os.close(out_fd)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    from shoal.runtime import wire
+
+    spec = wire.unpack(spec_bytes)
+    _die_with_parent(spec["parent_pid"])
+    for entry in reversed(spec.get("sys_path", [])):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    _configure_logging(spec)
+
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        code = runner.run(_serve(spec, lifeline.detach()))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _configure_logging(spec: dict[str, Any]) -> None:
+    from shoal.runtime.logs import install_replica_logging
+
+    install_replica_logging(
+        deployment=spec["deployment"], replica=spec["replica_id"], level=spec.get("log_level", "INFO")
+    )
+
+
+async def _serve(spec: dict[str, Any], lifeline_fd: int) -> int:
+    import zmq
+
+    from shoal.runtime import client, transport, wire
+    from shoal.runtime.context import ReplicaContext, ReplicaID, set_replica_context
+    from shoal.runtime.replica import ReplicaWorker
+    from shoal.runtime.user_code import UserCallable
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+    def on_lifeline() -> None:
+        try:
+            if os.read(lifeline_fd, 1):
+                return
+        except OSError:
+            pass
+        os._exit(1)  # the supervisor is gone: nobody can route to us or stop us cleanly
+
+    loop.add_reader(lifeline_fd, on_lifeline)
+
+    incarnation = spec["incarnation"]
+    control_sock = transport.make_socket(zmq.DEALER)
+    control_sock.connect(spec["control_endpoint"])
+    control = transport.Channel(control_sock, lambda frames: None)
+
+    def report(kind: wire.Kind, meta: dict[str, Any]) -> None:
+        meta.update(replica_id=spec["replica_id"], pid=os.getpid(), protocol=wire.PROTOCOL_VERSION)
+        control.send_message(wire.Message(kind, incarnation, 0, meta))
+
+    config = spec["config"]
+    replica_sock = transport.make_socket(zmq.ROUTER)
+    worker: ReplicaWorker | None = None
+    try:
+        replica_sock.bind(spec["endpoint"])
+        client.init_replica_runtime(spec["control_endpoint"], spec["app"])
+        func_or_class, init_args, init_kwargs = wire.loads(wire.Encoding.PICKLE, spec["definition"])
+        user = UserCallable(
+            deployment_name=spec["deployment"],
+            func_or_class=func_or_class,
+            init_args=init_args,
+            init_kwargs=init_kwargs,
+            max_ongoing_requests=config["max_ongoing_requests"],
+        )
+        set_replica_context(
+            ReplicaContext(
+                replica_id=ReplicaID(spec["replica_id"].rsplit("#", 1)[-1], spec["deployment"], spec["app"]),
+                world_size=spec.get("world_size", 1),
+                code_version=spec.get("version", ""),
+            )
+        )
+        await user.construct(config.get("user_config"))
+        set_replica_context(
+            ReplicaContext(
+                replica_id=ReplicaID(spec["replica_id"].rsplit("#", 1)[-1], spec["deployment"], spec["app"]),
+                servable_object=user.instance,
+                world_size=spec.get("world_size", 1),
+                code_version=spec.get("version", ""),
+            )
+        )
+        worker = ReplicaWorker(
+            user=user,
+            incarnation=incarnation,
+            max_ongoing_requests=config["max_ongoing_requests"],
+            app_name=spec["app"],
+        )
+        worker.attach(transport.Channel(replica_sock, worker.on_message))
+    except Exception as exc:
+        report(wire.Kind.INIT_FAILED, {"error": "".join(traceback.format_exception(exc))})
+        control_sock.setsockopt(zmq.LINGER, 2000)
+        control.close()
+        replica_sock.close()
+        transport.terminate_context()
+        return 1
+
+    report(wire.Kind.READY, {"endpoint": spec["endpoint"]})
+    await stop.wait()
+
+    timeout_s = float(config.get("graceful_shutdown_timeout_s", 20.0))
+    if not await worker.drain(timeout_s):
+        logging.getLogger("shoal.replica").warning(
+            "graceful_shutdown_timeout_s=%s passed with %d request(s) still running; cancelling them",
+            timeout_s, worker.ongoing,
+        )
+        await worker.cancel_all()
+    try:
+        await worker.user.destroy()
+    except Exception:
+        logging.getLogger("shoal.replica").exception("__del__ raised during shutdown")
+    await client.shutdown_runtime()
+    if worker.channel is not None:
+        worker.channel.close()
+    control.close()
+    transport.terminate_context()
+    return 0
+
+
+class PassFd:
+    """A file descriptor handed to a child started with the spawn method.
+
+    Pickling it (which happens inside ``Process.start()``) registers the descriptor with the
+    spawning Popen, so the child inherits it under the same number; ``detach()`` returns it.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> Any:
+        from multiprocessing import context
+
+        popen = context.get_spawning_popen()
+        if popen is None:
+            raise RuntimeError("PassFd can only be pickled while a process is being spawned")
+        return (PassFd, (popen.duplicate_for_child(self.fd),))
+
+    def detach(self) -> int:
+        return self.fd

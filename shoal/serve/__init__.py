@@ -1,0 +1,31 @@
+"""``shoal.serve``: the API of ``ray.serve``, for one machine."""
+
+from shoal.runtime.context import ReplicaContext
+from shoal.serve.api import (
+    delete,
+    get_app_handle,
+    get_deployment_handle,
+    get_replica_context,
+    run,
+    shutdown,
+    start,
+    status,
+)
+from shoal.serve.config import HTTPOptions
+from shoal.serve.deployment import Application, Deployment, deployment
+
+__all__ = [
+    "Application",
+    "Deployment",
+    "HTTPOptions",
+    "ReplicaContext",
+    "delete",
+    "deployment",
+    "get_app_handle",
+    "get_deployment_handle",
+    "get_replica_context",
+    "run",
+    "shutdown",
+    "start",
+    "status",
+]

@@ -1,0 +1,124 @@
+"""Turning an Application graph into the deployments of one app.
+
+Walks the ``.bind()`` arguments of the ingress (also inside lists, tuples, dicts and sets) for
+Applications; each distinct Application becomes one deployment and is replaced in its parent's
+arguments by a ``DeploymentHandle`` to it. The same Application bound twice is deployed once;
+two different ones with the same name are renamed ``Name_1``, ``Name_2``, ... (Ray does the same).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+from shoal.runtime.handle import DeploymentHandle
+from shoal.serve._deployment_config import DeploymentConfig
+from shoal.serve.deployment import Application
+
+logger = logging.getLogger("shoal.serve")
+
+
+@dataclass
+class BuiltDeployment:
+    name: str
+    func_or_class: Any
+    init_args: tuple[Any, ...]
+    init_kwargs: dict[str, Any]
+    config: DeploymentConfig
+
+
+def build(app: Application, app_name: str, runtime: Any = None) -> tuple[list[BuiltDeployment], str]:
+    """The app's deployments (children first) and the ingress deployment's name.
+
+    ``runtime`` is given to the handles placed in constructor arguments (local testing mode);
+    otherwise they find the runtime of the replica they are unpickled in.
+    """
+    if not isinstance(app, Application):
+        raise TypeError("`serve.run` expects an `Application` returned by `Deployment.bind()`.")
+    names: dict[int, str] = {}
+    taken: set[str] = set()
+    built: list[BuiltDeployment] = []
+
+    def visit(node: Application) -> DeploymentHandle[Any]:
+        key = id(node)
+        if key not in names:
+            dep = node.deployment
+            name = dep.name
+            if name in taken:
+                suffix = 1
+                while f"{name}_{suffix}" in taken:
+                    suffix += 1
+                logger.warning("two deployments are named '%s'; renaming one to '%s_%d'", name, name, suffix)
+                name = f"{name}_{suffix}"
+            taken.add(name)
+            names[key] = name
+            args = tuple(replace(a) for a in dep.init_args)
+            kwargs = {k: replace(v) for k, v in dep.init_kwargs.items()}
+            built.append(BuiltDeployment(name, dep.func_or_class, args, kwargs, dep.config))
+        return DeploymentHandle(names[key], app_name, _runtime=runtime)
+
+    def replace(value: Any) -> Any:
+        if isinstance(value, Application):
+            return visit(value)
+        if isinstance(value, list):
+            return [replace(v) for v in value]
+        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+            return tuple(replace(v) for v in value)
+        if isinstance(value, dict):
+            return {k: replace(v) for k, v in value.items()}
+        if isinstance(value, (set, frozenset)):
+            return type(value)(replace(v) for v in value)
+        return value
+
+    ingress = visit(app)
+    return built, ingress.deployment_name
+
+
+def code_hash(func_or_class: Any) -> str:
+    """A hash of the source file defining ``func_or_class``, so that an edit to an importable
+    module (pickled by reference, not by value) still counts as a code change."""
+    try:
+        path = inspect.getsourcefile(func_or_class)
+        if path:
+            with open(path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()[:16]
+    except (OSError, TypeError):
+        pass
+    return ""
+
+
+def to_spec(
+    deployments: list[BuiltDeployment], ingress: str, app_name: str, route_prefix: str | None
+) -> dict[str, Any]:
+    """The msgpack-able app spec the supervisor deploys (definitions are cloudpickled)."""
+    entries = []
+    for d in deployments:
+        try:
+            definition = cloudpickle.dumps((d.func_or_class, d.init_args, d.init_kwargs))
+        except Exception as exc:
+            raise TypeError(
+                f"The definition or the constructor arguments of deployment '{d.name}' cannot be "
+                f"serialized: {exc}"
+            ) from exc
+        entries.append(
+            {
+                "name": d.name,
+                "definition": definition,
+                "config": d.config.to_wire(),
+                "code_hash": code_hash(d.func_or_class),
+            }
+        )
+    return {
+        "name": app_name,
+        "route_prefix": route_prefix,
+        "ingress": ingress,
+        "deployments": entries,
+        "sys_path": [p or os.getcwd() for p in sys.path],
+    }

@@ -1,0 +1,201 @@
+"""The ``serve.*`` functions: start, run, delete, status, shutdown and handle lookups.
+
+Every function talks to one instance (see ``shoal.controller.launch``): the one named by
+``SHOAL_ADDRESS``, this user's default instance, or a private one started on first use that
+dies with this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from shoal.controller import launch
+from shoal.runtime import client, context, wire
+from shoal.runtime.errors import RayServeException
+from shoal.runtime.handle import DeploymentHandle
+from shoal.runtime.local import LocalRuntime
+from shoal.runtime.user_code import UserCallable
+from shoal.serve import _build
+from shoal.serve.deployment import Application
+from shoal.serve.schema import ServeStatus
+
+logger = logging.getLogger("shoal.serve")
+
+_lock = threading.RLock()
+_instance: launch.Instance | None = None
+_local: LocalRuntime | None = None
+
+
+def _runtime(start: bool = True) -> client.Runtime | None:
+    """The driver's runtime, connecting to (or starting) an instance when ``start``."""
+    global _instance
+    with _lock:
+        current = client.current_runtime()
+        if current is not None:
+            return current
+        if context.in_replica():
+            raise RayServeException("this replica has no connection to its supervisor")
+        instance = launch.find_running() if not start else launch.connect_or_start()
+        if instance is None:
+            return None
+        _instance = instance
+        return client.connect_driver(instance.control_endpoint)
+
+
+def start(http_options: Any = None, **kwargs: Any) -> None:
+    """Connect to a running instance or start one (Ray's ``serve.start``)."""
+    _runtime()
+
+
+def _validate_route_prefix(route_prefix: str | None) -> None:
+    if route_prefix is None:
+        return
+    if not isinstance(route_prefix, str) or not route_prefix.startswith("/"):
+        raise ValueError(f"The route_prefix must start with a forward slash ('/'), got {route_prefix!r}.")
+    if route_prefix != "/" and route_prefix.endswith("/"):
+        raise ValueError(f"The route_prefix cannot end with a forward slash ('/'), got {route_prefix!r}.")
+    if "{" in route_prefix or "}" in route_prefix:
+        raise ValueError(f"The route_prefix cannot contain wildcards ('{{' and '}}'), got {route_prefix!r}.")
+
+
+def run(
+    target: Application,
+    blocking: bool = False,
+    name: str = "default",
+    route_prefix: str | None = "/",
+    logging_config: Any = None,
+    _local_testing_mode: bool = False,
+    **kwargs: Any,
+) -> DeploymentHandle[Any]:
+    """Deploy ``target`` as app ``name`` (replacing one of that name) and wait until it runs.
+
+    Returns a handle to the ingress deployment. RuntimeError, with the constructor's traceback,
+    if the app becomes DEPLOY_FAILED. ``blocking=True`` then waits until Ctrl-C.
+    """
+    if not isinstance(target, Application):
+        raise TypeError("`serve.run` expects an `Application` returned by `Deployment.bind()`.")
+    if not name:
+        raise RayServeException("Application name must a non-empty string.")
+    _validate_route_prefix(route_prefix)
+    if _local_testing_mode:
+        return _run_local(target, name)
+    deployments, ingress = _build.build(target, name)
+    spec = _build.to_spec(deployments, ingress, name, route_prefix)
+    rt = _runtime()
+    assert rt is not None
+    rt.call_sync("deploy", {"name": name}, (wire.pack(spec),))
+    reply, _ = rt.call_sync("wait_app", {"name": name}, timeout_s=None)
+    if not reply.get("exists"):
+        raise RuntimeError(f"Application '{name}' was deleted while it was being deployed.")
+    if reply["status"] == "DEPLOY_FAILED":
+        raise RuntimeError(f"Deploying application '{name}' failed:\n{reply['message']}")
+    handle: DeploymentHandle[Any] = DeploymentHandle(ingress, name)
+    if blocking:
+        _block_until_interrupted()
+    return handle
+
+
+def _run_local(target: Application, name: str) -> DeploymentHandle[Any]:
+    global _local
+    with _lock:
+        if _local is None:
+            _local = LocalRuntime()
+        local = _local
+    deployments, ingress = _build.build(target, name, runtime=local)
+    for d in deployments:
+        user = UserCallable(
+            deployment_name=d.name,
+            func_or_class=d.func_or_class,
+            init_args=d.init_args,
+            init_kwargs=d.init_kwargs,
+            max_ongoing_requests=d.config.max_ongoing_requests,
+        )
+        local.add(name, d.name, user, d.config.user_config, d.config.max_ongoing_requests)
+    return DeploymentHandle(ingress, name, _runtime=local)
+
+
+def _block_until_interrupted() -> None:
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        shutdown()
+
+
+def delete(name: str, _blocking: bool = True) -> None:
+    """Delete app ``name`` and its deployments; waits until they are gone when blocking."""
+    rt = _runtime(start=False)
+    if rt is None:
+        return
+    rt.call_sync("delete", {"name": name, "wait": _blocking}, timeout_s=None)
+
+
+def status() -> ServeStatus:
+    """A snapshot of applications, deployments and replica states (empty if nothing runs)."""
+    rt = _runtime(start=False)
+    if rt is None:
+        return ServeStatus()
+    reply, _ = rt.call_sync("status")
+    return ServeStatus.from_dict(reply["status"])
+
+
+def shutdown() -> None:
+    """Delete every app and stop the instance. A no-op (with a log line) if nothing runs."""
+    global _instance, _local
+    with _lock:
+        if _local is not None:
+            _local.close()
+            _local = None
+        rt = client.current_runtime()
+        if rt is None:
+            try:
+                instance = launch.find_running()
+            except RayServeException:
+                instance = None
+            if instance is None:
+                logger.info("Nothing to shut down. There's no shoal application running.")
+                return
+            rt = client.connect_driver(instance.control_endpoint)
+            _instance = instance
+        try:
+            rt.call_sync("shutdown")
+        except RayServeException:
+            logger.debug("the supervisor did not answer shutdown", exc_info=True)
+        client.close_driver()
+        if _instance is not None:
+            _instance.wait_stopped(timeout_s=60)
+        _instance = None
+
+
+def get_app_handle(name: str) -> DeploymentHandle[Any]:
+    """A handle to the ingress deployment of app ``name``."""
+    rt = _runtime(start=False)
+    apps = rt.call_sync("status")[0]["status"]["applications"] if rt is not None else {}
+    if name not in apps:
+        raise RayServeException(f"Application '{name}' does not exist.")
+    return DeploymentHandle(apps[name]["ingress"], name)
+
+
+def get_deployment_handle(deployment_name: str, app_name: str | None = None, _check_exists: bool = True,
+                          _record_telemetry: bool = True) -> DeploymentHandle[Any]:
+    """A handle to any deployment; inside a replica ``app_name`` defaults to the replica's app."""
+    if app_name is None:
+        if not context.in_replica():
+            raise RayServeException(
+                "Please specify an application name when getting a deployment handle outside of "
+                "a shoal application."
+            )
+        app_name = context.get_replica_context().app_name
+    if _check_exists and not context.in_replica():
+        apps = status().applications
+        if app_name not in apps or deployment_name not in apps[app_name].deployments:
+            raise RayServeException(
+                f"Deployment '{deployment_name}' in application '{app_name}' does not exist."
+            )
+    return DeploymentHandle(deployment_name, app_name)
+
+
+def get_replica_context() -> context.ReplicaContext:
+    """The context of the replica this code runs in; RayServeException outside a replica."""
+    return context.get_replica_context()
