@@ -103,7 +103,8 @@ class WorkerProcess:
     def _on_sentinel(self) -> None:
         assert self._loop is not None and self._proc is not None
         self._loop.remove_reader(self._proc.sentinel)
-        self._proc.join(0)
+        # The sentinel closes as the child exits, a moment before it can be reaped.
+        self._proc.join(timeout=1.0)
         # Read what the worker wrote last before reporting its exit.
         while self._out_fd >= 0:
             before = self._out_fd
@@ -116,7 +117,8 @@ class WorkerProcess:
             self._lifeline_fd = -1
         code = self._proc.exitcode if self._proc.exitcode is not None else -1
         self.exitcode = code
-        self._proc.close()
+        if self._proc.exitcode is not None:
+            self._proc.close()
         self.exited.set()
         self._on_exit(code)
 

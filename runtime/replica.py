@@ -78,7 +78,7 @@ class ReplicaWorker:
         msg = wire.decode(rest)
         if msg.incarnation != self.incarnation:
             # Addressed to a predecessor: it never runs here.
-            self._reply(identity, msg.call_id, wire.Kind.REJECTED, {"q": self.ongoing, "stale": True})
+            self._send(identity, wire.Message(wire.Kind.REJECTED, self.incarnation, msg.call_id, {"q": self.ongoing}))
             return
         if msg.kind == wire.Kind.REQUEST:
             self._on_request(identity, msg)
@@ -92,17 +92,16 @@ class ReplicaWorker:
     def _on_request(self, identity: bytes, msg: wire.Message) -> None:
         internal = msg.meta.get("m", "").startswith("__shoal_")
         if not internal and (self._draining or self.ongoing >= self.max_ongoing_requests):
-            self._reply(identity, msg.call_id, wire.Kind.REJECTED, {"q": self.ongoing})
+            self._send(identity, wire.Message(wire.Kind.REJECTED, self.incarnation, msg.call_id, {"q": self.ongoing}))
             return
         key = (identity, msg.call_id)
         task = asyncio.get_running_loop().create_task(self._run(identity, msg))
         self._tasks[key] = task
         self._idle.clear()
-        task.add_done_callback(lambda _t, key=key: self._forget(key))
+        task.add_done_callback(lambda _t, key=key: self._release(key))
 
-    def _forget(self, key: tuple[bytes, int]) -> None:
-        self._tasks.pop(key, None)
-        if not self._tasks:
+    def _release(self, key: tuple[bytes, int]) -> None:
+        if self._tasks.pop(key, None) is not None and not self._tasks:
             self._idle.set()
 
     async def _run(self, identity: bytes, msg: wire.Message) -> None:
@@ -117,50 +116,49 @@ class ReplicaWorker:
                 is_http_request=bool(meta.get("http", False)),
             )
         )
-        call_id = msg.call_id
+        key = (identity, msg.call_id)
         try:
             args, kwargs = wire.loads_args(meta.get("enc", 0), msg.payload[0]) if msg.payload else ((), {})
             if method == _HEALTH_METHOD:
                 await self.user.check_health()
-                self._reply(identity, call_id, wire.Kind.RESULT, {"q": self.ongoing - 1}, None)
+                terminal = self._message(wire.Kind.RESULT, msg.call_id, None)
             elif method == _RECONFIGURE_METHOD:
                 await self.user.reconfigure(args[0])
-                self._reply(identity, call_id, wire.Kind.RESULT, {"q": self.ongoing - 1}, None)
+                terminal = self._message(wire.Kind.RESULT, msg.call_id, None)
             elif meta.get("s"):
                 async for item in self.user.stream(method, args, kwargs):
-                    self._reply(identity, call_id, wire.Kind.STREAM_ITEM, {}, item)
-                self._reply(identity, call_id, wire.Kind.STREAM_END, {"q": self.ongoing - 1})
+                    self._send(identity, self._message(wire.Kind.STREAM_ITEM, msg.call_id, item))
+                terminal = self._message(wire.Kind.STREAM_END, msg.call_id)
             else:
                 value = await self.user.call(method, args, kwargs)
-                self._reply(identity, call_id, wire.Kind.RESULT, {"q": self.ongoing - 1}, value)
+                terminal = self._message(wire.Kind.RESULT, msg.call_id, value)
         except asyncio.CancelledError:
-            self._reply(identity, call_id, wire.Kind.CANCELLED, {"q": self.ongoing - 1})
+            self._release(key)
+            self._send(identity, self._message(wire.Kind.CANCELLED, msg.call_id))
             raise
         except Exception as exc:
-            logger.exception(
-                "request %s to method '%s' raised", meta.get("rid", ""), method,
-            )
+            logger.exception("request %s to method '%s' raised", meta.get("rid", ""), method)
             err_meta, data = encode_exception(exc)
-            err_meta["q"] = self.ongoing - 1
-            self._send(identity, wire.Message(wire.Kind.ERROR, self.incarnation, call_id, err_meta, (data,)))
+            terminal = wire.Message(wire.Kind.ERROR, self.incarnation, msg.call_id, err_meta, (data,))
         finally:
             reset_request(token)
+        # Free the slot before replying, so the caller's next request is never rejected for it.
+        self._release(key)
+        terminal.meta["q"] = self.ongoing
+        self._send(identity, terminal)
 
-    def _reply(
-        self, identity: bytes, call_id: int, kind: wire.Kind, meta: dict[str, Any], *value: Any
-    ) -> None:
-        payload: tuple[bytes, ...] = ()
-        if value:
-            try:
-                enc, data = wire.dumps(value[0])
-            except Exception as exc:
-                raise TypeError(
-                    f"The value returned by deployment '{self.user.deployment_name}' could not "
-                    f"be serialized: {exc!r}"
-                ) from exc
-            meta["enc"] = int(enc)
-            payload = (data,)
-        self._send(identity, wire.Message(kind, self.incarnation, call_id, meta, payload))
+    def _message(self, kind: wire.Kind, call_id: int, *value: Any) -> wire.Message:
+        """A reply carrying ``value`` (if given); TypeError if the value cannot be serialized."""
+        if not value:
+            return wire.Message(kind, self.incarnation, call_id, {})
+        try:
+            enc, data = wire.dumps(value[0])
+        except Exception as exc:
+            raise TypeError(
+                f"The value returned by deployment '{self.user.deployment_name}' could not be "
+                f"serialized: {exc!r}"
+            ) from exc
+        return wire.Message(kind, self.incarnation, call_id, {"enc": int(enc)}, (data,))
 
     def _send(self, identity: bytes, msg: wire.Message) -> None:
         assert self.channel is not None

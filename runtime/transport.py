@@ -129,6 +129,9 @@ class Channel:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            except zmq.ContextTerminated:
+                self.close()
+                return
             try:
                 self._on_message(frames)
             except Exception:

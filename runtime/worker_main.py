@@ -140,7 +140,8 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int) -> int:
         worker.attach(transport.Channel(replica_sock, worker.on_message))
     except Exception as exc:
         report(wire.Kind.INIT_FAILED, {"error": "".join(traceback.format_exception(exc))})
-        control_sock.setsockopt(zmq.LINGER, 2000)
+        await client.shutdown_runtime()
+        control_sock.setsockopt(zmq.LINGER, 2000)  # deliver INIT_FAILED before exiting
         control.close()
         replica_sock.close()
         transport.terminate_context()

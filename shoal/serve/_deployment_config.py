@@ -18,11 +18,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Optional
+from typing import Any
 
-import cloudpickle
+import cloudpickle  # type: ignore[import-untyped, unused-ignore]
 from pydantic import BaseModel
 
 from shoal.serve.config import (
@@ -87,11 +88,11 @@ class DeploymentConfig:
     config file); config-file values win over code values, code values over defaults.
     """
 
-    num_replicas: Optional[int] = 1
+    num_replicas: int | None = 1
     max_ongoing_requests: int = 5
     max_queued_requests: int = -1
     user_config: Any = None
-    autoscaling_config: Optional[AutoscalingConfig] = None
+    autoscaling_config: AutoscalingConfig | None = None
     graceful_shutdown_wait_loop_s: float = 2.0
     graceful_shutdown_timeout_s: float = 20.0
     health_check_period_s: float = 10.0
@@ -99,16 +100,16 @@ class DeploymentConfig:
     max_constructor_retry_count: int = 20
     ray_actor_options: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 1})
     backpressure_config: BackpressureConfig = field(default_factory=BackpressureConfig)
-    logging_config: Optional[LoggingConfig] = None
+    logging_config: LoggingConfig | None = None
     request_router_config: RequestRouterConfig = field(default_factory=RequestRouterConfig)
     rolling_update_percentage: float = 0.2
     max_surge_percent: int = 0
-    placement_group_bundles: Optional[list[dict[str, float]]] = None
-    placement_group_strategy: Optional[str] = None
-    placement_group_bundle_label_selector: Optional[list[dict[str, str]]] = None
-    max_replicas_per_node: Optional[int] = None
-    gang_scheduling_config: Optional[GangSchedulingConfig] = None
-    deployment_actors: Optional[tuple[DeploymentActorConfig, ...]] = None
+    placement_group_bundles: list[dict[str, float]] | None = None
+    placement_group_strategy: str | None = None
+    placement_group_bundle_label_selector: list[dict[str, str]] | None = None
+    max_replicas_per_node: int | None = None
+    gang_scheduling_config: GangSchedulingConfig | None = None
+    deployment_actors: tuple[DeploymentActorConfig, ...] | None = None
     user_configured_option_names: frozenset[str] = frozenset()
 
     def merged(self, options: dict[str, Any]) -> DeploymentConfig:
@@ -138,7 +139,7 @@ class DeploymentConfig:
         return result
 
     def target_initial_replicas(self) -> int:
-        """Replicas to start with: ``num_replicas``, else autoscaling ``initial_replicas`` or ``min_replicas``."""
+        """Replicas to start: ``num_replicas``, else ``initial_replicas`` or ``min_replicas``."""
         if self.num_replicas is not None:
             return self.num_replicas
         if self.autoscaling_config is None:
@@ -299,7 +300,8 @@ def _ray_actor_options(value: Any) -> dict[str, Any]:
             raise _type_error("ray_actor_options['resources']", "a dict", resources)
         for resource, amount in resources.items():
             _non_negative(f"ray_actor_options['resources']['{resource}']")(amount)
-    for key, expected in (("runtime_env", dict), ("label_selector", dict), ("accelerator_type", str)):
+    typed_keys = (("runtime_env", dict), ("label_selector", dict), ("accelerator_type", str))
+    for key, expected in typed_keys:
         if options.get(key) is not None and not isinstance(options[key], expected):
             raise _type_error(f"ray_actor_options['{key}']", f"a {expected.__name__}", options[key])
     if options.get("num_cpus") is None:
@@ -310,9 +312,10 @@ def _ray_actor_options(value: Any) -> dict[str, Any]:
 def _max_ongoing_requests(value: Any) -> int:
     if value is None:
         raise ValueError("`max_ongoing_requests` must be non-null, got None.")
-    if _int("max_ongoing_requests", value) <= 0:
+    number = _int("max_ongoing_requests", value)
+    if number <= 0:
         raise ValueError(f"max_ongoing_requests must be greater than 0, got {value}.")
-    return value
+    return number
 
 
 def _max_queued_requests(value: Any) -> int:
@@ -332,9 +335,10 @@ def _user_config(value: Any) -> Any:
 
 
 def _max_constructor_retry_count(value: Any) -> int:
-    if _int("max_constructor_retry_count", value) <= 0:
+    number = _int("max_constructor_retry_count", value)
+    if number <= 0:
         raise ValueError(f"max_constructor_retry_count must be greater than 0, got {value}.")
-    return value
+    return number
 
 
 def _rolling_update_percentage(value: Any) -> float:
@@ -345,9 +349,10 @@ def _rolling_update_percentage(value: Any) -> float:
 
 
 def _max_surge_percent(value: Any) -> int:
-    if not 0 <= _int("max_surge_percent", value) <= 100:
+    number = _int("max_surge_percent", value)
+    if not 0 <= number <= 100:
         raise ValueError(f"max_surge_percent must be in [0, 100], got {value}.")
-    return value
+    return number
 
 
 def _list_of_dicts(name: str, value: Any) -> list[dict[str, Any]]:
@@ -356,7 +361,7 @@ def _list_of_dicts(name: str, value: Any) -> list[dict[str, Any]]:
     return [dict(d) for d in value]
 
 
-def _placement_group_bundles(value: Any) -> Optional[list[dict[str, float]]]:
+def _placement_group_bundles(value: Any) -> list[dict[str, float]] | None:
     if value is None:
         return None
     bundles = _list_of_dicts("placement_group_bundles", value)
@@ -368,20 +373,20 @@ def _placement_group_bundles(value: Any) -> Optional[list[dict[str, float]]]:
     return bundles
 
 
-def _placement_group_strategy(value: Any) -> Optional[str]:
+def _placement_group_strategy(value: Any) -> str | None:
     if value is not None and value not in PLACEMENT_GROUP_STRATEGIES:
         raise ValueError(
             f"Invalid placement_group_strategy {value!r}. "
             f"Valid strategies are {list(PLACEMENT_GROUP_STRATEGIES)}."
         )
-    return value
+    return None if value is None else str(value)
 
 
-def _label_selector(value: Any) -> Optional[list[dict[str, str]]]:
+def _label_selector(value: Any) -> list[dict[str, str]] | None:
     return None if value is None else _list_of_dicts("placement_group_bundle_label_selector", value)
 
 
-def _max_replicas_per_node(value: Any) -> Optional[int]:
+def _max_replicas_per_node(value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
@@ -397,7 +402,7 @@ def _max_replicas_per_node(value: Any) -> Optional[int]:
     return value
 
 
-def _deployment_actors(value: Any) -> Optional[tuple[DeploymentActorConfig, ...]]:
+def _deployment_actors(value: Any) -> tuple[DeploymentActorConfig, ...] | None:
     if value is None:
         return None
     if not isinstance(value, (list, tuple)):
@@ -508,7 +513,8 @@ def _check_combinations(config: DeploymentConfig) -> None:
             )
         if config.max_replicas_per_node is not None:
             raise ValueError(
-                "Setting max_replicas_per_node is not allowed when gang_scheduling_config is provided."
+                "Setting max_replicas_per_node is not allowed when gang_scheduling_config "
+                "is provided."
             )
         if config.placement_group_strategy is not None:
             raise ValueError(

@@ -17,9 +17,10 @@ Every validation failure is a ``pydantic.ValidationError``, which is a ``ValueEr
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -59,7 +60,7 @@ DEFAULT_TARGET_ONGOING_REQUESTS = 2.0
 
 
 def _check_import_path(path: str) -> str:
-    """Return ``path`` if it has the shape ``"mod.sub:attr"`` or ``"mod.sub.attr"``, else raise ValueError."""
+    """Return ``path`` if shaped ``"mod.sub:attr"`` or ``"mod.sub.attr"``; else raise ValueError."""
     if ":" in path:
         if path.count(":") > 1:
             raise ValueError(
@@ -67,7 +68,8 @@ def _check_import_path(path: str) -> str:
             )
         if path.startswith(":") or path.endswith(":"):
             raise ValueError(
-                f'Got invalid import path "{path}". An import path may not start or end with a colon.'
+                f'Got invalid import path "{path}". '
+                "An import path may not start or end with a colon."
             )
         return path
     if "." not in path:
@@ -108,7 +110,7 @@ class AutoscalingPolicy(_Strict):
     Classes are constructed with ``policy_kwargs`` and then called once per control-loop tick.
     """
 
-    policy_function: Union[str, Callable[..., Any]] = DEFAULT_AUTOSCALING_POLICY_PATH
+    policy_function: str | Callable[..., Any] = DEFAULT_AUTOSCALING_POLICY_PATH
     policy_kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("policy_function")
@@ -124,19 +126,19 @@ class AutoscalingConfig(_Strict):
     """Autoscaling parameters of one deployment (Ray Serve section 5.1 defaults)."""
 
     min_replicas: NonNegativeInt = 1
-    initial_replicas: Optional[NonNegativeInt] = None
+    initial_replicas: NonNegativeInt | None = None
     max_replicas: PositiveInt = 1
     target_ongoing_requests: PositiveFloat = DEFAULT_TARGET_ONGOING_REQUESTS
     metrics_interval_s: PositiveFloat = 10.0  # deprecated in Ray; accepted for compatibility
     look_back_period_s: PositiveFloat = 30.0
     smoothing_factor: PositiveFloat = 1.0  # deprecated
-    upscale_smoothing_factor: Optional[PositiveFloat] = None  # deprecated
-    downscale_smoothing_factor: Optional[PositiveFloat] = None  # deprecated
-    upscaling_factor: Optional[PositiveFloat] = None
-    downscaling_factor: Optional[PositiveFloat] = None
+    upscale_smoothing_factor: PositiveFloat | None = None  # deprecated
+    downscale_smoothing_factor: PositiveFloat | None = None  # deprecated
+    upscaling_factor: PositiveFloat | None = None
+    downscaling_factor: PositiveFloat | None = None
     upscale_delay_s: NonNegativeFloat = 30.0
     downscale_delay_s: NonNegativeFloat = 600.0
-    downscale_to_zero_delay_s: Optional[NonNegativeFloat] = None
+    downscale_to_zero_delay_s: NonNegativeFloat | None = None
     aggregation_function: AggregationFunction = AggregationFunction.MEAN
     policy: AutoscalingPolicy = Field(default_factory=AutoscalingPolicy)
 
@@ -172,23 +174,26 @@ class AutoscalingConfig(_Strict):
     def default(cls) -> AutoscalingConfig:
         """The config ``num_replicas="auto"`` starts from: target 2, min 1, max 100."""
         return cls(
-            target_ongoing_requests=DEFAULT_TARGET_ONGOING_REQUESTS, min_replicas=1, max_replicas=100
+            target_ongoing_requests=DEFAULT_TARGET_ONGOING_REQUESTS,
+            min_replicas=1,
+            max_replicas=100,
         )
 
     def get_upscaling_factor(self) -> float:
-        """``upscaling_factor``, else the deprecated ``upscale_smoothing_factor``, else ``smoothing_factor``."""
+        """``upscaling_factor``, else ``upscale_smoothing_factor`` or ``smoothing_factor``."""
         if self.upscaling_factor:
             return self.upscaling_factor
         return self.upscale_smoothing_factor or self.smoothing_factor
 
     def get_downscaling_factor(self) -> float:
-        """``downscaling_factor``, else ``downscale_smoothing_factor``, else ``smoothing_factor``."""
+        """``downscaling_factor``, else ``downscale_smoothing_factor`` or ``smoothing_factor``."""
         if self.downscaling_factor:
             return self.downscaling_factor
         return self.downscale_smoothing_factor or self.smoothing_factor
 
     def get_downscale_to_zero_delay_s(self) -> float:
-        """Delay of the 1 -> 0 step: ``downscale_to_zero_delay_s`` if set (0 included), else ``downscale_delay_s``."""
+        """Delay of the 1 -> 0 step: ``downscale_to_zero_delay_s`` if set (even 0), else
+        ``downscale_delay_s``."""
         if self.downscale_to_zero_delay_s is not None:
             return self.downscale_to_zero_delay_s
         return self.downscale_delay_s
@@ -221,21 +226,21 @@ class AutoscalingContext:
 
     deployment_id: DeploymentID
     deployment_name: str
-    app_name: Optional[str]
+    app_name: str | None
     current_num_replicas: int
     target_num_replicas: int
     running_replicas: list[Any]
     total_num_requests: float
-    total_queued_requests: Optional[float]
-    aggregated_metrics: Optional[dict[str, dict[Any, float]]]
-    raw_metrics: Optional[dict[str, dict[Any, Any]]]
+    total_queued_requests: float | None
+    aggregated_metrics: dict[str, dict[Any, float]] | None
+    raw_metrics: dict[str, dict[Any, Any]] | None
     capacity_adjusted_min_replicas: int
     capacity_adjusted_max_replicas: int
     policy_state: dict[str, Any]
-    last_scale_up_time: Optional[float]
-    last_scale_down_time: Optional[float]
-    current_time: Optional[float]
-    config: Optional[Any]
+    last_scale_up_time: float | None
+    last_scale_down_time: float | None
+    current_time: float | None
+    config: Any | None
 
     @property
     def total_running_requests(self) -> float:
@@ -247,16 +252,16 @@ class AutoscalingContext:
 
 
 class BackpressureConfig(_Strict):
-    """Response to a caller whose queue is full: HTTP ``status_code`` and optional ``Retry-After``."""
+    """What a caller with a full queue gets: HTTP ``status_code`` and optional ``Retry-After``."""
 
     status_code: Literal[503, 429] = 503
-    retry_after_s: Optional[NonNegativeFloat] = None
+    retry_after_s: NonNegativeFloat | None = None
 
 
 class RequestRouterConfig(_Strict):
     """Which request router a deployment's callers use, and its probing/backoff parameters."""
 
-    request_router_class: Union[str, Callable[..., Any]] = DEFAULT_REQUEST_ROUTER_PATH
+    request_router_class: str | Callable[..., Any] = DEFAULT_REQUEST_ROUTER_PATH
     request_router_kwargs: dict[str, Any] = Field(default_factory=dict)
     request_routing_stats_period_s: PositiveFloat = 10.0
     request_routing_stats_timeout_s: PositiveFloat = 30.0
@@ -341,17 +346,17 @@ class HTTPOptions(_Strict):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    host: Optional[str] = "127.0.0.1"
+    host: str | None = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     root_path: str = ""
-    request_timeout_s: Optional[PositiveFloat] = None
+    request_timeout_s: PositiveFloat | None = None
     keep_alive_timeout_s: NonNegativeInt = 90
-    ssl_keyfile: Optional[str] = None
-    ssl_certfile: Optional[str] = None
-    ssl_keyfile_password: Optional[str] = None
-    ssl_ca_certs: Optional[str] = None
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile_password: str | None = None
+    ssl_ca_certs: str | None = None
     middlewares: list[Any] = Field(default_factory=list)
-    location: Optional[DeploymentMode] = None
+    location: DeploymentMode | None = None
     num_cpus: int = 0
     root_url: str = ""
     max_request_body_bytes: PositiveInt = 100 * 1024 * 1024
@@ -371,7 +376,9 @@ class HTTPOptions(_Strict):
     @classmethod
     def _no_num_cpus(cls, v: int) -> int:
         if v:
-            raise ValueError("`num_cpus` in HTTPOptions has been removed; the proxy reserves no CPUs.")
+            raise ValueError(
+                "`num_cpus` in HTTPOptions has been removed; the proxy reserves no CPUs."
+            )
         return v
 
     @model_validator(mode="after")
@@ -388,7 +395,7 @@ class gRPCOptions(_Strict):  # noqa: N801 - Ray's public name
 
     port: int = Field(default=9000, ge=0, le=65535)
     grpc_servicer_functions: list[str] = Field(default_factory=list)
-    request_timeout_s: Optional[PositiveFloat] = None
+    request_timeout_s: PositiveFloat | None = None
     enable_reflection: bool = True
 
 

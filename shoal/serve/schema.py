@@ -19,7 +19,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from typing import Any
 
 import pydantic
 from pydantic import (
@@ -84,9 +84,10 @@ class EncodingType(str, Enum):
 
 
 _LOG_LEVELS: dict[str, int] = logging.getLevelNamesMapping()
-_LOGRECORD_STANDARD_ATTRS = frozenset(
-    vars(logging.LogRecord("", 0, "", 0, "", None, None))
-) | {"message", "asctime"}
+_LOGRECORD_STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+}
 
 
 class LoggingConfig(_Strict):
@@ -94,7 +95,7 @@ class LoggingConfig(_Strict):
 
     encoding: EncodingType = EncodingType.TEXT
     log_level: str = "INFO"
-    logs_dir: Optional[str] = None
+    logs_dir: str | None = None
     enable_access_log: bool = True
     additional_log_standard_attrs: list[str] = Field(default_factory=list)
 
@@ -103,7 +104,8 @@ class LoggingConfig(_Strict):
     def _encoding(cls, v: Any) -> Any:
         if v not in list(EncodingType):
             raise ValueError(
-                f"Got '{v}' for encoding. Encoding must be one of {[e.value for e in EncodingType]}."
+                f"Got '{v}' for encoding. "
+                f"Encoding must be one of {[e.value for e in EncodingType]}."
             )
         return v
 
@@ -214,7 +216,7 @@ class ServeStatus:
 
     proxies: dict[str, ProxyStatus] = field(default_factory=dict)
     applications: dict[str, ApplicationStatusOverview] = field(default_factory=dict)
-    target_capacity: Optional[float] = None
+    target_capacity: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """This snapshot as plain JSON-able values (enums as their string values)."""
@@ -274,12 +276,15 @@ class ServeStatus:
 # --- config file -----------------------------------------------------------------------------
 
 
-def validate_route_prefix(route_prefix: Optional[str]) -> Optional[str]:
-    """Return ``route_prefix`` if valid (None, ``"/"``, or ``"/x"`` without ``{}`` or trailing ``/``)."""
+def validate_route_prefix(route_prefix: str | None) -> str | None:
+    """Return ``route_prefix`` if valid: None, ``"/"``, or ``"/x..."`` without ``{}`` or a trailing
+    ``/``; else raise ValueError."""
     if route_prefix is None:
         return None
     if not route_prefix.startswith("/"):
-        raise ValueError(f'Got "{route_prefix}" for route_prefix. Route prefix must start with "/".')
+        raise ValueError(
+            f'Got "{route_prefix}" for route_prefix. Route prefix must start with "/".'
+        )
     if len(route_prefix) > 1 and route_prefix.endswith("/"):
         raise ValueError(
             f'Got "{route_prefix}" for route_prefix. Route prefix cannot end with "/" unless '
@@ -323,13 +328,13 @@ class RayActorOptionsSchema(_Strict):
     """Per-replica resource options. Only ``runtime_env.env_vars`` has an effect in shoal."""
 
     runtime_env: dict[str, Any] = Field(default_factory=dict)
-    num_cpus: Optional[NonNegativeFloat] = None
-    num_gpus: Optional[NonNegativeFloat] = None
-    memory: Optional[NonNegativeFloat] = None
+    num_cpus: NonNegativeFloat | None = None
+    num_gpus: NonNegativeFloat | None = None
+    memory: NonNegativeFloat | None = None
     resources: dict[str, NonNegativeFloat] = Field(default_factory=dict)
-    accelerator_type: Optional[str] = None
-    label_selector: Optional[dict[str, str]] = None
-    fallback_strategy: Optional[list[dict[str, Any]]] = None
+    accelerator_type: str | None = None
+    label_selector: dict[str, str] | None = None
+    fallback_strategy: list[dict[str, Any]] | None = None
 
     @field_validator("runtime_env")
     @classmethod
@@ -346,27 +351,27 @@ class DeploymentSchema(_Strict):
 
     name: str
     num_replicas: Any = None
-    max_ongoing_requests: Optional[PositiveInt] = None
-    max_queued_requests: Optional[StrictInt] = None
-    backpressure_config: Optional[BackpressureConfig] = None
-    user_config: Optional[dict[str, Any]] = None
-    autoscaling_config: Optional[AutoscalingConfig] = None
-    graceful_shutdown_wait_loop_s: Optional[NonNegativeFloat] = None
-    graceful_shutdown_timeout_s: Optional[NonNegativeFloat] = None
-    health_check_period_s: Optional[PositiveFloat] = None
-    health_check_timeout_s: Optional[PositiveFloat] = None
-    ray_actor_options: Optional[RayActorOptionsSchema] = None
-    placement_group_bundles: Optional[list[dict[str, NonNegativeFloat]]] = None
-    placement_group_strategy: Optional[str] = None
-    placement_group_bundle_label_selector: Optional[list[dict[str, str]]] = None
-    max_replicas_per_node: Optional[int] = Field(default=None, ge=1, le=100)
-    logging_config: Optional[LoggingConfig] = None
-    request_router_config: Optional[RequestRouterConfig] = None
-    max_constructor_retry_count: Optional[PositiveInt] = None
-    gang_scheduling_config: Optional[GangSchedulingConfig] = None
-    deployment_actors: Optional[list[DeploymentActorConfig]] = None
-    rolling_update_percentage: Optional[float] = Field(default=None, gt=0, le=1)
-    max_surge_percent: Optional[int] = Field(default=None, ge=0, le=100)
+    max_ongoing_requests: PositiveInt | None = None
+    max_queued_requests: StrictInt | None = None
+    backpressure_config: BackpressureConfig | None = None
+    user_config: dict[str, Any] | None = None
+    autoscaling_config: AutoscalingConfig | None = None
+    graceful_shutdown_wait_loop_s: NonNegativeFloat | None = None
+    graceful_shutdown_timeout_s: NonNegativeFloat | None = None
+    health_check_period_s: PositiveFloat | None = None
+    health_check_timeout_s: PositiveFloat | None = None
+    ray_actor_options: RayActorOptionsSchema | None = None
+    placement_group_bundles: list[dict[str, NonNegativeFloat]] | None = None
+    placement_group_strategy: str | None = None
+    placement_group_bundle_label_selector: list[dict[str, str]] | None = None
+    max_replicas_per_node: int | None = Field(default=None, ge=1, le=100)
+    logging_config: LoggingConfig | None = None
+    request_router_config: RequestRouterConfig | None = None
+    max_constructor_retry_count: PositiveInt | None = None
+    gang_scheduling_config: GangSchedulingConfig | None = None
+    deployment_actors: list[DeploymentActorConfig] | None = None
+    rolling_update_percentage: float | None = Field(default=None, gt=0, le=1)
+    max_surge_percent: int | None = Field(default=None, ge=0, le=100)
 
     @field_validator("num_replicas")
     @classmethod
@@ -375,7 +380,7 @@ class DeploymentSchema(_Strict):
 
     @field_validator("max_queued_requests")
     @classmethod
-    def _max_queued(cls, v: Optional[int]) -> Optional[int]:
+    def _max_queued(cls, v: int | None) -> int | None:
         if v is not None and v < 1 and v != -1:
             raise ValueError("max_queued_requests must be -1 (no limit) or a positive integer.")
         return v
@@ -388,7 +393,8 @@ class DeploymentSchema(_Strict):
             )
         if self.max_replicas_per_node is not None and self.placement_group_bundles is not None:
             raise ValueError(
-                "Setting max_replicas_per_node is not allowed when placement_group_bundles is provided."
+                "Setting max_replicas_per_node is not allowed when "
+                "placement_group_bundles is provided."
             )
         return self
 
@@ -414,20 +420,20 @@ class ServeApplicationSchema(_Strict):
     """One application of a config file."""
 
     name: str = "default"
-    route_prefix: Optional[str] = "/"
+    route_prefix: str | None = "/"
     import_path: str
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     args: dict[str, Any] = Field(default_factory=dict)
     deployments: list[DeploymentSchema] = Field(default_factory=list)
-    logging_config: Optional[LoggingConfig] = None
-    autoscaling_policy: Optional[AutoscalingPolicy] = None
+    logging_config: LoggingConfig | None = None
+    autoscaling_policy: AutoscalingPolicy | None = None
     external_scaler_enabled: bool = False
-    host: Optional[str] = None  # legacy single-app field; rejected by ServeDeploySchema
-    port: Optional[int] = None  # legacy single-app field; rejected by ServeDeploySchema
+    host: str | None = None  # legacy single-app field; rejected by ServeDeploySchema
+    port: int | None = None  # legacy single-app field; rejected by ServeDeploySchema
 
     @field_validator("route_prefix")
     @classmethod
-    def _route_prefix_shape(cls, v: Optional[str]) -> Optional[str]:
+    def _route_prefix_shape(cls, v: str | None) -> str | None:
         return validate_route_prefix(v)
 
     @field_validator("import_path")
@@ -464,7 +470,7 @@ class gRPCOptionsSchema(_Strict):  # noqa: N801 - Ray's public name
 
     port: int = Field(default=9000, ge=0, le=65535)
     grpc_servicer_functions: list[str] = Field(default_factory=list)
-    request_timeout_s: Optional[PositiveFloat] = None
+    request_timeout_s: PositiveFloat | None = None
     enable_reflection: bool = True
 
 
@@ -474,12 +480,12 @@ class HTTPOptionsSchema(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     root_path: str = ""
-    request_timeout_s: Optional[PositiveFloat] = None
+    request_timeout_s: PositiveFloat | None = None
     keep_alive_timeout_s: NonNegativeInt = 90
-    ssl_keyfile: Optional[str] = None
-    ssl_certfile: Optional[str] = None
-    ssl_keyfile_password: Optional[str] = None
-    ssl_ca_certs: Optional[str] = None
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile_password: str | None = None
+    ssl_ca_certs: str | None = None
     max_request_body_bytes: PositiveInt = 100 * 1024 * 1024
     graceful_shutdown_timeout_s: NonNegativeFloat = 20.0
 
@@ -498,11 +504,11 @@ class ServeDeploySchema(_Strict):
     proxy_location: ProxyLocation = ProxyLocation.EveryNode
     http_options: HTTPOptionsSchema = Field(default_factory=HTTPOptionsSchema)
     grpc_options: gRPCOptionsSchema = Field(default_factory=gRPCOptionsSchema)
-    controller_options: Optional[ControllerOptions] = None
-    logging_config: Optional[LoggingConfig] = None
-    tracing_config: Optional[dict[str, Any]] = None  # accepted for porting; no effect
+    controller_options: ControllerOptions | None = None
+    logging_config: LoggingConfig | None = None
+    tracing_config: dict[str, Any] | None = None  # accepted for porting; no effect
     applications: list[ServeApplicationSchema]
-    target_capacity: Optional[float] = Field(default=None, ge=0, le=100)
+    target_capacity: float | None = Field(default=None, ge=0, le=100)
 
     @field_validator("applications")
     @classmethod

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import json
+import re
 from typing import Any
 
 import pydantic
@@ -113,7 +113,10 @@ def test_scale_to_zero_and_initial_replicas_allowed() -> None:
 
 
 def test_aggregation_function_is_case_insensitive() -> None:
-    assert AutoscalingConfig(aggregation_function="MAX").aggregation_function is AggregationFunction.MAX
+    assert (
+        AutoscalingConfig(aggregation_function="MAX").aggregation_function
+        is AggregationFunction.MAX
+    )
     assert AggregationFunction.MIN == "min"
 
 
@@ -135,8 +138,12 @@ def test_scaling_factors(kwargs: dict[str, Any], up: float, down: float) -> None
 
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
-    [({}, 600.0), ({"downscale_delay_s": 5}, 5.0), ({"downscale_to_zero_delay_s": 7}, 7.0),
-     ({"downscale_to_zero_delay_s": 0}, 0.0)],
+    [
+        ({}, 600.0),
+        ({"downscale_delay_s": 5}, 5.0),
+        ({"downscale_to_zero_delay_s": 7}, 7.0),
+        ({"downscale_to_zero_delay_s": 0}, 0.0),
+    ],
 )
 def test_downscale_to_zero_delay(kwargs: dict[str, Any], expected: float) -> None:
     assert AutoscalingConfig(**kwargs).get_downscale_to_zero_delay_s() == expected
@@ -220,8 +227,15 @@ def test_request_router_config_defaults() -> None:
     config = RequestRouterConfig()
     assert config.request_router_class == "shoal.runtime.router:PowerOfTwoChoicesRequestRouter"
     assert config.request_router_kwargs == {}
-    assert (config.request_routing_stats_period_s, config.request_routing_stats_timeout_s) == (10, 30)
-    assert (config.initial_backoff_s, config.backoff_multiplier, config.max_backoff_s) == (0.025, 2, 0.5)
+    assert (config.request_routing_stats_period_s, config.request_routing_stats_timeout_s) == (
+        10,
+        30,
+    )
+    assert (config.initial_backoff_s, config.backoff_multiplier, config.max_backoff_s) == (
+        0.025,
+        2,
+        0.5,
+    )
 
 
 def test_request_router_kwargs_must_be_json() -> None:

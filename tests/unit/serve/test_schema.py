@@ -234,7 +234,9 @@ def test_invalid_route_prefixes(prefix: str, fragment: str) -> None:
     ],
 )
 def test_invalid_import_paths(path: str, fragment: str) -> None:
-    with pytest.raises(pydantic.ValidationError, match=re.escape(f'Got invalid import path "{path}"')):
+    with pytest.raises(
+        pydantic.ValidationError, match=re.escape(f'Got invalid import path "{path}"')
+    ):
         ServeApplicationSchema(import_path=path)
     with pytest.raises(pydantic.ValidationError, match=re.escape(fragment)):
         ServeApplicationSchema(import_path=path)
@@ -247,7 +249,9 @@ def test_duplicate_application_names() -> None:
     ]
     with pytest.raises(
         ValueError,
-        match=re.escape('Found multiple configs for application "a". Please remove all duplicates.'),
+        match=re.escape(
+            'Found multiple configs for application "a". Please remove all duplicates.'
+        ),
     ):
         ServeDeploySchema.model_validate({"applications": apps})
 
@@ -287,7 +291,10 @@ def test_host_and_port_rejected_per_application(key: str, value: Any, fragment: 
             {"num_replicas": 2, "autoscaling_config": {"max_replicas": 3}},
             "Manually setting num_replicas is not allowed when autoscaling_config is provided.",
         ),
-        ({"max_queued_requests": 0}, "max_queued_requests must be -1 (no limit) or a positive integer."),
+        (
+            {"max_queued_requests": 0},
+            "max_queued_requests must be -1 (no limit) or a positive integer.",
+        ),
         ({"max_ongoing_requests": 0}, "Input should be greater than 0"),
         ({"health_check_period_s": 0}, "Input should be greater than 0"),
         ({"graceful_shutdown_timeout_s": -1}, "Input should be greater than or equal to 0"),
@@ -316,7 +323,9 @@ def test_auto_with_autoscaling_config_is_allowed() -> None:
 
 
 def test_external_scaler_forbids_autoscaling() -> None:
-    with pytest.raises(ValueError, match='following deployment\\(s\\) have autoscaling configured: "D"'):
+    with pytest.raises(
+        ValueError, match='following deployment\\(s\\) have autoscaling configured: "D"'
+    ):
         ServeApplicationSchema(
             import_path="m:a",
             external_scaler_enabled=True,
@@ -326,7 +335,8 @@ def test_external_scaler_forbids_autoscaling() -> None:
 
 def test_remote_runtime_env_uris() -> None:
     app = ServeApplicationSchema(
-        import_path="m:a", runtime_env={"working_dir": "s3://bucket/x.zip", "py_modules": ["local://m"]}
+        import_path="m:a",
+        runtime_env={"working_dir": "s3://bucket/x.zip", "py_modules": ["local://m"]},
     )
     assert app.runtime_env["working_dir"] == "s3://bucket/x.zip"
     with pytest.raises(ValueError, match="remote URIs"):
@@ -348,7 +358,11 @@ def test_format_validation_error_names_nested_paths() -> None:
                 "import_path": "m:a",
                 "deployments": [
                     {"name": "A"},
-                    {"name": "B", "max_ongoing_requests": 0, "autoscaling_config": {"max_replica": 2}},
+                    {
+                        "name": "B",
+                        "max_ongoing_requests": 0,
+                        "autoscaling_config": {"max_replica": 2},
+                    },
                 ],
             }
         ],
@@ -357,7 +371,9 @@ def test_format_validation_error_names_nested_paths() -> None:
         ServeDeploySchema.model_validate(config)
     lines = format_validation_error(info.value).splitlines()
     assert "http_options.prot: Extra inputs are not permitted" in lines
-    assert "applications.0.deployments.1.max_ongoing_requests: Input should be greater than 0" in lines
+    assert (
+        "applications.0.deployments.1.max_ongoing_requests: Input should be greater than 0" in lines
+    )
     assert (
         "applications.0.deployments.1.autoscaling_config.max_replica: Extra inputs are not permitted"
         in lines
