@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
+import os
 import threading
-import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Generic, Iterator, TypeVar
 
@@ -27,6 +28,14 @@ from shoal.runtime.errors import RayServeException, RequestCancelledError
 from shoal.runtime.router import Call
 
 R = TypeVar("R")
+
+_request_prefix = os.urandom(6).hex()
+_request_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A request id unique across processes: a random per-process prefix and a counter."""
+    return f"{_request_prefix}{next(_request_counter):010x}"
 
 _SYNC_IN_LOOP = (
     "Sync methods should not be called from within an `asyncio` event loop. "
@@ -190,7 +199,7 @@ class _ResponseBase:
         if rt.in_loop_thread():
             router_cancel()
         else:
-            rt.loop.call_soon_threadsafe(router_cancel)
+            rt.inbox.post(router_cancel)
 
     def cancelled(self) -> bool:
         return self._call.cancelled
@@ -365,7 +374,7 @@ class DeploymentHandle(Generic[R]):
             rt = self._runtime = get_runtime()
         opts = self.handle_options
         parent = current_request()
-        request_id = parent.request_id or uuid.uuid4().hex
+        request_id = parent.request_id or new_request_id()
         on_loop = rt.in_loop_thread()
         sink: Any = _StreamSink() if opts.stream else _FutureSink(rt.loop.create_future() if on_loop else None)
         pending = _top_level_responses(args, kwargs)
@@ -390,7 +399,7 @@ class DeploymentHandle(Generic[R]):
         if on_loop:
             submit()
         else:
-            rt.loop.call_soon_threadsafe(submit)
+            rt.inbox.post(submit)
         if opts.stream:
             return DeploymentResponseGenerator(rt, key, call, sink)
         response: DeploymentResponse[Any] = DeploymentResponse(rt, key, call, sink)

@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 from shoal.runtime import wire
+from shoal.runtime.client import LoopInbox
 from shoal.runtime.context import RequestContext, reset_request, set_request
 from shoal.runtime.errors import DeploymentUnavailableError, RequestCancelledError
 from shoal.runtime.router import Call
@@ -67,6 +68,7 @@ class LocalRuntime:
         import uvloop
 
         self.loop = uvloop.new_event_loop()
+        self.inbox = LoopInbox(self.loop)
         self.routers: dict[tuple[str, str], LocalRouter] = {}
         self._thread = threading.Thread(target=self.loop.run_forever, name="shoal-local", daemon=True)
         self._thread.start()

@@ -76,6 +76,7 @@ class Channel:
         self._loop = loop or asyncio.get_running_loop()
         self._fd = sock.getsockopt(zmq.FD)
         self._drain_scheduled = False
+        self._check_scheduled = False
         self._closed = False
         self._loop.add_reader(self._fd, self._drain)
         self._schedule_drain()
@@ -89,13 +90,14 @@ class Channel:
         if self._closed:
             return False
         try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            # Copying is cheaper than zero-copy tracking for the small frames shoal sends.
+            self.sock.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 return False
             raise
         finally:
-            self._check_pending()
+            self._schedule_check()
         return True
 
     def send_message(self, msg: wire.Message, identity: bytes | None = None) -> bool:
@@ -116,7 +118,14 @@ class Channel:
             self._drain_scheduled = True
             self._loop.call_soon(self._drain)
 
+    def _schedule_check(self) -> None:
+        # One EVENTS check per loop iteration covers every send made in it.
+        if not self._check_scheduled and not self._closed:
+            self._check_scheduled = True
+            self._loop.call_soon(self._check_pending)
+
     def _check_pending(self) -> None:
+        self._check_scheduled = False
         if not self._closed and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self._schedule_drain()
 
