@@ -39,6 +39,7 @@ class ControlServer:
             "status": self._status,
             "listen": self._listen,
             "shutdown": self._shutdown,
+            "proxy_ready": self._proxy_ready,
         }
 
     def close(self) -> None:
@@ -102,7 +103,17 @@ class ControlServer:
         return {"status": self.controller.status()}
 
     async def _listen(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
-        return {"snapshot": await self.controller.wait_snapshot(meta.get("version", 0))}
+        version = meta.get("version", 0)
+        if meta.get("role") == "proxy" and self.controller.proxy is not None:
+            self.controller.proxy.on_listen(version)
+        return {"snapshot": await self.controller.wait_snapshot(version)}
+
+    async def _proxy_ready(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
+        if meta.get("protocol") != wire.PROTOCOL_VERSION:
+            raise ControllerError("the proxy speaks another protocol version; reinstall shoal")
+        if self.controller.proxy is not None:
+            self.controller.proxy.on_ready()
+        return {}
 
     async def _shutdown(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
         asyncio.get_running_loop().call_soon(self._on_shutdown)

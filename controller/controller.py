@@ -127,6 +127,7 @@ class Controller:
         self._timer: asyncio.TimerHandle | None = None
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.proxy: Any = None  # the ProxySupervisor, when HTTP is enabled
 
     # -- API used by the control server ---------------------------------------------------------
 
@@ -194,6 +195,8 @@ class Controller:
                 if app is None:
                     return None
                 if app.status in (ApplicationStatus.RUNNING, ApplicationStatus.DEPLOY_FAILED):
+                    if self.proxy is not None and app.status == ApplicationStatus.RUNNING:
+                        await self.proxy.wait_applied(self.version, timeout_s=10.0)
                     return app
                 app.changed.clear()
                 await app.changed.wait()
@@ -233,7 +236,8 @@ class Controller:
                 "route_prefix": app.route_prefix,
                 "ingress": app.ingress,
             }
-        return {"proxies": {}, "applications": apps, "target_capacity": None}
+        proxies = {"local": self.proxy.status.value} if self.proxy is not None else {}
+        return {"proxies": proxies, "applications": apps, "target_capacity": None}
 
     # -- reconciliation -------------------------------------------------------------------------
 
@@ -481,8 +485,10 @@ class Controller:
     # -- shutdown -------------------------------------------------------------------------------
 
     async def shutdown(self) -> None:
-        """Stop every replica gracefully (bounded by each deployment's timeout)."""
+        """Drain the proxy, then stop every replica gracefully (each bounded by its timeout)."""
         self._stopping = True
+        if self.proxy is not None:
+            await self.proxy.stop()
         for app in list(self.apps.values()):
             app.deleting = True
             for state in app.deployments.values():

@@ -18,9 +18,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shoal.controller import rundir
-from shoal.runtime.errors import ShoalConnectionError
+from shoal.runtime.errors import RayServeException, ShoalConnectionError
 
 _START_TIMEOUT_S = 30.0
 
@@ -73,14 +74,17 @@ def find_running(address: str | None = None) -> Instance | None:
     return None
 
 
-def start_supervisor(run_dir: Path, *, private: bool) -> Instance:
+def start_supervisor(run_dir: Path, *, private: bool, http_options: dict[str, Any] | None) -> Instance:
     """Start a supervisor on ``run_dir`` and wait for its readiness line.
 
     ``private``: tie it to this process with a lifeline; otherwise it is detached.
+    ``http_options``: plain HTTPOptions values; None starts no HTTP proxy.
     """
     ready_r, ready_w = os.pipe()
     pass_fds = [ready_w]
     cmd = [sys.executable, "-m", "shoal.controller", "--run-dir", str(run_dir), "--ready-fd", str(ready_w)]
+    if http_options is not None:
+        cmd += ["--http-options", json.dumps(http_options)]
     life_r = life_w = None
     if private:
         life_r, life_w = os.pipe()
@@ -105,6 +109,11 @@ def start_supervisor(run_dir: Path, *, private: bool) -> Instance:
     finally:
         os.close(ready_r)
     info = json.loads(line)
+    if "error" in info:
+        proc.wait(10)
+        if life_w is not None:
+            os.close(life_w)
+        raise RayServeException(info["error"])
     return Instance(run_dir, info["control"], proc if private else None, life_w)
 
 
@@ -126,8 +135,8 @@ def _read_line(fd: int, timeout_s: float, proc: subprocess.Popen[bytes]) -> str:
     return data.decode()
 
 
-def connect_or_start() -> Instance:
+def connect_or_start(http_options: dict[str, Any] | None) -> Instance:
     running = find_running()
     if running is not None:
         return running
-    return start_supervisor(rundir.new_session_dir(), private=True)
+    return start_supervisor(rundir.new_session_dir(), private=True, http_options=http_options)

@@ -17,10 +17,12 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from shoal.controller import rundir
 from shoal.controller.control import ControlServer
 from shoal.controller.controller import Controller
+from shoal.controller.proxy import ProxySupervisor
 from shoal.runtime import transport
 
 logger = logging.getLogger("shoal.supervisor")
@@ -31,6 +33,7 @@ class SupervisorConfig:
     run_dir: Path
     lifeline_fd: int | None = None
     ready_fd: int | None = None
+    http_options: dict[str, Any] | None = None  # None: no HTTP proxy
 
 
 def _echo(line: str) -> None:
@@ -79,13 +82,19 @@ async def serve(config: SupervisorConfig) -> int:
 
     controller = Controller(run_dir, echo=_echo)
     endpoint = rundir.control_endpoint(run_dir)
-    server = ControlServer(
-        endpoint, controller, on_shutdown=stop.set,
-        info={"pid": os.getpid(), "run_dir": str(run_dir)},
-    )
-    if config.ready_fd is not None:
-        with os.fdopen(config.ready_fd, "w") as ready:
-            ready.write(json.dumps({"pid": os.getpid(), "control": endpoint, "run_dir": str(run_dir)}) + "\n")
+    info: dict[str, Any] = {"pid": os.getpid(), "control": endpoint, "run_dir": str(run_dir), "http_url": None}
+    if config.http_options is not None and config.http_options.get("host") is not None:
+        try:
+            controller.proxy = ProxySupervisor(config.http_options, endpoint, echo=_echo)
+        except OSError as exc:
+            _report_ready(config.ready_fd, {"error": str(exc)})
+            rundir.remove_sockets(run_dir)
+            return 2
+        info["http_url"] = controller.proxy.url
+    server = ControlServer(endpoint, controller, on_shutdown=stop.set, info=info)
+    if controller.proxy is not None:
+        controller.proxy.start()
+    _report_ready(config.ready_fd, info)
     try:
         await stop.wait()
         await controller.shutdown()
@@ -96,16 +105,23 @@ async def serve(config: SupervisorConfig) -> int:
     return 0
 
 
+def _report_ready(fd: int | None, info: dict[str, Any]) -> None:
+    if fd is not None:
+        with os.fdopen(fd, "w") as ready:
+            ready.write(json.dumps(info) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shoal.controller", description="Run a shoal supervisor.")
     parser.add_argument("--run-dir", required=True, type=Path, help="the instance's run directory (0700)")
     parser.add_argument("--lifeline-fd", type=int, help="stop when this pipe reaches EOF")
     parser.add_argument("--ready-fd", type=int, help="write one JSON readiness line to this fd")
+    parser.add_argument("--http-options", type=json.loads, help="HTTPOptions as JSON; omit for no proxy")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="(shoal supervisor) %(levelname)s %(message)s")
     import uvloop
 
-    config = SupervisorConfig(args.run_dir, args.lifeline_fd, args.ready_fd)
+    config = SupervisorConfig(args.run_dir, args.lifeline_fd, args.ready_fd, args.http_options)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(serve(config))

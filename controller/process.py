@@ -1,7 +1,8 @@
 """WorkerProcess: every multiprocessing, os and signal call the supervisor makes on a child.
 
 A worker is started with the spawn method (a fresh interpreter, never a fork of the supervisor)
-running ``shoal.runtime.worker_main.main``. It gets two inherited pipes: its stdout/stderr, which
+running ``target`` (a replica: ``shoal.runtime.worker_main.main``; the proxy:
+``shoal.proxy.main.main``); ``extra_fds`` are inherited too (the proxy's listening socket). It gets two inherited pipes: its stdout/stderr, which
 this class reads, splits into lines and hands to ``on_output``; and a lifeline whose write end
 only the supervisor holds, so the worker sees EOF if the supervisor dies, however it dies.
 Exit is noticed through the process sentinel on the loop (no polling) and reported once to
@@ -36,8 +37,12 @@ class WorkerProcess:
         on_output: Callable[[str], None],
         on_exit: Callable[[int], None],
         name: str = "shoal-worker",
+        target: Callable[..., None] = worker_main.main,
+        extra_fds: tuple[int, ...] = (),
     ) -> None:
         self._spec = spec
+        self._target = target
+        self._extra_fds = extra_fds
         self._on_output = on_output
         self._on_exit = on_exit
         self._name = name
@@ -60,8 +65,13 @@ class WorkerProcess:
         life_r, life_w = os.pipe()
         try:
             self._proc = _SPAWN.Process(
-                target=worker_main.main,
-                args=(self._spec, worker_main.PassFd(out_w), worker_main.PassFd(life_r)),
+                target=self._target,
+                args=(
+                    self._spec,
+                    worker_main.PassFd(out_w),
+                    worker_main.PassFd(life_r),
+                    *(worker_main.PassFd(fd) for fd in self._extra_fds),
+                ),
                 name=self._name,
                 daemon=False,
             )

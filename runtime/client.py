@@ -71,8 +71,11 @@ class LoopInbox:
 
 
 class Runtime:
-    def __init__(self, loop: asyncio.AbstractEventLoop, control_endpoint: str, app_name: str = "") -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, control_endpoint: str, app_name: str = "", role: str = "driver"
+    ) -> None:
         self.loop = loop
+        self.role = role  # "driver", "replica" or "proxy": the controller tracks what the proxy applied
         self.inbox = LoopInbox(loop)
         self.control_endpoint = control_endpoint
         self.app_name = app_name  # the app this process serves, if it is a replica
@@ -149,7 +152,9 @@ class Runtime:
     async def _listen(self) -> None:
         while not self._closed:
             try:
-                meta, _ = await self.call("listen", {"version": self.snapshot["version"]}, timeout_s=None)
+                meta, _ = await self.call(
+                    "listen", {"version": self.snapshot["version"], "role": self.role}, timeout_s=None
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -293,10 +298,10 @@ def _close_driver_locked() -> None:
         rt.close()
 
 
-def init_replica_runtime(control_endpoint: str, app_name: str) -> Runtime:
+def init_replica_runtime(control_endpoint: str, app_name: str, role: str = "replica") -> Runtime:
     """Create the runtime of a replica or proxy process on the running loop."""
     global _runtime
-    rt = Runtime(asyncio.get_running_loop(), control_endpoint, app_name)
+    rt = Runtime(asyncio.get_running_loop(), control_endpoint, app_name, role)
     rt._start()
     _runtime = rt
     return rt

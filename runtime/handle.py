@@ -95,10 +95,10 @@ class _FutureSink:
         raise AssertionError("stream end for a unary call")
 
 
-_END = object()
+END = object()
 
 
-class _StreamSink:
+class StreamSink:
     """Items of a streaming call, consumed from any thread (``next_sync``) or loop
     (``next_async``)."""
 
@@ -147,7 +147,7 @@ class _StreamSink:
         if self._done:
             if self._exc is not None:
                 raise self._exc
-            return _END
+            return END
         return None
 
     def next_sync(self, timeout_s: float | None) -> Any:
@@ -263,7 +263,7 @@ class DeploymentResponse(_ResponseBase, Generic[R]):
 class DeploymentResponseGenerator(_ResponseBase, Generic[R]):
     """The items of a ``stream=True`` call, as they are produced: ``for`` or ``async for``."""
 
-    def __init__(self, runtime: Any, router_key: tuple[str, str], call: Call, sink: _StreamSink) -> None:
+    def __init__(self, runtime: Any, router_key: tuple[str, str], call: Call, sink: StreamSink) -> None:
         super().__init__(runtime, router_key, call)
         self._sink = sink
 
@@ -286,7 +286,7 @@ class DeploymentResponseGenerator(_ResponseBase, Generic[R]):
         if _in_running_loop():
             raise RuntimeError(_SYNC_IN_LOOP)
         item = self._sink.next_sync(None)
-        if item is _END:
+        if item is END:
             raise StopIteration
         return item
 
@@ -299,7 +299,7 @@ class DeploymentResponseGenerator(_ResponseBase, Generic[R]):
         except asyncio.CancelledError:
             self.cancel()
             raise
-        if item is _END:
+        if item is END:
             raise StopAsyncIteration
         return item
 
@@ -376,7 +376,7 @@ class DeploymentHandle(Generic[R]):
         parent = current_request()
         request_id = parent.request_id or new_request_id()
         on_loop = rt.in_loop_thread()
-        sink: Any = _StreamSink() if opts.stream else _FutureSink(rt.loop.create_future() if on_loop else None)
+        sink: Any = StreamSink() if opts.stream else _FutureSink(rt.loop.create_future() if on_loop else None)
         pending = _top_level_responses(args, kwargs)
         meta: dict[str, Any] = {}
         if opts.multiplexed_model_id:

@@ -18,6 +18,7 @@ import traceback
 from typing import Any
 
 from shoal.runtime import wire
+from shoal.runtime.asgi import HTTP_METHOD, HttpHandler, normalize_message, scope_from_wire
 from shoal.runtime.context import RequestContext, reset_request, set_request
 from shoal.runtime.errors import RemoteError
 from shoal.runtime.transport import Channel
@@ -61,7 +62,9 @@ class ReplicaWorker:
         self.max_ongoing_requests = max_ongoing_requests
         self.app_name = app_name
         self.channel: Channel | None = None
+        self.http = HttpHandler(user)
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+        self._receives: dict[tuple[bytes, int], asyncio.Queue[dict[str, Any]]] = {}
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -86,6 +89,10 @@ class ReplicaWorker:
             task = self._tasks.get((identity, msg.call_id))
             if task is not None:
                 task.cancel()
+        elif msg.kind == wire.Kind.RECEIVE:
+            queue = self._receives.get((identity, msg.call_id))
+            if queue is not None:
+                queue.put_nowait(wire.unpack(msg.payload[0]))
         else:
             logger.warning("replica got an unexpected %s message", msg.kind.name)
 
@@ -118,20 +125,13 @@ class ReplicaWorker:
         )
         key = (identity, msg.call_id)
         try:
-            args, kwargs = wire.loads_args(meta.get("enc", 0), msg.payload[0]) if msg.payload else ((), {})
-            if method == _HEALTH_METHOD:
-                await self.user.check_health()
-                terminal = self._message(wire.Kind.RESULT, msg.call_id, None)
-            elif method == _RECONFIGURE_METHOD:
-                await self.user.reconfigure(args[0])
-                terminal = self._message(wire.Kind.RESULT, msg.call_id, None)
-            elif meta.get("s"):
-                async for item in self.user.stream(method, args, kwargs):
-                    self._send(identity, self._message(wire.Kind.STREAM_ITEM, msg.call_id, item))
+            if method == HTTP_METHOD:
+                # msgpack only: this came from an HTTP client through the proxy.
+                scope, first = wire.unpack(msg.payload[0])
+                await self._serve_http(identity, msg.call_id, key, scope_from_wire(scope), first)
                 terminal = self._message(wire.Kind.STREAM_END, msg.call_id)
             else:
-                value = await self.user.call(method, args, kwargs)
-                terminal = self._message(wire.Kind.RESULT, msg.call_id, value)
+                terminal = await self._call(identity, msg, method)
         except asyncio.CancelledError:
             self._release(key)
             self._send(identity, self._message(wire.Kind.CANCELLED, msg.call_id))
@@ -146,6 +146,48 @@ class ReplicaWorker:
         self._release(key)
         terminal.meta["q"] = self.ongoing
         self._send(identity, terminal)
+
+    async def _call(self, identity: bytes, msg: wire.Message, method: str) -> wire.Message:
+        """Run a handle call; returns its terminal reply (stream items are sent as they come)."""
+        meta = msg.meta
+        args, kwargs = wire.loads_args(meta.get("enc", 0), msg.payload[0]) if msg.payload else ((), {})
+        if method == _HEALTH_METHOD:
+            await self.user.check_health()
+            return self._message(wire.Kind.RESULT, msg.call_id, None)
+        if method == _RECONFIGURE_METHOD:
+            await self.user.reconfigure(args[0])
+            return self._message(wire.Kind.RESULT, msg.call_id, None)
+        if meta.get("s"):
+            async for item in self.user.stream(method, args, kwargs):
+                self._send(identity, self._message(wire.Kind.STREAM_ITEM, msg.call_id, item))
+            return self._message(wire.Kind.STREAM_END, msg.call_id)
+        value = await self.user.call(method, args, kwargs)
+        return self._message(wire.Kind.RESULT, msg.call_id, value)
+
+    async def _serve_http(
+        self, identity: bytes, call_id: int, key: tuple[bytes, int], scope: dict[str, Any], first: dict[str, Any]
+    ) -> None:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        queue.put_nowait(first)
+        self._receives[key] = queue
+        held_start: dict[str, Any] | None = None
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal held_start
+            message = normalize_message(message)
+            if message["type"] == "http.response.start":
+                held_start = message  # travels with the first body message
+                return
+            batch = [held_start, message] if held_start is not None else [message]
+            held_start = None
+            self._send(identity, self._message(wire.Kind.STREAM_ITEM, call_id, batch))
+
+        try:
+            await self.http.handle(scope, queue.get, send)
+            if held_start is not None:
+                self._send(identity, self._message(wire.Kind.STREAM_ITEM, call_id, [held_start]))
+        finally:
+            del self._receives[key]
 
     def _message(self, kind: wire.Kind, call_id: int, *value: Any) -> wire.Message:
         """A reply carrying ``value`` (if given); TypeError if the value cannot be serialized."""

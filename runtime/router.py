@@ -41,6 +41,7 @@ logger = logging.getLogger("shoal.router")
 
 _INITIAL_BACKOFF_S = 0.025
 _MAX_BACKOFF_S = 0.5
+_REPORT_TTL_S = 1.0
 
 
 class Sink(Protocol):
@@ -93,6 +94,8 @@ class ReplicaConn:
         self.replica_id = replica_id
         self.incarnation = incarnation
         self.in_flight = 0
+        self.reported_q = 0  # the replica's ongoing count (all callers) at its last reply ...
+        self.reported_at = 0.0  # ... and when it came; older than _REPORT_TTL_S it is ignored
         self.skip_until = 0.0
         self.calls: dict[int, Call] = {}
         self._ids = itertools.count(1)
@@ -134,7 +137,15 @@ class ReplicaConn:
         if msg.kind in wire.TERMINAL_KINDS:
             del self.calls[msg.call_id]
             self.in_flight -= 1
+            self.reported_q = msg.meta.get("q", 0)
+            self.reported_at = time.monotonic()
         self.router.on_reply(self, call, msg)
+
+    def send_receive(self, call: Call, message: dict[str, Any]) -> None:
+        """Forward a later ASGI receive message to a request running on this replica."""
+        self.channel.send_message(
+            wire.Message(wire.Kind.RECEIVE, self.incarnation, call.call_id, {}, (wire.pack(message),))
+        )
 
 
 class Router:
@@ -202,6 +213,14 @@ class Router:
                 pass
         call.resolve(RequestCancelledError(call.request_id))
 
+    def send_receive(self, call: Call, message: dict[str, Any]) -> bool:
+        """Forward ``message`` to the replica running ``call``; False if it runs nowhere now."""
+        conn = call.conn
+        if conn is None or call.call_id not in conn.calls:
+            return False
+        conn.send_receive(call, message)
+        return True
+
     def on_reply(self, conn: ReplicaConn, call: Call, msg: wire.Message) -> None:
         kind = msg.kind
         if kind == wire.Kind.RESULT:
@@ -241,7 +260,7 @@ class Router:
                     continue
                 conn.skip_until = 0.0
             candidates.append(conn)
-        return p2c.choose(candidates, _in_flight, self._rng)
+        return p2c.choose(candidates, _load, self._rng)
 
     def _pump(self) -> None:
         while self.queue:
@@ -328,5 +347,9 @@ class Router:
         self.queue.clear()
 
 
-def _in_flight(conn: ReplicaConn) -> int:
+def _load(conn: ReplicaConn) -> int:
+    """This caller's requests on the replica, or the replica's own recent count if it said more
+    (other callers' requests count too)."""
+    if conn.reported_q > conn.in_flight and time.monotonic() - conn.reported_at < _REPORT_TTL_S:
+        return conn.reported_q
     return conn.in_flight

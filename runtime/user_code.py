@@ -81,19 +81,19 @@ class UserCallable:
                 f"user_config specified but deployment '{self.deployment_name}' is missing a "
                 "`reconfigure` method."
             )
-        await self._invoke(method, (user_config,), {})
+        await self.invoke(method, (user_config,), {})
 
     async def check_health(self) -> None:
         method = getattr(self.instance, "check_health", None) if not self._is_function else None
         if method is not None:
-            await self._invoke(method, (), {})
+            await self.invoke(method, (), {})
 
     async def destroy(self) -> None:
         """Run the user's ``__del__`` once (awaited if async), then stop the thread pool."""
         try:
             method = None if self._is_function else getattr(type(self.instance), "__del__", None)
             if method is not None:
-                await self._invoke(functools.partial(method, self.instance), (), {})
+                await self.invoke(functools.partial(method, self.instance), (), {})
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -120,7 +120,7 @@ class UserCallable:
 
     async def call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Call ``name`` and return its value. TypeError if it returns a generator."""
-        result = await self._invoke(self.method(name), args, kwargs)
+        result = await self.invoke(self.method(name), args, kwargs)
         if inspect.isgenerator(result) or inspect.isasyncgen(result):
             if inspect.isgenerator(result):
                 result.close()
@@ -134,7 +134,7 @@ class UserCallable:
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncIterator[Any]:
         """Yield the items of the generator ``name`` returns, as they are produced."""
-        result = await self._invoke(self.method(name), args, kwargs)
+        result = await self.invoke(self.method(name), args, kwargs)
         if inspect.isasyncgen(result):
             async for item in result:
                 yield item
@@ -154,7 +154,7 @@ class UserCallable:
                 "return a generator."
             )
 
-    async def _invoke(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    async def invoke(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if _is_async(fn):
             result = fn(*args, **kwargs)
             return await result if inspect.isawaitable(result) else result

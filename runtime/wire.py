@@ -37,6 +37,7 @@ class Kind(enum.IntEnum):
     # caller -> replica
     REQUEST = 1
     CANCEL = 2
+    RECEIVE = 9  # a later ASGI receive message of a running request (WebSockets)
     # replica -> caller; every request gets exactly one terminal reply
     RESULT = 3  # terminal
     ERROR = 4  # terminal: payload is an encoded exception plus its traceback text

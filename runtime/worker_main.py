@@ -34,7 +34,12 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def main(spec_bytes: bytes, output: Any, lifeline: Any) -> None:
+def bootstrap(spec_bytes: bytes, output: Any) -> dict[str, Any]:
+    """The start of every shoal child process; returns its decoded spec.
+
+    Points stdout/stderr at ``output``, leaves the terminal's process group, ignores SIGINT
+    (the supervisor owns Ctrl-C) and dies with the supervisor.
+    """
     out_fd = output.detach()
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
@@ -51,15 +56,38 @@ def main(spec_bytes: bytes, output: Any, lifeline: Any) -> None:
     for entry in reversed(spec.get("sys_path", [])):
         if entry not in sys.path:
             sys.path.insert(0, entry)
-    _configure_logging(spec)
+    return spec
 
+
+def watch_lifeline(loop: asyncio.AbstractEventLoop, lifeline_fd: int) -> None:
+    """Exit at once when the supervisor's end of the lifeline closes."""
+
+    def on_lifeline() -> None:
+        try:
+            if os.read(lifeline_fd, 1):
+                return
+        except OSError:
+            pass
+        os._exit(1)  # the supervisor is gone: nobody can route to us or stop us cleanly
+
+    loop.add_reader(lifeline_fd, on_lifeline)
+
+
+def run_until_complete(coro: Any) -> None:
+    """Run ``coro`` on uvloop, flush output and exit with the code it returns."""
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        code = runner.run(_serve(spec, lifeline.detach()))
+        code = runner.run(coro)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def main(spec_bytes: bytes, output: Any, lifeline: Any) -> None:
+    spec = bootstrap(spec_bytes, output)
+    _configure_logging(spec)
+    run_until_complete(_serve(spec, lifeline.detach()))
 
 
 def _configure_logging(spec: dict[str, Any]) -> None:
@@ -81,16 +109,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-
-    def on_lifeline() -> None:
-        try:
-            if os.read(lifeline_fd, 1):
-                return
-        except OSError:
-            pass
-        os._exit(1)  # the supervisor is gone: nobody can route to us or stop us cleanly
-
-    loop.add_reader(lifeline_fd, on_lifeline)
+    watch_lifeline(loop, lifeline_fd)
 
     incarnation = spec["incarnation"]
     control_sock = transport.make_socket(zmq.DEALER)
@@ -115,28 +134,21 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int) -> int:
             init_kwargs=init_kwargs,
             max_ongoing_requests=config["max_ongoing_requests"],
         )
-        set_replica_context(
-            ReplicaContext(
-                replica_id=ReplicaID(spec["replica_id"].rsplit("#", 1)[-1], spec["deployment"], spec["app"]),
-                world_size=spec.get("world_size", 1),
-                code_version=spec.get("version", ""),
-            )
+        replica_context = ReplicaContext(
+            replica_id=ReplicaID(spec["replica_id"].rsplit("#", 1)[-1], spec["deployment"], spec["app"]),
+            world_size=spec.get("world_size", 1),
+            code_version=spec.get("version", ""),
         )
+        set_replica_context(replica_context)
         await user.construct(config.get("user_config"))
-        set_replica_context(
-            ReplicaContext(
-                replica_id=ReplicaID(spec["replica_id"].rsplit("#", 1)[-1], spec["deployment"], spec["app"]),
-                servable_object=user.instance,
-                world_size=spec.get("world_size", 1),
-                code_version=spec.get("version", ""),
-            )
-        )
+        replica_context.servable_object = user.instance
         worker = ReplicaWorker(
             user=user,
             incarnation=incarnation,
             max_ongoing_requests=config["max_ongoing_requests"],
             app_name=spec["app"],
         )
+        await worker.http.startup()
         worker.attach(transport.Channel(replica_sock, worker.on_message))
     except Exception as exc:
         report(wire.Kind.INIT_FAILED, {"error": "".join(traceback.format_exception(exc))})
@@ -158,6 +170,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int) -> int:
         )
         await worker.cancel_all()
     try:
+        await worker.http.shutdown()
         await worker.user.destroy()
     except Exception:
         logging.getLogger("shoal.replica").exception("__del__ raised during shutdown")

@@ -23,7 +23,11 @@ def main(argv: list[str] | None = None) -> int:
         if running is not None:
             print(f"shoal is already running at {running.run_dir}")
             return 0
-        instance = launch.start_supervisor(rundir.instance_dir("default"), private=False)
+        from shoal.serve.config import HTTPOptions
+
+        instance = launch.start_supervisor(
+            rundir.instance_dir("default"), private=False, http_options=HTTPOptions().model_dump()
+        )
         print(f"shoal started: SHOAL_ADDRESS={instance.run_dir}")
         return 0
     if args.command == "status":

@@ -5,6 +5,7 @@ from shoal.serve.api import (
     delete,
     get_app_handle,
     get_deployment_handle,
+    get_http_url,
     get_replica_context,
     run,
     shutdown,
@@ -13,6 +14,7 @@ from shoal.serve.api import (
 )
 from shoal.serve.config import HTTPOptions
 from shoal.serve.deployment import Application, Deployment, deployment
+from shoal.serve.ingress import ingress
 
 __all__ = [
     "Application",
@@ -23,7 +25,9 @@ __all__ = [
     "deployment",
     "get_app_handle",
     "get_deployment_handle",
+    "get_http_url",
     "get_replica_context",
+    "ingress",
     "run",
     "shutdown",
     "start",

@@ -19,6 +19,7 @@ from shoal.runtime.local import LocalRuntime
 from shoal.runtime.user_code import UserCallable
 from shoal.serve import _build
 from shoal.serve.deployment import Application
+from shoal.serve.config import HTTPOptions
 from shoal.serve.schema import ServeStatus
 
 logger = logging.getLogger("shoal.serve")
@@ -28,25 +29,51 @@ _instance: launch.Instance | None = None
 _local: LocalRuntime | None = None
 
 
-def _runtime(start: bool = True) -> client.Runtime | None:
+def _runtime(start: bool = True, http_options: Any = None) -> client.Runtime | None:
     """The driver's runtime, connecting to (or starting) an instance when ``start``."""
     global _instance
     with _lock:
         current = client.current_runtime()
         if current is not None:
+            if http_options is not None:
+                logger.info("shoal is already running; the new http_options are not applied.")
             return current
         if context.in_replica():
             raise RayServeException("this replica has no connection to its supervisor")
-        instance = launch.find_running() if not start else launch.connect_or_start()
+        if not start:
+            instance = launch.find_running()
+        else:
+            instance = launch.connect_or_start(_http_options(http_options))
         if instance is None:
             return None
         _instance = instance
         return client.connect_driver(instance.control_endpoint)
 
 
+def _http_options(http_options: Any) -> dict[str, Any] | None:
+    if http_options is None:
+        options = HTTPOptions()
+    elif isinstance(http_options, HTTPOptions):
+        options = http_options
+    else:
+        options = HTTPOptions(**dict(http_options))
+    return options.model_dump() if options.host is not None else None
+
+
 def start(http_options: Any = None, **kwargs: Any) -> None:
-    """Connect to a running instance or start one (Ray's ``serve.start``)."""
-    _runtime()
+    """Connect to a running instance or start one with ``http_options`` (Ray's ``serve.start``).
+
+    If an instance already runs, its HTTP options stay as they are (as in Ray Serve).
+    """
+    _runtime(http_options=http_options)
+
+
+def get_http_url() -> str | None:
+    """The base URL the instance's HTTP proxy listens on (a shoal extension: useful with port 0)."""
+    rt = _runtime(start=False)
+    if rt is None:
+        return None
+    return rt.call_sync("ping")[0].get("http_url")
 
 
 def _validate_route_prefix(route_prefix: str | None) -> None:

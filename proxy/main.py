@@ -1,0 +1,79 @@
+"""Entry point of the proxy process (started with the spawn method by the supervisor).
+
+``main(spec, output, lifeline, listener)``: ``listener`` is the listening TCP socket, bound by the
+supervisor (so a restarted proxy keeps the same port and clients queue instead of being refused).
+Runs uvicorn with uvloop and httptools on it until SIGTERM, then drains: ``/-/healthz`` answers
+503 while uvicorn finishes the requests in flight (bounded by ``graceful_shutdown_timeout_s``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from typing import Any, Iterator
+
+import uvicorn
+
+from shoal.runtime import worker_main
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal handling: SIGTERM is the proxy's to handle (drain)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def main(spec_bytes: bytes, output: Any, lifeline: Any, listener: Any) -> None:
+    spec = worker_main.bootstrap(spec_bytes, output)
+    logging.basicConfig(level=spec.get("log_level", "INFO"), format="%(levelname)s %(asctime)s %(name)s -- %(message)s")
+    worker_main.run_until_complete(_serve(spec, lifeline.detach(), listener.detach()))
+
+
+async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> int:
+    from shoal.proxy.app import ProxyApp, ProxyOptions
+    from shoal.runtime import client, transport, wire
+
+    loop = asyncio.get_running_loop()
+    worker_main.watch_lifeline(loop, lifeline_fd)
+    sock = socket.socket(fileno=listener_fd)
+    options = spec["http_options"]
+    runtime = client.init_replica_runtime(spec["control_endpoint"], "", role="proxy")
+    app = ProxyApp(
+        runtime,
+        ProxyOptions(
+            root_path=options.get("root_path") or "",
+            request_timeout_s=options.get("request_timeout_s"),
+            max_request_body_bytes=options.get("max_request_body_bytes") or 100 * 1024 * 1024,
+        ),
+    )
+    config = uvicorn.Config(
+        app,
+        http="httptools",
+        ws="websockets-sansio",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        timeout_keep_alive=int(options.get("keep_alive_timeout_s") or 90),
+        timeout_graceful_shutdown=int(options.get("graceful_shutdown_timeout_s") or 20),
+        server_header=False,
+    )
+    server = _Server(config)
+
+    def on_term() -> None:
+        app.draining = True
+        server.should_exit = True
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    await runtime.call("proxy_ready", {"pid": os.getpid(), "protocol": wire.PROTOCOL_VERSION})
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        await client.shutdown_runtime()
+        transport.terminate_context()
+    return 0

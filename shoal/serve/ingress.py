@@ -1,0 +1,45 @@
+"""``@serve.ingress(app)``: serve an ASGI app (FastAPI, Starlette, any ASGI callable) from a
+deployment class.
+
+The app, or a function of no arguments that builds it (called inside each replica, for apps that
+cannot be pickled), is attached to the class; each replica runs the whole app, with its lifespan.
+FastAPI routes written as methods of the class get the replica's instance as ``self``.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import inspect
+from typing import Any, Callable
+
+from starlette.datastructures import State
+
+from shoal.runtime.asgi import INGRESS_ATTR
+
+
+def _reduce_state(state: State) -> tuple[Any, ...]:
+    return (State, (dict(state._state),))
+
+
+# Starlette's State answers every attribute lookup from its dict, pickle's own included, so an
+# app (which holds one) cannot be unpickled as it is; carry it as the dict it wraps.
+copyreg.pickle(State, _reduce_state)
+
+
+def ingress(app: Any = None) -> Callable[[type], type]:
+    """Class decorator; put ``@serve.deployment`` above it."""
+    if app is None:
+        raise ValueError(
+            "`@serve.ingress()` needs an ASGI app or a function that builds one, e.g. "
+            "`@serve.ingress(fastapi_app)`."
+        )
+
+    def decorate(cls: Any) -> type:
+        if not inspect.isclass(cls):
+            raise ValueError("@serve.ingress must be used with a class.")
+        if "__call__" in cls.__dict__:
+            raise ValueError("Classes passed to @serve.ingress may not have __call__ method.")
+        setattr(cls, INGRESS_ATTR, app)
+        return cls
+
+    return decorate

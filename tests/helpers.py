@@ -1,0 +1,165 @@
+"""Helpers shared by the tests: bounded waits on OS state, process lookups, gates.
+
+Importable as ``helpers`` because pytest puts ``tests/`` (the directory of the root conftest) on
+``sys.path``. Nothing here starts a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import psutil
+
+from shoal import serve
+
+T = TypeVar("T")
+
+TESTS_DIR = Path(__file__).resolve().parent
+DRIVERS_DIR = TESTS_DIR / "integration" / "drivers"
+
+
+def wait_until(predicate: Callable[[], T], timeout_s: float, message: str = "", interval_s: float = 0.02) -> T:
+    """Poll ``predicate`` until it returns a truthy value (returned); AssertionError after
+    ``timeout_s``. Only for OS state that has no event to wait on (a process gone, a file gone);
+    the pause between polls is the one sleep the tests allow themselves."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout_s}s: {message or predicate}")
+        time.sleep(interval_s)
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` is a live process (a zombie counts as gone: it runs nothing)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def live_children() -> list[psutil.Process]:
+    """The live descendants of this (the test) process."""
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def processes_in_run_dir(run_dir: Path | str) -> list[psutil.Process]:
+    """Live processes (other than this one) whose SHOAL_RUN_DIR is ``run_dir`` or below it.
+
+    Supervisors and replicas inherit the environment of the driver that started them, so this
+    finds them even after they were orphaned (reparented away from any test process).
+    """
+    root = str(run_dir)
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            value = proc.environ().get("SHOAL_RUN_DIR", "")
+            if (value == root or value.startswith(root + os.sep)) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return found
+
+
+def kill_all(procs: list[psutil.Process]) -> None:
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+
+
+def sockets_in(run_dir: Path) -> list[Path]:
+    """The ``*.sock`` files anywhere under ``run_dir``."""
+    return sorted(run_dir.rglob("*.sock"))
+
+
+def is_supervisor(proc: psutil.Process) -> bool:
+    try:
+        return "shoal.controller" in proc.cmdline()
+    except psutil.NoSuchProcess:
+        return False
+
+
+def is_replica(proc: psutil.Process) -> bool:
+    try:
+        return any("spawn_main" in part for part in proc.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+
+
+def supervisor_of(driver: psutil.Process) -> psutil.Process:
+    """The supervisor a driver started (its only child running ``shoal.controller``)."""
+    sups = [p for p in driver.children() if is_supervisor(p)]
+    assert len(sups) == 1, f"expected one supervisor under pid {driver.pid}, found {sups}"
+    return sups[0]
+
+
+def run_dir_of(supervisor: psutil.Process) -> Path:
+    argv = supervisor.cmdline()
+    return Path(argv[argv.index("--run-dir") + 1])
+
+
+def replica_pids(supervisor: psutil.Process) -> set[int]:
+    """The pids of the live replica processes under ``supervisor``."""
+    return {p.pid for p in supervisor.children() if is_replica(p) and alive(p.pid)}
+
+
+def app_status(name: str) -> Any:
+    """The ``ApplicationStatusOverview`` of app ``name``, or None if it does not exist."""
+    return serve.status().applications.get(name)
+
+
+def python() -> str:
+    return sys.executable
+
+
+@serve.deployment(max_ongoing_requests=1000)
+class Gate:
+    """Named gates other deployments (or the test) wait on; a test opens them with ``open``.
+
+    A separate deployment, so that a replica at ``max_ongoing_requests`` can be released by a
+    call that does not need a slot on that replica. ``arrived`` waits until ``n`` callers went
+    through a gate's ``arrive``, so a test learns that calls really started on a replica.
+    """
+
+    def __init__(self) -> None:
+        self._gates: dict[str, asyncio.Event] = {}
+        self._arrived: dict[str, int] = {}
+        self._changed = asyncio.Condition()
+
+    def _gate(self, key: str) -> asyncio.Event:
+        return self._gates.setdefault(key, asyncio.Event())
+
+    async def wait(self, key: str) -> None:
+        await self._gate(key).wait()
+
+    async def open(self, key: str) -> None:
+        self._gate(key).set()
+
+    async def arrive(self, key: str) -> None:
+        async with self._changed:
+            self._arrived[key] = self._arrived.get(key, 0) + 1
+            self._changed.notify_all()
+
+    async def arrived(self, key: str, n: int = 1) -> int:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._arrived.get(key, 0) >= n)
+            return self._arrived[key]

@@ -1,0 +1,278 @@
+"""shoal.runtime.wire: framing of messages and encoding of values (pure; no sockets)."""
+
+from __future__ import annotations
+
+import collections
+import enum
+import fractions
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import pytest
+
+from shoal.runtime import wire
+from shoal.runtime.wire import Encoding, Kind, Message, ProtocolError
+
+
+# -- golden frames --------------------------------------------------------------------------------
+#
+# One REQUEST exactly as it goes on the socket. If this test fails, the framing changed: bump
+# PROTOCOL_VERSION (replicas and supervisors of different versions must refuse each other) and
+# update the bytes here in the same change, so the diff shows the new layout.
+
+
+@pytest.fixture
+def golden_request() -> tuple[Message, list[bytes]]:
+    msg = Message(
+        Kind.REQUEST,
+        incarnation=7,
+        call_id=42,
+        meta={"m": "predict", "rid": "req-1", "enc": 0, "s": True},
+        payload=(bytes.fromhex("92910180"),),  # msgpack of [[1], {}]: args (1,), no kwargs
+    )
+    frames = [
+        # kind=1 (u8) | incarnation=7 (u32) | call_id=42 (u64), big-endian
+        bytes.fromhex("01" "00000007" "000000000000002a"),
+        # fixmap(4): "m": "predict", "rid": "req-1", "enc": 0, "s": true
+        bytes.fromhex("84" "a16d" "a770726564696374" "a3726964" "a57265712d31" "a3656e63" "00" "a173" "c3"),
+        bytes.fromhex("92910180"),
+    ]
+    return msg, frames
+
+
+def test_protocol_version_is_1() -> None:
+    # Changing the layout below means a new protocol version; see the comment above.
+    assert wire.PROTOCOL_VERSION == 1
+
+
+def test_request_encodes_to_golden_frames(golden_request: tuple[Message, list[bytes]]) -> None:
+    msg, frames = golden_request
+    assert [bytes(f) for f in wire.encode(msg)] == frames
+
+
+def test_golden_frames_decode_to_request(golden_request: tuple[Message, list[bytes]]) -> None:
+    msg, frames = golden_request
+    decoded = wire.decode(frames)
+    assert decoded == msg
+    assert decoded.kind is Kind.REQUEST
+    assert wire.loads_args(decoded.meta["enc"], decoded.payload[0]) == ((1,), {})
+
+
+def test_kind_numbers_are_stable() -> None:
+    # New kinds may be added; the numbers of existing ones never change within a protocol version.
+    assert {k.name: int(k) for k in Kind}.items() >= {
+        "REQUEST": 1, "CANCEL": 2, "RESULT": 3, "ERROR": 4, "STREAM_ITEM": 5, "STREAM_END": 6,
+        "REJECTED": 7, "CANCELLED": 8, "READY": 20, "INIT_FAILED": 21, "CALL": 22, "REPLY": 23,
+    }.items()
+    assert wire.TERMINAL_KINDS == {Kind.RESULT, Kind.ERROR, Kind.STREAM_END, Kind.REJECTED, Kind.CANCELLED}
+
+
+# -- message round trips --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        Message(Kind.CANCEL),
+        Message(Kind.RESULT, 1, 2, {"enc": 1, "q": 0}, (b"\x80\x05payload",)),
+        Message(Kind.STREAM_ITEM, 2**32 - 1, 2**64 - 1, {"enc": 0}, (b"",)),
+        Message(Kind.ERROR, 3, 4, {"nested": {"a": [1, 2, {"b": None}]}, "bin": b"\x00\xff"}, (b"x", b"y", b"z")),
+        Message(Kind.READY, 9, 0, {"pid": 123, "protocol": 1, "endpoint": "ipc:///tmp/x/r1.sock"}),
+        Message(Kind.CALL, 0, 17, {"op": "status", 5: "int key"}),
+        Message(Kind.REQUEST, 1, 1, {"m": "__call__"}, (bytes(range(256)) * 4096,)),  # 1 MiB payload
+    ],
+    ids=lambda m: m.kind.name,
+)
+def test_message_round_trip(msg: Message) -> None:
+    frames = wire.encode(msg)
+    assert len(frames) == 2 + len(msg.payload)
+    assert frames[2:] == list(msg.payload)  # payload frames travel untouched, one frame each
+    assert wire.decode(frames) == msg
+
+
+def test_decode_accepts_memoryview_frames() -> None:
+    # Frames received with copy=False arrive as buffers, not bytes.
+    msg = Message(Kind.RESULT, 5, 6, {"enc": 0}, (b"\x01",))
+    frames = [memoryview(bytes(f)) for f in wire.encode(msg)]
+    decoded = wire.decode(frames)  # type: ignore[arg-type]
+    assert (decoded.kind, decoded.incarnation, decoded.call_id, decoded.meta) == (Kind.RESULT, 5, 6, {"enc": 0})
+    assert [bytes(p) for p in decoded.payload] == [b"\x01"]
+
+
+def test_message_is_frozen() -> None:
+    msg = Message(Kind.CANCEL)
+    with pytest.raises(AttributeError):
+        msg.kind = Kind.RESULT  # type: ignore[misc]
+
+
+# -- decode rejects garbage -----------------------------------------------------------------------
+
+_GOOD_HEADER = bytes.fromhex("01" "00000001" "0000000000000001")
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        pytest.param([], id="no frames"),
+        pytest.param([_GOOD_HEADER], id="no meta frame"),
+        pytest.param([b"", msgpack.packb({})], id="empty header"),
+        pytest.param([_GOOD_HEADER[:-1], msgpack.packb({})], id="short header"),
+        pytest.param([_GOOD_HEADER + b"\x00", msgpack.packb({})], id="long header"),
+        pytest.param([bytes.fromhex("63" "00000001" "0000000000000001"), msgpack.packb({})], id="unknown kind"),
+        pytest.param([_GOOD_HEADER, b""], id="empty meta"),
+        pytest.param([_GOOD_HEADER, b"\xc1"], id="reserved msgpack byte"),
+        pytest.param([_GOOD_HEADER, b"\x82\xa1a"], id="truncated meta"),
+        pytest.param([_GOOD_HEADER, msgpack.packb({}) + b"\x00"], id="trailing bytes in meta"),
+        pytest.param([_GOOD_HEADER, msgpack.packb([1, 2])], id="meta is a list"),
+        pytest.param([_GOOD_HEADER, msgpack.packb("text")], id="meta is a str"),
+        pytest.param([_GOOD_HEADER, b"\x81\x90\x00"], id="meta with an unhashable (list) key"),
+        pytest.param([_GOOD_HEADER, b"\x81\x80\x00"], id="meta with an unhashable (map) key"),
+        pytest.param([b"GET / HTTP/1.1\r\n", b"Host: x\r\n"], id="http"),
+    ],
+)
+def test_decode_raises_protocol_error_on_garbage(frames: list[bytes]) -> None:
+    with pytest.raises(ProtocolError):
+        wire.decode(frames)
+
+
+def test_loads_rejects_unknown_encoding() -> None:
+    with pytest.raises(ProtocolError, match="unknown payload encoding 9"):
+        wire.loads(9, b"")
+
+
+# -- values ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Point:
+    x: int
+    y: int
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+class Weird:
+    """A plain object with state; compared through its state."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Weird and other.value == self.value
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _exactly_equal(a: Any, b: Any) -> bool:
+    """Equal, and of the same types all the way down (1 == 1.0 == True does not count)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a.keys()) == list(b.keys()) and all(
+            _exactly_equal(ka, kb) and _exactly_equal(a[ka], b[kb]) for ka, kb in zip(a, b)
+        )
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_exactly_equal(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+PLAIN_VALUES = [
+    None, True, False, 0, -1, 2**63 - 1, -(2**63), 2**64 - 1, 1.5, float("inf"), "", "héllo ✓", b"", b"\x00\xff",
+    [], {}, [1, "a", None, [2.5, [b"x"]]], {"a": {"b": {"c": [1, {"d": None}]}}}, {1: "int key", 2: [3]},
+]
+
+PICKLED_VALUES = [
+    (), (1,), (1, [2, (3,)]), [(1, 2), (3, 4)], {"k": (1, 2)}, {(1, 2): "tuple key"},
+    2**64, -(2**63) - 1, 10**100, {"big": 2**70},
+    Point(1, 2), [Point(3, 4)], Weird({"nested": (1, b"x")}), Color.RED, {1, 2, 3}, frozenset({"a"}),
+    collections.OrderedDict(a=1), fractions.Fraction(1, 3), complex(1, 2),
+    ValueError("an exception"),
+]
+
+# Containers msgpack would flatten into another type (bytearray -> bytes, dict subclass -> dict).
+SUBTYPE_VALUES = [bytearray(b"ab"), [bytearray(b"")], collections.Counter("aab"), collections.defaultdict(int)]
+
+
+@pytest.mark.parametrize("value", PLAIN_VALUES, ids=repr)
+def test_plain_values_travel_as_msgpack(value: Any) -> None:
+    enc, data = wire.dumps(value)
+    assert enc is Encoding.MSGPACK
+    assert _exactly_equal(wire.loads(enc, data), value)
+
+
+@pytest.mark.parametrize("value", PICKLED_VALUES, ids=repr)
+def test_other_values_travel_as_pickle_and_round_trip_exactly(value: Any) -> None:
+    enc, data = wire.dumps(value)
+    assert enc is Encoding.PICKLE
+    back = wire.loads(enc, data)
+    if isinstance(value, BaseException):
+        assert type(back) is type(value) and back.args == value.args
+    else:
+        assert _exactly_equal(back, value)
+
+
+@pytest.mark.parametrize("value", SUBTYPE_VALUES, ids=repr)
+def test_subtypes_of_plain_types_keep_their_type(value: Any) -> None:
+    # dumps promises msgpack only "when it round-trips exactly"; a bytearray argument must not
+    # arrive in the replica as bytes.
+    assert _exactly_equal(wire.loads(*wire.dumps(value)), value)
+
+
+def test_nan_round_trips() -> None:
+    enc, data = wire.dumps(float("nan"))
+    back = wire.loads(enc, data)
+    assert isinstance(back, float) and back != back
+
+
+def test_tuple_and_list_stay_distinct() -> None:
+    for value, kind in (([1, 2], list), ((1, 2), tuple), ([(1,), [2]], list)):
+        back = wire.loads(*wire.dumps(value))
+        assert type(back) is kind
+    nested = wire.loads(*wire.dumps([(1,), [2]]))
+    assert type(nested[0]) is tuple and type(nested[1]) is list
+
+
+def test_bool_is_not_confused_with_int() -> None:
+    assert wire.loads(*wire.dumps([True, 1, 0, False])) == [True, 1, 0, False]
+    assert [type(v) for v in wire.loads(*wire.dumps([True, 1, 0, False]))] == [bool, int, int, bool]
+
+
+def test_raw_encoding_passes_bytes_through() -> None:
+    assert wire.loads(Encoding.RAW, memoryview(b"body")) == b"body"  # type: ignore[arg-type]
+
+
+def test_function_and_lambda_round_trip() -> None:
+    square = wire.loads(*wire.dumps(lambda x: x * x))
+    assert square(7) == 49
+
+
+def test_dumps_raises_for_an_unpicklable_value() -> None:
+    import threading
+
+    with pytest.raises(TypeError):
+        wire.dumps(threading.Lock())
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs"),
+    [
+        ((), {}),
+        ((1, "a"), {}),
+        ((), {"x": [1, 2]}),
+        (((1, 2), [3]), {"t": (4,)}),
+        ((Point(1, 2),), {"p": Point(3, 4)}),
+    ],
+)
+def test_call_arguments_round_trip(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    back_args, back_kwargs = wire.loads_args(*wire.dumps_args(args, kwargs))
+    assert type(back_args) is tuple
+    assert _exactly_equal(back_args, args)
+    assert _exactly_equal(back_kwargs, kwargs)
+
+
+def test_pack_unpack_control_bodies() -> None:
+    body = {"name": "app", "deployments": [{"definition": b"\x80\x05", "config": {"num_replicas": 2}}]}
+    assert wire.unpack(wire.pack(body)) == body
