@@ -69,7 +69,7 @@ class Instance:
 def serve_instance() -> Iterator[Instance]:
     """A private instance shared by the tests of one module; shut down and checked after."""
     assert not live_children(), "a previous module left processes behind"
-    serve.start()
+    serve.start(http_options={"port": 0})  # port 0: never collide with anything on 8000
     instance = Instance(supervisor_of(psutil.Process()))
     yield instance
     serve.shutdown()
