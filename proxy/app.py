@@ -18,6 +18,7 @@ Nothing read from the client is ever unpickled: scope and body travel as msgpack
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from shoal.runtime import wire
 from shoal.runtime.asgi import HTTP_METHOD
 from shoal.runtime.client import Runtime
 from shoal.runtime.errors import BackPressureError, DeploymentUnavailableError, RequestCancelledError
-from shoal.runtime.handle import END, StreamSink, new_request_id
+from shoal.runtime.handle import new_request_id
 from shoal.runtime.router import Call
 
 logger = logging.getLogger("shoal.proxy")
@@ -42,6 +43,54 @@ class ProxyOptions:
     root_path: str = ""
     request_timeout_s: float | None = None
     max_request_body_bytes: int = 100 * 1024 * 1024
+
+
+_DISCONNECT_WATCH_DELAY_S = 0.05
+_END = object()
+
+
+class _Replies:
+    """The replica's reply batches for one request, on the proxy's single loop (a lighter
+    stand-in for the handles' thread-safe stream sink)."""
+
+    __slots__ = ("_items", "_error", "_done", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._error: BaseException | None = None
+        self._done = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def push(self, item: Any) -> None:
+        self._items.append(item)
+        self._wake()
+
+    def finish(self) -> None:
+        self._done = True
+        self._wake()
+
+    def set_result(self, value: Any) -> None:
+        self.finish()
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self._done:
+            self._error = exc
+            self._done = True
+            self._wake()
+
+    async def next(self) -> Any:
+        while not self._items:
+            if self._done:
+                if self._error is not None:
+                    raise self._error
+                return _END
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._items.popleft()
 
 
 class _ClientGone(Exception):
@@ -141,18 +190,19 @@ class ProxyApp:
             return
         wire_scope = _wire_scope(scope, headers, self.options.root_path, route.prefix)
         first = {"type": "http.request", "body": body, "more_body": False}
-        sink = StreamSink()
+        replies = _Replies()
         call = Call(HTTP_METHOD, request_id, True, int(wire.Encoding.MSGPACK),
-                    wire.pack([wire_scope, first]), sink, {"http": True, "route": route.prefix})
+                    wire.pack([wire_scope, first]), replies, {"http": True, "route": route.prefix})
         router = self.runtime.router(route.app_name, route.ingress)
         router.submit(call)
-        watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(receive, router, call))
+        # Most responses come back before a watcher for client disconnects would be worth a task.
+        watch = _DisconnectWatch(receive, router, call)
         started = False
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
-                    batch = await sink.next_async()
-                    if batch is END:
+                    batch = await replies.next()
+                    if batch is _END:
                         break
                     for message in batch:
                         if message["type"] == "http.response.start":
@@ -179,7 +229,7 @@ class ProxyApp:
                 raise
             await _send_all(send, _text(500, "Internal Server Error", [id_header]))
         finally:
-            watcher.cancel()
+            watch.stop()
 
     # -- WebSockets -----------------------------------------------------------------------------
 
@@ -190,17 +240,17 @@ class ProxyApp:
             request_id = new_request_id()
             headers = [*headers, (b"x-request-id", request_id.encode())]
         first = await receive()  # websocket.connect
-        sink = StreamSink()
+        replies = _Replies()
         call = Call(HTTP_METHOD, request_id, True, int(wire.Encoding.MSGPACK),
                     wire.pack([_wire_scope(scope, headers, self.options.root_path, route.prefix), first]),
-                    sink, {"http": True, "route": route.prefix})
+                    replies, {"http": True, "route": route.prefix})
         router = self.runtime.router(route.app_name, route.ingress)
         router.submit(call)
         forwarder: asyncio.Task[None] | None = None
         try:
             while True:
-                batch = await sink.next_async()
-                if batch is END:
+                batch = await replies.next()
+                if batch is _END:
                     break
                 if forwarder is None:  # the replica runs the app: client messages can follow
                     forwarder = asyncio.get_running_loop().create_task(_forward(receive, router, call))
@@ -225,12 +275,31 @@ async def _forward(receive: Any, router: Any, call: Call) -> None:
             return
 
 
-async def _cancel_on_disconnect(receive: Any, router: Any, call: Call) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            router.cancel(call)
-            return
+class _DisconnectWatch:
+    """Cancels ``call`` when the client disconnects. The task that listens for it starts only
+    if the response takes longer than ``_DISCONNECT_WATCH_DELAY_S``."""
+
+    def __init__(self, receive: Any, router: Any, call: Call) -> None:
+        self._receive = receive
+        self._router = router
+        self._call = call
+        self._task: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(_DISCONNECT_WATCH_DELAY_S, self._start)
+
+    def _start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self._router.cancel(self._call)
+                return
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 async def _read_body(receive: Any, cap: int) -> bytes | None:

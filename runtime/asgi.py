@@ -18,6 +18,7 @@ Nothing here is ever unpickled: the HTTP path is msgpack and raw bytes only.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import json
 import logging
@@ -61,6 +62,26 @@ def scope_from_wire(scope: Scope) -> Scope:
         if scope.get(key) is not None:
             scope[key] = tuple(scope[key])
     return scope
+
+
+class Inbox:
+    """The receive side of one request: its first message, then any forwarded later (only
+    WebSockets get later ones; an HTTP request waits here until it is cancelled)."""
+
+    def __init__(self, first: Message) -> None:
+        self._items: collections.deque[Message] = collections.deque((first,))
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, message: Message) -> None:
+        self._items.append(message)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def receive(self) -> Message:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        return self._items.popleft()
 
 
 class _Lifespan:
@@ -109,6 +130,7 @@ class HttpHandler:
         self.user = user
         self.app: Any = None
         self._lifespan: _Lifespan | None = None
+        self._plain: tuple[Callable[..., Any], bool, bool] | None = None  # fn, is_async, takes_request
 
     async def startup(self) -> None:
         """Build the ingress app (if any) for the constructed instance and start its lifespan."""
@@ -135,18 +157,25 @@ class HttpHandler:
         if scope["type"] != "http":
             await send({"type": "websocket.close", "code": 1000})
             return
-        response = await self._call_plain(scope, receive)
-        await response(scope, receive, send)
+        result = await self._call_plain(scope, receive)
+        if isinstance(result, Response):
+            await result(scope, receive, send)
+        else:
+            for message in result:
+                await send(message)
 
-    async def _call_plain(self, scope: Scope, receive: Receive) -> Response:
-        method = self.user.method("__call__")
-        try:
-            takes_request = bool(inspect.signature(method).parameters)
-        except (TypeError, ValueError):
-            takes_request = True
+    async def _call_plain(self, scope: Scope, receive: Receive) -> Response | list[Message]:
+        if self._plain is None:
+            fn, is_async = self.user.resolve("__call__")
+            try:
+                takes_request = bool(inspect.signature(fn).parameters)
+            except (TypeError, ValueError):
+                takes_request = True
+            self._plain = (fn, is_async, takes_request)
+        fn, is_async, takes_request = self._plain
         args = (Request(scope, receive),) if takes_request else ()
         try:
-            result = await self.user.invoke(method, args, {})
+            result = await self.user.invoke(fn, args, {}, is_async)
         except BackPressureError as exc:
             headers = {"Retry-After": exc.retry_after_header} if exc.retry_after_header else None
             return Response(exc.message, status_code=exc.status_code, headers=headers)
@@ -155,21 +184,30 @@ class HttpHandler:
         except Exception:
             logger.exception("HTTP request to deployment '%s' raised", self.user.deployment_name)
             return Response("Internal Server Error", status_code=500)
-        return to_response(result)
+        return result if isinstance(result, Response) else to_messages(result)
 
 
-def to_response(result: Any) -> Response:
-    """Ray Serve's conversion of a plain deployment's return value to an HTTP response."""
-    if isinstance(result, Response):
-        return result
+_TEXT = b"text/plain; charset=utf-8"
+
+
+def to_messages(result: Any) -> list[Message]:
+    """Ray Serve's conversion of a plain deployment's return value (not a ``Response``) to the
+    ASGI messages of an HTTP response: ``str`` as text/plain, ``bytes`` raw, ``None`` empty,
+    anything else minified JSON."""
     if result is None:
-        return Response(b"", media_type="text/plain")
-    if isinstance(result, str):
-        return Response(result, media_type="text/plain")
-    if isinstance(result, (bytes, bytearray, memoryview)):
-        return Response(bytes(result), media_type="text/plain")
-    body = json.dumps(_jsonable(result), separators=(",", ":"))
-    return Response(body, media_type="application/json")
+        body, content_type = b"", _TEXT
+    elif isinstance(result, str):
+        body, content_type = result.encode(), _TEXT
+    elif isinstance(result, (bytes, bytearray, memoryview)):
+        body, content_type = bytes(result), _TEXT
+    else:
+        body = json.dumps(_jsonable(result), separators=(",", ":")).encode()
+        content_type = b"application/json"
+    headers = [[b"content-type", content_type], [b"content-length", str(len(body)).encode()]]
+    return [
+        {"type": "http.response.start", "status": 200, "headers": headers},
+        {"type": "http.response.body", "body": body, "more_body": False},
+    ]
 
 
 def _jsonable(value: Any) -> Any:

@@ -18,7 +18,7 @@ import traceback
 from typing import Any
 
 from shoal.runtime import wire
-from shoal.runtime.asgi import HTTP_METHOD, HttpHandler, normalize_message, scope_from_wire
+from shoal.runtime.asgi import HTTP_METHOD, HttpHandler, Inbox, normalize_message, scope_from_wire
 from shoal.runtime.context import RequestContext, reset_request, set_request
 from shoal.runtime.errors import RemoteError
 from shoal.runtime.transport import Channel
@@ -64,7 +64,7 @@ class ReplicaWorker:
         self.channel: Channel | None = None
         self.http = HttpHandler(user)
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
-        self._receives: dict[tuple[bytes, int], asyncio.Queue[dict[str, Any]]] = {}
+        self._receives: dict[tuple[bytes, int], Inbox] = {}
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -90,9 +90,9 @@ class ReplicaWorker:
             if task is not None:
                 task.cancel()
         elif msg.kind == wire.Kind.RECEIVE:
-            queue = self._receives.get((identity, msg.call_id))
-            if queue is not None:
-                queue.put_nowait(wire.unpack(msg.payload[0]))
+            inbox = self._receives.get((identity, msg.call_id))
+            if inbox is not None:
+                inbox.put(wire.unpack(msg.payload[0]))
         else:
             logger.warning("replica got an unexpected %s message", msg.kind.name)
 
@@ -128,8 +128,8 @@ class ReplicaWorker:
             if method == HTTP_METHOD:
                 # msgpack only: this came from an HTTP client through the proxy.
                 scope, first = wire.unpack(msg.payload[0])
-                await self._serve_http(identity, msg.call_id, key, scope_from_wire(scope), first)
-                terminal = self._message(wire.Kind.STREAM_END, msg.call_id)
+                final = await self._serve_http(identity, msg.call_id, key, scope_from_wire(scope), first)
+                terminal = self._message(wire.Kind.STREAM_END, msg.call_id, *final)
             else:
                 terminal = await self._call(identity, msg, method)
         except asyncio.CancelledError:
@@ -166,11 +166,14 @@ class ReplicaWorker:
 
     async def _serve_http(
         self, identity: bytes, call_id: int, key: tuple[bytes, int], scope: dict[str, Any], first: dict[str, Any]
-    ) -> None:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        queue.put_nowait(first)
-        self._receives[key] = queue
+    ) -> tuple[list[dict[str, Any]], ...]:
+        """Run one HTTP or WebSocket request; returns the last batch of messages, if any, to
+        ride on the STREAM_END reply (a plain response is then a single frame)."""
+        inbox = Inbox(first)
+        if scope["type"] == "websocket":
+            self._receives[key] = inbox
         held_start: dict[str, Any] | None = None
+        final: list[dict[str, Any]] = []
 
         async def send(message: dict[str, Any]) -> None:
             nonlocal held_start
@@ -180,14 +183,18 @@ class ReplicaWorker:
                 return
             batch = [held_start, message] if held_start is not None else [message]
             held_start = None
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                final.extend(batch)
+                return
             self._send(identity, self._message(wire.Kind.STREAM_ITEM, call_id, batch))
 
         try:
-            await self.http.handle(scope, queue.get, send)
-            if held_start is not None:
-                self._send(identity, self._message(wire.Kind.STREAM_ITEM, call_id, [held_start]))
+            await self.http.handle(scope, inbox.receive, send)
         finally:
-            del self._receives[key]
+            self._receives.pop(key, None)
+        if held_start is not None:
+            final.insert(0, held_start)
+        return (final,) if final else ()
 
     def _message(self, kind: wire.Kind, call_id: int, *value: Any) -> wire.Message:
         """A reply carrying ``value`` (if given); TypeError if the value cannot be serialized."""

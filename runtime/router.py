@@ -231,6 +231,8 @@ class Router:
                 call.sink.push(wire.loads(msg.meta.get("enc", 0), msg.payload[0]))
         elif kind == wire.Kind.STREAM_END:
             if not call.resolved:
+                if msg.payload:  # a last item may ride on the end of the stream
+                    call.sink.push(wire.loads(msg.meta.get("enc", 0), msg.payload[0]))
                 call.resolved = True
                 call.sink.finish()
         elif kind == wire.Kind.ERROR:

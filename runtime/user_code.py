@@ -51,6 +51,7 @@ class UserCallable:
             max_workers=max(1, max_ongoing_requests), thread_name_prefix="shoal-user"
         )
         self.instance: Any = None
+        self._resolved: dict[str, tuple[Callable[..., Any], bool]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -99,6 +100,14 @@ class UserCallable:
 
     # -- calls ----------------------------------------------------------------------------------
 
+    def resolve(self, name: str) -> tuple[Callable[..., Any], bool]:
+        """``(callable, is_async)`` for method ``name``, looked up once."""
+        found = self._resolved.get(name)
+        if found is None:
+            fn = self.method(name)
+            found = self._resolved[name] = (fn, _is_async(fn))
+        return found
+
     def method(self, name: str) -> Callable[..., Any]:
         """The user callable for ``name``; RayServeException naming the deployment if missing."""
         if self._is_function:
@@ -120,7 +129,8 @@ class UserCallable:
 
     async def call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Call ``name`` and return its value. TypeError if it returns a generator."""
-        result = await self.invoke(self.method(name), args, kwargs)
+        fn, is_async = self.resolve(name)
+        result = await self.invoke(fn, args, kwargs, is_async)
         if inspect.isgenerator(result) or inspect.isasyncgen(result):
             if inspect.isgenerator(result):
                 result.close()
@@ -134,7 +144,8 @@ class UserCallable:
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> AsyncIterator[Any]:
         """Yield the items of the generator ``name`` returns, as they are produced."""
-        result = await self.invoke(self.method(name), args, kwargs)
+        fn, is_async = self.resolve(name)
+        result = await self.invoke(fn, args, kwargs, is_async)
         if inspect.isasyncgen(result):
             async for item in result:
                 yield item
@@ -154,8 +165,11 @@ class UserCallable:
                 "return a generator."
             )
 
-    async def invoke(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if _is_async(fn):
+    async def invoke(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], is_async: bool | None = None
+    ) -> Any:
+        """Call ``fn``: on the loop if it is async, else in the thread pool with the contextvars."""
+        if is_async if is_async is not None else _is_async(fn):
             result = fn(*args, **kwargs)
             return await result if inspect.isawaitable(result) else result
         ctx = contextvars.copy_context()

@@ -264,4 +264,8 @@ def test_redeploy_under_the_same_name_replaces_the_app(deploy: Any, app_name: st
     assert first.remote().result(timeout_s=10) == "v2"
     app = app_status(app_name)
     assert app.status == "RUNNING"
-    assert app.deployments["Versioned"].replica_states == {"RUNNING": 1}
+    assert app.deployments["Versioned"].replica_states.get("RUNNING") == 1  # the old one may still be STOPPING
+    wait_until(
+        lambda: app_status(app_name).deployments["Versioned"].replica_states == {"RUNNING": 1}, 30,
+        "the old replica stops",
+    )
