@@ -349,6 +349,7 @@ class Controller:
                 "version": state.version,
                 "sys_path": state.sys_path,
                 "parent_pid": os.getpid(),
+                "process_name": "shoal-replica",
                 "world_size": state.target,
                 "log_level": (state.config.get("logging_config") or {}).get("log_level", "INFO"),
             }

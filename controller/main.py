@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-options", type=json.loads, help="HTTPOptions as JSON; omit for no proxy")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="(shoal supervisor) %(levelname)s %(message)s")
+    from shoal.runtime.worker_main import set_process_name
+
+    set_process_name("shoal")
     import uvloop
 
     config = SupervisorConfig(args.run_dir, args.lifeline_fd, args.ready_fd, args.http_options)

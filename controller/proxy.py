@@ -73,6 +73,7 @@ class ProxySupervisor:
                 "control_endpoint": self._control_endpoint,
                 "http_options": self.options,
                 "parent_pid": os.getpid(),
+                "process_name": "shoal-proxy",
                 "log_level": "INFO",
             }
         )

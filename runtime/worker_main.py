@@ -21,7 +21,16 @@ import sys
 import traceback
 from typing import Any
 
+_PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
+
+
+def set_process_name(name: str) -> None:
+    """Name the process (what ``ps -o comm`` and ``psutil.Process.name()`` show; 15 bytes)."""
+    try:
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -52,6 +61,7 @@ def bootstrap(spec_bytes: bytes, output: Any) -> dict[str, Any]:
     from shoal.runtime import wire
 
     spec = wire.unpack(spec_bytes)
+    set_process_name(spec.get("process_name", "shoal-worker"))
     _die_with_parent(spec["parent_pid"])
     for entry in reversed(spec.get("sys_path", [])):
         if entry not in sys.path:
