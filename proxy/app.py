@@ -324,13 +324,18 @@ def _wire_scope(scope: Scope, headers: list[Any], root_path: str, prefix: str) -
     """The scope as plain msgpack values; ``root_path`` set so mounted apps route on the rest."""
     client = scope.get("client")
     server = scope.get("server")
+    path = scope["path"]
+    raw_path = scope.get("raw_path") or path.encode()
+    if prefix != "/" and path == prefix:
+        # `/app` reaches the app's "/" route (else Starlette would redirect to `/app/`).
+        path, raw_path = path + "/", raw_path + b"/"
     out = {
         "type": scope["type"],
         "asgi": {"version": "3.0", "spec_version": scope.get("asgi", {}).get("spec_version", "2.3")},
         "http_version": scope.get("http_version", "1.1"),
         "scheme": scope.get("scheme", "http"),
-        "path": scope["path"],
-        "raw_path": scope.get("raw_path") or scope["path"].encode(),
+        "path": path,
+        "raw_path": raw_path,
         "query_string": scope.get("query_string", b""),
         "root_path": root_path + (prefix if prefix != "/" else ""),
         "headers": [[bytes(k), bytes(v)] for k, v in headers],

@@ -99,8 +99,9 @@ def is_supervisor(proc: psutil.Process) -> bool:
 
 
 def is_replica(proc: psutil.Process) -> bool:
+    """A replica worker: it names itself ``shoal-replica`` (the proxy is ``shoal-proxy``)."""
     try:
-        return any("spawn_main" in part for part in proc.cmdline())
+        return proc.name() == "shoal-replica"
     except psutil.NoSuchProcess:
         return False
 

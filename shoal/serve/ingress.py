@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copyreg
 import inspect
+import typing
 from typing import Any, Callable
 
 from starlette.datastructures import State
@@ -26,6 +27,20 @@ def _reduce_state(state: State) -> tuple[Any, ...]:
 copyreg.pickle(State, _reduce_state)
 
 
+def _resolve_annotations(cls: type) -> None:
+    """Evaluate string annotations (``from __future__ import annotations``) of the class's
+    methods here, where their module's globals are complete: a class pickled by value carries
+    only the globals its code uses, so FastAPI could not resolve them inside the replica."""
+    for value in vars(cls).values():
+        fn = getattr(value, "__func__", value)
+        annotations = getattr(fn, "__annotations__", None)
+        if inspect.isfunction(fn) and annotations and any(isinstance(a, str) for a in annotations.values()):
+            try:
+                fn.__annotations__ = typing.get_type_hints(fn, include_extras=True)
+            except Exception:  # an annotation that does not resolve stays as it was
+                pass
+
+
 def ingress(app: Any = None) -> Callable[[type], type]:
     """Class decorator; put ``@serve.deployment`` above it."""
     if app is None:
@@ -39,6 +54,7 @@ def ingress(app: Any = None) -> Callable[[type], type]:
             raise ValueError("@serve.ingress must be used with a class.")
         if "__call__" in cls.__dict__:
             raise ValueError("Classes passed to @serve.ingress may not have __call__ method.")
+        _resolve_annotations(cls)
         setattr(cls, INGRESS_ATTR, app)
         return cls
 
