@@ -11,6 +11,7 @@ and the supervisor stops its replicas and exits.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import subprocess
@@ -23,7 +24,13 @@ from typing import Any
 from shoal.controller import rundir
 from shoal.runtime.errors import RayServeException, ShoalConnectionError
 
+logger = logging.getLogger("shoal.serve")
+
 _START_TIMEOUT_S = 30.0
+
+
+class HTTPBindError(RayServeException):
+    """The supervisor could not listen on the HTTP host and port it was given."""
 
 
 @dataclass
@@ -113,7 +120,7 @@ def start_supervisor(run_dir: Path, *, private: bool, http_options: dict[str, An
         proc.wait(10)
         if life_w is not None:
             os.close(life_w)
-        raise RayServeException(info["error"])
+        raise (HTTPBindError if info.get("http_bind_failed") else RayServeException)(info["error"])
     return Instance(run_dir, info["control"], proc if private else None, life_w)
 
 
@@ -135,8 +142,16 @@ def _read_line(fd: int, timeout_s: float, proc: subprocess.Popen[bytes]) -> str:
     return data.decode()
 
 
-def connect_or_start(http_options: dict[str, Any] | None) -> Instance:
+def connect_or_start(http_options: dict[str, Any] | None, *, http_required: bool = True) -> Instance:
+    """The running instance, or a new private one. If ``http_required`` is False and the HTTP
+    port is taken, the private instance starts without HTTP (handles still work) and says so."""
     running = find_running()
     if running is not None:
         return running
-    return start_supervisor(rundir.new_session_dir(), private=True, http_options=http_options)
+    try:
+        return start_supervisor(rundir.new_session_dir(), private=True, http_options=http_options)
+    except HTTPBindError as exc:
+        if http_required:
+            raise
+        logger.warning("%s Starting without HTTP; handles work.", exc)
+        return start_supervisor(rundir.new_session_dir(), private=True, http_options=None)

@@ -87,7 +87,7 @@ async def serve(config: SupervisorConfig) -> int:
         try:
             controller.proxy = ProxySupervisor(config.http_options, endpoint, echo=_echo)
         except OSError as exc:
-            _report_ready(config.ready_fd, {"error": str(exc)})
+            _report_ready(config.ready_fd, {"error": str(exc), "http_bind_failed": True})
             rundir.remove_sockets(run_dir)
             return 2
         info["http_url"] = controller.proxy.url

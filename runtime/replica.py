@@ -13,7 +13,9 @@ ones to finish.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures.thread
 import logging
+import os
 import traceback
 from typing import Any
 
@@ -30,16 +32,30 @@ _HEALTH_METHOD = "__shoal_check_health__"
 _RECONFIGURE_METHOD = "__shoal_reconfigure__"
 
 
-def encode_exception(exc: BaseException) -> tuple[dict[str, Any], bytes]:
+_INTERNAL_DIRS = tuple(
+    os.path.dirname(path) + os.sep for path in (__file__, asyncio.__file__, concurrent.futures.thread.__file__)
+)
+
+
+def format_user_traceback(exc: BaseException, where: str) -> str:
+    """The traceback of a user exception without shoal's and asyncio's own frames."""
+    tb = traceback.TracebackException.from_exception(exc)
+    tb.stack = traceback.StackSummary.from_list(
+        [frame for frame in tb.stack if not frame.filename.startswith(_INTERNAL_DIRS)]
+    )
+    return f"Raised in {where}:\n" + "".join(tb.format())
+
+
+def encode_exception(exc: BaseException, where: str) -> tuple[dict[str, Any], bytes]:
     """Encode a user exception with its traceback text for an ERROR frame.
 
     An exception that cannot be pickled travels as its type name, message and traceback.
     """
     if isinstance(exc, RemoteError):
-        tb_text = exc.remote_traceback
+        tb_text = f"{exc.remote_traceback.rstrip()}\n\nwhich reached {where}."
         cause: BaseException = exc.cause
     else:
-        tb_text = "".join(traceback.format_exception(exc))
+        tb_text = format_user_traceback(exc, where)
         cause = exc
     try:
         enc, data = wire.dumps((cause, tb_text))
@@ -61,6 +77,7 @@ class ReplicaWorker:
         self.incarnation = incarnation
         self.max_ongoing_requests = max_ongoing_requests
         self.app_name = app_name
+        self.where = f"deployment '{user.deployment_name}' of app '{app_name}' (pid {os.getpid()})"
         self.channel: Channel | None = None
         self.http = HttpHandler(user)
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
@@ -138,7 +155,7 @@ class ReplicaWorker:
             raise
         except Exception as exc:
             logger.exception("request %s to method '%s' raised", meta.get("rid", ""), method)
-            err_meta, data = encode_exception(exc)
+            err_meta, data = encode_exception(exc, self.where)
             terminal = wire.Message(wire.Kind.ERROR, self.incarnation, msg.call_id, err_meta, (data,))
         finally:
             reset_request(token)

@@ -43,7 +43,8 @@ def _runtime(start: bool = True, http_options: Any = None) -> client.Runtime | N
         if not start:
             instance = launch.find_running()
         else:
-            instance = launch.connect_or_start(_http_options(http_options))
+            # serve.run alone starts HTTP on the default port if it can; serve.start insists.
+            instance = launch.connect_or_start(_http_options(http_options), http_required=http_options is not None)
         if instance is None:
             return None
         _instance = instance
