@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shoal.controller import rundir
+from shoal.controller.health import HealthMonitor
 from shoal.controller.process import WorkerProcess
+from shoal.controller.replica_control import RECONFIGURE_METHOD, ReplicaControl
 from shoal.runtime import wire
 from shoal.runtime.logs import replica_prefix
 from shoal.serve.schema import ApplicationStatus, DeploymentStatus, DeploymentStatusTrigger, ReplicaState
@@ -51,6 +53,17 @@ class Replica:
     pid: int | None = None
     error: str = ""
     started_at: float = field(default_factory=time.monotonic)
+    control: ReplicaControl | None = None
+    health: HealthMonitor | None = None
+
+    def detach(self) -> None:
+        """Stop health checks and close the control connection."""
+        if self.health is not None:
+            self.health.stop()
+            self.health = None
+        if self.control is not None:
+            self.control.close()
+            self.control = None
 
 
 @dataclass(eq=False)
@@ -70,6 +83,7 @@ class DeploymentState:
     trigger: DeploymentStatusTrigger = DeploymentStatusTrigger.CONFIG_UPDATE_STARTED
     message: str = ""
     deleting: bool = False
+    reconfiguring: int = 0  # in-place config updates in flight
     next_start_at: float = 0.0
     backoff_s: float = _RESTART_BACKOFF_INITIAL_S
 
@@ -110,8 +124,11 @@ def definition_version(definition: bytes, config: dict[str, Any], code_hash: str
     h = hashlib.sha256(definition)
     h.update(code_hash.encode())
     h.update(repr(sorted((config.get("ray_actor_options") or {}).items())).encode())
-    h.update(repr(config.get("user_config")).encode())
     return h.hexdigest()[:16]
+
+
+# Options a running replica takes without a restart (Ray: NeedsActorReconfigure).
+_IN_PLACE_OPTIONS = ("user_config", "max_ongoing_requests")
 
 
 class Controller:
@@ -154,6 +171,13 @@ class Controller:
                 if state.version != version:
                     state.failed_starts = 0
                     state.last_error = ""
+                    if state.status == DeploymentStatus.DEPLOY_FAILED:
+                        state.status = DeploymentStatus.UPDATING
+                else:
+                    update = {k: d["config"].get(k) for k in _IN_PLACE_OPTIONS if d["config"].get(k) != state.config.get(k)}
+                    if update:
+                        state.reconfiguring += 1  # counted now, so the status cannot turn HEALTHY first
+                        self._spawn(self._reconfigure(state, update, {k: state.config.get(k) for k in update}))
                 state.definition, state.config, state.version = d["definition"], d["config"], version
                 state.sys_path = spec.get("sys_path", [])
             state.target = _initial_target(d["config"])
@@ -291,6 +315,8 @@ class Controller:
         if state.status == DeploymentStatus.DEPLOY_FAILED:
             return
         running = len(state.running(state.version))
+        if state.reconfiguring:
+            return
         if running >= state.target and not [r for r in state.live() if r.version != state.version]:
             if state.status != DeploymentStatus.HEALTHY:
                 state.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED
@@ -380,6 +406,7 @@ class Controller:
             return
         was_running = replica.state == ReplicaState.RUNNING
         replica.state = ReplicaState.STOPPING
+        replica.detach()
         grace_s = float(state.config.get("graceful_shutdown_timeout_s", 20.0)) + 2.0 if was_running else 2.0
         self._spawn(replica.process.stop(grace_s))
 
@@ -412,7 +439,55 @@ class Controller:
             return
         replica.state = ReplicaState.RUNNING
         replica.pid = meta.get("pid", replica.pid)
+        replica.control = ReplicaControl(replica.replica_id, replica.incarnation, replica.endpoint)
+        replica.health = HealthMonitor(
+            replica.control,
+            period_s=float(state.config.get("health_check_period_s", 10.0)),
+            timeout_s=float(state.config.get("health_check_timeout_s", 30.0)),
+            on_unhealthy=lambda error: self._on_unhealthy(state, replica, error),
+            name=f"replica {replica.replica_id} (pid {replica.pid})",
+        )
         state.backoff_s = _RESTART_BACKOFF_INITIAL_S
+        self.reconcile()
+
+    async def _reconfigure(self, state: DeploymentState, update: dict[str, Any], previous: dict[str, Any]) -> None:
+        """Apply ``update`` to the running replicas in place (same pids). If a replica's
+        ``reconfigure`` raises, every replica goes back to ``previous`` and the deployment
+        reports DEPLOY_FAILED with the error, still serving with the old config. The caller
+        has counted this update in ``state.reconfiguring``."""
+        try:
+            replicas = [r for r in state.running(state.version) if r.control is not None]
+            timeout_s = float(state.config.get("health_check_timeout_s", 30.0))
+            results = await asyncio.gather(
+                *(r.control.call(RECONFIGURE_METHOD, update, timeout_s=timeout_s) for r in replicas if r.control),
+                return_exceptions=True,
+            )
+            errors = [e for e in results if isinstance(e, BaseException)]
+            if errors:
+                state.config = {**state.config, **previous}
+                await asyncio.gather(
+                    *(r.control.call(RECONFIGURE_METHOD, previous, timeout_s=timeout_s) for r in replicas if r.control),
+                    return_exceptions=True,
+                )
+                state.status = DeploymentStatus.DEPLOY_FAILED
+                state.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED
+                state.message = f"reconfigure failed; the previous config stays in effect: {errors[0]}"
+                state.last_error = state.message
+        finally:
+            state.reconfiguring -= 1
+            self.reconcile()
+
+    def _on_unhealthy(self, state: DeploymentState, replica: Replica, error: str) -> None:
+        """Three failed health checks: replace the replica."""
+        if replica.state != ReplicaState.RUNNING:
+            return
+        state.last_error = f"replica {replica.replica_id} (pid {replica.pid}) is unhealthy: {error}"
+        state.status = DeploymentStatus.UNHEALTHY
+        state.trigger = DeploymentStatusTrigger.HEALTH_CHECK_FAILED
+        state.message = state.last_error
+        state.restarts += 1
+        logger.warning("%s; replacing it", state.last_error)
+        self._stop_replica(state, replica)
         self.reconcile()
 
     def on_init_failed(self, replica_id: str, incarnation: int, error: str) -> None:
@@ -422,6 +497,7 @@ class Controller:
 
     def _on_replica_exit(self, state: DeploymentState, replica: Replica, code: int) -> None:
         state.replicas.pop(replica.replica_id, None)
+        replica.detach()
         previous = replica.state
         replica.state = ReplicaState.STOPPED
         if previous == ReplicaState.STARTING and not state.deleting and not self._stopping:

@@ -28,8 +28,9 @@ from shoal.runtime.user_code import UserCallable
 
 logger = logging.getLogger("shoal.replica")
 
-_HEALTH_METHOD = "__shoal_check_health__"
-_RECONFIGURE_METHOD = "__shoal_reconfigure__"
+# Internal methods the supervisor calls; they run outside max_ongoing_requests.
+HEALTH_METHOD = "__shoal_check_health__"
+RECONFIGURE_METHOD = "__shoal_reconfigure__"
 
 
 _INTERNAL_DIRS = tuple(
@@ -168,11 +169,11 @@ class ReplicaWorker:
         """Run a handle call; returns its terminal reply (stream items are sent as they come)."""
         meta = msg.meta
         args, kwargs = wire.loads_args(meta.get("enc", 0), msg.payload[0]) if msg.payload else ((), {})
-        if method == _HEALTH_METHOD:
+        if method == HEALTH_METHOD:
             await self.user.check_health()
             return self._message(wire.Kind.RESULT, msg.call_id, None)
-        if method == _RECONFIGURE_METHOD:
-            await self.user.reconfigure(args[0])
+        if method == RECONFIGURE_METHOD:
+            await self.reconfigure(args[0])
             return self._message(wire.Kind.RESULT, msg.call_id, None)
         if meta.get("s"):
             async for item in self.user.stream(method, args, kwargs):
@@ -230,6 +231,16 @@ class ReplicaWorker:
         assert self.channel is not None
         if not self.channel.send_message(msg, identity):
             logger.debug("caller of call %d is gone; reply dropped", msg.call_id)
+
+    async def reconfigure(self, update: dict[str, Any]) -> None:
+        """Apply option changes that need no restart: ``max_ongoing_requests`` and
+        ``user_config`` (through the user's ``reconfigure``; if it raises, the error goes back
+        to the supervisor, which keeps the old config)."""
+        if "max_ongoing_requests" in update:
+            self.max_ongoing_requests = int(update["max_ongoing_requests"])
+            self.user.resize(self.max_ongoing_requests)
+        if "user_config" in update:
+            await self.user.reconfigure(update["user_config"])
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop taking requests and wait for ongoing ones; True if all finished in time."""

@@ -84,6 +84,10 @@ class UserCallable:
             )
         await self.invoke(method, (user_config,), {})
 
+    def resize(self, max_ongoing_requests: int) -> None:
+        """Let the thread pool for sync methods grow to ``max_ongoing_requests`` threads."""
+        self._pool._max_workers = max(1, max_ongoing_requests)
+
     async def check_health(self) -> None:
         method = getattr(self.instance, "check_health", None) if not self._is_function else None
         if method is not None:

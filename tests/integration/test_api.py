@@ -11,8 +11,10 @@ import pytest
 from helpers import alive, app_status, wait_until
 from shoal import serve
 from shoal.serve import Application, Deployment
-from shoal.serve.exceptions import RayServeException
+from shoal.serve.exceptions import DeploymentUnavailableError, RayServeException
 from shoal.serve.handle import DeploymentHandle
+
+pytestmark = pytest.mark.timeout(60)
 
 # -- the decorator (no processes) -----------------------------------------------------------------
 
@@ -157,7 +159,6 @@ def double(x: int) -> int:
     return 2 * x
 
 
-@pytest.mark.timeout(60)
 def test_run_returns_a_handle_once_running(deploy: Any, app_name: str) -> None:
     handle = deploy(Whoami.bind(), app_name)
     assert isinstance(handle, DeploymentHandle)
@@ -171,14 +172,12 @@ def test_run_returns_a_handle_once_running(deploy: Any, app_name: str) -> None:
     assert isinstance(handle.remote().result(timeout_s=10), int)
 
 
-@pytest.mark.timeout(60)
 def test_function_deployment_runs(deploy: Any, app_name: str) -> None:
     handle = deploy(double.bind(), app_name)
     assert handle.remote(21).result(timeout_s=10) == 42
     assert app_status(app_name).deployments["double"].status == "HEALTHY"
 
 
-@pytest.mark.timeout(60)
 def test_delete_removes_the_app_and_its_replicas(deploy: Any, app_name: str) -> None:
     handle = deploy(Whoami.options(num_replicas=1).bind(), app_name)
     pid = handle.remote().result(timeout_s=10)
@@ -187,9 +186,11 @@ def test_delete_removes_the_app_and_its_replicas(deploy: Any, app_name: str) -> 
     wait_until(lambda: not alive(pid), 10, "the deleted app's replica exits")
     with pytest.raises(RayServeException, match=re.escape(f"Application '{app_name}' does not exist.")):
         serve.get_app_handle(app_name)
+    # A handle to the deleted app fails its calls instead of waiting forever.
+    with pytest.raises(DeploymentUnavailableError):
+        handle.remote().result(timeout_s=10)
 
 
-@pytest.mark.timeout(60)
 def test_get_app_handle(deploy: Any, app_name: str) -> None:
     deploy(double.bind(), app_name)
     handle = serve.get_app_handle(app_name)
@@ -202,7 +203,6 @@ def test_get_app_handle_of_a_missing_app(serve_instance: Any) -> None:
         serve.get_app_handle("no-such-app")
 
 
-@pytest.mark.timeout(60)
 def test_get_deployment_handle(deploy: Any, app_name: str) -> None:
     deploy(double.bind(), app_name)
     handle = serve.get_deployment_handle("double", app_name)
@@ -222,7 +222,6 @@ def test_get_deployment_handle_of_a_missing_deployment(serve_instance: Any) -> N
         serve.get_deployment_handle("nope", "no-such-app")
 
 
-@pytest.mark.timeout(60)
 def test_replica_context_inside_a_replica(deploy: Any, app_name: str) -> None:
     handle = deploy(Whoami.bind(), app_name)
     tags = set()
@@ -254,7 +253,6 @@ class V2:
         return "v2"
 
 
-@pytest.mark.timeout(60)
 def test_redeploy_under_the_same_name_replaces_the_app(deploy: Any, app_name: str) -> None:
     first = deploy(V1.bind(), app_name)
     assert first.remote().result(timeout_s=10) == "v1"

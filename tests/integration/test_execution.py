@@ -72,6 +72,14 @@ class Worker:
     async def fail_async(self, code: int) -> None:
         raise CustomError(code)
 
+    def returns_lock(self) -> Any:
+        return threading.Lock()
+
+    def fail_unpicklable(self) -> None:
+        err = RuntimeError("carries a lock")
+        err.lock = threading.Lock()  # type: ignore[attr-defined]
+        raise err
+
     def takes(self, *args: Any, **kwargs: Any) -> int:
         return len(args) + len(kwargs)
 
@@ -192,3 +200,18 @@ def test_unserializable_keyword_argument_fails_at_remote(worker: DeploymentHandl
     with pytest.raises(TypeError, match=r"Keyword argument 'guard' \(lock\)"):
         worker.takes.remote(1, guard=threading.Lock())
     assert worker.takes.remote(1, guard="fine").result(timeout_s=10) == 2
+
+
+def test_unserializable_return_value_fails_the_call(worker: DeploymentHandle) -> None:
+    pid = worker.pid.remote().result(timeout_s=10)
+    with pytest.raises(TypeError, match="could not be serialized"):
+        worker.returns_lock.remote().result(timeout_s=10)
+    assert worker.pid.remote().result(timeout_s=10) == pid
+
+
+def test_unpicklable_exception_still_reaches_the_caller(worker: DeploymentHandle) -> None:
+    with pytest.raises(Exception) as info:
+        worker.fail_unpicklable.remote().result(timeout_s=10)
+    assert isinstance(info.value, (RuntimeError, RayServeException))
+    assert "carries a lock" in str(info.value)
+    assert "fail_unpicklable" in str(info.value)

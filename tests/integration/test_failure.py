@@ -8,7 +8,7 @@ import signal
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pytest
 
@@ -39,6 +39,12 @@ class Victim:
     async def hang(self, key: str) -> None:
         self.started.setdefault(key, asyncio.Event()).set()
         await asyncio.sleep(30)  # the work the SIGKILL interrupts
+
+    async def stream_then_hang(self, key: str) -> AsyncIterator[int]:
+        yield 0
+        self.started.setdefault(key, asyncio.Event()).set()
+        await asyncio.sleep(30)  # the work the SIGKILL interrupts
+        yield 1
 
     async def wait_started(self, key: str) -> int:
         await self.started.setdefault(key, asyncio.Event()).wait()
@@ -111,4 +117,18 @@ def test_killed_replica_fails_the_call_in_flight_quickly(deploy: Any, app_name: 
     elapsed = time.monotonic() - started
     print(f"ReplicaDiedError {elapsed * 1000:.0f} ms after SIGKILL")
     assert elapsed < 5.0  # the requirement is 1 s; 5 s keeps a noisy machine from flaking
+    _wait_replaced(handle, app_name, serve_instance.supervisor, pid)
+
+
+def test_killed_replica_fails_a_stream_in_flight(deploy: Any, app_name: str, serve_instance: Any) -> None:
+    handle = deploy(Victim.bind(), app_name)
+    key = uuid.uuid4().hex
+    stream = iter(handle.options(stream=True).stream_then_hang.remote(key))
+    assert next(stream) == 0
+    pid = handle.wait_started.remote(key).result(timeout_s=10)
+    started = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ReplicaDiedError):
+        next(stream)
+    assert time.monotonic() - started < 5.0
     _wait_replaced(handle, app_name, serve_instance.supervisor, pid)
