@@ -63,6 +63,8 @@ class ControlServer:
     async def _answer(self, identity: bytes, msg: wire.Message) -> None:
         op = msg.meta.get("op", "")
         handler = self._ops.get(op)
+        if op == "listen":
+            self.controller.listener_at(identity, msg.meta.get("version", 0))
         try:
             if handler is None:
                 raise ControllerError(f"unknown operation '{op}'; is the client a different shoal version?")
@@ -74,7 +76,9 @@ class ControlServer:
         except Exception as exc:
             logger.exception("operation '%s' failed", op)
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "etype": "RayServeException"}
-        self.channel.send_message(wire.Message(wire.Kind.REPLY, 0, msg.call_id, reply), identity)
+        delivered = self.channel.send_message(wire.Message(wire.Kind.REPLY, 0, msg.call_id, reply), identity)
+        if op == "listen" and not delivered:
+            self.controller.listener_gone(identity)
 
     async def _ping(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
         return dict(self._info)

@@ -145,6 +145,8 @@ class Controller:
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.proxy: Any = None  # the ProxySupervisor, when HTTP is enabled
+        self._listeners: dict[bytes, int] = {}  # each router process: the snapshot it applied
+        self._listeners_changed = asyncio.Event()
 
     # -- API used by the control server ---------------------------------------------------------
 
@@ -230,6 +232,30 @@ class Controller:
             await self._snapshot_changed.wait()
         return self._snapshot
 
+    # -- who has applied which snapshot ---------------------------------------------------------
+
+    def listener_at(self, identity: bytes, version: int) -> None:
+        """A process long-polls for snapshots newer than ``version``: it routes with it."""
+        self._listeners[identity] = version
+        self._listeners_changed.set()
+        self._listeners_changed = asyncio.Event()
+
+    def listener_gone(self, identity: bytes) -> None:
+        self._listeners.pop(identity, None)
+        self._listeners_changed.set()
+        self._listeners_changed = asyncio.Event()
+
+    async def wait_routers_at(self, version: int, timeout_s: float) -> None:
+        """Wait (bounded) until every router process has applied snapshot ``version``, so that
+        a replica about to stop gets no new requests from anyone once it stops listening."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while any(v < version for v in self._listeners.values()):
+                    await self._listeners_changed.wait()
+        except TimeoutError:
+            lagging = sum(v < version for v in self._listeners.values())
+            logger.debug("%d router(s) did not apply snapshot %d within %.1fs", lagging, version, timeout_s)
+
     def status(self) -> dict[str, Any]:
         apps: dict[str, Any] = {}
         for app in self.apps.values():
@@ -285,12 +311,29 @@ class Controller:
             self._schedule(wake_at - now)
 
     def _reconcile_deployment(self, state: DeploymentState, now: float) -> float | None:
-        current = state.live(state.version)
+        """Start and stop this deployment's replicas; returns when to look again, if timed.
+
+        A new version rolls out ``rolling_update_percentage`` of the target at a time: that many
+        new replicas start, and an old one stops only once a new one runs, so the number of
+        running replicas never drops below the target during an update. If the new version
+        fails to start, the old replicas keep serving.
+        """
         failed = state.status == DeploymentStatus.DEPLOY_FAILED
+        old = [r for r in state.live() if r.version != state.version]
+        if state.deleting:
+            for replica in state.live():
+                self._stop_replica(state, replica)
+            return None
         wake: float | None = None
-        if not state.deleting and not failed and not self._stopping and len(current) < state.target:
+        current = state.live(state.version)
+        missing = state.target - len(current)
+        if old:  # rolling update: a batch of new replicas starting at a time
+            batch = max(1, int(float(state.config.get("rolling_update_percentage", 0.2)) * state.target))
+            starting = len(current) - len(state.running(state.version))
+            missing = min(missing, batch - starting)
+        if missing > 0 and not failed and not self._stopping:
             if now >= state.next_start_at:
-                for _ in range(state.target - len(current)):
+                for _ in range(missing):
                     self._start_replica(state)
             else:
                 wake = state.next_start_at
@@ -300,14 +343,15 @@ class Controller:
             ordered = sorted(state.live(state.version), key=lambda r: (r.state == ReplicaState.RUNNING, -r.started_at))
             for replica in ordered[:extra]:
                 self._stop_replica(state, replica)
-        # Older versions: stop once the current version serves at target (blue-green), or at
-        # once if they are only starting; keep them serving if the new version failed.
-        old = [r for r in state.live() if r.version != state.version]
-        if old:
-            new_ready = len(state.running(state.version)) >= state.target
-            for replica in old:
-                if replica.state == ReplicaState.STARTING or state.deleting or (new_ready and not failed):
+        # Old replicas: starting ones stop at once; running ones as new ones take their place.
+        if old and not failed:
+            spare = len(state.running(state.version)) + sum(r.state == ReplicaState.RUNNING for r in old) - state.target
+            for replica in sorted(old, key=lambda r: r.state == ReplicaState.RUNNING):
+                if replica.state == ReplicaState.STARTING:
                     self._stop_replica(state, replica)
+                elif spare > 0:
+                    self._stop_replica(state, replica)
+                    spare -= 1
         self._update_deployment_status(state)
         return wake
 
@@ -408,7 +452,15 @@ class Controller:
         replica.state = ReplicaState.STOPPING
         replica.detach()
         grace_s = float(state.config.get("graceful_shutdown_timeout_s", 20.0)) + 2.0 if was_running else 2.0
-        self._spawn(replica.process.stop(grace_s))
+        self._spawn(self._drain_and_stop(replica, grace_s, was_running))
+
+    async def _drain_and_stop(self, replica: Replica, grace_s: float, was_running: bool) -> None:
+        """Stop routing to the replica (everyone applies the snapshot without it), then stop it:
+        it finishes what it holds within its grace period."""
+        if was_running and not self._stopping:
+            self._publish()
+            await self.wait_routers_at(self.version, timeout_s=2.0)
+        await replica.process.stop(grace_s)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

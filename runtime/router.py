@@ -42,6 +42,7 @@ logger = logging.getLogger("shoal.router")
 _INITIAL_BACKOFF_S = 0.025
 _MAX_BACKOFF_S = 0.5
 _REPORT_TTL_S = 1.0
+_DEATH_GRACE_S = 0.2
 
 
 class Sink(Protocol):
@@ -326,6 +327,14 @@ class Router:
                 self.replicas[rid] = ReplicaConn(self, rid, incarnation, endpoint)
 
     def _drop(self, conn: ReplicaConn) -> None:
+        """Forget a replica that is gone. Replies it sent before exiting may still be on their
+        way (another socket than the snapshot's), so its remaining calls fail only after a
+        short grace; none is ever re-sent."""
+        conn.channel.drain_now()
+        if not conn.calls:
+            conn.close()
+            return
+
         def died(call: Call) -> BaseException:
             return ReplicaDiedError(
                 f"Replica '{conn.replica_id}' of deployment '{self.deployment_name}' in app "
@@ -333,8 +342,13 @@ class Router:
                 "did not complete and was not retried."
             )
 
-        conn.fail_all(died)
-        conn.close()
+        def finish() -> None:
+            conn.channel.drain_now()
+            conn.fail_all(died)
+            conn.close()
+            self._pump()
+
+        self.loop.call_later(_DEATH_GRACE_S, finish)
 
     def close(self) -> None:
         if self._retry is not None:

@@ -106,12 +106,17 @@ class Channel:
             frames.insert(0, identity)
         return self.send(frames)
 
-    def close(self) -> None:
+    def drain_now(self) -> None:
+        """Handle every message already waiting on the socket, now."""
+        self._drain()
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the socket; with ``linger_ms``, queued outgoing messages get that long to go."""
         if self._closed:
             return
         self._closed = True
         self._loop.remove_reader(self._fd)
-        self.sock.close(linger=0)
+        self.sock.close(linger=linger_ms)
 
     def _schedule_drain(self) -> None:
         if not self._drain_scheduled and not self._closed:

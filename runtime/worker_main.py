@@ -186,7 +186,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int) -> int:
         logging.getLogger("shoal.replica").exception("__del__ raised during shutdown")
     await client.shutdown_runtime()
     if worker.channel is not None:
-        worker.channel.close()
+        worker.channel.close(linger_ms=2000)  # the last replies must reach their callers
     control.close()
     transport.terminate_context()
     return 0

@@ -96,16 +96,28 @@ class Recorder:
         return self.order
 
 
+def _serve_until_both_seen(handle: DeploymentHandle) -> collections.Counter[int]:
+    """Sequential calls until both replicas answered (at most 200)."""
+    seen: collections.Counter[int] = collections.Counter()
+    for _ in range(200):
+        seen[handle.remote().result(timeout_s=10)] += 1
+        if len(seen) == 2 and sum(seen.values()) >= 40:
+            break
+    return seen
+
+
 def test_both_replicas_serve(deploy: Any, app_name: str, gate: DeploymentHandle) -> None:
     handle = deploy(Pid.bind(gate), app_name)
-    sequential = collections.Counter(handle.remote().result(timeout_s=10) for _ in range(40))
-    assert len(sequential) == 2, sequential
+    seen = _serve_until_both_seen(handle)
+    assert len(seen) == 2, seen
+    # Idle replicas tie on load, so ties must not always go to the same one.
+    assert min(seen.values()) >= 5, seen
 
 
 def test_concurrent_calls_are_balanced(deploy: Any, app_name: str, gate: DeploymentHandle) -> None:
     # 20 calls held open at once: p2c always compares both replicas, so each gets 10.
     handle = deploy(Pid.bind(gate), app_name)
-    handle.remote().result(timeout_s=10)
+    assert len(_serve_until_both_seen(handle)) == 2  # this caller's router knows both replicas
     key = uuid.uuid4().hex
     responses = [handle.gated.remote(key) for _ in range(20)]
     gate.open.remote(key).result(timeout_s=10)
