@@ -111,7 +111,7 @@ def stop_event() -> threading.Event:
 
     def watch_stdin() -> None:
         try:
-            while sys.stdin.buffer.read(4096):
+            while os.read(0, 4096):  # raw fd: no buffer lock to trip over at exit
                 pass
         except (OSError, ValueError):
             pass
@@ -214,7 +214,7 @@ def serve_bare() -> int:
 
     def watch_stdin() -> None:
         try:
-            while sys.stdin.buffer.read(4096):
+            while os.read(0, 4096):  # raw fd: no buffer lock to trip over at exit
                 pass
         except (OSError, ValueError):
             pass

@@ -21,6 +21,7 @@ an HTTP client travels as msgpack and raw bytes and is never unpickled.
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,7 +94,7 @@ def decode(frames: list[bytes]) -> Message:
     try:
         meta = msgpack.unpackb(frames[1], raw=False, strict_map_key=False)
         kind = Kind(kind)
-    except (ValueError, msgpack.UnpackException) as exc:
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ProtocolError(f"bad meta frame: {exc}") from exc
     if not isinstance(meta, dict):
         raise ProtocolError("meta frame is not a map")
@@ -109,9 +110,30 @@ def dumps(value: Any) -> tuple[Encoding, bytes]:
     Raises whatever cloudpickle raises for an object that cannot be serialized.
     """
     try:
-        return Encoding.MSGPACK, msgpack.packb(value, use_bin_type=True, strict_types=True)
+        data = msgpack.packb(value, use_bin_type=True, strict_types=True)
     except (TypeError, ValueError, OverflowError):
         return Encoding.PICKLE, cloudpickle.dumps(value)
+    # msgpack packs bytearray and memoryview as bin, which comes back as bytes; a bin marker
+    # byte anywhere in the output is the cheap hint to look for them.
+    if _BIN_MARKERS.search(data) and _holds_buffer(value):
+        return Encoding.PICKLE, cloudpickle.dumps(value)
+    return Encoding.MSGPACK, data
+
+
+_BIN_MARKERS = re.compile(b"[\xc4-\xc6]")
+_SCALARS = (int, float, str, bytes, bool, type(None))
+
+
+def _holds_buffer(value: Any) -> bool:
+    """True if ``value`` (plain msgpack types only) contains a bytearray or memoryview."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return False
+    if kind is list:
+        return any(_holds_buffer(v) for v in value)
+    if kind is dict:
+        return any(_holds_buffer(k) or _holds_buffer(v) for k, v in value.items())
+    return kind in (bytearray, memoryview)
 
 
 def loads(enc: int, data: bytes) -> Any:

@@ -1,0 +1,449 @@
+"""Autoscaling decisions of one deployment: a metrics window, the policy wrapper, policy loading.
+
+Pure and synchronous: nothing here starts a process, awaits, or reads a clock; every method
+takes ``now`` (seconds on the controller's clock).
+
+**Metrics** (:class:`MetricsWindow`). Each source reports a number of requests from time to
+time: a replica its running plus queued requests, a router (proxy or handle) the requests waiting
+in its own queue. A source's samples form a right-continuous step function (a value holds until
+the next sample). ``total()`` sums the sources' step functions over the window
+``[start, now]``, where ``start`` is ``now - look_back_period_s`` or, if later, the moment the
+last of the sources sent its first sample (no source is counted as 0 before it first reported),
+and reduces the sum with the aggregation function: the time-weighted mean, or the max or min over
+the window. A window of zero length gives the current sum. A source silent for longer than
+``stale_after_s`` (default: twice the look-back period) is dropped, so sources must report more
+often than that even when their value does not change.
+
+**Decision** (:func:`decide`), once per control-loop tick, for the default policy or a custom one:
+
+1. Cold start: with no running replica and requests waiting, return
+   ``max(ceil(upscaling_factor), target)`` at once, without calling the policy or waiting.
+2. Ask the policy. The default one (``shoal.serve.autoscaling_policy``) already applies the
+   scaling factors; a custom policy's number goes through the same factors here. Both give
+   ``scaled``, which is clamped to ``[min_replicas, max_replicas]``.
+3. Delay, compared with the current ``target``: a move up must be wanted on every tick for
+   ``upscale_delay_s``, a move down for ``downscale_delay_s``; the streak restarts when the
+   direction flips and ends when the wanted number equals the target. A move down from more than
+   one replica stops at 1; only the step 1 -> 0 reaches zero, after
+   ``get_downscale_to_zero_delay_s()``.
+4. The result is clamped to ``[min_replicas, max_replicas]`` again, which takes effect at once.
+
+:class:`Autoscaler` keeps one deployment's window and :class:`DecisionState` between ticks.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import importlib
+import inspect
+import logging
+import math
+from collections.abc import Callable, Collection, Iterable, Mapping
+from itertools import groupby
+from operator import itemgetter
+from typing import Any
+
+from shoal.serve.autoscaling_policy import (
+    _apply_scaling_factors,
+    _ceil,
+    _cold_start_replicas,
+    replica_queue_length_autoscaling_policy,
+)
+from shoal.serve.config import (
+    AggregationFunction,
+    AutoscalingConfig,
+    AutoscalingContext,
+    AutoscalingPolicy,
+    DeploymentID,
+)
+
+__all__ = [
+    "Autoscaler",
+    "DecisionState",
+    "MetricsWindow",
+    "PolicyFn",
+    "build_context",
+    "decide",
+    "load_policy",
+]
+
+logger = logging.getLogger("shoal.controller")
+
+PolicyFn = Callable[[AutoscalingContext], Any]
+"""A loaded policy: ``policy(ctx)`` returns ``(num_replicas, policy_state)`` or a number."""
+
+_time = itemgetter(0)
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def _trim(series: list[tuple[float, float]], cutoff: float) -> None:
+    """Drop samples older than the last one at or before ``cutoff`` (it still gives the value)."""
+    i = bisect.bisect_right(series, cutoff, key=_time) - 1
+    if i > 0:
+        del series[:i]
+
+
+class MetricsWindow:
+    """Time series of request counts per source, reduced over a look-back window.
+
+    Sources are opaque ids (replica ids, router ids). Samples of one source may arrive out of
+    order; two samples at the same time keep the later-recorded value.
+    """
+
+    def __init__(self, stale_after_s: float | None = None) -> None:
+        if stale_after_s is not None and stale_after_s <= 0:
+            raise ValueError(f"stale_after_s must be positive, got {stale_after_s}.")
+        self.stale_after_s = stale_after_s
+        self._series: dict[str, list[tuple[float, float]]] = {}
+        self._keep_s: float | None = None  # last look-back used; bounds memory between totals
+
+    @property
+    def sources(self) -> frozenset[str]:
+        """Ids of the sources currently held (stale ones go at the next ``total()``)."""
+        return frozenset(self._series)
+
+    def record(self, source_id: str, value: float, now: float) -> None:
+        """Record that ``source_id`` had ``value`` (>= 0, finite) requests at time ``now``."""
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"a request count must be finite and >= 0, got {value}.")
+        series = self._series.setdefault(source_id, [])
+        if not series or series[-1][0] <= now:
+            series.append((now, float(value)))
+        else:
+            bisect.insort_right(series, (now, float(value)), key=_time)
+        if self._keep_s is not None:
+            _trim(series, series[-1][0] - self._keep_s)
+
+    def forget(self, source_id: str) -> None:
+        """Drop every sample of ``source_id`` (the replica stopped, the router went away)."""
+        self._series.pop(source_id, None)
+
+    def total(
+        self,
+        now: float,
+        look_back_period_s: float,
+        aggregation: AggregationFunction | str = AggregationFunction.MEAN,
+        *,
+        sources: Collection[str] | None = None,
+    ) -> float:
+        """Summed requests over ``[start, now]`` reduced by ``aggregation`` (module docstring).
+
+        Drops stale sources and samples older than the window. ``sources`` restricts the sum to
+        those ids (the window then starts when the last of *them* first reported). Samples
+        after ``now`` are ignored. No live source gives 0.0.
+        """
+        if look_back_period_s <= 0:
+            raise ValueError(f"look_back_period_s must be positive, got {look_back_period_s}.")
+        agg = AggregationFunction(aggregation)
+        self._keep_s = look_back_period_s
+        cutoff = now - look_back_period_s
+        stale_s = self.stale_after_s if self.stale_after_s is not None else 2 * look_back_period_s
+        live: dict[str, list[tuple[float, float]]] = {}
+        for sid, series in list(self._series.items()):
+            _trim(series, cutoff)
+            n = bisect.bisect_right(series, now, key=_time)
+            if n == 0:
+                continue  # only samples from the future
+            if now - series[n - 1][0] > stale_s:
+                del self._series[sid]
+            elif sources is None or sid in sources:
+                live[sid] = series[:n]
+        if not live:
+            return 0.0
+        start = max(cutoff, max(series[0][0] for series in live.values()))
+        current: dict[str, float] = {}
+        events: list[tuple[float, str, float]] = []
+        for sid, series in live.items():
+            i = bisect.bisect_right(series, start, key=_time)
+            current[sid] = series[i - 1][1]
+            events.extend((t, sid, v) for t, v in series[i:])
+        events.sort(key=_time)  # stable: equal times keep their recording order
+        value = sum(current.values())
+        low = high = value
+        area, prev = 0.0, start
+        for t, group in groupby(events, key=_time):
+            area += value * (t - prev)
+            for _, sid, v in group:
+                current[sid] = v
+            value = sum(current.values())
+            low, high = min(low, value), max(high, value)
+            prev = t
+        area += value * (now - prev)
+        if agg is AggregationFunction.MAX:
+            return high
+        if agg is AggregationFunction.MIN:
+            return low
+        return area / (now - start) if now > start else value
+
+
+# --- policies --------------------------------------------------------------------------------
+
+
+def _import_attr(path: str) -> Any:
+    """Resolve ``"mod.sub:attr.inner"`` or ``"mod.sub.attr"``; ImportError names the path."""
+    if ":" in path:
+        module_name, _, attr = path.partition(":")
+    else:
+        module_name, _, attr = path.rpartition(".")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"Failed to import autoscaling policy {path!r}: {exc}") from exc
+    return obj
+
+
+def load_policy(policy: AutoscalingPolicy | str | Callable[..., Any]) -> PolicyFn:
+    """Return the callable that ``policy`` names.
+
+    An import path is imported; a class is constructed with ``policy_kwargs`` and the instance is
+    returned (it is called once per tick); a function with non-empty ``policy_kwargs`` is bound
+    to them as keyword arguments. Raises ImportError for a path that does not resolve and
+    TypeError for something that cannot be called.
+    """
+    if isinstance(policy, AutoscalingPolicy):
+        target, kwargs = policy.policy_function, dict(policy.policy_kwargs)
+    else:
+        target, kwargs = policy, {}
+    obj = _import_attr(target) if isinstance(target, str) else target
+    if inspect.isclass(obj):
+        obj = obj(**kwargs)
+        kwargs = {}
+    if not callable(obj):
+        raise TypeError(f"Autoscaling policy {target!r} is not callable: {obj!r}.")
+    return functools.partial(obj, **kwargs) if kwargs else obj
+
+
+def _normalize(result: Any, previous_state: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
+    """A policy's return value as ``(num_replicas, policy_state)``; a bare number keeps state."""
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        value, state = result
+        if state is None:
+            state = previous_state
+        elif not isinstance(state, Mapping):
+            raise TypeError(f"policy state must be a dict, got {type(state).__name__}.")
+    else:
+        value, state = result, previous_state
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"an autoscaling policy must return (num_replicas, policy_state) or a number, "
+            f"got {result!r}."
+        )
+    if not math.isfinite(value):
+        raise ValueError(f"an autoscaling policy returned {value} replicas.")
+    return float(value), dict(state)
+
+
+# --- decision --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DecisionState:
+    """What :func:`decide` carries from one tick to the next.
+
+    ``direction`` is +1 during an upscale streak, -1 during a downscale streak, else 0;
+    ``since`` is when the streak started (None without one); ``policy_state`` is the dict the
+    policy returned last, handed back to it as ``ctx.policy_state``.
+    """
+
+    direction: int = 0
+    since: float | None = None
+    policy_state: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def build_context(
+    config: AutoscalingConfig,
+    *,
+    deployment_id: DeploymentID,
+    current_num_replicas: int,
+    target_num_replicas: int,
+    total_num_requests: float,
+    now: float,
+    total_queued_requests: float | None = None,
+    running_replicas: Iterable[Any] = (),
+    policy_state: Mapping[str, Any] | None = None,
+    last_scale_up_time: float | None = None,
+    last_scale_down_time: float | None = None,
+) -> AutoscalingContext:
+    """An ``AutoscalingContext`` whose bounds are ``config``'s (shoal has no target capacity)."""
+    return AutoscalingContext(
+        deployment_id=deployment_id,
+        deployment_name=deployment_id.name,
+        app_name=deployment_id.app_name,
+        current_num_replicas=current_num_replicas,
+        target_num_replicas=target_num_replicas,
+        running_replicas=list(running_replicas),
+        total_num_requests=total_num_requests,
+        total_queued_requests=total_queued_requests,
+        aggregated_metrics={},
+        raw_metrics={},
+        capacity_adjusted_min_replicas=config.min_replicas,
+        capacity_adjusted_max_replicas=config.max_replicas,
+        policy_state=dict(policy_state or {}),
+        last_scale_up_time=last_scale_up_time,
+        last_scale_down_time=last_scale_down_time,
+        current_time=now,
+        config=config,
+    )
+
+
+def _delay(
+    scaled: int, target: int, state: DecisionState, now: float, config: AutoscalingConfig
+) -> tuple[int, int, float | None]:
+    """Step 3: ``(result, direction, since)``; ``result`` is ``target`` until the delay passed."""
+    if scaled == target:
+        return target, 0, None
+    direction = 1 if scaled > target else -1
+    since = state.since if state.direction == direction and state.since is not None else now
+    if direction > 0:
+        delay_s = config.upscale_delay_s
+    elif target == 1:
+        delay_s = config.get_downscale_to_zero_delay_s()
+    else:
+        delay_s = config.downscale_delay_s
+        scaled = max(1, scaled)  # only the step 1 -> 0 reaches zero
+    return (scaled if now - since >= delay_s else target), direction, since
+
+
+def decide(
+    ctx: AutoscalingContext,
+    config: AutoscalingConfig,
+    state: DecisionState,
+    now: float,
+    policy: PolicyFn | None = None,
+) -> tuple[int, DecisionState]:
+    """One tick: return ``(num_replicas, next_state)`` for ``ctx`` (module docstring, steps 1-4).
+
+    ``policy`` None means the default policy. Reads ``ctx.current_num_replicas``,
+    ``target_num_replicas``, ``total_num_requests`` and the capacity-adjusted bounds; the
+    policy sees ``ctx`` with ``config``, ``now`` and ``state.policy_state`` filled in. Exceptions
+    of a custom policy propagate; ``state`` is never mutated.
+    """
+    low, high = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
+    target = ctx.target_num_replicas
+    current = ctx.current_num_replicas
+
+    def clamp(n: int) -> int:
+        return min(max(n, low), high)
+
+    if current == 0 and ctx.total_num_requests > 0:
+        result = clamp(_cold_start_replicas(config, target))
+        return result, DecisionState(policy_state=state.policy_state)
+
+    ctx = dataclasses.replace(
+        ctx, config=config, current_time=now, policy_state=dict(state.policy_state)
+    )
+    if policy is None or policy is replica_queue_length_autoscaling_policy:
+        scaled, policy_state = replica_queue_length_autoscaling_policy(ctx)
+    else:
+        desired, policy_state = _normalize(policy(ctx), state.policy_state)
+        scaled = _apply_scaling_factors(desired, current, config) if current else _ceil(desired)
+    result, direction, since = _delay(clamp(scaled), target, state, now, config)
+    result = clamp(result)
+    if result != target:
+        direction, since = 0, None  # applied: the next move starts a new streak
+    return result, DecisionState(direction, since, policy_state)
+
+
+class Autoscaler:
+    """The autoscaling state of one deployment: its metrics window, streak and policy.
+
+    ``observe``/``forget`` feed the window as metrics arrive; ``target`` runs one tick. A custom
+    policy that raises is logged and leaves the target unchanged for that tick.
+    """
+
+    def __init__(
+        self,
+        deployment_id: DeploymentID,
+        config: AutoscalingConfig,
+        *,
+        stale_after_s: float | None = None,
+    ) -> None:
+        self.deployment_id = deployment_id
+        self.window = MetricsWindow(stale_after_s=stale_after_s)
+        self.state = DecisionState()
+        self.last_scale_up_time: float | None = None
+        self.last_scale_down_time: float | None = None
+        self._routers: set[str] = set()
+        self.config = config
+        self._policy = self._load(config)
+
+    @staticmethod
+    def _load(config: AutoscalingConfig) -> PolicyFn | None:
+        return None if config.policy.is_default_policy_function() else load_policy(config.policy)
+
+    def reconfigure(self, config: AutoscalingConfig) -> None:
+        """Use ``config`` from now on. Metrics are kept; a pending streak is dropped, and so is
+        the policy state when the policy changed. Raises like :func:`load_policy`."""
+        policy = self._load(config)
+        keep = config.policy == self.config.policy
+        self.config, self._policy = config, policy
+        self.state = DecisionState(policy_state=self.state.policy_state if keep else {})
+
+    def observe(self, source_id: str, value: float, now: float, *, queued: bool = False) -> None:
+        """Record a sample; ``queued=True`` marks a router's queue (else a replica's load)."""
+        self.window.record(source_id, value, now)
+        if queued:
+            self._routers.add(source_id)
+        else:
+            self._routers.discard(source_id)
+
+    def forget(self, source_id: str) -> None:
+        """Drop a replica or router that went away, with its samples."""
+        self.window.forget(source_id)
+        self._routers.discard(source_id)
+
+    def target(
+        self,
+        now: float,
+        current_num_replicas: int,
+        current_target: int,
+        running_replicas: Iterable[Any] = (),
+    ) -> int:
+        """Run one tick and return the new target number of replicas.
+
+        ``current_num_replicas`` counts running replicas, ``current_target`` is the target the
+        controller is working towards.
+        """
+        cfg = self.config
+        total = self.window.total(now, cfg.look_back_period_s, cfg.aggregation_function)
+        self._routers &= self.window.sources
+        queued = (
+            self.window.total(
+                now, cfg.look_back_period_s, cfg.aggregation_function, sources=self._routers
+            )
+            if self._routers
+            else None
+        )
+        ctx = build_context(
+            cfg,
+            deployment_id=self.deployment_id,
+            current_num_replicas=current_num_replicas,
+            target_num_replicas=current_target,
+            total_num_requests=total,
+            total_queued_requests=queued,
+            running_replicas=running_replicas,
+            now=now,
+            policy_state=self.state.policy_state,
+            last_scale_up_time=self.last_scale_up_time,
+            last_scale_down_time=self.last_scale_down_time,
+        )
+        try:
+            result, self.state = decide(ctx, cfg, self.state, now, self._policy)
+        except Exception:
+            logger.exception(
+                "autoscaling policy of %s failed; keeping %d replicas",
+                self.deployment_id,
+                current_target,
+            )
+            return current_target
+        if result > current_target:
+            self.last_scale_up_time = now
+        elif result < current_target:
+            self.last_scale_down_time = now
+        return result
