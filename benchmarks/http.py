@@ -10,9 +10,10 @@ What it measures: each target serves ``GET /`` -> ``hello`` (text/plain) from
 * ray: the same deployment as shoal under Ray Serve, when an interpreter with Ray is found.
 
 For every (target, connections) pair, connections 1, 16 and 64 by default, it runs
-``wrk -t min(c, 2) -c c -d D --latency`` after a 2 s warm-up and records requests/s and the
-p50/p99 of wrk's latency distribution, plus wrk's "Non-2xx or 3xx responses" and socket-error
-counts. Without wrk on PATH it says so and uses a built-in asyncio HTTP/1.1 keep-alive client
+``wrk -t min(c, 2) -c c -d D --latency --timeout 10s`` after a 2 s warm-up and records
+requests/s and the p50/p99 of wrk's latency distribution, plus wrk's "Non-2xx or 3xx
+responses" and socket-error counts (wrk leaves responses slower than its ``--timeout`` out of
+the distribution and counts them as timeouts; its default of 2 s would hide Ray's tail). Without wrk on PATH it says so and uses a built-in asyncio HTTP/1.1 keep-alive client
 instead (one process, so it saturates well below wrk: its figures for the bare server are the
 client's limit, not the server's).
 
@@ -274,11 +275,14 @@ def parse_wrk(out: str) -> dict[str, Any]:
     }
 
 
-def run_wrk(url: str, connections: int, duration_s: float) -> dict[str, Any]:
+def run_wrk(url: str, connections: int, duration_s: float, timeout_s: float) -> dict[str, Any]:
     threads = min(connections, 2)
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s", "--latency", url]
+    # wrk takes whole seconds.
+    seconds, timeout = max(1, round(duration_s)), max(1, round(timeout_s))
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    cmd += ["--timeout", f"{timeout}s", url]
     proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=duration_s + 60, check=False
+        cmd, capture_output=True, text=True, timeout=duration_s + timeout_s + 60, check=False
     )
     if proc.returncode != 0:
         raise RuntimeError(f"wrk exit {proc.returncode}: {proc.stderr.strip() or proc.stdout}")
@@ -562,7 +566,7 @@ class Server:
 
 def measure(url: str, connections: int, args: argparse.Namespace) -> dict[str, Any]:
     if args.client == "wrk":
-        return run_wrk(url, connections, args.duration) | {"client": "wrk"}
+        return run_wrk(url, connections, args.duration, args.wrk_timeout) | {"client": "wrk"}
     return run_asyncio_client(url, connections, args.duration) | {"client": "asyncio"}
 
 
@@ -582,6 +586,7 @@ def run_round(
         server.wait_ready(args.ready_timeout_s)
         report["info"] = server.info
         report["ready_s"] = time.perf_counter() - started
+        log(args, f"  ready in {report['ready_s']:.1f} s at {server.info['url']}")
         for c in args.connections:
             if args.warmup > 0:
                 warm = argparse.Namespace(**vars(args) | {"duration": args.warmup})
@@ -603,8 +608,19 @@ def run_round(
     except Exception as exc:  # noqa: BLE001 - reported, the other targets still run
         report["error"] = str(exc)
         log(args, f"  failed: {exc}")
+    except KeyboardInterrupt:
+        report["interrupted"] = True
+        log(args, "  interrupted: stopping the server ...")
     finally:
-        leftovers = server.stop(args.stop_timeout_s)
+        # A second Ctrl-C must not leave the server running: ignore it while stopping.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        started = time.perf_counter()
+        try:
+            leftovers = server.stop(args.stop_timeout_s)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        report["stop_s"] = time.perf_counter() - started
+        log(args, f"  stopped in {report['stop_s']:.1f} s")
         if leftovers:
             report["leftover_pids_killed"] = leftovers
             log(args, f"  {target} left {len(leftovers)} process(es) behind; killed them")
@@ -691,11 +707,11 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
             else:
                 row += f" | {'-':>9} {'-':>7} {'-':>8}"
         s = med.get("shoal", {}).get(c)
-        if "bare" in cols:
+        if "shoal" in cols and "bare" in cols:
             b = med.get("bare", {}).get(c)
             pct = f"{100 * s['requests_per_s'] / b['requests_per_s']:.0f}%" if s and b else "-"
             row += f" | {pct:>10}"
-        if "ray" in cols:
+        if "shoal" in cols and "ray" in cols:
             r = med.get("ray", {}).get(c)
             x = f"{s['requests_per_s'] / r['requests_per_s']:.1f}x" if s and r else "-"
             row += f" | {x:>9}"
@@ -739,7 +755,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         log(args, "wrk was not found on PATH (--client wrk)")
         return 2
     client_desc = (
-        f"wrk {wrk_version()} -t min(c,2) --latency"
+        f"wrk {wrk_version()} -t min(c,2) --latency --timeout {args.wrk_timeout:g}s"
         if args.client == "wrk"
         else "built-in asyncio HTTP/1.1 keep-alive client (wrk absent or not chosen; "
         "one process, so it saturates well below wrk)"
@@ -769,6 +785,8 @@ def orchestrate(args: argparse.Namespace) -> int:
                 report = run_round(t, pythons[t], args, scratch, k)
                 failed |= "error" in report
                 rounds[t].append(report)
+                if report.get("interrupted"):
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
         log(args, "interrupted: servers stopped; partial results follow")
         failed = True
@@ -819,6 +837,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--runs", type=int, default=3, help="rounds, each a fresh server per target (median)")
     add("--max-ongoing-requests", type=int, default=None,
         help="deployment option for shoal and ray (default: the framework's default)")
+    add("--wrk-timeout", type=float, default=10.0,
+        help="wrk --timeout in seconds: wrk leaves slower responses out of its latency "
+        "distribution and counts them as timeouts (its own default is 2)")
     add("--client", choices=("auto", "wrk", "asyncio"), default="auto",
         help="load generator (auto: wrk if on PATH, else the built-in asyncio client)")
     add("--json", action="store_true",

@@ -64,7 +64,6 @@ __all__ = [
     "DecisionState",
     "MetricsWindow",
     "PolicyFn",
-    "build_context",
     "decide",
     "load_policy",
 ]
@@ -185,10 +184,7 @@ class MetricsWindow:
 
 def _import_attr(path: str) -> Any:
     """Resolve ``"mod.sub:attr.inner"`` or ``"mod.sub.attr"``; ImportError names the path."""
-    if ":" in path:
-        module_name, _, attr = path.partition(":")
-    else:
-        module_name, _, attr = path.rpartition(".")
+    module_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
     try:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):
@@ -221,19 +217,13 @@ def load_policy(policy: AutoscalingPolicy | str | Callable[..., Any]) -> PolicyF
 
 def _normalize(result: Any, previous_state: Mapping[str, Any]) -> tuple[float, dict[str, Any]]:
     """A policy's return value as ``(num_replicas, policy_state)``; a bare number keeps state."""
-    if isinstance(result, (tuple, list)) and len(result) == 2:
-        value, state = result
-        if state is None:
-            state = previous_state
-        elif not isinstance(state, Mapping):
-            raise TypeError(f"policy state must be a dict, got {type(state).__name__}.")
-    else:
-        value, state = result, previous_state
+    pair = isinstance(result, (tuple, list)) and len(result) == 2
+    value, state = result if pair else (result, None)
+    state = previous_state if state is None else state
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"an autoscaling policy must return (num_replicas, policy_state) or a number, "
-            f"got {result!r}."
-        )
+        raise TypeError(f"a policy must return (num_replicas, policy_state), got {result!r}.")
+    if not isinstance(state, Mapping):
+        raise TypeError(f"policy state must be a dict, got {type(state).__name__}.")
     if not math.isfinite(value):
         raise ValueError(f"an autoscaling policy returned {value} replicas.")
     return float(value), dict(state)
@@ -254,42 +244,6 @@ class DecisionState:
     direction: int = 0
     since: float | None = None
     policy_state: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def build_context(
-    config: AutoscalingConfig,
-    *,
-    deployment_id: DeploymentID,
-    current_num_replicas: int,
-    target_num_replicas: int,
-    total_num_requests: float,
-    now: float,
-    total_queued_requests: float | None = None,
-    running_replicas: Iterable[Any] = (),
-    policy_state: Mapping[str, Any] | None = None,
-    last_scale_up_time: float | None = None,
-    last_scale_down_time: float | None = None,
-) -> AutoscalingContext:
-    """An ``AutoscalingContext`` whose bounds are ``config``'s (shoal has no target capacity)."""
-    return AutoscalingContext(
-        deployment_id=deployment_id,
-        deployment_name=deployment_id.name,
-        app_name=deployment_id.app_name,
-        current_num_replicas=current_num_replicas,
-        target_num_replicas=target_num_replicas,
-        running_replicas=list(running_replicas),
-        total_num_requests=total_num_requests,
-        total_queued_requests=total_queued_requests,
-        aggregated_metrics={},
-        raw_metrics={},
-        capacity_adjusted_min_replicas=config.min_replicas,
-        capacity_adjusted_max_replicas=config.max_replicas,
-        policy_state=dict(policy_state or {}),
-        last_scale_up_time=last_scale_up_time,
-        last_scale_down_time=last_scale_down_time,
-        current_time=now,
-        config=config,
-    )
 
 
 def _delay(
@@ -325,8 +279,7 @@ def decide(
     of a custom policy propagate; ``state`` is never mutated.
     """
     low, high = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
-    target = ctx.target_num_replicas
-    current = ctx.current_num_replicas
+    target, current = ctx.target_num_replicas, ctx.current_num_replicas
 
     def clamp(n: int) -> int:
         return min(max(n, low), high)
@@ -370,17 +323,15 @@ class Autoscaler:
         self.last_scale_up_time: float | None = None
         self.last_scale_down_time: float | None = None
         self._routers: set[str] = set()
+        self._policy: PolicyFn | None = None
         self.config = config
-        self._policy = self._load(config)
-
-    @staticmethod
-    def _load(config: AutoscalingConfig) -> PolicyFn | None:
-        return None if config.policy.is_default_policy_function() else load_policy(config.policy)
+        self.reconfigure(config)
 
     def reconfigure(self, config: AutoscalingConfig) -> None:
         """Use ``config`` from now on. Metrics are kept; a pending streak is dropped, and so is
         the policy state when the policy changed. Raises like :func:`load_policy`."""
-        policy = self._load(config)
+        default = config.policy.is_default_policy_function()
+        policy = None if default else load_policy(config.policy)
         keep = config.policy == self.config.policy
         self.config, self._policy = config, policy
         self.state = DecisionState(policy_state=self.state.policy_state if keep else {})
@@ -388,10 +339,7 @@ class Autoscaler:
     def observe(self, source_id: str, value: float, now: float, *, queued: bool = False) -> None:
         """Record a sample; ``queued=True`` marks a router's queue (else a replica's load)."""
         self.window.record(source_id, value, now)
-        if queued:
-            self._routers.add(source_id)
-        else:
-            self._routers.discard(source_id)
+        (self._routers.add if queued else self._routers.discard)(source_id)
 
     def forget(self, source_id: str) -> None:
         """Drop a replica or router that went away, with its samples."""
@@ -410,37 +358,34 @@ class Autoscaler:
         ``current_num_replicas`` counts running replicas, ``current_target`` is the target the
         controller is working towards.
         """
-        cfg = self.config
-        total = self.window.total(now, cfg.look_back_period_s, cfg.aggregation_function)
+        cfg, dep = self.config, self.deployment_id
+        look_back_s, agg = cfg.look_back_period_s, cfg.aggregation_function
+        total = self.window.total(now, look_back_s, agg)
         self._routers &= self.window.sources
-        queued = (
-            self.window.total(
-                now, cfg.look_back_period_s, cfg.aggregation_function, sources=self._routers
-            )
-            if self._routers
-            else None
-        )
-        ctx = build_context(
-            cfg,
-            deployment_id=self.deployment_id,
+        queued = self.window.total(now, look_back_s, agg, sources=self._routers)
+        ctx = AutoscalingContext(
+            deployment_id=dep,
+            deployment_name=dep.name,
+            app_name=dep.app_name,
             current_num_replicas=current_num_replicas,
             target_num_replicas=current_target,
+            running_replicas=list(running_replicas),
             total_num_requests=total,
-            total_queued_requests=queued,
-            running_replicas=running_replicas,
-            now=now,
-            policy_state=self.state.policy_state,
+            total_queued_requests=queued if self._routers else None,
+            aggregated_metrics={},
+            raw_metrics={},
+            capacity_adjusted_min_replicas=cfg.min_replicas,  # shoal has no target capacity
+            capacity_adjusted_max_replicas=cfg.max_replicas,
+            policy_state=dict(self.state.policy_state),
             last_scale_up_time=self.last_scale_up_time,
             last_scale_down_time=self.last_scale_down_time,
+            current_time=now,
+            config=cfg,
         )
         try:
             result, self.state = decide(ctx, cfg, self.state, now, self._policy)
         except Exception:
-            logger.exception(
-                "autoscaling policy of %s failed; keeping %d replicas",
-                self.deployment_id,
-                current_target,
-            )
+            logger.exception("autoscaling policy of %s failed; target stays", dep)
             return current_target
         if result > current_target:
             self.last_scale_up_time = now

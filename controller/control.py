@@ -34,6 +34,8 @@ class ControlServer:
         self._ops: dict[str, Callable[[dict[str, Any], tuple[bytes, ...]], Awaitable[dict[str, Any]]]] = {
             "ping": self._ping,
             "deploy": self._deploy,
+            "deploy_many": self._deploy_many,
+            "configs": self._configs,
             "wait_app": self._wait_app,
             "delete": self._delete,
             "status": self._status,
@@ -86,6 +88,14 @@ class ControlServer:
     async def _deploy(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
         self.controller.deploy_app(wire.unpack(payload[0]))
         return {}
+
+    async def _deploy_many(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
+        self.controller.deploy_apps(wire.unpack(payload[0]), declarative=bool(meta.get("declarative")))
+        return {}
+
+    async def _configs(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
+        apps = self.controller.apps.values()
+        return {"configs": {a.name: a.config_source for a in apps if a.config_source is not None}}
 
     async def _wait_app(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
         app = await self.controller.wait_app(meta["name"], meta.get("timeout_s"))

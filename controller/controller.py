@@ -117,6 +117,7 @@ class AppState:
     deployed_at: float = field(default_factory=time.time)
     deleting: bool = False
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    config_source: dict[str, Any] | None = None  # the config-file entry it was deployed from
 
 
 def definition_version(definition: bytes, config: dict[str, Any], code_hash: str) -> str:
@@ -150,8 +151,33 @@ class Controller:
 
     # -- API used by the control server ---------------------------------------------------------
 
+    def deploy_apps(self, specs: list[dict[str, Any]], *, declarative: bool) -> None:
+        """Deploy several applications at once (a config file): all are checked before any
+        changes; ``declarative`` also deletes the applications ``specs`` does not name."""
+        names = [spec["name"] for spec in specs]
+        keep = set(names) if declarative else set(names) | set(self.apps)
+        taken: dict[str, str] = {}
+        for app in self.apps.values():
+            if app.name in keep and app.name not in names and app.route_prefix is not None and not app.deleting:
+                taken[app.route_prefix] = app.name
+        for spec in specs:
+            prefix = spec.get("route_prefix")
+            if prefix is not None and prefix in taken:
+                raise ControllerError(
+                    f'Prefix {prefix} is being used by application "{taken[prefix]}". '
+                    f'Failed to deploy application "{spec["name"]}".'
+                )
+            if prefix is not None:
+                taken[prefix] = spec["name"]
+        for spec in specs:
+            self.deploy_app(spec)
+        if declarative:
+            for name in list(self.apps):
+                if name not in keep:
+                    self.delete_app(name)
+
     def deploy_app(self, spec: dict[str, Any]) -> None:
-        """Create or replace an application (``spec`` as built by ``shoal.serve.api``)."""
+        """Create or replace an application (``spec`` as built by ``shoal.serve._build``)."""
         name = spec["name"]
         prefix = spec.get("route_prefix")
         if self._stopping:
@@ -196,6 +222,7 @@ class Controller:
             app = AppState(name, prefix, spec["ingress"], deployments, changed=old.changed)
         else:
             app = AppState(name, prefix, spec["ingress"], deployments)
+        app.config_source = spec.get("config_source")
         self.apps[name] = app
         self.reconcile()
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from shoal.controller import rundir
 from shoal.runtime.errors import RayServeException, ShoalConnectionError
 
@@ -45,7 +47,8 @@ class Instance:
         return self.process is not None
 
     def wait_stopped(self, timeout_s: float) -> None:
-        """For a private instance: close the lifeline and wait for the supervisor to exit."""
+        """Wait for the supervisor to exit (after it was asked to). For a private instance,
+        close the lifeline first; it is killed if it outlives ``timeout_s``."""
         if self.lifeline_fd is not None:
             os.close(self.lifeline_fd)
             self.lifeline_fd = None
@@ -55,6 +58,16 @@ class Instance:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+            return
+        pid = rundir.supervisor_pid(self.run_dir)
+        if pid is None:
+            return
+        try:
+            psutil.Process(pid).wait(timeout_s)
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.TimeoutExpired:
+            logger.warning("the shoal supervisor (pid %d) did not stop within %.0fs", pid, timeout_s)
 
 
 def run_dir_from_address(address: str) -> Path:

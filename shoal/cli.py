@@ -1,133 +1,288 @@
-"""The ``shoal`` command: run, start, status, shutdown.
+"""The ``shoal`` command: run, start, deploy, status, config, build, shutdown.
 
-``shoal run IMPORT_PATH`` serves an application in the foreground until Ctrl-C, which drains and
-exits 0. ``shoal start`` starts this user's default instance, detached; ``serve.run`` in any
-script of this user then deploys to it. (Config files, ``deploy``, ``build`` and ``--reload``
-come with the controller work.)
+Every command has ``--help``; errors print one ``shoal: ...`` line saying what was wrong and
+exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import signal
 import sys
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
-
-def import_attr(import_path: str) -> Any:
-    """``module.sub:attr`` or ``module.sub.attr``; ImportError naming what was not found."""
-    if ":" in import_path:
-        module_name, _, attr = import_path.partition(":")
-    else:
-        module_name, _, attr = import_path.rpartition(".")
-    if not module_name or not attr:
-        raise ImportError(
-            f"'{import_path}' is not an import path; use 'module:attribute', e.g. 'app:app'."
-        )
-    module = importlib.import_module(module_name)
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ImportError(f"module '{module_name}' has no attribute '{attr}'") from None
+_DEFAULT_ADDRESS_HELP = "run directory of the instance (default: $SHOAL_ADDRESS, then your default instance)"
 
 
-def build_application(import_path: str, args: dict[str, str]) -> Any:
-    """The Application at ``import_path``, calling it with ``args`` if it is a builder."""
-    from shoal.serve.deployment import Application
-
-    target = import_attr(import_path)
-    if isinstance(target, Application):
-        if args:
-            raise ValueError(
-                "Arguments can only be passed to an application builder function, not an "
-                "already built application."
-            )
-        return target
-    if callable(target):
-        app = target(args)
-        if not isinstance(app, Application):
-            raise TypeError(f"the builder '{import_path}' returned {type(app).__name__}, not an Application")
-        return app
-    raise TypeError(f"'{import_path}' is neither an Application nor a builder function")
-
-
-def _wait_for_signal() -> None:
-    """Block until SIGINT (Ctrl-C) or SIGTERM."""
+def _wait_for_signal(reload_dir: Path | None = None, on_change: Any = None, process: Any = None) -> None:
+    """Block until SIGINT (Ctrl-C), SIGTERM or the exit of ``process`` (a Popen); with
+    ``reload_dir``, call ``on_change`` whenever a Python file under it changes."""
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    if process is not None:
+        threading.Thread(target=lambda: (process.wait(), stop.set()), daemon=True).start()
+    if reload_dir is None:
+        stop.wait()
+        return
+    import watchfiles
+
+    for _changes in watchfiles.watch(reload_dir, watch_filter=watchfiles.PythonFilter(), stop_event=stop):
+        on_change()
 
 
-def _parse_args_kv(pairs: list[str]) -> dict[str, str]:
+def _key_values(pairs: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"shoal: Invalid application argument '{pair}', must be of the form '<key>=<val>'.")
+            raise ValueError(f"Invalid application argument '{pair}', must be of the form '<key>=<val>'.")
         out[key] = value
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shoal", description="Serve Python deployments on one machine.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _is_config_file(target: str) -> bool:
+    return target.endswith((".yaml", ".yml")) or Path(target).is_file()
 
-    run = sub.add_parser("run", help="serve an application in the foreground until Ctrl-C")
-    run.add_argument("import_path", help="module:attribute of an Application or a builder function")
-    run.add_argument("arguments", nargs="*", help="key=value arguments for a builder function")
-    run.add_argument("--name", default="default", help="application name (default: default)")
-    run.add_argument("--route-prefix", default="/", help="HTTP route prefix (default: /)")
-    run.add_argument("--app-dir", "-d", default=".", help="directory prepended to sys.path (default: .)")
-    run.add_argument("--host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
-    run.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000; 0 picks one)")
 
-    start = sub.add_parser("start", help="start this user's default instance, detached")
-    start.add_argument("--http-host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
-    start.add_argument("--http-port", type=int, default=8000, help="HTTP port (default: 8000)")
+def _specs_for(target: str, arguments: list[str], name: str, route_prefix: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """App specs for ``shoal run``/``deploy`` and the http_options a config file sets."""
+    from shoal.serve import config_file
+    from shoal.serve.schema import ServeApplicationSchema
 
-    sub.add_parser("status", help="print the running instance's status as JSON")
-    sub.add_parser("shutdown", help="stop the running instance")
-    args = parser.parse_args(argv)
+    if _is_config_file(target):
+        if arguments:
+            raise ValueError("key=value arguments go in the config file's `args`, not on the command line.")
+        schema = config_file.load(target)
+        return config_file.build_specs(schema), schema.http_options.model_dump()
+    app = ServeApplicationSchema(name=name, route_prefix=route_prefix, import_path=target, args=_key_values(arguments))
+    return [config_file.app_spec(app, "application")], None
 
+
+def cmd_run(args: argparse.Namespace) -> int:
     from shoal.controller import launch, rundir
-    from shoal.runtime.errors import RayServeException
+    from shoal.serve import api
+    from shoal.serve.config import HTTPOptions
+
+    app_dir = os.path.abspath(args.app_dir)
+    sys.path.insert(0, app_dir)
+    specs, file_http = _specs_for(args.target, args.arguments, args.name, args.route_prefix)
+    http = dict(file_http or {})
+    if args.host is not None or file_http is None:
+        http["host"] = args.host or "127.0.0.1"
+    if args.port is not None or file_http is None:
+        http["port"] = args.port if args.port is not None else 8000
+    # The foreground instance lives in your default run directory, so `shoal status`,
+    # `shoal deploy` and scripts find it; it stops with this command.
+    owned = None
+    if launch.find_running() is None:
+        owned = launch.start_supervisor(
+            rundir.instance_dir("default"), private=True, http_options=HTTPOptions(**http).model_dump()
+        )
+    api.deploy_specs(specs, declarative=True, wait=True)
+    names = ", ".join(f"'{s['name']}' at {s.get('route_prefix') or '(no route)'}" for s in specs)
+    print(f"shoal: serving {names} on {api.get_http_url()} (Ctrl-C stops)", flush=True)
+
+    def redeploy() -> None:
+        try:
+            import importlib
+
+            for module in list(sys.modules.values()):
+                path = getattr(module, "__file__", None) or ""
+                if path.startswith(app_dir) and module.__name__ != "__main__":
+                    importlib.reload(module)
+            fresh, _ = _specs_for(args.target, args.arguments, args.name, args.route_prefix)
+            api.deploy_specs(fresh, declarative=True, wait=True)
+            print("shoal: files changed; redeployed", flush=True)
+        except Exception as exc:  # keep serving the old version
+            print(f"shoal: redeploy failed, still serving the previous version: {exc}", file=sys.stderr, flush=True)
+
+    _wait_for_signal(Path(app_dir) if args.reload else None, redeploy, owned.process if owned else None)
+    print("shoal: draining and stopping", flush=True)
+    api.shutdown()
+    if owned is not None:
+        owned.wait_stopped(timeout_s=60)
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from shoal.controller import launch, rundir
+    from shoal.serve.config import HTTPOptions
+
+    running = launch.find_running()
+    if running is not None:
+        print(f"shoal is already running in {running.run_dir}")
+        return 0
+    options = HTTPOptions(host=args.http_host, port=args.http_port).model_dump()
+    instance = launch.start_supervisor(rundir.instance_dir("default"), private=False, http_options=options)
+    print(
+        f"shoal started (supervisor pid {instance.process.pid if instance.process else '?'}).\n"
+        f"Scripts you run deploy to it with serve.run(); other users of this account: "
+        f"SHOAL_ADDRESS={instance.run_dir}\n"
+        f"HTTP: http://{args.http_host}:{args.http_port}   stop it with: shoal shutdown"
+    )
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
     from shoal.serve import api
 
-    try:
-        if args.command == "run":
-            sys.path.insert(0, os.path.abspath(args.app_dir))
-            app = build_application(args.import_path, _parse_args_kv(args.arguments))
-            api.start(http_options={"host": args.host, "port": args.port})
-            api.run(app, name=args.name, route_prefix=args.route_prefix)
-            print(f"shoal: serving '{args.import_path}' at {api.get_http_url()}{args.route_prefix} (Ctrl-C stops)", flush=True)
-            _wait_for_signal()
-            print("shoal: draining and stopping", flush=True)
-            api.shutdown()
-            return 0
-        if args.command == "start":
-            running = launch.find_running()
-            if running is not None:
-                print(f"shoal is already running: SHOAL_ADDRESS={running.run_dir}")
-                return 0
-            options = {"host": args.http_host, "port": args.http_port}
-            from shoal.serve.config import HTTPOptions
+    sys.path.insert(0, os.path.abspath(args.app_dir))
+    specs, _ = _specs_for(args.target, args.arguments, args.name, args.route_prefix)
+    api.deploy_specs(specs, declarative=True, wait=args.wait)
+    print("Sent deploy request successfully." + ("" if args.wait else " Watch it with `shoal status`."))
+    return 0
 
-            instance = launch.start_supervisor(
-                rundir.instance_dir("default"), private=False, http_options=HTTPOptions(**options).model_dump()
-            )
-            print(f"shoal started. Scripts of this user deploy to it; elsewhere set SHOAL_ADDRESS={instance.run_dir}")
-            return 0
-        if args.command == "status":
-            print(json.dumps(api.status().to_dict(), indent=2))
-            return 0
-        api.shutdown()
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from shoal.serve import api
+
+    status = api.status().to_dict()
+    if args.name:
+        status["applications"] = {k: v for k, v in status["applications"].items() if k == args.name}
+    if args.json:
+        print(json.dumps(status, indent=2))
+    elif args.yaml:
+        import yaml
+
+        print(yaml.safe_dump(status, sort_keys=False), end="")
+    else:
+        print(format_status(status))
+    return 0
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A readable table of applications, deployments and replicas."""
+    if not status["applications"]:
+        return "No applications are running."
+    lines = [f"proxy: {', '.join(f'{k} {v}' for k, v in status['proxies'].items()) or 'none'}", ""]
+    rows = [("APPLICATION", "STATUS", "DEPLOYMENT", "STATUS", "REPLICAS", "RESTARTS", "PIDS")]
+    for app_name, app in sorted(status["applications"].items()):
+        for dep_name, dep in sorted(app["deployments"].items()) or [("-", None)]:
+            if dep is None:
+                rows.append((app_name, app["status"], "-", "-", "-", "-", "-"))
+                continue
+            states = ", ".join(f"{n} {s}" for s, n in sorted(dep["replica_states"].items())) or "0"
+            pids = " ".join(str(r["pid"]) for r in dep.get("replicas", []) if r.get("pid"))
+            rows.append((app_name, app["status"], dep_name, dep["status"], states, str(dep.get("restarts", 0)), pids or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    for app_name, app in sorted(status["applications"].items()):
+        if app["message"]:
+            lines += ["", f"{app_name}: {app['message']}"]
+        for dep_name, dep in sorted(app["deployments"].items()):
+            if dep.get("last_error") and dep["last_error"] not in app["message"]:
+                lines += ["", f"{app_name}/{dep_name} last error: {dep['last_error']}"]
+    return "\n".join(lines)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from shoal.serve import api
+
+    configs = api.configs()
+    if args.name:
+        configs = {k: v for k, v in configs.items() if k == args.name}
+    if not configs:
+        print("No configuration was found.")
         return 0
-    except (RayServeException, ImportError, TypeError, ValueError, RuntimeError) as exc:
+    print("\n---\n\n".join(yaml.safe_dump(c, sort_keys=False) for _, c in sorted(configs.items())), end="")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    import yaml
+
+    from shoal.serve import config_file
+
+    sys.path.insert(0, os.path.abspath(args.app_dir))
+    text = yaml.safe_dump(config_file.build_config(args.import_paths), sort_keys=False)
+    if args.output_path:
+        Path(args.output_path).write_text(text)
+        print(f"Wrote {args.output_path}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    from shoal.serve import api
+
+    if not args.yes and sys.stdin.isatty():
+        answer = input("This stops the shoal instance and every application on it. Continue? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("Not stopped.")
+            return 1
+    started = time.monotonic()
+    api.shutdown()
+    print(f"shoal stopped ({time.monotonic() - started:.1f}s).")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shoal", description="Serve Python deployments on one machine (Ray Serve's API, without Ray).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def app_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("target", metavar="IMPORT_PATH|CONFIG.yaml", help="module:attribute of an Application or builder, or a config file")
+        p.add_argument("arguments", nargs="*", metavar="key=value", help="arguments for a builder function")
+        p.add_argument("--name", default="default", help="application name, import-path mode (default: default)")
+        p.add_argument("--route-prefix", default="/", help="HTTP route prefix, import-path mode (default: /)")
+        p.add_argument("--app-dir", "-d", default=".", help="directory prepended to sys.path (default: .)")
+
+    run = sub.add_parser("run", help="serve in the foreground until Ctrl-C (which drains and exits 0)")
+    app_args(run)
+    run.add_argument("--host", help="HTTP host (default: 127.0.0.1, or the config file's)")
+    run.add_argument("--port", type=int, help="HTTP port (default: 8000, or the config file's; 0 picks one)")
+    run.add_argument("--reload", "-r", action="store_true", help="redeploy when Python files under --app-dir change")
+    run.set_defaults(func=cmd_run)
+
+    start = sub.add_parser("start", help="start your default instance, detached")
+    start.add_argument("--http-host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
+    start.add_argument("--http-port", type=int, default=8000, help="HTTP port (default: 8000)")
+    start.set_defaults(func=cmd_start)
+
+    deploy = sub.add_parser("deploy", help="deploy a config file to the running instance; apps not in it are deleted")
+    app_args(deploy)
+    deploy.add_argument("--wait", action="store_true", help="return once every application is RUNNING")
+    deploy.set_defaults(func=cmd_deploy)
+
+    status = sub.add_parser("status", help="applications, deployments and replicas of the running instance")
+    status.add_argument("--name", "-n", help="only this application")
+    fmt = status.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON")
+    fmt.add_argument("--yaml", action="store_true", help="print YAML")
+    status.set_defaults(func=cmd_status)
+
+    config = sub.add_parser("config", help="print each application's last deployed config")
+    config.add_argument("--name", "-n", help="only this application")
+    config.set_defaults(func=cmd_config)
+
+    build = sub.add_parser("build", help="write a config file for one or more import paths")
+    build.add_argument("import_paths", nargs="+", metavar="IMPORT_PATH")
+    build.add_argument("--app-dir", "-d", default=".", help="directory prepended to sys.path (default: .)")
+    build.add_argument("--output-path", "-o", help="file to write (default: stdout)")
+    build.set_defaults(func=cmd_build)
+
+    shutdown = sub.add_parser("shutdown", help="stop the running instance and its applications")
+    shutdown.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    shutdown.set_defaults(func=cmd_shutdown)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from shoal.runtime.errors import RayServeException
+
+    try:
+        return int(args.func(args))
+    except (RayServeException, ImportError, TypeError, ValueError, RuntimeError, OSError) as exc:
         print(f"shoal: {exc}", file=sys.stderr)
         return 1
 

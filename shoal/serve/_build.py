@@ -9,6 +9,7 @@ two different ones with the same name are renamed ``Name_1``, ``Name_2``, ... (R
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import logging
 import os
@@ -20,7 +21,7 @@ import cloudpickle
 
 from shoal.runtime.handle import DeploymentHandle
 from shoal.serve._deployment_config import DeploymentConfig
-from shoal.serve.deployment import Application
+from shoal.serve.deployment import Application, Deployment
 
 logger = logging.getLogger("shoal.serve")
 
@@ -94,6 +95,41 @@ def code_hash(func_or_class: Any) -> str:
     return ""
 
 
+class _DeploymentClassRef:
+    """Pickles as a reference to a class that a module exposes only through its Deployment.
+
+    ``@serve.deployment class Model`` leaves ``module.Model`` bound to the Deployment, so pickle
+    cannot find the class by name and cloudpickle would copy it by value, with an identity that
+    changes in every process: a redeploy of unchanged code would then look like new code.
+    """
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def __reduce__(self) -> Any:
+        return (_deployment_class, (self.target.__module__, self.target.__qualname__))
+
+
+def _deployment_class(module: str, qualname: str) -> Any:
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj.func_or_class if isinstance(obj, Deployment) else obj
+
+
+def _by_reference(target: Any) -> Any:
+    """``target``, or a reference to it if its module exposes it only through a Deployment."""
+    module = sys.modules.get(getattr(target, "__module__", "") or "")
+    if module is None or module.__name__ == "__main__":
+        return target
+    obj: Any = module
+    for part in getattr(target, "__qualname__", "").split("."):
+        obj = getattr(obj, part, None)
+    if isinstance(obj, Deployment) and obj.func_or_class is target:
+        return _DeploymentClassRef(target)
+    return target
+
+
 def to_spec(
     deployments: list[BuiltDeployment], ingress: str, app_name: str, route_prefix: str | None
 ) -> dict[str, Any]:
@@ -101,7 +137,7 @@ def to_spec(
     entries = []
     for d in deployments:
         try:
-            definition = cloudpickle.dumps((d.func_or_class, d.init_args, d.init_kwargs))
+            definition = cloudpickle.dumps((_by_reference(d.func_or_class), d.init_args, d.init_kwargs))
         except Exception as exc:
             raise TypeError(
                 f"The definition or the constructor arguments of deployment '{d.name}' cannot be "

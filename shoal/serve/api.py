@@ -11,7 +11,7 @@ import logging
 import threading
 from typing import Any
 
-from shoal.controller import launch
+from shoal.controller import launch, rundir
 from shoal.runtime import client, context, wire
 from shoal.runtime.errors import RayServeException
 from shoal.runtime.handle import DeploymentHandle
@@ -125,6 +125,35 @@ def run(
     return handle
 
 
+def deploy_specs(specs: list[dict[str, Any]], *, declarative: bool, wait: bool, start: bool = False) -> None:
+    """Deploy config-file applications (built by ``config_file.build_specs``) in one step.
+
+    ``declarative``: applications not in ``specs`` are deleted. ``wait``: return once every app is
+    RUNNING (RuntimeError naming the ones that failed). ``start``: start an instance if none runs.
+    """
+    rt = _runtime(start=start)
+    if rt is None:
+        raise RayServeException("No shoal instance is running; start one with `shoal start`.")
+    rt.call_sync("deploy_many", {"declarative": declarative}, (wire.pack(specs),))
+    if not wait:
+        return
+    failures = []
+    for spec in specs:
+        reply, _ = rt.call_sync("wait_app", {"name": spec["name"]}, timeout_s=None)
+        if reply.get("exists") and reply["status"] == "DEPLOY_FAILED":
+            failures.append(f"Application '{spec['name']}':\n{reply['message']}")
+    if failures:
+        raise RuntimeError("Deploying failed:\n" + "\n".join(failures))
+
+
+def configs() -> dict[str, Any]:
+    """The config-file entry each running application was last deployed from."""
+    rt = _runtime(start=False)
+    if rt is None:
+        return {}
+    return rt.call_sync("configs")[0]["configs"]
+
+
 def _run_local(target: Application, name: str) -> DeploymentHandle[Any]:
     global _local
     with _lock:
@@ -186,13 +215,15 @@ def shutdown() -> None:
                 return
             rt = client.connect_driver(instance.control_endpoint)
             _instance = instance
-        try:
-            rt.call_sync("shutdown")
-        except RayServeException:
-            logger.debug("the supervisor did not answer shutdown", exc_info=True)
+        gone = _instance is not None and rundir.supervisor_pid(_instance.run_dir) is None
+        if not gone:
+            try:
+                rt.call_sync("shutdown")
+            except RayServeException:
+                logger.debug("the supervisor did not answer shutdown", exc_info=True)
         client.close_driver()
         if _instance is not None:
-            _instance.wait_stopped(timeout_s=60)
+            _instance.wait_stopped(timeout_s=90)
         _instance = None
 
 

@@ -1,4 +1,4 @@
-"""Autoscaling policies of ``shoal.serve.autoscaling_policy`` (Ray Serve's ``ray.serve.autoscaling_policy``).
+"""Autoscaling policies (Ray Serve's ``ray.serve.autoscaling_policy``).
 
 A policy is a pure function of an :class:`~shoal.serve.config.AutoscalingContext` that returns
 ``(num_replicas, policy_state)``. The default, :func:`replica_queue_length_autoscaling_policy`

@@ -191,13 +191,30 @@ class ProxyStatus(str, Enum):
 
 
 @dataclass
+class ReplicaDetails:
+    """One replica (a shoal extension of Ray's overview): id, state, pid, code version."""
+
+    replica_id: str
+    state: ReplicaState
+    pid: int | None = None
+    version: str = ""
+
+
+@dataclass
 class DeploymentStatusOverview:
-    """Status of one deployment; ``replica_states`` counts replicas per ``ReplicaState``."""
+    """Status of one deployment; ``replica_states`` counts replicas per ``ReplicaState``.
+
+    Beyond Ray's fields: ``replicas`` (each with its pid), ``restarts`` (replicas replaced after
+    a crash or failed health checks) and ``last_error``.
+    """
 
     status: DeploymentStatus
     status_trigger: DeploymentStatusTrigger
     replica_states: dict[str, int]
     message: str = ""
+    replicas: list[ReplicaDetails] = field(default_factory=list)
+    restarts: int = 0
+    last_error: str = ""
 
 
 @dataclass
@@ -208,6 +225,8 @@ class ApplicationStatusOverview:
     message: str
     last_deployed_time_s: float
     deployments: dict[str, DeploymentStatusOverview]
+    route_prefix: str | None = None
+    ingress: str = ""
 
 
 @dataclass(eq=True)
@@ -236,9 +255,18 @@ class ServeStatus:
                                 for state, count in dep.replica_states.items()
                             },
                             "message": dep.message,
+                            "replicas": [
+                                {"replica_id": r.replica_id, "state": ReplicaState(r.state).value,
+                                 "pid": r.pid, "version": r.version}
+                                for r in dep.replicas
+                            ],
+                            "restarts": dep.restarts,
+                            "last_error": dep.last_error,
                         }
                         for dname, dep in app.deployments.items()
                     },
+                    "route_prefix": app.route_prefix,
+                    "ingress": app.ingress,
                 }
                 for name, app in self.applications.items()
             },
@@ -263,9 +291,17 @@ class ServeStatus:
                                 ReplicaState(s): n for s, n in dep["replica_states"].items()
                             },
                             message=dep.get("message", ""),
+                            replicas=[
+                                ReplicaDetails(r["replica_id"], ReplicaState(r["state"]), r.get("pid"), r.get("version", ""))
+                                for r in dep.get("replicas", [])
+                            ],
+                            restarts=dep.get("restarts", 0),
+                            last_error=dep.get("last_error", ""),
                         )
                         for dname, dep in app["deployments"].items()
                     },
+                    route_prefix=app.get("route_prefix"),
+                    ingress=app.get("ingress", ""),
                 )
                 for name, app in d.get("applications", {}).items()
             },

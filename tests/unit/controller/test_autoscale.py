@@ -11,7 +11,6 @@ from shoal.controller.autoscale import (
     DecisionState,
     MetricsWindow,
     PolicyFn,
-    build_context,
     decide,
     load_policy,
 )
@@ -38,13 +37,24 @@ def _config(**kwargs: Any) -> AutoscalingConfig:
 def _ctx(
     config: AutoscalingConfig, *, current: int, target: int | None = None, total: float
 ) -> AutoscalingContext:
-    return build_context(
-        config,
+    return AutoscalingContext(
         deployment_id=DEP,
+        deployment_name=DEP.name,
+        app_name=DEP.app_name,
         current_num_replicas=current,
         target_num_replicas=current if target is None else target,
+        running_replicas=[],
         total_num_requests=total,
-        now=0.0,
+        total_queued_requests=None,
+        aggregated_metrics={},
+        raw_metrics={},
+        capacity_adjusted_min_replicas=config.min_replicas,
+        capacity_adjusted_max_replicas=config.max_replicas,
+        policy_state={},
+        last_scale_up_time=None,
+        last_scale_down_time=None,
+        current_time=None,
+        config=config,
     )
 
 
@@ -393,6 +403,10 @@ def bare_int_policy(ctx: AutoscalingContext) -> int:
     return 3
 
 
+def kwarg_policy(ctx: AutoscalingContext, *, n: int) -> int:
+    return n
+
+
 class FixedPolicy:
     def __init__(self, replicas: int) -> None:
         self.replicas = replicas
@@ -423,8 +437,8 @@ def test_load_policy_instantiates_a_class_with_policy_kwargs() -> None:
 
 def test_load_policy_accepts_a_callable_and_binds_function_kwargs() -> None:
     assert load_policy(my_policy) is my_policy
-    bound = load_policy(AutoscalingPolicy(policy_function=FixedPolicy(2).__call__))
-    assert bound(_ctx(_config(), current=1, total=0)) == (2, {})
+    bound = load_policy(AutoscalingPolicy(policy_function=kwarg_policy, policy_kwargs={"n": 4}))
+    assert bound(_ctx(_config(), current=1, total=0)) == 4
 
 
 def test_load_policy_errors() -> None:
