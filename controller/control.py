@@ -42,6 +42,7 @@ class ControlServer:
             "listen": self._listen,
             "shutdown": self._shutdown,
             "proxy_ready": self._proxy_ready,
+            "metrics": self._metrics,
         }
 
     def close(self) -> None:
@@ -121,6 +122,10 @@ class ControlServer:
         if meta.get("role") == "proxy" and self.controller.proxy is not None:
             self.controller.proxy.on_listen(version)
         return {"snapshot": await self.controller.wait_snapshot(version)}
+
+    async def _metrics(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
+        self.controller.record_queued(meta.get("source", "router"), meta.get("queued", {}))
+        return {}
 
     async def _proxy_ready(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
         if meta.get("protocol") != wire.PROTOCOL_VERSION:

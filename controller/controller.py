@@ -25,15 +25,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shoal.controller import rundir
+from shoal.controller.autoscale import Autoscaler
 from shoal.controller.health import HealthMonitor
 from shoal.controller.process import WorkerProcess
-from shoal.controller.replica_control import RECONFIGURE_METHOD, ReplicaControl
+from shoal.controller.replica_control import METRICS_METHOD, RECONFIGURE_METHOD, ReplicaControl
 from shoal.runtime import wire
 from shoal.runtime.logs import replica_prefix
+from shoal.serve._deployment_config import DeploymentConfig
+from shoal.serve.config import DeploymentID
 from shoal.serve.schema import ApplicationStatus, DeploymentStatus, DeploymentStatusTrigger, ReplicaState
 
 logger = logging.getLogger("shoal.controller")
 
+_AUTOSCALE_TICK_S = 0.25
 _RESTART_BACKOFF_INITIAL_S = 0.1
 _RESTART_BACKOFF_MAX_S = 10.0
 
@@ -84,6 +88,7 @@ class DeploymentState:
     message: str = ""
     deleting: bool = False
     reconfiguring: int = 0  # in-place config updates in flight
+    autoscaler: Autoscaler | None = None
     next_start_at: float = 0.0
     backoff_s: float = _RESTART_BACKOFF_INITIAL_S
 
@@ -147,6 +152,7 @@ class Controller:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.proxy: Any = None  # the ProxySupervisor, when HTTP is enabled
         self._listeners: dict[bytes, int] = {}  # each router process: the snapshot it applied
+        self._autoscale_task: asyncio.Task[None] | None = None
         self._listeners_changed = asyncio.Event()
 
     # -- API used by the control server ---------------------------------------------------------
@@ -208,7 +214,7 @@ class Controller:
                         self._spawn(self._reconfigure(state, update, {k: state.config.get(k) for k in update}))
                 state.definition, state.config, state.version = d["definition"], d["config"], version
                 state.sys_path = spec.get("sys_path", [])
-            state.target = _initial_target(d["config"])
+            self._set_scaling(state, d["config"])
             state.status = DeploymentStatus.UPDATING
             state.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_STARTED
             state.message = ""
@@ -225,6 +231,71 @@ class Controller:
         app.config_source = spec.get("config_source")
         self.apps[name] = app
         self.reconcile()
+
+    def _set_scaling(self, state: DeploymentState, config: dict[str, Any]) -> None:
+        """A fixed ``num_replicas``, or an autoscaler that keeps the current target (within the
+        new bounds) across redeploys and starts at ``initial_replicas`` or ``min_replicas``."""
+        autoscaling = DeploymentConfig.from_wire(config).autoscaling_config if config.get("autoscaling_config") else None
+        if autoscaling is None:
+            state.autoscaler = None
+            state.target = _initial_target(config)
+            return
+        if state.autoscaler is None or not state.replicas:
+            state.autoscaler = Autoscaler(DeploymentID(state.name, state.app), autoscaling)
+            state.target = _initial_target(config)
+        else:
+            state.autoscaler.reconfigure(autoscaling)
+            state.target = min(max(state.target, autoscaling.min_replicas), autoscaling.max_replicas)
+        if self._autoscale_task is None:
+            self._autoscale_task = asyncio.get_running_loop().create_task(self._autoscale_loop())
+
+    async def _autoscale_loop(self) -> None:
+        """Every tick: read each autoscaling replica's running requests, then decide."""
+        while True:
+            await asyncio.sleep(_AUTOSCALE_TICK_S)
+            states = [s for app in self.apps.values() for s in app.deployments.values()
+                      if s.autoscaler is not None and not s.deleting]
+            for state in states:
+                replicas = [r for r in state.running(state.version) if r.control is not None]
+                counts = await asyncio.gather(
+                    *(r.control.call(METRICS_METHOD, timeout_s=1.0) for r in replicas if r.control),
+                    return_exceptions=True,
+                )
+                now = time.monotonic()
+                for replica, count in zip(replicas, counts):
+                    if isinstance(count, (int, float)):
+                        state.autoscaler.observe(replica.replica_id, float(count), now)  # type: ignore[union-attr]
+            if any(self._autoscale(state) for state in states):
+                self.reconcile()
+
+    def _autoscale(self, state: DeploymentState) -> bool:
+        """One autoscaling decision for ``state``; True if its target changed."""
+        if state.autoscaler is None or state.status == DeploymentStatus.DEPLOY_FAILED:
+            return False
+        running = len(state.running(state.version))
+        target = state.autoscaler.target(time.monotonic(), running, state.target)
+        if target == state.target:
+            return False
+        logger.info("autoscaling deployment '%s' from %d to %d replicas", state.name, state.target, target)
+        state.status = DeploymentStatus.UPSCALING if target > state.target else DeploymentStatus.DOWNSCALING
+        state.trigger = DeploymentStatusTrigger.AUTOSCALING
+        state.target = target
+        return True
+
+    def record_queued(self, source: str, queued: dict[str, int]) -> None:
+        """A router's queue lengths by deployment. A deployment with no running replica and
+        requests waiting is decided at once (scale from zero does not wait for a tick)."""
+        now = time.monotonic()
+        changed = False
+        for app in self.apps.values():
+            for state in app.deployments.values():
+                if state.autoscaler is None or state.key not in queued:
+                    continue
+                state.autoscaler.observe(f"{source}/{state.key}", float(queued[state.key]), now, queued=True)
+                if queued[state.key] and not state.running(state.version):
+                    changed = self._autoscale(state) or changed
+        if changed:
+            self.reconcile()
 
     def delete_app(self, name: str) -> None:
         app = self.apps.get(name)
@@ -577,6 +648,8 @@ class Controller:
     def _on_replica_exit(self, state: DeploymentState, replica: Replica, code: int) -> None:
         state.replicas.pop(replica.replica_id, None)
         replica.detach()
+        if state.autoscaler is not None:
+            state.autoscaler.forget(replica.replica_id)
         previous = replica.state
         replica.state = ReplicaState.STOPPED
         if previous == ReplicaState.STARTING and not state.deleting and not self._stopping:
@@ -626,6 +699,7 @@ class Controller:
                     "max_ongoing_requests": state.config["max_ongoing_requests"],
                     "max_queued_requests": state.config.get("max_queued_requests", -1),
                     "backpressure": state.config.get("backpressure_config") or {},
+                    "autoscaling": state.autoscaler is not None,
                     "failed_reason": state.message if state.status == DeploymentStatus.DEPLOY_FAILED and not state.running() else None,
                 }
             if app.route_prefix is not None and not app.deleting:
@@ -643,6 +717,8 @@ class Controller:
     async def shutdown(self) -> None:
         """Drain the proxy, then stop every replica gracefully (each bounded by its timeout)."""
         self._stopping = True
+        if self._autoscale_task is not None:
+            self._autoscale_task.cancel()
         if self.proxy is not None:
             await self.proxy.stop()
         for app in list(self.apps.values()):

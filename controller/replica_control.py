@@ -12,10 +12,10 @@ from typing import Any
 
 from shoal.runtime import wire
 from shoal.runtime.errors import RayServeException
-from shoal.runtime.replica import HEALTH_METHOD, RECONFIGURE_METHOD
+from shoal.runtime.replica import HEALTH_METHOD, METRICS_METHOD, RECONFIGURE_METHOD
 from shoal.runtime.router import Call, ReplicaConn, decode_error
 
-__all__ = ["HEALTH_METHOD", "RECONFIGURE_METHOD", "ReplicaControl"]
+__all__ = ["HEALTH_METHOD", "METRICS_METHOD", "RECONFIGURE_METHOD", "ReplicaControl"]
 
 
 class _Outcome:

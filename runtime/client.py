@@ -17,6 +17,7 @@ import atexit
 import concurrent.futures
 import itertools
 import logging
+import os
 import threading
 from typing import Any, Callable
 
@@ -29,6 +30,7 @@ from shoal.runtime.router import Router
 logger = logging.getLogger("shoal.client")
 
 _DEFAULT_CALL_TIMEOUT_S = 30.0
+_QUEUE_REPORT_INTERVAL_S = 0.25
 
 _ERROR_TYPES: dict[str, type[Exception]] = {
     "ValueError": ValueError,
@@ -87,6 +89,8 @@ class Runtime:
         self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], tuple[bytes, ...]]]] = {}
         self._ids = itertools.count(1)
         self._listener: asyncio.Task[None] | None = None
+        self._reporter: asyncio.Task[None] | None = None
+        self.source_id = f"{role}-{os.getpid()}-{id(self):x}"  # names this router process in metrics
         self._closed = False
 
     # -- setup (on the loop thread) -------------------------------------------------------------
@@ -126,11 +130,28 @@ class Runtime:
         key = (app_name, deployment_name)
         router = self.routers.get(key)
         if router is None:
-            router = Router(app_name, deployment_name, self.loop)
+            router = Router(app_name, deployment_name, self.loop, on_queued=self._queued)
             self.routers[key] = router
             if self.snapshot["version"]:
                 router.update(self.snapshot["deployments"].get(f"{app_name}#{deployment_name}"))
         return router
+
+    def _queued(self, router: Router) -> None:
+        """A request waits in an autoscaling deployment's router: report the queue lengths
+        now (a deployment at zero replicas scales up on this) and then while they last."""
+        if self._reporter is None or self._reporter.done():
+            self._reporter = self.loop.create_task(self._report_queues())
+
+    async def _report_queues(self) -> None:
+        while not self._closed:
+            queued = {f"{app}#{name}": len(r.queue) for (app, name), r in self.routers.items() if r.autoscaling}
+            try:
+                await self.call("metrics", {"queued": queued, "source": self.source_id}, timeout_s=5.0)
+            except Exception as exc:
+                logger.debug("queue report failed: %s", exc)
+            if not any(queued.values()):
+                return  # the zeros are reported once; the next queued request starts a new round
+            await asyncio.sleep(_QUEUE_REPORT_INTERVAL_S)
 
     def _apply(self, snapshot: dict[str, Any]) -> None:
         if snapshot["version"] <= self.snapshot["version"]:
@@ -214,9 +235,10 @@ class Runtime:
 
     async def aclose(self) -> None:
         self._closed = True
-        if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+        for task in (self._listener, self._reporter):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for router in self.routers.values():
             router.close()
         self.routers.clear()

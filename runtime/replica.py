@@ -31,6 +31,7 @@ logger = logging.getLogger("shoal.replica")
 # Internal methods the supervisor calls; they run outside max_ongoing_requests.
 HEALTH_METHOD = "__shoal_check_health__"
 RECONFIGURE_METHOD = "__shoal_reconfigure__"
+METRICS_METHOD = "__shoal_metrics__"  # -> requests running on the replica, this call excluded
 
 
 _INTERNAL_DIRS = tuple(
@@ -172,6 +173,8 @@ class ReplicaWorker:
         if method == HEALTH_METHOD:
             await self.user.check_health()
             return self._message(wire.Kind.RESULT, msg.call_id, None)
+        if method == METRICS_METHOD:
+            return self._message(wire.Kind.RESULT, msg.call_id, self.ongoing - 1)
         if method == RECONFIGURE_METHOD:
             await self.reconfigure(args[0])
             return self._message(wire.Kind.RESULT, msg.call_id, None)

@@ -150,8 +150,16 @@ class ReplicaConn:
 
 
 class Router:
-    def __init__(self, app_name: str, deployment_name: str, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        app_name: str,
+        deployment_name: str,
+        loop: asyncio.AbstractEventLoop,
+        on_queued: Any = None,
+    ) -> None:
         self.app_name = app_name
+        self._on_queued = on_queued  # called when a request waits here (autoscaling signal)
+        self.autoscaling = False
         self.deployment_name = deployment_name
         self.loop = loop
         self.replicas: dict[str, ReplicaConn] = {}
@@ -199,6 +207,8 @@ class Router:
             )
             return
         self.queue.append(call)
+        if self.autoscaling and self._on_queued is not None:
+            self._on_queued(self)
 
     def cancel(self, call: Call) -> None:
         """Cancel ``call``: its outcome becomes RequestCancelledError at once."""
@@ -296,6 +306,7 @@ class Router:
             self.max_ongoing_requests = entry["max_ongoing_requests"]
             self.max_queued_requests = entry["max_queued_requests"]
             self.backpressure = entry.get("backpressure") or {}
+            self.autoscaling = bool(entry.get("autoscaling"))
             failed = entry.get("failed_reason")
             self.unavailable_reason = f"because it failed to deploy: {failed}" if failed else None
             self._set_replicas(entry["replicas"], entry.get("draining", []))
