@@ -16,17 +16,7 @@ import signal
 import socket
 from typing import Any, Iterator
 
-import uvicorn
-
 from shoal.runtime import worker_main
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server without its signal handling: SIGTERM is the proxy's to handle (drain)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def main(spec_bytes: bytes, output: Any, lifeline: Any, listener: Any) -> None:
@@ -35,7 +25,22 @@ def main(spec_bytes: bytes, output: Any, lifeline: Any, listener: Any) -> None:
     worker_main.run_until_complete(_serve(spec, lifeline.detach(), listener.detach()))
 
 
+def _server_class() -> Any:
+    """uvicorn's server without its signal handling: SIGTERM is the proxy's to handle (drain).
+    (Built on first use: the supervisor imports this module, and need not import uvicorn.)"""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    return Server
+
+
 async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> int:
+    import uvicorn
+
     from shoal.proxy.app import ProxyApp, ProxyOptions
     from shoal.runtime import client, transport, wire
 
@@ -63,7 +68,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> in
         timeout_graceful_shutdown=int(options.get("graceful_shutdown_timeout_s") or 20),
         server_header=False,
     )
-    server = _Server(config)
+    server = _server_class()(config)
 
     def on_term() -> None:
         app.draining = True

@@ -66,24 +66,40 @@ def _specs_for(target: str, arguments: list[str], name: str, route_prefix: str) 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from shoal.controller import launch, rundir
-    from shoal.serve import api
-    from shoal.serve.config import HTTPOptions
 
     app_dir = os.path.abspath(args.app_dir)
     sys.path.insert(0, app_dir)
-    specs, file_http = _specs_for(args.target, args.arguments, args.name, args.route_prefix)
-    http = dict(file_http or {})
-    if args.host is not None or file_http is None:
+    config_path = args.target if _is_config_file(args.target) else None
+    http: dict[str, Any] = {}
+    if config_path is not None:
+        import yaml
+
+        http = dict((yaml.safe_load(Path(config_path).read_text()) or {}).get("http_options") or {})
+    if args.host is not None or "host" not in http:
         http["host"] = args.host or "127.0.0.1"
-    if args.port is not None or file_http is None:
+    if args.port is not None or "port" not in http:
         http["port"] = args.port if args.port is not None else 8000
     # The foreground instance lives in your default run directory, so `shoal status`,
-    # `shoal deploy` and scripts find it; it stops with this command.
-    owned = None
+    # `shoal deploy` and scripts find it; it stops with this command. It starts while the
+    # application is imported and built, in parallel.
+    owned: list[Any] = []
+    starting = None
     if launch.find_running() is None:
-        owned = launch.start_supervisor(
-            rundir.instance_dir("default"), private=True, http_options=HTTPOptions(**http).model_dump()
+        starting = threading.Thread(
+            target=lambda: owned.append(launch.start_supervisor(rundir.instance_dir("default"), private=True, http_options=http))
         )
+        starting.start()
+    try:
+        from shoal.serve import api
+        from shoal.serve.config import HTTPOptions
+
+        HTTPOptions(**http)  # validated here too, with the user's own values
+        specs, _ = _specs_for(args.target, args.arguments, args.name, args.route_prefix)
+    finally:
+        if starting is not None:
+            starting.join()
+    if starting is not None and not owned:
+        raise RuntimeError("the shoal supervisor did not start; see the messages above")
     api.deploy_specs(specs, declarative=True, wait=True)
     names = ", ".join(f"'{s['name']}' at {s.get('route_prefix') or '(no route)'}" for s in specs)
     print(f"shoal: serving {names} on {api.get_http_url()} (Ctrl-C stops)", flush=True)
@@ -102,11 +118,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         except Exception as exc:  # keep serving the old version
             print(f"shoal: redeploy failed, still serving the previous version: {exc}", file=sys.stderr, flush=True)
 
-    _wait_for_signal(Path(app_dir) if args.reload else None, redeploy, owned.process if owned else None)
+    _wait_for_signal(Path(app_dir) if args.reload else None, redeploy, owned[0].process if owned else None)
     print("shoal: draining and stopping", flush=True)
     api.shutdown()
-    if owned is not None:
-        owned.wait_stopped(timeout_s=60)
+    if owned:
+        owned[0].wait_stopped(timeout_s=60)
     return 0
 
 

@@ -19,19 +19,19 @@ _RUN_ROOT = Path(tempfile.mkdtemp(prefix="shoal-tests-"))  # created 0700
 os.environ["SHOAL_RUN_DIR"] = str(_RUN_ROOT)
 os.environ.pop("SHOAL_ADDRESS", None)
 
+import psutil  # noqa: E402
 from helpers import (  # noqa: E402  (needs SHOAL_RUN_DIR set first)
     Gate,
     kill_all,
     live_children,
     processes_in_run_dir,
+    run_dir_of,
     sockets_in,
     supervisor_of,
-    run_dir_of,
     wait_until,
 )
-from shoal import serve  # noqa: E402
 
-import psutil  # noqa: E402
+from shoal import serve  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -53,8 +53,9 @@ def _assert_no_children(where: str) -> None:
         wait_until(lambda: not live_children(), 15, f"no child processes left after {where}")
     except AssertionError:
         left = live_children()
+        described = [(p.pid, p.cmdline()) for p in left]
         kill_all(left)
-        raise AssertionError(f"child processes left after {where}: {[(p.pid, p.cmdline()) for p in left]}")
+        raise AssertionError(f"child processes left after {where}: {described}") from None
 
 
 class Instance:

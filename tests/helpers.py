@@ -37,6 +37,22 @@ def wait_until(predicate: Callable[[], T], timeout_s: float, message: str = "", 
         time.sleep(interval_s)
 
 
+def exactly_equal(a: Any, b: Any) -> bool:
+    """Equal, with the same types all the way down (``1 == 1.0 == True`` and ``(1,) == [1]``
+    do not count); NaN equals NaN. Dict keys must come in the same order."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(
+            exactly_equal(ka, kb) and exactly_equal(a[ka], b[kb]) for ka, kb in zip(a, b, strict=True)
+        )
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(exactly_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and a != a:
+        return b != b
+    return bool(a == b)
+
+
 def alive(pid: int) -> bool:
     """True if ``pid`` is a live process (a zombie counts as gone: it runs nothing)."""
     try:

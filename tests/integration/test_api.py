@@ -7,8 +7,8 @@ import re
 from typing import Any
 
 import pytest
-
 from helpers import alive, app_status, wait_until
+
 from shoal import serve
 from shoal.serve import Application, Deployment
 from shoal.serve.exceptions import DeploymentUnavailableError, RayServeException
@@ -86,7 +86,9 @@ def _fn() -> None:
 
 
 VALIDATION_CASES = [
-    pytest.param(_Cls, {"num_replicas": 0}, ValueError, "num_replicas is expected to larger than 0", id="num_replicas=0"),
+    pytest.param(
+        _Cls, {"num_replicas": 0}, ValueError, "num_replicas is expected to larger than 0", id="num_replicas=0",
+    ),
     pytest.param(
         _Cls, {"max_ongoing_requests": None}, ValueError,
         "`max_ongoing_requests` must be non-null, got None.", id="max_ongoing_requests=None",

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
-
 from helpers import alive, app_status, replica_pids, wait_until
+
 from shoal import serve
 from shoal.serve.exceptions import ReplicaDiedError
 from shoal.serve.handle import DeploymentHandle
@@ -87,7 +87,8 @@ def _wait_replaced(handle: DeploymentHandle, app_name: str, supervisor: Any, old
     def replaced() -> bool:
         dep = app_status(app_name).deployments["Victim"]
         pids = replica_pids(supervisor)
-        return dep.status == "HEALTHY" and dep.replica_states == {"RUNNING": 1} and len(pids) == 1 and old_pid not in pids
+        healthy = dep.status == "HEALTHY" and dep.replica_states == {"RUNNING": 1}
+        return healthy and len(pids) == 1 and old_pid not in pids
 
     wait_until(replaced, 20, "a new replica replaces the killed one and the deployment is HEALTHY")
     new_pid = handle.pid.remote().result(timeout_s=10)

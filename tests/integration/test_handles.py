@@ -11,7 +11,11 @@ import pytest
 
 from shoal import serve
 from shoal.serve.exceptions import RayServeException, RequestCancelledError
-from shoal.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+from shoal.serve.handle import (
+    DeploymentHandle,
+    DeploymentResponse,
+    DeploymentResponseGenerator,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -86,7 +90,9 @@ class Leaf:
 class Hub:
     """Holds handles given in ``.bind()``: directly, inside a list and inside a dict."""
 
-    def __init__(self, direct: DeploymentHandle, in_list: list[DeploymentHandle], in_dict: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self, direct: DeploymentHandle, in_list: list[DeploymentHandle], in_dict: dict[str, DeploymentHandle]
+    ) -> None:
         self.direct = direct
         self.in_list = in_list
         self.in_dict = in_dict

@@ -13,7 +13,6 @@ from typing import Any
 
 import psutil
 import pytest
-
 from helpers import (
     DRIVERS_DIR,
     alive,
@@ -24,6 +23,7 @@ from helpers import (
     supervisor_of,
     wait_until,
 )
+
 from shoal import serve
 
 pytestmark = pytest.mark.timeout(60)
@@ -97,7 +97,9 @@ def _assert_instance_gone(report: dict[str, Any]) -> None:
         pytest.param("wait", signal.SIGKILL, {-signal.SIGKILL}, id="SIGKILL of the driver"),
     ],
 )
-def test_nothing_outlives_the_driver(private_run_dir: Path, mode: str, signum: int | None, returncodes: set[int]) -> None:
+def test_nothing_outlives_the_driver(
+    private_run_dir: Path, mode: str, signum: int | None, returncodes: set[int]
+) -> None:
     proc, report = _start_driver(mode, private_run_dir)
     try:
         if signum == signal.SIGINT:

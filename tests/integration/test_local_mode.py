@@ -6,8 +6,8 @@ import asyncio
 from typing import AsyncIterator, Iterator
 
 import pytest
-
 from helpers import live_children
+
 from shoal import serve
 from shoal.serve.exceptions import RequestCancelledError
 from shoal.serve.handle import DeploymentHandle, DeploymentResponse

@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from helpers import DRIVERS_DIR, processes_in_run_dir, python, wait_until
 
 pytestmark = pytest.mark.timeout(60)

@@ -6,7 +6,6 @@ import collections
 import random
 
 import pytest
-
 from shoal.runtime.p2c import choose
 
 

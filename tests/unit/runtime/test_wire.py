@@ -10,10 +10,9 @@ from typing import Any
 
 import msgpack
 import pytest
-
+from helpers import exactly_equal
 from shoal.runtime import wire
 from shoal.runtime.wire import Encoding, Kind, Message, ProtocolError
-
 
 # -- golden frames --------------------------------------------------------------------------------
 #
@@ -166,19 +165,6 @@ class Weird:
     __hash__ = None  # type: ignore[assignment]
 
 
-def _exactly_equal(a: Any, b: Any) -> bool:
-    """Equal, and of the same types all the way down (1 == 1.0 == True does not count)."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, dict):
-        return list(a.keys()) == list(b.keys()) and all(
-            _exactly_equal(ka, kb) and _exactly_equal(a[ka], b[kb]) for ka, kb in zip(a, b)
-        )
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_exactly_equal(x, y) for x, y in zip(a, b))
-    return bool(a == b)
-
-
 PLAIN_VALUES = [
     None, True, False, 0, -1, 2**63 - 1, -(2**63), 2**64 - 1, 1.5, float("inf"), "", "héllo ✓", b"", b"\x00\xff",
     [], {}, [1, "a", None, [2.5, [b"x"]]], {"a": {"b": {"c": [1, {"d": None}]}}}, {1: "int key", 2: [3]},
@@ -200,7 +186,7 @@ SUBTYPE_VALUES = [bytearray(b"ab"), [bytearray(b"")], collections.Counter("aab")
 def test_plain_values_travel_as_msgpack(value: Any) -> None:
     enc, data = wire.dumps(value)
     assert enc is Encoding.MSGPACK
-    assert _exactly_equal(wire.loads(enc, data), value)
+    assert exactly_equal(wire.loads(enc, data), value)
 
 
 @pytest.mark.parametrize("value", PICKLED_VALUES, ids=repr)
@@ -211,14 +197,14 @@ def test_other_values_travel_as_pickle_and_round_trip_exactly(value: Any) -> Non
     if isinstance(value, BaseException):
         assert type(back) is type(value) and back.args == value.args
     else:
-        assert _exactly_equal(back, value)
+        assert exactly_equal(back, value)
 
 
 @pytest.mark.parametrize("value", SUBTYPE_VALUES, ids=repr)
 def test_subtypes_of_plain_types_keep_their_type(value: Any) -> None:
     # dumps promises msgpack only "when it round-trips exactly"; a bytearray argument must not
     # arrive in the replica as bytes.
-    assert _exactly_equal(wire.loads(*wire.dumps(value)), value)
+    assert exactly_equal(wire.loads(*wire.dumps(value)), value)
 
 
 def test_nan_round_trips() -> None:
@@ -269,8 +255,8 @@ def test_dumps_raises_for_an_unpicklable_value() -> None:
 def test_call_arguments_round_trip(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     back_args, back_kwargs = wire.loads_args(*wire.dumps_args(args, kwargs))
     assert type(back_args) is tuple
-    assert _exactly_equal(back_args, args)
-    assert _exactly_equal(back_kwargs, kwargs)
+    assert exactly_equal(back_args, args)
+    assert exactly_equal(back_kwargs, kwargs)
 
 
 def test_pack_unpack_control_bodies() -> None:

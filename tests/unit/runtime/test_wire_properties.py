@@ -8,29 +8,15 @@ import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
 
+from helpers import exactly_equal  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
 from shoal.runtime import wire  # noqa: E402
 from shoal.runtime.wire import Kind, Message, ProtocolError  # noqa: E402
 
-# No example database: the tests write nothing outside their temporary directories.
-settings.register_profile("shoal", database=None, deadline=None, max_examples=200)
-settings.load_profile("shoal")
-
-
-def _exactly_equal(a: Any, b: Any) -> bool:
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, dict):
-        return list(a.keys()) == list(b.keys()) and all(
-            _exactly_equal(ka, kb) and _exactly_equal(a[ka], b[kb]) for ka, kb in zip(a, b)
-        )
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_exactly_equal(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and a != a:
-        return b != b
-    return bool(a == b)
+# No example database (nothing is written to the checkout); applied per test, not as a global
+# profile, so other modules' hypothesis settings stay theirs.
+property_test = settings(database=None, deadline=None, max_examples=200)
 
 
 scalars = st.one_of(
@@ -67,23 +53,27 @@ messages = st.builds(
 )
 
 
+@property_test
 @given(values)
 def test_any_value_round_trips_exactly(value: Any) -> None:
-    assert _exactly_equal(wire.loads(*wire.dumps(value)), value)
+    assert exactly_equal(wire.loads(*wire.dumps(value)), value)
 
 
+@property_test
 @given(st.lists(values, max_size=3).map(tuple), st.dictionaries(st.text(), values, max_size=3))
 def test_call_arguments_round_trip_exactly(args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     back_args, back_kwargs = wire.loads_args(*wire.dumps_args(args, kwargs))
-    assert _exactly_equal(back_args, args)
-    assert _exactly_equal(back_kwargs, kwargs)
+    assert exactly_equal(back_args, args)
+    assert exactly_equal(back_kwargs, kwargs)
 
 
+@property_test
 @given(messages)
 def test_any_message_round_trips(msg: Message) -> None:
     assert wire.decode(wire.encode(msg)) == msg
 
 
+@property_test
 @given(st.lists(st.binary(max_size=40), max_size=4))
 def test_decode_of_arbitrary_frames_is_a_message_or_protocol_error(frames: list[bytes]) -> None:
     try:
@@ -93,6 +83,7 @@ def test_decode_of_arbitrary_frames_is_a_message_or_protocol_error(frames: list[
     assert isinstance(msg, Message) and isinstance(msg.meta, dict)
 
 
+@property_test
 @given(st.binary(max_size=40))
 def test_decode_of_arbitrary_meta_is_a_message_or_protocol_error(meta: bytes) -> None:
     header = bytes.fromhex("03" "00000001" "0000000000000001")
