@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,6 +241,9 @@ class Controller:
             state.autoscaler = None
             state.target = _initial_target(config)
             return
+        for entry in state.sys_path:  # a custom policy is imported from the app's own path
+            if entry not in sys.path:
+                sys.path.append(entry)
         if state.autoscaler is None or not state.replicas:
             state.autoscaler = Autoscaler(DeploymentID(state.name, state.app), autoscaling)
             state.target = _initial_target(config)
