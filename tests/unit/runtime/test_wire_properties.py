@@ -16,7 +16,7 @@ from shoal.runtime.wire import Kind, Message, ProtocolError  # noqa: E402
 
 # No example database (nothing is written to the checkout); applied per test, not as a global
 # profile, so other modules' hypothesis settings stay theirs.
-property_test = settings(database=None, deadline=None, max_examples=200)
+property_test = settings(database=None, deadline=None, max_examples=100)
 
 
 scalars = st.one_of(
