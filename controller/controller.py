@@ -39,6 +39,7 @@ from shoal.serve.schema import ApplicationStatus, DeploymentStatus, DeploymentSt
 logger = logging.getLogger("shoal.controller")
 
 _AUTOSCALE_TICK_S = 0.25
+_INIT_FAILED_GRACE_S = 0.2
 _RESTART_BACKOFF_INITIAL_S = 0.1
 _RESTART_BACKOFF_MAX_S = 10.0
 
@@ -152,6 +153,7 @@ class Controller:
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.proxy: Any = None  # the ProxySupervisor, when HTTP is enabled
+        self.read_control: Callable[[], None] = lambda: None  # handle messages already received
         self._listeners: dict[bytes, int] = {}  # each router process: the snapshot it applied
         self._autoscale_task: asyncio.Task[None] | None = None
         self._listeners_changed = asyncio.Event()
@@ -649,7 +651,16 @@ class Controller:
         if found is not None:
             found[1].error = error
 
-    def _on_replica_exit(self, state: DeploymentState, replica: Replica, code: int) -> None:
+    def _on_replica_exit(self, state: DeploymentState, replica: Replica, code: int, retried: bool = False) -> None:
+        if replica.state == ReplicaState.STARTING and not replica.error:
+            # Its INIT_FAILED (with the constructor's traceback) travels on another socket than
+            # the exit: read what arrived, and if it is not there yet, look once more shortly.
+            self.read_control()
+            if not replica.error and not retried:
+                asyncio.get_running_loop().call_later(
+                    _INIT_FAILED_GRACE_S, self._on_replica_exit, state, replica, code, True
+                )
+                return
         state.replicas.pop(replica.replica_id, None)
         replica.detach()
         if state.autoscaler is not None:

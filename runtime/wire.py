@@ -1,11 +1,16 @@
 """Framing: the only module that knows how messages look on a ZeroMQ socket.
 
-A message is a multipart ZeroMQ message (the ROUTER identity, if any, is stripped by the socket
-owner before ``decode`` and added back after ``encode``):
+A message is one ZeroMQ frame (the ROUTER identity, if any, is a frame of its own, stripped by the
+socket owner before ``decode`` and added back after ``encode``):
 
-    frame 0   fixed header, 13 bytes: kind (u8), incarnation (u32), call_id (u64), big-endian
-    frame 1   meta: a msgpack map of plain values (method name, request id, flags, ...)
-    frame 2+  payload frames: opaque bytes whose encoding ``meta["enc"]`` names
+    bytes 0-16   fixed header, big-endian: kind (u8), incarnation (u32), call_id (u64),
+                 meta length (u32)
+    then         meta: a msgpack map of plain values (method name, request id, flags, ...)
+    then         payload, the rest of the frame (absent if empty): opaque bytes whose encoding
+                 ``meta["enc"]`` names
+
+One frame rather than one per part: each ZeroMQ send is a call into libzmq, and a message of
+three small frames costs several times one frame of the same bytes.
 
 ``incarnation`` identifies one worker process of a replica; a replica drops requests addressed to
 another incarnation and callers drop replies from one they did not send to, so a restarted
@@ -29,9 +34,9 @@ from typing import Any
 import cloudpickle
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
-_HEADER = struct.Struct("!BIQ")
+_HEADER = struct.Struct("!BIQI")
 
 
 class Kind(enum.IntEnum):
@@ -78,27 +83,35 @@ class Message:
 
 
 def encode(msg: Message) -> list[bytes]:
-    """Return the frames of ``msg``; the inverse of ``decode``."""
-    header = _HEADER.pack(msg.kind, msg.incarnation, msg.call_id)
-    return [header, msgpack.packb(msg.meta, use_bin_type=True), *msg.payload]
+    """Return the frames of ``msg`` (one); the inverse of ``decode``."""
+    meta = msgpack.packb(msg.meta, use_bin_type=True)
+    if len(msg.payload) > 1:
+        raise ValueError("a message carries at most one payload")
+    header = _HEADER.pack(msg.kind, msg.incarnation, msg.call_id, len(meta))
+    return [b"".join((header, meta, *msg.payload))]
 
 
 def decode(frames: list[bytes]) -> Message:
     """Parse frames produced by ``encode``. Raises ProtocolError on a malformed message.
 
-    Payload frames are returned as they are; nothing is unpickled here.
+    The payload is returned as it is; nothing is unpickled here.
     """
-    if len(frames) < 2 or len(frames[0]) != _HEADER.size:
-        raise ProtocolError(f"expected a {_HEADER.size}-byte header and a meta frame")
-    kind, incarnation, call_id = _HEADER.unpack(frames[0])
+    if len(frames) != 1 or len(frames[0]) < _HEADER.size:
+        raise ProtocolError(f"expected one frame of at least {_HEADER.size} bytes")
+    data = frames[0]
+    kind, incarnation, call_id, meta_len = _HEADER.unpack_from(data)
+    end = _HEADER.size + meta_len
+    if end > len(data):
+        raise ProtocolError("the meta length runs past the end of the frame")
     try:
-        meta = msgpack.unpackb(frames[1], raw=False, strict_map_key=False)
+        meta = msgpack.unpackb(data[_HEADER.size:end], raw=False, strict_map_key=False)
         kind = Kind(kind)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ProtocolError(f"bad meta frame: {exc}") from exc
     if not isinstance(meta, dict):
         raise ProtocolError("meta frame is not a map")
-    return Message(kind, incarnation, call_id, meta, tuple(frames[2:]))
+    payload = (data[end:],) if end < len(data) else ()
+    return Message(kind, incarnation, call_id, meta, payload)
 
 
 # -- values -------------------------------------------------------------------------------------

@@ -31,18 +31,20 @@ def golden_request() -> tuple[Message, list[bytes]]:
         payload=(bytes.fromhex("92910180"),),  # msgpack of [[1], {}]: args (1,), no kwargs
     )
     frames = [
-        # kind=1 (u8) | incarnation=7 (u32) | call_id=42 (u64), big-endian
-        bytes.fromhex("01" "00000007" "000000000000002a"),
+        # kind=1 (u8) | incarnation=7 (u32) | call_id=42 (u64) | meta length=29 (u32), big-endian
+        bytes.fromhex("01" "00000007" "000000000000002a" "0000001d")
         # fixmap(4): "m": "predict", "rid": "req-1", "enc": 0, "s": true
-        bytes.fromhex("84" "a16d" "a770726564696374" "a3726964" "a57265712d31" "a3656e63" "00" "a173" "c3"),
-        bytes.fromhex("92910180"),
+        + bytes.fromhex("84" "a16d" "a770726564696374" "a3726964" "a57265712d31" "a3656e63" "00" "a173" "c3")
+        # the payload
+        + bytes.fromhex("92910180"),
     ]
     return msg, frames
 
 
-def test_protocol_version_is_1() -> None:
+def test_protocol_version_is_2() -> None:
     # Changing the layout below means a new protocol version; see the comment above.
-    assert wire.PROTOCOL_VERSION == 1
+    # (2: one frame per message instead of header, meta and payload frames.)
+    assert wire.PROTOCOL_VERSION == 2
 
 
 def test_request_encodes_to_golden_frames(golden_request: tuple[Message, list[bytes]]) -> None:
@@ -75,8 +77,8 @@ def test_kind_numbers_are_stable() -> None:
     [
         Message(Kind.CANCEL),
         Message(Kind.RESULT, 1, 2, {"enc": 1, "q": 0}, (b"\x80\x05payload",)),
-        Message(Kind.STREAM_ITEM, 2**32 - 1, 2**64 - 1, {"enc": 0}, (b"",)),
-        Message(Kind.ERROR, 3, 4, {"nested": {"a": [1, 2, {"b": None}]}, "bin": b"\x00\xff"}, (b"x", b"y", b"z")),
+        Message(Kind.STREAM_ITEM, 2**32 - 1, 2**64 - 1, {"enc": 0}, (b"\xc0",)),
+        Message(Kind.ERROR, 3, 4, {"nested": {"a": [1, 2, {"b": None}]}, "bin": b"\x00\xff"}, (b"xyz",)),
         Message(Kind.READY, 9, 0, {"pid": 123, "protocol": 1, "endpoint": "ipc:///tmp/x/r1.sock"}),
         Message(Kind.CALL, 0, 17, {"op": "status", 5: "int key"}),
         Message(Kind.REQUEST, 1, 1, {"m": "__call__"}, (bytes(range(256)) * 4096,)),  # 1 MiB payload
@@ -85,9 +87,14 @@ def test_kind_numbers_are_stable() -> None:
 )
 def test_message_round_trip(msg: Message) -> None:
     frames = wire.encode(msg)
-    assert len(frames) == 2 + len(msg.payload)
-    assert frames[2:] == list(msg.payload)  # payload frames travel untouched, one frame each
+    assert len(frames) == 1  # one frame per message
+    assert frames[0].endswith(msg.payload[0] if msg.payload else b"")  # the payload, untouched, last
     assert wire.decode(frames) == msg
+
+
+def test_at_most_one_payload() -> None:
+    with pytest.raises(ValueError, match="at most one payload"):
+        wire.encode(Message(Kind.RESULT, payload=(b"a", b"b")))
 
 
 def test_decode_accepts_memoryview_frames() -> None:

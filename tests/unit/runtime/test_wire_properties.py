@@ -49,7 +49,7 @@ messages = st.builds(
     incarnation=st.integers(0, 2**32 - 1),
     call_id=st.integers(0, 2**64 - 1),
     meta=st.dictionaries(st.one_of(st.text(), st.integers(0, 1000)), meta_values, max_size=5),
-    payload=st.lists(st.binary(max_size=64), max_size=3).map(tuple),
+    payload=st.lists(st.binary(min_size=1, max_size=64), max_size=1).map(tuple),  # empty = no payload
 )
 
 
