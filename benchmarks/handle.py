@@ -32,6 +32,12 @@ median of the runs in a table. Both frameworks run the same code: only the
 
 from __future__ import annotations
 
+import os
+import sys
+
+# benchmarks/http.py would shadow the standard library's http package for a script run from here.
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != os.path.dirname(os.path.realpath(__file__))]
+
 import argparse
 import datetime
 import json

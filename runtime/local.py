@@ -14,7 +14,7 @@ import threading
 from typing import Any
 
 from shoal.runtime import wire
-from shoal.runtime.client import LoopInbox
+from shoal.runtime.inbox import LoopInbox
 from shoal.runtime.context import RequestContext, reset_request, set_request
 from shoal.runtime.errors import DeploymentUnavailableError, RequestCancelledError
 from shoal.runtime.router import Call

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 from shoal.runtime.errors import RayServeException
+from shoal.runtime.inbox import LoopInbox
 
 _END = object()
 
@@ -52,6 +53,7 @@ class UserCallable:
         )
         self.instance: Any = None
         self._resolved: dict[str, tuple[Callable[..., Any], bool]] = {}
+        self._inbox: LoopInbox | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -178,5 +180,21 @@ class UserCallable:
             return await result if inspect.isawaitable(result) else result
         ctx = contextvars.copy_context()
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._pool, functools.partial(ctx.run, fn, *args, **kwargs))
+        if self._inbox is None:
+            self._inbox = LoopInbox(loop)
+        inbox = self._inbox
+        done: asyncio.Future[Any] = loop.create_future()
+
+        def run() -> None:
+            try:
+                value = ctx.run(fn, *args, **kwargs)
+            except BaseException as exc:  # delivered to the awaiting request, not swallowed
+                inbox.post(lambda exc=exc: done.done() or done.set_exception(exc))
+            else:
+                inbox.post(lambda: done.done() or done.set_result(value))
+
+        # Completions come back through the inbox: one loop wakeup for a batch of them, where
+        # run_in_executor would write to the loop's self-pipe once per call.
+        self._pool.submit(run)
+        result = await done
         return await result if inspect.isawaitable(result) else result

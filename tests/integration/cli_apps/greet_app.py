@@ -1,8 +1,6 @@
 """Apps the CLI tests serve: ``greet_app:app`` (an Application) and ``greet_app:builder``
 (a builder function whose args are validated into a pydantic model)."""
 
-from __future__ import annotations
-
 import os
 from typing import Any
 
