@@ -4,8 +4,9 @@ What it measures (medians of ``--runs`` runs; prints figures, never asserts thre
 
 * start: seconds from launching ``shoal run examples.hello:app`` to the first HTTP 200 on ``/``;
   with ``--ray-python`` (or /work/ray-venv), the same for ``serve run`` of the same app on Ray;
-* memory: processes and summed resident memory (RSS, and USS: memory unique to each process) of
-  the whole process tree serving that app, measured after the first 200;
+* memory: processes and summed memory of the whole process tree serving that app, after the
+  first 200: RSS (shared pages counted in every process), PSS (shared pages divided among the
+  processes: the tree's real footprint) and USS (pages unique to each process);
 * scale from zero: seconds from a request arriving at a deployment with zero replicas
   (``min_replicas=0``) to its response;
 * load step: seconds from a step of 4 concurrent requests to 4 replicas serving
@@ -92,11 +93,15 @@ def wait_for_200(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> f
     raise TimeoutError(f"{url} did not answer 200 within {timeout_s}s")
 
 
-def tree_memory(root_pid: int) -> tuple[int, float, float]:
-    """(processes, RSS MiB, USS MiB) of ``root_pid`` and its descendants."""
+def tree_memory(root_pid: int) -> tuple[int, float, float, float]:
+    """(processes, RSS, PSS, USS in MiB) of ``root_pid`` and its descendants.
+
+    RSS counts shared pages (the interpreter, shared libraries) once per process; PSS divides
+    them among the processes sharing them, so its sum is the tree's real footprint; USS counts
+    only pages no other process maps."""
     root = psutil.Process(root_pid)
     procs = [root, *root.children(recursive=True)]
-    rss = uss = 0
+    rss = pss = uss = 0
     count = 0
     for proc in procs:
         try:
@@ -105,8 +110,9 @@ def tree_memory(root_pid: int) -> tuple[int, float, float]:
             continue
         count += 1
         rss += info.rss
+        pss += info.pss
         uss += info.uss
-    return count, rss / MIB, uss / MIB
+    return count, rss / MIB, pss / MIB, uss / MIB
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -140,10 +146,10 @@ def start_run(framework: str, python: str, workdir: Path) -> dict[str, Any]:
         if framework == "ray":
             port = 8000  # `serve run` has no port flag; Ray's default
         seconds = wait_for_200(f"http://127.0.0.1:{port}/", proc, 120)
-        count, rss, uss = tree_memory(proc.pid)
+        count, rss, pss, uss = tree_memory(proc.pid)
     finally:
         stop(proc)
-    return {"start_s": seconds, "processes": count, "rss_mib": rss, "uss_mib": uss}
+    return {"start_s": seconds, "processes": count, "rss_mib": rss, "pss_mib": pss, "uss_mib": uss}
 
 
 def scaling_figures(runs: int) -> dict[str, float]:
@@ -223,6 +229,7 @@ def main() -> int:
         ("start_s", "start to first 200 (s)", "{:.2f}"),
         ("processes", "processes in the tree", "{:.0f}"),
         ("rss_mib", "tree RSS (MiB)", "{:.0f}"),
+        ("pss_mib", "tree PSS (MiB)", "{:.0f}"),
         ("uss_mib", "tree USS (MiB)", "{:.0f}"),
     ):
         s, r = med("shoal", key), med("ray", key)

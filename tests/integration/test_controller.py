@@ -399,7 +399,7 @@ def test_crash_restarts_back_off(deploy: Any, app_name: str, tmp_path: Path) -> 
         return [float(line) for line in starts_file.read_text().split()]
 
     # Six starts: the backoffs between them would be 0.1, 0.2, 0.4, 0.8 and 1.6 s.
-    times = wait_until(lambda: (s := starts()) if len(s) >= 6 else None, 30, "six starts")[:6]
+    times = wait_until(lambda: s if len(s := starts()) >= 6 else None, 30, "six starts")[:6]
     gaps = [b - a for a, b in zip(times, times[1:])]
     dep = _deployment(app_name, "CrashAfterReady")
     assert dep.restarts >= 5

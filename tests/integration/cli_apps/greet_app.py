@@ -1,5 +1,6 @@
 """Apps the CLI tests serve: ``greet_app:app`` (an Application) and ``greet_app:builder``
-(a builder function whose args are validated into a pydantic model)."""
+(a builder function whose args are validated into a pydantic model). No ``from __future__
+import annotations`` here: the builder's annotation is the model class itself."""
 
 import os
 from typing import Any
