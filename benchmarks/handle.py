@@ -193,6 +193,8 @@ def run_framework(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def ray_python(args: argparse.Namespace) -> str | None:
+    if args.no_ray:
+        return None
     path = args.ray_python or os.environ.get("SHOAL_BENCH_RAY_PYTHON")
     if path:
         return path
@@ -353,6 +355,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--runs", type=int, default=3, help="processes per framework")
     add("--ray-python", help="interpreter with ray[serve] (default: "
         f"$SHOAL_BENCH_RAY_PYTHON, else {DEFAULT_RAY_PYTHON} if present)")
+    add("--no-ray", action="store_true", help="measure shoal only")
     add("--timeout-s", type=float, default=900.0, help="limit per child process")
     # fmt: on
     args = p.parse_args(argv)

@@ -103,10 +103,11 @@ class Foreground:
             reader.start()
 
     def _read(self, stream: Any, into: list[str], announce: bool) -> None:
-        for line in stream:
-            into.append(line)
-            if announce:
-                self.lines.put(line)
+        with stream:
+            for line in stream:
+                into.append(line)
+                if announce:
+                    self.lines.put(line)
         if announce:
             self.lines.put(None)
 
@@ -127,6 +128,14 @@ class Foreground:
     def interrupt(self, timeout_s: float = 60) -> int:
         """Ctrl-C: SIGINT to the process group; its exit code."""
         os.killpg(self.proc.pid, signal.SIGINT)
+        return self._wait(timeout_s)
+
+    def terminate(self, timeout_s: float = 60) -> int:
+        """SIGTERM to ``shoal run`` alone, as a service manager stops it; its exit code."""
+        self.proc.terminate()
+        return self._wait(timeout_s)
+
+    def _wait(self, timeout_s: float) -> int:
         code = self.proc.wait(timeout_s)
         for reader in self._readers:
             reader.join(timeout=10)
@@ -254,7 +263,7 @@ def test_run_config_file_with_typed_args_and_overrides(cli: Cli) -> None:
             break
     # user_config from the file on every replica; args validated ("2" -> 2) by the builder's model.
     assert seen == {pid: "hi!!" for pid in pids}
-    assert server.interrupt() == 0
+    assert server.terminate() == 0, "".join(server.stderr)
     _assert_nothing_left(cli.run_dir)
 
 
@@ -362,6 +371,7 @@ def test_start_then_script_then_shutdown(cli: Cli) -> None:
         script = cli.python("deploy_script.py")
         assert script.returncode == 0, script.stderr
         url = json.loads(script.stdout.strip().splitlines()[-1])["url"]
+        (supervisor,) = [p for p in processes_in_run_dir(cli.run_dir) if p.name() == "shoal"]
         # The script is gone; its app runs on in the detached instance.
         status = cli.status()
         assert status["applications"]["scripted"]["status"] == "RUNNING"
@@ -372,3 +382,6 @@ def test_start_then_script_then_shutdown(cli: Cli) -> None:
         cli("shutdown", "-y")
     _assert_nothing_left(cli.run_dir)
     assert cli.ok("status").strip() == "No applications are running."
+    # What `shoal start` printed describes the instance it started.
+    assert f"supervisor pid {supervisor.pid}" in started, started
+    assert f"HTTP: {url} " in started, started
