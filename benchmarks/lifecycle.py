@@ -36,7 +36,6 @@ import socket
 import statistics
 import subprocess
 import tempfile
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -48,27 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RAY_PYTHON = "/work/ray-venv/bin/python"
 MIB = 1024 * 1024
 
-RAY_APP = textwrap.dedent(
-    """
-    from starlette.requests import Request
-    from ray import serve
-
-    @serve.deployment
-    class Greeter:
-        def greet(self, name: str) -> str:
-            return f"Hello {name}!"
-
-    @serve.deployment
-    class Hello:
-        def __init__(self, greeter) -> None:
-            self.greeter = greeter
-
-        async def __call__(self, request: Request) -> str:
-            return await self.greeter.greet.remote(request.query_params.get("name", "from ray"))
-
-    app = Hello.bind(Greeter.bind())
-    """
-)
+# The same example app, spelled for Ray.
+RAY_APP = (ROOT / "examples" / "hello.py").read_text().replace("from shoal", "from ray")
 
 
 def free_port() -> int:

@@ -24,6 +24,7 @@ from shoal.controller.control import ControlServer
 from shoal.controller.controller import Controller
 from shoal.controller.proxy import ProxySupervisor
 from shoal.runtime import transport
+from shoal.runtime.worker_main import set_process_name, watch_lifeline
 
 logger = logging.getLogger("shoal.supervisor")
 
@@ -67,18 +68,7 @@ async def serve(config: SupervisorConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
     if config.lifeline_fd is not None:
-        fd = config.lifeline_fd
-
-        def on_lifeline() -> None:
-            try:
-                if os.read(fd, 1):
-                    return
-            except OSError:
-                pass
-            loop.remove_reader(fd)
-            stop.set()
-
-        loop.add_reader(fd, on_lifeline)
+        watch_lifeline(loop, config.lifeline_fd, stop.set)
 
     controller = Controller(run_dir, echo=_echo)
     endpoint = rundir.control_endpoint(run_dir)
@@ -120,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-options", type=json.loads, help="HTTPOptions as JSON; omit for no proxy")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="(shoal supervisor) %(levelname)s %(message)s")
-    from shoal.runtime.worker_main import set_process_name
-
     set_process_name("shoal")
     import uvloop
 

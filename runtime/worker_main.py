@@ -69,18 +69,22 @@ def bootstrap(spec_bytes: bytes, output: Any) -> dict[str, Any]:
     return spec
 
 
-def watch_lifeline(loop: asyncio.AbstractEventLoop, lifeline_fd: int) -> None:
-    """Exit at once when the supervisor's end of the lifeline closes."""
+def watch_lifeline(loop: asyncio.AbstractEventLoop, lifeline_fd: int, on_eof: Any = None) -> None:
+    """Call ``on_eof`` (default: exit at once) when the other end of the lifeline closes: the
+    process holding it died, however it died."""
 
-    def on_lifeline() -> None:
+    def on_readable() -> None:
         try:
             if os.read(lifeline_fd, 1):
                 return
         except OSError:
             pass
-        os._exit(1)  # the supervisor is gone: nobody can route to us or stop us cleanly
+        loop.remove_reader(lifeline_fd)
+        if on_eof is None:
+            os._exit(1)  # the supervisor is gone: nobody can route to us or stop us cleanly
+        on_eof()
 
-    loop.add_reader(lifeline_fd, on_lifeline)
+    loop.add_reader(lifeline_fd, on_readable)
 
 
 def run_until_complete(coro: Any) -> None:

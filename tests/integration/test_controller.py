@@ -406,8 +406,10 @@ def test_crash_restarts_back_off(deploy: Any, app_name: str, tmp_path: Path) -> 
     dep = _deployment(app_name, "CrashAfterReady")
     assert dep.restarts >= 5
     assert "exit code 3" in dep.last_error
-    # The last gap is 1.5 s longer than the first with doubling backoff; allow for noise.
-    assert gaps[-1] - gaps[0] >= 0.7, f"restarts do not back off: gaps between starts {[round(g, 2) for g in gaps]}"
+    # With doubling backoff the last two gaps average 1.05 s more than the first two (each gap
+    # also holds a start-up and the half second alive, which vary on a busy machine).
+    growth = (gaps[-1] + gaps[-2]) / 2 - (gaps[0] + gaps[1]) / 2
+    assert growth >= 0.5, f"restarts do not back off: gaps between starts {[round(g, 2) for g in gaps]}"
 
 
 # -- graceful deletion --------------------------------------------------------------------------
@@ -459,7 +461,7 @@ def test_delete_cancels_a_request_past_the_grace_period(deploy: Any, app_name: s
         serve.delete(app_name)
         elapsed = time.monotonic() - started
         assert elapsed < 10, f"serve.delete took {elapsed:.1f}s with graceful_shutdown_timeout_s=1"
-        with pytest.raises(RayServeException):
+        with pytest.raises(RayServeException):  # ReplicaDiedError: the request did not complete
             response.result(timeout_s=10)
         assert app_status(app_name) is None
         wait_until(lambda: not alive(pid), 10, "the replica exits")
