@@ -42,6 +42,7 @@ _AUTOSCALE_TICK_S = 0.25
 _INIT_FAILED_GRACE_S = 0.2
 _RESTART_BACKOFF_INITIAL_S = 0.1
 _RESTART_BACKOFF_MAX_S = 10.0
+_BACKOFF_RESET_AFTER_S = 30.0  # a replica that ran this long before crashing starts its backoff over
 
 
 class ControllerError(Exception):
@@ -603,7 +604,6 @@ class Controller:
             on_unhealthy=lambda error: self._on_unhealthy(state, replica, error),
             name=f"replica {replica.replica_id} (pid {replica.pid})",
         )
-        state.backoff_s = _RESTART_BACKOFF_INITIAL_S
         self.reconcile()
 
     async def _reconfigure(self, state: DeploymentState, update: dict[str, Any], previous: dict[str, Any]) -> None:
@@ -686,6 +686,8 @@ class Controller:
             else:
                 self._back_off(state)
         elif previous == ReplicaState.RUNNING and not self._stopping:
+            if time.monotonic() - replica.started_at > _BACKOFF_RESET_AFTER_S:
+                state.backoff_s = _RESTART_BACKOFF_INITIAL_S  # it ran fine for a while: start over
             state.restarts += 1
             state.last_error = f"replica {replica.replica_id} (pid {replica.pid}) died unexpectedly (exit code {code})"
             logger.warning("%s; replacing it", state.last_error)

@@ -41,6 +41,8 @@ class Instance:
     control_endpoint: str
     process: subprocess.Popen[bytes] | None = None  # set for a private instance
     lifeline_fd: int | None = None
+    pid: int | None = None  # the supervisor's, when this process started it
+    http_url: str | None = None
 
     @property
     def private(self) -> bool:
@@ -136,7 +138,7 @@ def start_supervisor(run_dir: Path, *, private: bool, http_options: dict[str, An
         if life_w is not None:
             os.close(life_w)
         raise (HTTPBindError if info.get("http_bind_failed") else RayServeException)(info["error"])
-    return Instance(run_dir, info["control"], proc if private else None, life_w)
+    return Instance(run_dir, info["control"], proc if private else None, life_w, info["pid"], info.get("http_url"))
 
 
 def _read_line(fd: int, timeout_s: float, proc: subprocess.Popen[bytes]) -> str:

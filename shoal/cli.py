@@ -137,10 +137,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     options = HTTPOptions(host=args.http_host, port=args.http_port).model_dump()
     instance = launch.start_supervisor(rundir.instance_dir("default"), private=False, http_options=options)
     print(
-        f"shoal started (supervisor pid {instance.process.pid if instance.process else '?'}).\n"
-        f"Scripts you run deploy to it with serve.run(); other users of this account: "
+        f"shoal started (supervisor pid {instance.pid}).\n"
+        f"Scripts you run deploy to it with serve.run(); other processes can name it with "
         f"SHOAL_ADDRESS={instance.run_dir}\n"
-        f"HTTP: http://{args.http_host}:{args.http_port}   stop it with: shoal shutdown"
+        f"HTTP: {instance.http_url or 'off'}   stop it with: shoal shutdown"
     )
     return 0
 

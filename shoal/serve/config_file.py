@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,10 @@ def application(import_path: str, args: dict[str, Any]) -> Application:
     params = list(inspect.signature(target).parameters.values())
     if len(params) != 1:
         raise ConfigError(f"the builder '{import_path}' must take exactly one argument (its args), not {len(params)}")
-    annotation = params[0].annotation
+    try:  # resolves string annotations (`from __future__ import annotations`)
+        annotation = typing.get_type_hints(target).get(params[0].name, params[0].annotation)
+    except Exception:
+        annotation = params[0].annotation
     if inspect.isclass(annotation) and issubclass(annotation, pydantic.BaseModel):
         try:
             args = annotation.model_validate(args)  # type: ignore[assignment]

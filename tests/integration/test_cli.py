@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -113,13 +114,15 @@ class Foreground:
 
     def wait_serving(self, timeout_s: float = 60) -> str:
         """The base URL from the ``shoal: serving ... on URL`` line."""
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
-                line = self.lines.get(timeout=timeout_s)
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise AssertionError(f"shoal run did not start serving within {timeout_s}s") from None
             if line is None:
                 self.proc.wait(10)
+                self._readers[1].join(timeout=10)
                 raise AssertionError(f"shoal run exited with {self.proc.returncode}:\n{''.join(self.stderr)}")
             match = re.match(r"shoal: serving .* on (http://\S+) ", line)
             if match:
@@ -382,6 +385,10 @@ def test_start_then_script_then_shutdown(cli: Cli) -> None:
         cli("shutdown", "-y")
     _assert_nothing_left(cli.run_dir)
     assert cli.ok("status").strip() == "No applications are running."
+    # With no instance running, deploy says how to start one, and starts nothing.
+    result = cli("deploy", "greet_only.yaml")
+    assert result.returncode == 1 and "shoal start" in result.stderr, result.stderr
+    assert not processes_in_run_dir(cli.run_dir)
     # What `shoal start` printed describes the instance it started.
     assert f"supervisor pid {supervisor.pid}" in started, started
     assert f"HTTP: {url} " in started, started

@@ -225,6 +225,21 @@ def test_in_place_updates_keep_the_replicas(deploy: Any, app_name: str) -> None:
     assert all(alive(p) for p in pids)
 
 
+def test_new_max_ongoing_requests_takes_effect_in_place(deploy: Any, app_name: str, gate: DeploymentHandle) -> None:
+    handle = deploy(Parked.options(max_ongoing_requests=1).bind(gate), app_name)
+    (pid,) = _running_pids(_deployment(app_name, "Parked"))
+    deploy(Parked.options(max_ongoing_requests=3).bind(gate), app_name)
+    assert _running_pids(_deployment(app_name, "Parked")) == {pid}
+    key = uuid.uuid4().hex
+    parked = [handle.park.remote(key) for _ in range(3)]
+    try:
+        # Three requests run at once on the one replica: the limit of 1 is gone.
+        gate.arrived.remote(key, 3).result(timeout_s=10)
+    finally:
+        gate.open.remote(key).result(timeout_s=10)
+    assert [r.result(timeout_s=10) for r in parked] == [f"finished {key}"] * 3
+
+
 def test_reconfigure_that_raises_keeps_the_old_config(deploy: Any, app_name: str) -> None:
     handle = deploy(Configurable.bind(), app_name)
     pid = handle.remote().result(timeout_s=10)["pid"]
@@ -312,6 +327,7 @@ def test_code_change_rolls_out_without_failed_requests(deploy: Any, app_name: st
     new_pids = _running_pids(dep)
     assert len(new_pids) == 2 and not new_pids & old_pids
     assert dep.status == "HEALTHY"
+    assert dep.restarts == 0 and dep.last_error == ""  # replicas stopped by an update are no restarts
     # Only the new version answers now.
     answers = [handle.remote().result(timeout_s=10) for _ in range(20)]
     assert {a["version"] for a in answers} == {"B"}
@@ -499,6 +515,7 @@ def test_autoscaling_follows_the_load(deploy: Any, app_name: str, gate: Deployme
         return dep.replica_states == {"RUNNING": 1} and dep.status == "HEALTHY"
 
     wait_until(scaled_down, 20, "the deployment scales back down to min_replicas=1")
+    assert _deployment(app_name, "Scaled").restarts == 0
 
 
 def test_scale_from_zero_serves_the_first_call(deploy: Any, app_name: str, serve_instance: Any) -> None:
