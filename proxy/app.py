@@ -112,6 +112,8 @@ class ProxyApp:
         self.options = options
         self.table = RoutingTable()
         self.draining = False
+        self.in_flight = 0  # HTTP requests being answered
+        self._idle: asyncio.Event | None = None
 
     def _routes(self) -> RoutingTable:
         snapshot = self.runtime.snapshot
@@ -139,9 +141,29 @@ class ProxyApp:
                 await send({"type": "websocket.close", "code": 1008})
             return
         if kind == "http":
-            await self._http(scope, receive, send, route)
+            self.in_flight += 1
+            try:
+                await self._http(scope, receive, send, route)
+            finally:
+                self.in_flight -= 1
+                if not self.in_flight and self._idle is not None:
+                    self._idle.set()
         elif kind == "websocket":
             await self._websocket(scope, receive, send, route)
+
+    async def drain(self, min_s: float, timeout_s: float) -> None:
+        """Answer ``/-/healthz`` with 503 (so load balancers stop sending) for at least
+        ``min_s``, and until the requests in flight are answered or ``timeout_s`` passes."""
+        self.draining = True
+        self._idle = asyncio.Event()
+        await asyncio.sleep(min_s)
+        try:
+            async with asyncio.timeout(max(0.0, timeout_s - min_s)):
+                while self.in_flight:
+                    self._idle.clear()
+                    await self._idle.wait()
+        except TimeoutError:
+            logger.warning("%d request(s) still in flight after %.1fs of draining", self.in_flight, timeout_s)
 
     async def _system(self, path: str, send: Any) -> None:
         populated = self.runtime.snapshot["version"] > 0

@@ -19,6 +19,9 @@ from typing import Any, Iterator
 from shoal.runtime import worker_main
 
 
+_MIN_DRAIN_S = 0.5  # /-/healthz answers 503 at least this long before the proxy stops
+
+
 def main(spec_bytes: bytes, output: Any, lifeline: Any, listener: Any) -> None:
     spec = worker_main.bootstrap(spec_bytes, output)
     logging.basicConfig(level=spec.get("log_level", "INFO"), format="%(levelname)s %(asctime)s %(name)s -- %(message)s")
@@ -70,9 +73,16 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> in
     )
     server = _server_class()(config)
 
-    def on_term() -> None:
-        app.draining = True
+    grace_s = float(options.get("graceful_shutdown_timeout_s") or 20)
+    drain: list[asyncio.Task[None]] = []
+
+    async def drain_then_exit() -> None:
+        await app.drain(min_s=_MIN_DRAIN_S, timeout_s=grace_s)
         server.should_exit = True
+
+    def on_term() -> None:
+        if not drain:  # a second SIGTERM changes nothing; the supervisor escalates to SIGKILL
+            drain.append(loop.create_task(drain_then_exit()))
 
     loop.add_signal_handler(signal.SIGTERM, on_term)
     await runtime.call("proxy_ready", {"pid": os.getpid(), "protocol": wire.PROTOCOL_VERSION})
