@@ -468,7 +468,10 @@ class Controller:
             return
         if running >= state.target and not [r for r in state.live() if r.version != state.version]:
             if state.status != DeploymentStatus.HEALTHY:
-                state.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED
+                state.trigger = {
+                    DeploymentStatus.UPSCALING: DeploymentStatusTrigger.UPSCALE_COMPLETED,
+                    DeploymentStatus.DOWNSCALING: DeploymentStatusTrigger.DOWNSCALE_COMPLETED,
+                }.get(state.status, DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED)
             state.status = DeploymentStatus.HEALTHY
             state.message = ""
         elif state.status == DeploymentStatus.HEALTHY:

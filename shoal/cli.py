@@ -95,6 +95,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         HTTPOptions(**http)  # validated here too, with the user's own values
         specs, _ = _specs_for(args.target, args.arguments, args.name, args.route_prefix)
+    except BaseException:
+        if starting is not None:
+            starting.join()
+            for instance in owned:  # nothing to serve: stop the supervisor started for it
+                instance.wait_stopped(timeout_s=30)
+        raise
     finally:
         if starting is not None:
             starting.join()

@@ -60,7 +60,7 @@ def import_attr(import_path: str) -> Any:
         raise ConfigError(f"module '{module_name}' has no attribute '{attr}' (import path '{import_path}')") from None
 
 
-def application(import_path: str, args: dict[str, Any]) -> Application:
+def application(import_path: str, args: dict[str, Any], where: str = "") -> Application:
     """The Application at ``import_path``; a builder function is called with ``args`` (validated
     into its parameter's pydantic model when it is annotated with one)."""
     target = import_attr(import_path)
@@ -84,7 +84,9 @@ def application(import_path: str, args: dict[str, Any]) -> Application:
         try:
             args = annotation.model_validate(args)  # type: ignore[assignment]
         except pydantic.ValidationError as exc:
-            raise ConfigError(f"args of '{import_path}':\n{format_validation_error(exc)}") from exc
+            lines = format_validation_error(exc).splitlines()
+            prefix = f"{where}.args." if where else "args."
+            raise ConfigError(f"arguments of '{import_path}':\n" + "\n".join(prefix + line for line in lines)) from exc
     app = target(args)
     if not isinstance(app, Application):
         raise ConfigError(f"the builder '{import_path}' returned {type(app).__name__}, not an Application")
@@ -93,7 +95,7 @@ def application(import_path: str, args: dict[str, Any]) -> Application:
 
 def app_spec(app_schema: ServeApplicationSchema, where: str) -> dict[str, Any]:
     """The deployable spec of one application of a config file."""
-    app = application(app_schema.import_path, app_schema.args)
+    app = application(app_schema.import_path, app_schema.args, where)
     deployments, ingress = _build.build(app, app_schema.name)
     by_name = {d.name: d for d in deployments}
     for index, override in enumerate(app_schema.deployments):
