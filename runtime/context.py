@@ -7,7 +7,7 @@ so it follows a request into threads that run sync user code and into tasks it s
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from shoal.runtime.errors import RayServeException
@@ -55,7 +55,6 @@ class RequestContext:
     multiplexed_model_id: str = ""
     session_id: str = ""
     is_http_request: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _replica_context: ReplicaContext | None = None
