@@ -734,13 +734,14 @@ class Controller:
 
     # -- shutdown -------------------------------------------------------------------------------
 
-    async def shutdown(self) -> None:
-        """Drain the proxy, then stop every replica gracefully (each bounded by its timeout)."""
+    async def shutdown(self, announce: bool = True) -> None:
+        """Drain the proxy, then stop every replica gracefully (each bounded by its timeout).
+        ``announce``: the proxy's /-/healthz fails for a moment before it stops."""
         self._stopping = True
         if self._autoscale_task is not None:
             self._autoscale_task.cancel()
         if self.proxy is not None:
-            await self.proxy.stop()
+            await self.proxy.stop(announce)
         for app in list(self.apps.values()):
             app.deleting = True
             for state in app.deployments.values():

@@ -55,6 +55,7 @@ async def serve(config: SupervisorConfig) -> int:
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    signalled = asyncio.Event()
     signals_seen = 0
 
     def on_signal() -> None:
@@ -63,6 +64,7 @@ async def serve(config: SupervisorConfig) -> int:
         if signals_seen > 1:
             logger.warning("second signal: exiting at once")
             os._exit(1)
+        signalled.set()
         stop.set()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -88,7 +90,9 @@ async def serve(config: SupervisorConfig) -> int:
     _report_ready(config.ready_fd, info)
     try:
         await stop.wait()
-        await controller.shutdown()
+        # Signalled (an orchestrator stopping us): let load balancers see /-/healthz fail first.
+        # Asked by our driver, or the driver is gone: nobody is routing here, stop at once.
+        await controller.shutdown(announce=signalled.is_set())
     finally:
         server.close()
         rundir.remove_sockets(run_dir)

@@ -139,11 +139,12 @@ class WorkerProcess:
             except ProcessLookupError:
                 pass
 
-    async def stop(self, grace_s: float) -> None:
-        """SIGTERM, wait up to ``grace_s``, then SIGKILL the worker and anything it started."""
+    async def stop(self, grace_s: float, signum: int | None = None) -> None:
+        """``signum`` (default SIGTERM), wait up to ``grace_s``, then SIGKILL the worker and
+        anything it started."""
         if self.exitcode is not None or self._proc is None:
             return
-        self.signal(signal.SIGTERM)
+        self.signal(signum if signum is not None else signal.SIGTERM)
         try:
             async with asyncio.timeout(grace_s):
                 await self.exited.wait()

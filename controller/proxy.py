@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import time
 from typing import Any, Callable
@@ -126,11 +127,12 @@ class ProxySupervisor:
         if not self._stopping:
             self.start()
 
-    async def stop(self) -> None:
-        """Drain (``/-/healthz`` answers 503, in-flight requests finish), then stop."""
+    async def stop(self, announce: bool = True) -> None:
+        """Drain (``/-/healthz`` answers 503, in-flight requests finish), then stop. Without
+        ``announce`` the proxy skips its minimum 503 window (SIGINT instead of SIGTERM)."""
         self._stopping = True
         self.status = ProxyStatus.DRAINING
         if self.process is not None:
             grace_s = float(self.options.get("graceful_shutdown_timeout_s") or 20.0) + 2.0
-            await self.process.stop(grace_s)
+            await self.process.stop(grace_s, signum=signal.SIGTERM if announce else signal.SIGINT)
         self.listener.close()

@@ -76,15 +76,18 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> in
     grace_s = float(options.get("graceful_shutdown_timeout_s") or 20)
     drain: list[asyncio.Task[None]] = []
 
-    async def drain_then_exit() -> None:
-        await app.drain(min_s=_MIN_DRAIN_S, timeout_s=grace_s)
+    async def drain_then_exit(min_s: float) -> None:
+        await app.drain(min_s=min_s, timeout_s=grace_s)
         server.should_exit = True
 
-    def on_term() -> None:
-        if not drain:  # a second SIGTERM changes nothing; the supervisor escalates to SIGKILL
-            drain.append(loop.create_task(drain_then_exit()))
+    def on_signal(min_s: float) -> None:
+        if not drain:  # a second signal changes nothing; the supervisor escalates to SIGKILL
+            drain.append(loop.create_task(drain_then_exit(min_s)))
 
-    loop.add_signal_handler(signal.SIGTERM, on_term)
+    # SIGTERM: announce the drain on /-/healthz first; SIGINT (from the supervisor only; the
+    # proxy is not in the terminal's process group): nobody routes here any more, just finish.
+    loop.add_signal_handler(signal.SIGTERM, on_signal, _MIN_DRAIN_S)
+    loop.add_signal_handler(signal.SIGINT, on_signal, 0.0)
     await runtime.call("proxy_ready", {"pid": os.getpid(), "protocol": wire.PROTOCOL_VERSION})
     try:
         await server.serve(sockets=[sock])

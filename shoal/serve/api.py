@@ -7,6 +7,7 @@ dies with this process.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from typing import Any
@@ -225,6 +226,19 @@ def shutdown() -> None:
         if _instance is not None:
             _instance.wait_stopped(timeout_s=90)
         _instance = None
+
+
+def _stop_private_instance_at_exit() -> None:
+    """A private instance stops with its driver: at a normal exit, drain and wait for it here,
+    so no process outlives the script (the lifeline covers a driver that is killed)."""
+    if _instance is not None and _instance.private:
+        try:
+            shutdown()
+        except Exception:
+            logger.debug("stopping the private instance at exit failed", exc_info=True)
+
+
+atexit.register(_stop_private_instance_at_exit)
 
 
 def get_app_handle(name: str) -> DeploymentHandle[Any]:
