@@ -131,8 +131,10 @@ class ProxySupervisor:
         """Drain (``/-/healthz`` answers 503, in-flight requests finish), then stop. Without
         ``announce`` the proxy skips its minimum 503 window (SIGINT instead of SIGTERM)."""
         self._stopping = True
-        self.status = ProxyStatus.DRAINING
         if self.process is not None:
             grace_s = float(self.options.get("graceful_shutdown_timeout_s") or 20.0) + 2.0
-            await self.process.stop(grace_s, signum=signal.SIGTERM if announce else signal.SIGINT)
+            # A proxy still starting has nothing to drain, and may not handle SIGINT yet.
+            quiet = not announce and self.status != ProxyStatus.STARTING
+            self.status = ProxyStatus.DRAINING
+            await self.process.stop(grace_s, signum=signal.SIGINT if quiet else signal.SIGTERM)
         self.listener.close()
