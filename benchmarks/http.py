@@ -69,7 +69,7 @@ import time  # noqa: E402
 import urllib.error  # noqa: E402
 import urllib.parse  # noqa: E402
 import urllib.request  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 DEFAULT_RAY_PYTHON = "/work/ray-venv/bin/python"
 TARGETS = ("shoal", "bare", "ray")
@@ -110,16 +110,22 @@ def stop_event() -> threading.Event:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    def watch_stdin() -> None:
+    on_stdin_eof(stop.set)
+    return stop
+
+
+def on_stdin_eof(action: Callable[[], None]) -> None:
+    """Call ``action`` from a daemon thread once standard input closes (the parent is gone)."""
+
+    def watch() -> None:
         try:
             while os.read(0, 4096):  # raw fd: no buffer lock to trip over at exit
                 pass
         except (OSError, ValueError):
             pass
-        stop.set()
+        action()
 
-    threading.Thread(target=watch_stdin, daemon=True, name="stdin-eof").start()
-    return stop
+    threading.Thread(target=watch, daemon=True, name="stdin-eof").start()
 
 
 def free_port() -> int:
@@ -213,15 +219,7 @@ def serve_bare() -> int:
     )
     server = uvicorn.Server(config)
 
-    def watch_stdin() -> None:
-        try:
-            while os.read(0, 4096):  # raw fd: no buffer lock to trip over at exit
-                pass
-        except (OSError, ValueError):
-            pass
-        server.should_exit = True
-
-    threading.Thread(target=watch_stdin, daemon=True, name="stdin-eof").start()
+    on_stdin_eof(lambda: setattr(server, "should_exit", True))
     announce(
         {
             "url": f"http://{HOST}:{port}/",
