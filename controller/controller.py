@@ -15,13 +15,11 @@ requests it held at once.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +28,14 @@ from shoal.controller.autoscale import Autoscaler
 from shoal.controller.health import HealthMonitor
 from shoal.controller.process import WorkerProcess
 from shoal.controller.replica_control import METRICS_METHOD, RECONFIGURE_METHOD, ReplicaControl
+from shoal.controller.state import (
+    RESTART_BACKOFF_INITIAL_S,
+    AppState,
+    DeploymentState,
+    Replica,
+    definition_version,
+    initial_target,
+)
 from shoal.runtime import wire
 from shoal.runtime.logs import replica_prefix
 from shoal.serve._deployment_config import DeploymentConfig
@@ -40,100 +46,12 @@ logger = logging.getLogger("shoal.controller")
 
 _AUTOSCALE_TICK_S = 0.25
 _INIT_FAILED_GRACE_S = 0.2
-_RESTART_BACKOFF_INITIAL_S = 0.1
 _RESTART_BACKOFF_MAX_S = 10.0
 _BACKOFF_RESET_AFTER_S = 30.0  # a replica that ran this long before crashing starts its backoff over
 
 
 class ControllerError(Exception):
     """A request the controller refuses; the message says what to change."""
-
-
-@dataclass(eq=False)
-class Replica:
-    replica_id: str
-    incarnation: int
-    version: str
-    endpoint: str
-    process: WorkerProcess
-    state: ReplicaState = ReplicaState.STARTING
-    pid: int | None = None
-    error: str = ""
-    started_at: float = field(default_factory=time.monotonic)
-    control: ReplicaControl | None = None
-    health: HealthMonitor | None = None
-
-    def detach(self) -> None:
-        """Stop health checks and close the control connection."""
-        if self.health is not None:
-            self.health.stop()
-            self.health = None
-        if self.control is not None:
-            self.control.close()
-            self.control = None
-
-
-@dataclass(eq=False)
-class DeploymentState:
-    app: str
-    name: str
-    definition: bytes
-    config: dict[str, Any]
-    version: str
-    sys_path: list[str]
-    replicas: dict[str, Replica] = field(default_factory=dict)
-    target: int = 1
-    failed_starts: int = 0
-    restarts: int = 0
-    last_error: str = ""
-    status: DeploymentStatus = DeploymentStatus.UPDATING
-    trigger: DeploymentStatusTrigger = DeploymentStatusTrigger.CONFIG_UPDATE_STARTED
-    message: str = ""
-    deleting: bool = False
-    reconfiguring: int = 0  # in-place config updates in flight
-    autoscaler: Autoscaler | None = None
-    next_start_at: float = 0.0
-    backoff_s: float = _RESTART_BACKOFF_INITIAL_S
-
-    @property
-    def key(self) -> str:
-        return f"{self.app}#{self.name}"
-
-    def live(self, version: str | None = None) -> list[Replica]:
-        return [
-            r for r in self.replicas.values()
-            if r.state in (ReplicaState.STARTING, ReplicaState.RUNNING)
-            and (version is None or r.version == version)
-        ]
-
-    def running(self, version: str | None = None) -> list[Replica]:
-        return [r for r in self.live(version) if r.state == ReplicaState.RUNNING]
-
-    @property
-    def failure_budget(self) -> int:
-        return min(int(self.config.get("max_constructor_retry_count", 20)), 3 * max(1, self.target))
-
-
-@dataclass(eq=False)
-class AppState:
-    name: str
-    route_prefix: str | None
-    ingress: str
-    deployments: dict[str, DeploymentState]
-    status: ApplicationStatus = ApplicationStatus.DEPLOYING
-    message: str = ""
-    deployed_at: float = field(default_factory=time.time)
-    deleting: bool = False
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    config_source: dict[str, Any] | None = None  # the config-file entry it was deployed from
-
-
-def definition_version(definition: bytes, config: dict[str, Any], code_hash: str) -> str:
-    """Replicas are replaced when this changes: the code and the options that need a restart."""
-    h = hashlib.sha256(definition)
-    h.update(code_hash.encode())
-    h.update(repr(sorted((config.get("ray_actor_options") or {}).items())).encode())
-    return h.hexdigest()[:16]
 
 
 # Options a running replica takes without a restart (Ray: NeedsActorReconfigure).
@@ -242,14 +160,14 @@ class Controller:
         autoscaling = DeploymentConfig.from_wire(config).autoscaling_config if config.get("autoscaling_config") else None
         if autoscaling is None:
             state.autoscaler = None
-            state.target = _initial_target(config)
+            state.target = initial_target(config)
             return
         for entry in state.sys_path:  # a custom policy is imported from the app's own path
             if entry not in sys.path:
                 sys.path.append(entry)
         if state.autoscaler is None or not state.replicas:
             state.autoscaler = Autoscaler(DeploymentID(state.name, state.app), autoscaling)
-            state.target = _initial_target(config)
+            state.target = initial_target(config)
         else:
             state.autoscaler.reconfigure(autoscaling)
             state.target = min(max(state.target, autoscaling.min_replicas), autoscaling.max_replicas)
@@ -690,7 +608,7 @@ class Controller:
                 self._back_off(state)
         elif previous == ReplicaState.RUNNING and not self._stopping:
             if time.monotonic() - replica.started_at > _BACKOFF_RESET_AFTER_S:
-                state.backoff_s = _RESTART_BACKOFF_INITIAL_S  # it ran fine for a while: start over
+                state.backoff_s = RESTART_BACKOFF_INITIAL_S  # it ran fine for a while: start over
             state.restarts += 1
             state.last_error = f"replica {replica.replica_id} (pid {replica.pid}) died unexpectedly (exit code {code})"
             logger.warning("%s; replacing it", state.last_error)
@@ -759,13 +677,3 @@ class Controller:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self.apps.clear()
         self._publish()
-
-
-def _initial_target(config: dict[str, Any]) -> int:
-    autoscaling = config.get("autoscaling_config")
-    if config.get("num_replicas") is not None:
-        return int(config["num_replicas"])
-    if autoscaling:
-        initial = autoscaling.get("initial_replicas")
-        return int(initial if initial is not None else autoscaling.get("min_replicas", 1))
-    return 1

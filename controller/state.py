@@ -1,0 +1,124 @@
+"""The controller's records: replicas, deployments and applications, and the version that says
+when a deployment's replicas must be replaced.
+
+Plain data with small derived views; every decision about them is the controller's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from shoal.controller.autoscale import Autoscaler
+from shoal.controller.health import HealthMonitor
+from shoal.controller.process import WorkerProcess
+from shoal.controller.replica_control import ReplicaControl
+
+from shoal.serve.schema import (
+    ApplicationStatus,
+    DeploymentStatus,
+    DeploymentStatusTrigger,
+    ReplicaState,
+)
+
+RESTART_BACKOFF_INITIAL_S = 0.1
+
+
+@dataclass(eq=False)
+class Replica:
+    replica_id: str
+    incarnation: int
+    version: str
+    endpoint: str
+    process: WorkerProcess
+    state: ReplicaState = ReplicaState.STARTING
+    pid: int | None = None
+    error: str = ""
+    started_at: float = field(default_factory=time.monotonic)
+    control: ReplicaControl | None = None
+    health: HealthMonitor | None = None
+
+    def detach(self) -> None:
+        """Stop health checks and close the control connection."""
+        if self.health is not None:
+            self.health.stop()
+            self.health = None
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+
+
+@dataclass(eq=False)
+class DeploymentState:
+    app: str
+    name: str
+    definition: bytes
+    config: dict[str, Any]
+    version: str
+    sys_path: list[str]
+    replicas: dict[str, Replica] = field(default_factory=dict)
+    target: int = 1
+    failed_starts: int = 0
+    restarts: int = 0
+    last_error: str = ""
+    status: DeploymentStatus = DeploymentStatus.UPDATING
+    trigger: DeploymentStatusTrigger = DeploymentStatusTrigger.CONFIG_UPDATE_STARTED
+    message: str = ""
+    deleting: bool = False
+    reconfiguring: int = 0  # in-place config updates in flight
+    autoscaler: Autoscaler | None = None
+    next_start_at: float = 0.0
+    backoff_s: float = RESTART_BACKOFF_INITIAL_S
+
+    @property
+    def key(self) -> str:
+        return f"{self.app}#{self.name}"
+
+    def live(self, version: str | None = None) -> list[Replica]:
+        return [
+            r for r in self.replicas.values()
+            if r.state in (ReplicaState.STARTING, ReplicaState.RUNNING)
+            and (version is None or r.version == version)
+        ]
+
+    def running(self, version: str | None = None) -> list[Replica]:
+        return [r for r in self.live(version) if r.state == ReplicaState.RUNNING]
+
+    @property
+    def failure_budget(self) -> int:
+        return min(int(self.config.get("max_constructor_retry_count", 20)), 3 * max(1, self.target))
+
+
+@dataclass(eq=False)
+class AppState:
+    name: str
+    route_prefix: str | None
+    ingress: str
+    deployments: dict[str, DeploymentState]
+    status: ApplicationStatus = ApplicationStatus.DEPLOYING
+    message: str = ""
+    deployed_at: float = field(default_factory=time.time)
+    deleting: bool = False
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    config_source: dict[str, Any] | None = None  # the config-file entry it was deployed from
+
+
+def definition_version(definition: bytes, config: dict[str, Any], code_hash: str) -> str:
+    """Replicas are replaced when this changes: the code and the options that need a restart."""
+    h = hashlib.sha256(definition)
+    h.update(code_hash.encode())
+    h.update(repr(sorted((config.get("ray_actor_options") or {}).items())).encode())
+    return h.hexdigest()[:16]
+
+
+def initial_target(config: dict[str, Any]) -> int:
+    autoscaling = config.get("autoscaling_config")
+    if config.get("num_replicas") is not None:
+        return int(config["num_replicas"])
+    if autoscaling:
+        initial = autoscaling.get("initial_replicas")
+        return int(initial if initial is not None else autoscaling.get("min_replicas", 1))
+    return 1
