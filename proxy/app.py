@@ -193,30 +193,23 @@ class ProxyApp:
                 timeout_s = _parse_timeout(value, timeout_s)
             elif name == b"content-length":
                 content_length = int(value) if value.isdigit() else -1
-        if not request_id:
-            request_id = new_request_id()
-            headers = [*headers, (b"x-request-id", request_id.encode())]
+        request_id, headers = _with_request_id(request_id, headers)
         id_header = (b"x-request-id", request_id.encode("latin-1"))
         cap = self.options.max_request_body_bytes
-        if content_length > cap:
-            await _send_all(send, _text(413, f"Request body is larger than the limit of {cap} bytes.",
-                                        [id_header, (b"connection", b"close")]))
+        too_large = _text(413, f"Request body is larger than the limit of {cap} bytes.",
+                          [id_header, (b"connection", b"close")])
+        if content_length > cap:  # refused before a byte of the body is read
+            await _send_all(send, too_large)
             return
         try:
             body = await _read_body(receive, cap)
         except _ClientGone:
             return
         if body is None:
-            await _send_all(send, _text(413, f"Request body is larger than the limit of {cap} bytes.",
-                                        [id_header, (b"connection", b"close")]))
+            await _send_all(send, too_large)
             return
-        wire_scope = _wire_scope(scope, headers, self.options.root_path, route.prefix)
         first = {"type": "http.request", "body": body, "more_body": False}
-        replies = _Replies()
-        call = Call(HTTP_METHOD, request_id, True, int(wire.Encoding.MSGPACK),
-                    wire.pack([wire_scope, first]), replies, {"http": True, "route": route.prefix})
-        router = self.runtime.router(route.app_name, route.ingress)
-        router.submit(call)
+        router, call, replies = self._submit(scope, headers, route, request_id, first)
         # Most responses come back before a watcher for client disconnects would be worth a task.
         watch = _DisconnectWatch(receive, router, call)
         started = False
@@ -253,21 +246,25 @@ class ProxyApp:
         finally:
             watch.stop()
 
+    def _submit(
+        self, scope: Scope, headers: list[Any], route: Route, request_id: str, first: Message
+    ) -> tuple[Any, Call, "_Replies"]:
+        """Send the request (scope and first receive message, msgpack only) to the ingress."""
+        payload = wire.pack([_wire_scope(scope, headers, self.options.root_path, route.prefix), first])
+        replies = _Replies()
+        call = Call(HTTP_METHOD, request_id, True, int(wire.Encoding.MSGPACK), payload, replies,
+                    {"http": True, "route": route.prefix})
+        router = self.runtime.router(route.app_name, route.ingress)
+        router.submit(call)
+        return router, call, replies
+
     # -- WebSockets -----------------------------------------------------------------------------
 
     async def _websocket(self, scope: Scope, receive: Any, send: Any, route: Route) -> None:
-        headers = scope["headers"]
-        request_id = next((v.decode("latin-1")[:128] for k, v in headers if k == b"x-request-id"), "")
-        if not request_id:
-            request_id = new_request_id()
-            headers = [*headers, (b"x-request-id", request_id.encode())]
+        given = next((v.decode("latin-1")[:128] for k, v in scope["headers"] if k == b"x-request-id"), "")
+        request_id, headers = _with_request_id(given, scope["headers"])
         first = await receive()  # websocket.connect
-        replies = _Replies()
-        call = Call(HTTP_METHOD, request_id, True, int(wire.Encoding.MSGPACK),
-                    wire.pack([_wire_scope(scope, headers, self.options.root_path, route.prefix), first]),
-                    replies, {"http": True, "route": route.prefix})
-        router = self.runtime.router(route.app_name, route.ingress)
-        router.submit(call)
+        router, call, replies = self._submit(scope, headers, route, request_id, first)
         forwarder: asyncio.Task[None] | None = None
         try:
             while True:
@@ -369,6 +366,14 @@ def _wire_scope(scope: Scope, headers: list[Any], root_path: str, prefix: str) -
     else:
         out["subprotocols"] = list(scope.get("subprotocols", []))
     return out
+
+
+def _with_request_id(given: str, headers: list[Any]) -> tuple[str, list[Any]]:
+    """The request's id: the client's ``x-request-id``, or a new one added to its headers."""
+    if given:
+        return given, headers
+    request_id = new_request_id()
+    return request_id, [*headers, (b"x-request-id", request_id.encode())]
 
 
 def _parse_timeout(value: bytes, default: float | None) -> float | None:

@@ -37,6 +37,7 @@ _ERROR_TYPES: dict[str, type[Exception]] = {
     "ValueError": ValueError,
     "TypeError": TypeError,
     "RuntimeError": RuntimeError,
+    "TimeoutError": TimeoutError,
     "RayServeException": RayServeException,
 }
 
@@ -52,7 +53,6 @@ class Runtime:
         self.app_name = app_name  # the app this process serves, if it is a replica
         self.routers: dict[tuple[str, str], Router] = {}
         self.snapshot: dict[str, Any] = {"version": 0, "deployments": {}}
-        self.snapshot_changed: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._control: transport.Channel | None = None
         self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], tuple[bytes, ...]]]] = {}
@@ -68,7 +68,6 @@ class Runtime:
         sock = transport.make_socket(zmq.DEALER)
         sock.connect(self.control_endpoint)
         self._control = transport.Channel(sock, self._on_control, self.loop)
-        self.snapshot_changed = asyncio.Event()
         self._listener = self.loop.create_task(self._listen())
 
     def in_loop_thread(self) -> bool:
@@ -129,15 +128,6 @@ class Runtime:
         deployments = snapshot["deployments"]
         for (app, name), router in self.routers.items():
             router.update(deployments.get(f"{app}#{name}"))
-        assert self.snapshot_changed is not None
-        self.snapshot_changed.set()
-        self.snapshot_changed = asyncio.Event()
-
-    async def wait_for_snapshot(self, newer_than: int) -> dict[str, Any]:
-        while self.snapshot["version"] <= newer_than:
-            assert self.snapshot_changed is not None
-            await self.snapshot_changed.wait()
-        return self.snapshot
 
     async def _listen(self) -> None:
         while not self._closed:

@@ -94,21 +94,23 @@ class ReplicaConn:
         self.router = router
         self.replica_id = replica_id
         self.incarnation = incarnation
-        self.in_flight = 0
         self.reported_q = 0  # the replica's ongoing count (all callers) at its last reply ...
         self.reported_at = 0.0  # ... and when it came; older than _REPORT_TTL_S it is ignored
         self.skip_until = 0.0
-        self.calls: dict[int, Call] = {}
+        self.calls: dict[int, Call] = {}  # sent, no terminal reply yet
         self._ids = itertools.count(1)
         sock = transport.make_socket(zmq.DEALER)
         sock.connect(endpoint)
         self.channel = transport.Channel(sock, self._on_message, router.loop)
 
+    @property
+    def in_flight(self) -> int:
+        return len(self.calls)
+
     def send(self, call: Call) -> None:
         call.call_id = next(self._ids)
         call.conn = self
         self.calls[call.call_id] = call
-        self.in_flight += 1
         meta = {"m": call.method, "rid": call.request_id, "enc": call.enc, **call.meta}
         if call.stream:
             meta["s"] = True
@@ -121,7 +123,6 @@ class ReplicaConn:
 
     def fail_all(self, exc_for: Any) -> None:
         calls, self.calls = self.calls, {}
-        self.in_flight = 0
         for call in calls.values():
             call.resolve(exc_for(call))
 
@@ -137,7 +138,6 @@ class ReplicaConn:
             return
         if msg.kind in wire.TERMINAL_KINDS:
             del self.calls[msg.call_id]
-            self.in_flight -= 1
             self.reported_q = msg.meta.get("q", 0)
             self.reported_at = time.monotonic()
         self.router.on_reply(self, call, msg)
@@ -168,7 +168,6 @@ class Router:
         self.max_ongoing_requests = 5
         self.max_queued_requests = -1
         self.backpressure: dict[str, Any] = {}
-        self.known = False  # True once a snapshot has told us about this deployment
         self.unavailable_reason: str | None = None
         self._rng = random.Random()
         self._backoff_s = _INITIAL_BACKOFF_S
@@ -177,10 +176,6 @@ class Router:
     @property
     def deployment_id(self) -> str:
         return f"Deployment(name='{self.deployment_name}', app='{self.app_name}')"
-
-    @property
-    def num_queued(self) -> int:
-        return len(self.queue)
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -298,7 +293,6 @@ class Router:
 
     def update(self, entry: dict[str, Any] | None) -> None:
         """Apply this deployment's entry of a controller snapshot (None: it does not exist)."""
-        self.known = True
         if entry is None:
             self.unavailable_reason = "because it does not exist or was deleted"
             self._set_replicas([], [])
