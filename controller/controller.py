@@ -430,7 +430,7 @@ class Controller:
 
     def _start_replica(self, state: DeploymentState) -> None:
         incarnation = next(self._incarnations)
-        replica_id = f"{state.app}#{state.name}#{os.urandom(4).hex()}"
+        replica_id = f"{state.key}#{os.urandom(4).hex()}"
         endpoint = rundir.replica_endpoint(self.run_dir, incarnation)
         spec = wire.pack(
             {

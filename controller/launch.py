@@ -104,9 +104,7 @@ def start_supervisor(run_dir: Path, *, private: bool, http_options: dict[str, An
     """
     ready_r, ready_w = os.pipe()
     pass_fds = [ready_w]
-    # -P: never put the working directory on sys.path (a source checkout there would shadow
-    # the installed package); the workers it spawns inherit the flag.
-    cmd = [sys.executable, "-P", "-m", "shoal.controller", "--run-dir", str(run_dir), "--ready-fd", str(ready_w)]
+    cmd = [sys.executable, "-m", "shoal.controller", "--run-dir", str(run_dir), "--ready-fd", str(ready_w)]
     if http_options is not None:
         cmd += ["--http-options", json.dumps(http_options)]
     life_r = life_w = None

@@ -16,6 +16,7 @@ from shoal.controller.autoscale import Autoscaler
 from shoal.controller.health import HealthMonitor
 from shoal.controller.process import WorkerProcess
 from shoal.controller.replica_control import ReplicaControl
+from shoal.runtime import wire
 
 from shoal.serve.schema import (
     ApplicationStatus,
@@ -75,7 +76,7 @@ class DeploymentState:
 
     @property
     def key(self) -> str:
-        return f"{self.app}#{self.name}"
+        return wire.deployment_key(self.app, self.name)
 
     def live(self, version: str | None = None) -> list[Replica]:
         return [

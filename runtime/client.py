@@ -101,7 +101,7 @@ class Runtime:
             router = Router(app_name, deployment_name, self.loop, on_queued=self._queued)
             self.routers[key] = router
             if self.snapshot["version"]:
-                router.update(self.snapshot["deployments"].get(f"{app_name}#{deployment_name}"))
+                router.update(self.snapshot["deployments"].get(wire.deployment_key(app_name, deployment_name)))
         return router
 
     def _queued(self, router: Router) -> None:
@@ -112,7 +112,7 @@ class Runtime:
 
     async def _report_queues(self) -> None:
         while not self._closed:
-            queued = {f"{app}#{name}": len(r.queue) for (app, name), r in self.routers.items() if r.autoscaling}
+            queued = {wire.deployment_key(app, name): len(r.queue) for (app, name), r in self.routers.items() if r.autoscaling}
             try:
                 await self.call("metrics", {"queued": queued, "source": self.source_id}, timeout_s=5.0)
             except Exception as exc:
@@ -127,7 +127,7 @@ class Runtime:
         self.snapshot = snapshot
         deployments = snapshot["deployments"]
         for (app, name), router in self.routers.items():
-            router.update(deployments.get(f"{app}#{name}"))
+            router.update(deployments.get(wire.deployment_key(app, name)))
 
     async def _listen(self) -> None:
         while not self._closed:

@@ -170,6 +170,11 @@ def loads_args(enc: int, data: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
     return tuple(args), kwargs
 
 
+def deployment_key(app_name: str, deployment_name: str) -> str:
+    """The key of a deployment in snapshots and queue reports: ``app#deployment``."""
+    return f"{app_name}#{deployment_name}"
+
+
 def pack(value: Any) -> bytes:
     """msgpack for control-plane bodies: plain values only."""
     return msgpack.packb(value, use_bin_type=True)

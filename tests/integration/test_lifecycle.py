@@ -121,7 +121,7 @@ def test_supervisor_refuses_a_run_dir_open_to_others(private_run_dir: Path) -> N
     run_dir.mkdir()
     os.chmod(run_dir, 0o755)
     result = subprocess.run(
-        [python(), "-P", "-m", "shoal.controller", "--run-dir", str(run_dir)],
+        [python(), "-m", "shoal.controller", "--run-dir", str(run_dir)],
         capture_output=True, text=True, timeout=40,
     )
     assert result.returncode != 0
@@ -137,7 +137,7 @@ def test_supervisor_refuses_a_symlinked_run_dir(private_run_dir: Path) -> None:
     link = private_run_dir / "link"
     link.symlink_to(target)
     result = subprocess.run(
-        [python(), "-P", "-m", "shoal.controller", "--run-dir", str(link)],
+        [python(), "-m", "shoal.controller", "--run-dir", str(link)],
         capture_output=True, text=True, timeout=40,
     )
     assert result.returncode != 0
