@@ -52,24 +52,25 @@ import sys
 _HERE = os.path.dirname(os.path.realpath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import datetime  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-import urllib.error  # noqa: E402
-import urllib.parse  # noqa: E402
-import urllib.request  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+import argparse
+import asyncio
+import datetime
+import json
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from typing import Any
 
 DEFAULT_RAY_PYTHON = "/work/ray-venv/bin/python"
 TARGETS = ("shoal", "bare", "ray")
@@ -391,7 +392,7 @@ def ray_importable(python: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return str(exc)
     if proc.returncode != 0:
-        return (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
+        return (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
     return None
 
 
@@ -431,7 +432,7 @@ class Server:
     def __init__(self, target: str, python: str, args: argparse.Namespace, scratch: str):
         self.target = target
         self.log_path = os.path.join(scratch, f"{target}-{time.monotonic_ns()}.log")
-        self.log = open(self.log_path, "wb")
+        self.log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
         cmd = [python, os.path.abspath(__file__), "--serve", target]
         if args.max_ongoing_requests is not None and target != "bare":
             cmd += ["--max-ongoing-requests", str(args.max_ongoing_requests)]
@@ -603,7 +604,7 @@ def run_round(
                 f"p50 {fmt_ms(result['p50_ms'])} ms  p99 {fmt_ms(result['p99_ms'])} ms"
                 + (f"  ({'; '.join(notes)})" if notes else ""),
             )
-    except Exception as exc:  # noqa: BLE001 - reported, the other targets still run
+    except Exception as exc:
         report["error"] = str(exc)
         log(args, f"  failed: {exc}")
     except KeyboardInterrupt:
@@ -636,7 +637,7 @@ def medians(rounds: list[dict[str, Any]], connections: list[int]) -> dict[int, d
         if not runs:
             continue
 
-        def med(key: str) -> float | None:
+        def med(key: str, runs: list[dict[str, Any]] = runs) -> float | None:
             vals = [r[key] for r in runs if r[key] is not None]
             return statistics.median(vals) if vals else None
 

@@ -26,7 +26,11 @@ def _wait_for_signal(reload_dir: Path | None = None, on_change: Any = None, proc
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     if process is not None:
-        threading.Thread(target=lambda: (process.wait(), stop.set()), daemon=True).start()
+        def watch() -> None:
+            process.wait()
+            stop.set()
+
+        threading.Thread(target=watch, daemon=True).start()
     if reload_dir is None:
         stop.wait()
         return

@@ -390,7 +390,7 @@ class HTTPOptions(_Strict):
         return self
 
 
-class gRPCOptions(_Strict):  # noqa: N801 - Ray's public name
+class gRPCOptions(_Strict):
     """gRPC proxy options. Accepted for porting; shoal runs no gRPC server."""
 
     port: int = Field(default=9000, ge=0, le=65535)

@@ -99,13 +99,13 @@ class Deployment:
 
     # -- building -------------------------------------------------------------------------------
 
-    def bind(self, *args: Any, **kwargs: Any) -> "Application":
+    def bind(self, *args: Any, **kwargs: Any) -> Application:
         """An Application of this deployment with these constructor arguments."""
         return Application(self.options(_init_args=args, _init_kwargs=kwargs))
 
     def options(self, *, func_or_class: Any = None, _init_args: tuple[Any, ...] | None = None,
                 _init_kwargs: dict[str, Any] | None = None, _internal: bool = False,
-                **options: Any) -> "Deployment":
+                **options: Any) -> Deployment:
         """A copy with the given options changed (validated as ``@serve.deployment`` does)."""
         name = options.get("name", self._name)
         target = func_or_class if func_or_class is not None else self._func_or_class

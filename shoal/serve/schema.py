@@ -501,7 +501,7 @@ class ServeApplicationSchema(_Strict):
         return [d.name for d in self.deployments]
 
 
-class gRPCOptionsSchema(_Strict):  # noqa: N801 - Ray's public name
+class gRPCOptionsSchema(_Strict):
     """gRPC options of a config file; accepted for porting, shoal runs no gRPC server."""
 
     port: int = Field(default=9000, ge=0, le=65535)

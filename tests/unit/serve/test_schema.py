@@ -268,7 +268,7 @@ def test_duplicate_route_prefixes_but_null_is_fine() -> None:
 
 
 def test_empty_application_name() -> None:
-    with pytest.raises(ValueError, match="Application names must be nonempty."):
+    with pytest.raises(ValueError, match=r"Application names must be nonempty\."):
         ServeDeploySchema.model_validate(_deploy(name=""))
 
 
