@@ -5,14 +5,16 @@ operation; each gets one REPLY with ``ok`` and either the answer or ``error`` (a
 user) and ``etype`` (the exception type to raise). Operations that wait (``listen``,
 ``wait_app``, ``delete``) run as tasks, so one slow client never blocks another.
 
-Workers send READY and INIT_FAILED; their protocol version is checked by the controller.
+Workers send READY; their protocol version is checked by the controller. (A worker that fails
+to start says why on its last-words pipe, not here: see ``WorkerProcess``.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import zmq
 
@@ -58,8 +60,6 @@ class ControlServer:
             task.add_done_callback(self._tasks.discard)
         elif msg.kind == wire.Kind.READY:
             self.controller.on_ready(msg.meta["replica_id"], msg.incarnation, msg.meta)
-        elif msg.kind == wire.Kind.INIT_FAILED:
-            self.controller.on_init_failed(msg.meta["replica_id"], msg.incarnation, msg.meta.get("error", ""))
         else:
             logger.warning("control socket got an unexpected %s message", msg.kind.name)
 

@@ -84,7 +84,6 @@ async def serve(config: SupervisorConfig) -> int:
             return 2
         info["http_url"] = controller.proxy.url
     server = ControlServer(endpoint, controller, on_shutdown=stop.set, info=info)
-    controller.read_control = server.channel.drain_now
     if controller.proxy is not None:
         controller.proxy.start()
     _report_ready(config.ready_fd, info)
