@@ -47,9 +47,12 @@ class ControlServer:
             "metrics": self._metrics,
         }
 
-    def close(self) -> None:
-        for task in self._tasks:
+    async def aclose(self) -> None:
+        """Cancel the operations still running, await them, and close the socket."""
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.channel.close()
 
     def _on_message(self, frames: list[bytes]) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from shoal.controller import rundir
+from shoal.controller import observe, rundir
 from shoal.controller.health import monitor_health
 from shoal.controller.process import WorkerProcess
 from shoal.controller.replica_control import RECONFIGURE_METHOD, ReplicaControl
@@ -27,7 +27,7 @@ from shoal.controller.state import DeploymentState, Replica
 from shoal.controller.tasks import TaskSet
 from shoal.runtime import wire
 from shoal.runtime.logs import replica_prefix
-from shoal.serve.schema import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
+from shoal.serve.schema import ReplicaState
 
 logger = logging.getLogger("shoal.controller")
 
@@ -218,10 +218,7 @@ class Executor:
                     *(c.call(RECONFIGURE_METHOD, previous, timeout_s=timeout_s) for c in controls),
                     return_exceptions=True,
                 )
-                state.status = DeploymentStatus.DEPLOY_FAILED
-                state.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED
-                state.message = f"reconfigure failed; the previous config stays in effect: {errors[0]}"
-                state.last_error = state.message
+                observe.reconfigure_failed(state, errors[0])
         finally:
             state.reconfiguring -= 1
             self._events.reconcile()

@@ -93,7 +93,7 @@ async def serve(config: SupervisorConfig) -> int:
         # Asked by our driver, or the driver is gone: nobody is routing here, stop at once.
         await controller.shutdown(announce=signalled.is_set())
     finally:
-        server.close()
+        await server.aclose()
         rundir.remove_sockets(run_dir)
         transport.terminate_context()
     return 0

@@ -9,6 +9,7 @@ an event, one of these functions records it, and ``reconcile.plan`` decides what
   start backs off.
 - A replica that exits while RUNNING is a restart: the next start backs off, starting over from
   the initial backoff if it had run for ``BACKOFF_RESET_AFTER_S``.
+- An in-place reconfigure that raises leaves the previous config in effect, DEPLOY_FAILED.
 - The backoff doubles from ``RESTART_BACKOFF_INITIAL_S`` up to ``RESTART_BACKOFF_MAX_S``.
 """
 
@@ -83,6 +84,15 @@ def replica_exited(state: DeploymentState, replica: Replica, code: int, now: flo
         state.last_error = f"replica {replica.replica_id} (pid {replica.pid}) died unexpectedly (exit code {code})"
         logger.warning("%s; replacing it", state.last_error)
         back_off(state, now)
+
+
+def reconfigure_failed(state: DeploymentState, error: BaseException) -> None:
+    """An in-place config update raised in a replica (the replicas were set back to the previous
+    config): the deployment is DEPLOY_FAILED with the error."""
+    state.status = DeploymentStatus.DEPLOY_FAILED
+    state.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED
+    state.message = f"reconfigure failed; the previous config stays in effect: {error}"
+    state.last_error = state.message
 
 
 def back_off(state: DeploymentState, now: float) -> None:
