@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from shoal.controller.controller import Controller, ControllerError
+from shoal.controller.tasks import TaskSet
 from shoal.runtime import transport, wire
 
 logger = logging.getLogger("shoal.control")
@@ -32,7 +33,7 @@ class ControlServer:
         sock = transport.make_socket(zmq.ROUTER)
         sock.bind(endpoint)
         self.channel = transport.Channel(sock, self._on_message)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._ops: dict[str, Callable[[dict[str, Any], tuple[bytes, ...]], Awaitable[dict[str, Any]]]] = {
             "ping": self._ping,
             "deploy": self._deploy,
@@ -49,18 +50,13 @@ class ControlServer:
 
     async def aclose(self) -> None:
         """Cancel the operations still running, await them, and close the socket."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._tasks.aclose()
         self.channel.close()
 
     def _on_message(self, frames: list[bytes]) -> None:
         identity, msg = frames[0], wire.decode(frames[1:])
         if msg.kind == wire.Kind.CALL:
-            task = asyncio.get_running_loop().create_task(self._answer(identity, msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._answer(identity, msg), name=f"operation {msg.meta.get('op', '')}")
         elif msg.kind == wire.Kind.READY:
             self.controller.on_ready(msg.meta["replica_id"], msg.incarnation, msg.meta)
         else:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from shoal.controller import observe, reconcile, scaling
 from shoal.controller.deploy import ControllerError, apply_spec, check_route_prefixes, delete_deployment
 from shoal.controller.executor import Executor
-from shoal.controller.reconcile import SetStatus, StartReplica, StopReplica, WakeAt
+from shoal.controller.reconcile import Action, SetStatus, StartReplica, StopReplica, WakeAt
 from shoal.controller.snapshot import Snapshots
 from shoal.controller.state import AppState, DeploymentState, Replica
 from shoal.controller.status import render_status
@@ -174,21 +174,11 @@ class Controller:
         wake_at: float | None = None
         for app in list(self.apps.values()):
             for key, state in list(app.deployments.items()):
-                for action in reconcile.plan(
-                    reconcile.target_of(state, stopping=self._stopping), reconcile.observed_of(state), now
-                ):
-                    if isinstance(action, StartReplica):
-                        self._executor.start(state, now)
-                    elif isinstance(action, StopReplica):
-                        replica = state.replicas[action.replica_id]
-                        unroute = action.drain and not self._stopping
-                        self._executor.stop(state, replica, drain=action.drain, unroute=unroute)
-                    elif isinstance(action, WakeAt):
-                        wake_at = action.at_s if wake_at is None else min(wake_at, action.at_s)
-                    elif isinstance(action, SetStatus):
-                        state.status, state.trigger = action.status, action.trigger
-                        if action.message is not None:
-                            state.message = action.message
+                target, observed = reconcile.target_of(state, stopping=self._stopping), reconcile.observed_of(state)
+                for action in reconcile.plan(target, observed, now):
+                    wake = self._carry_out(state, action, now)
+                    if wake is not None:
+                        wake_at = wake if wake_at is None else min(wake_at, wake)
                 if state.deleting and not state.replicas:
                     del app.deployments[key]
             status = reconcile.app_status(app)
@@ -201,6 +191,22 @@ class Controller:
         self.snapshots.publish(self.apps.values())
         if wake_at is not None:
             self._wake_at(wake_at - now)
+
+    def _carry_out(self, state: DeploymentState, action: Action, now: float) -> float | None:
+        """Do ``action`` for ``state``; returns when to plan again, if it says."""
+        match action:
+            case StartReplica():
+                self._executor.start(state, now)
+            case StopReplica(replica_id=replica_id, drain=drain):
+                unroute = drain and not self._stopping  # at shutdown nobody routes any more
+                self._executor.stop(state, state.replicas[replica_id], drain=drain, unroute=unroute)
+            case WakeAt(at_s=at_s):
+                return at_s
+            case SetStatus(status=status, trigger=trigger, message=message):
+                state.status, state.trigger = status, trigger
+                if message is not None:
+                    state.message = message
+        return None
 
     def _wake_at(self, delay_s: float) -> None:
         if self._timer is not None:

@@ -56,7 +56,7 @@ class _Handles:
 
     def detach(self) -> None:
         if self.health is not None:
-            self.health.cancel()  # awaited by the TaskSet's owner
+            self.health.cancel()  # the TaskSet holds it until it has ended
             self.health = None
         if self.control is not None:
             self.control.close()
