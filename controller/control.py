@@ -5,18 +5,21 @@ operation; each gets one REPLY with ``ok`` and either the answer or ``error`` (a
 user) and ``etype`` (the exception type to raise). Operations that wait (``listen``,
 ``wait_app``, ``delete``) run as tasks, so one slow client never blocks another.
 
-Workers send READY and INIT_FAILED; their protocol version is checked by the controller.
+Workers send READY; their protocol version is checked by the controller. (A worker that fails
+to start says why on its last-words pipe, not here: see ``WorkerProcess``.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import zmq
 
 from shoal.controller.controller import Controller, ControllerError
+from shoal.controller.tasks import TaskSet
 from shoal.runtime import transport, wire
 
 logger = logging.getLogger("shoal.control")
@@ -30,7 +33,7 @@ class ControlServer:
         sock = transport.make_socket(zmq.ROUTER)
         sock.bind(endpoint)
         self.channel = transport.Channel(sock, self._on_message)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self._ops: dict[str, Callable[[dict[str, Any], tuple[bytes, ...]], Awaitable[dict[str, Any]]]] = {
             "ping": self._ping,
             "deploy": self._deploy,
@@ -45,21 +48,17 @@ class ControlServer:
             "metrics": self._metrics,
         }
 
-    def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+    async def aclose(self) -> None:
+        """Cancel the operations still running, await them, and close the socket."""
+        await self._tasks.aclose()
         self.channel.close()
 
     def _on_message(self, frames: list[bytes]) -> None:
         identity, msg = frames[0], wire.decode(frames[1:])
         if msg.kind == wire.Kind.CALL:
-            task = asyncio.get_running_loop().create_task(self._answer(identity, msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._answer(identity, msg), name=f"operation {msg.meta.get('op', '')}")
         elif msg.kind == wire.Kind.READY:
             self.controller.on_ready(msg.meta["replica_id"], msg.incarnation, msg.meta)
-        elif msg.kind == wire.Kind.INIT_FAILED:
-            self.controller.on_init_failed(msg.meta["replica_id"], msg.incarnation, msg.meta.get("error", ""))
         else:
             logger.warning("control socket got an unexpected %s message", msg.kind.name)
 

@@ -84,7 +84,6 @@ async def serve(config: SupervisorConfig) -> int:
             return 2
         info["http_url"] = controller.proxy.url
     server = ControlServer(endpoint, controller, on_shutdown=stop.set, info=info)
-    controller.read_control = server.channel.drain_now
     if controller.proxy is not None:
         controller.proxy.start()
     _report_ready(config.ready_fd, info)
@@ -94,7 +93,7 @@ async def serve(config: SupervisorConfig) -> int:
         # Asked by our driver, or the driver is gone: nobody is routing here, stop at once.
         await controller.shutdown(announce=signalled.is_set())
     finally:
-        server.close()
+        await server.aclose()
         rundir.remove_sockets(run_dir)
         transport.terminate_context()
     return 0

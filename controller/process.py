@@ -5,8 +5,11 @@ running ``target`` (a replica: ``shoal.runtime.worker_main.main``; the proxy:
 ``shoal.proxy.main.main``); ``extra_fds`` are inherited too (the proxy's listening socket). It gets two inherited pipes: its stdout/stderr, which
 this class reads, splits into lines and hands to ``on_output``; and a lifeline whose write end
 only the supervisor holds, so the worker sees EOF if the supervisor dies, however it dies.
+With ``on_last_words``, a third pipe follows the lifeline: what the worker writes there before
+it exits (a replica: its constructor's error) is handed to ``on_last_words(data)``.
 Exit is noticed through the process sentinel on the loop (no polling) and reported once to
-``on_exit(exitcode)``.
+``on_exit(exitcode)``, after the worker's output and last words were read to the end: the
+order is explicit, so the error a worker leaves is always known when its exit is reported.
 
 ``stop(grace_s)`` is SIGTERM, wait up to ``grace_s``, SIGKILL, reap; it never waits unbounded.
 """
@@ -18,7 +21,7 @@ import logging
 import multiprocessing
 import os
 import signal
-from typing import Callable
+from collections.abc import Callable
 
 import psutil
 
@@ -29,6 +32,43 @@ logger = logging.getLogger("shoal.process")
 _SPAWN = multiprocessing.get_context("spawn")
 
 
+class _PipeReader:
+    """The read end of a pipe a worker writes to, read on the loop until EOF."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, on_data: Callable[[bytes], None]) -> None:
+        self._loop = loop
+        self._fd = fd
+        self._on_data = on_data
+        os.set_blocking(fd, False)
+        loop.add_reader(fd, self._read)
+
+    def _read(self) -> bool:
+        """Read one chunk; False once nothing is left to read now."""
+        try:
+            chunk = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return False
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.close()
+            return False
+        self._on_data(chunk)
+        return True
+
+    def drain(self) -> None:
+        """Read everything written so far (the writer exited), then close."""
+        while self._fd >= 0 and self._read():
+            pass
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+
 class WorkerProcess:
     def __init__(
         self,
@@ -36,6 +76,7 @@ class WorkerProcess:
         *,
         on_output: Callable[[str], None],
         on_exit: Callable[[int], None],
+        on_last_words: Callable[[bytes], None] | None = None,
         name: str = "shoal-worker",
         target: Callable[..., None] = worker_main.main,
         extra_fds: tuple[int, ...] = (),
@@ -45,11 +86,14 @@ class WorkerProcess:
         self._extra_fds = extra_fds
         self._on_output = on_output
         self._on_exit = on_exit
+        self._on_last_words = on_last_words
         self._name = name
         self._proc: multiprocessing.process.BaseProcess | None = None
-        self._out_fd = -1
+        self._output: _PipeReader | None = None
+        self._last_words: _PipeReader | None = None
         self._lifeline_fd = -1
-        self._buffer = b""
+        self._line = b""
+        self._words = b""
         self._loop: asyncio.AbstractEventLoop | None = None
         self.exited = asyncio.Event()
         self.exitcode: int | None = None
@@ -63,6 +107,8 @@ class WorkerProcess:
         self._loop = asyncio.get_running_loop()
         out_r, out_w = os.pipe()
         life_r, life_w = os.pipe()
+        words_r, words_w = os.pipe() if self._on_last_words is not None else (-1, -1)
+        child_fds = (words_w, *self._extra_fds) if words_w >= 0 else self._extra_fds
         try:
             self._proc = _SPAWN.Process(
                 target=self._target,
@@ -70,58 +116,49 @@ class WorkerProcess:
                     self._spec,
                     worker_main.PassFd(out_w),
                     worker_main.PassFd(life_r),
-                    *(worker_main.PassFd(fd) for fd in self._extra_fds),
+                    *(worker_main.PassFd(fd) for fd in child_fds),
                 ),
                 name=self._name,
                 daemon=False,
             )
             self._proc.start()
+        except BaseException:
+            for fd in (out_r, life_w, words_r):
+                if fd >= 0:
+                    os.close(fd)
+            raise
         finally:
-            os.close(out_w)
-            os.close(life_r)
-        self._out_fd = out_r
+            for fd in (out_w, life_r, words_w):
+                if fd >= 0:
+                    os.close(fd)
         self._lifeline_fd = life_w
-        os.set_blocking(out_r, False)
-        self._loop.add_reader(out_r, self._read_output)
+        self._output = _PipeReader(self._loop, out_r, self._read_output)
+        if words_r >= 0:
+            self._last_words = _PipeReader(self._loop, words_r, self._read_words)
         self._loop.add_reader(self._proc.sentinel, self._on_sentinel)
 
-    def _read_output(self) -> None:
-        try:
-            chunk = os.read(self._out_fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self._close_output()
-            return
-        self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
+    def _read_output(self, chunk: bytes) -> None:
+        *lines, self._line = (self._line + chunk).split(b"\n")
         for line in lines:
             self._on_output(line.decode("utf-8", "replace"))
 
-    def _close_output(self) -> None:
-        if self._out_fd >= 0:
-            assert self._loop is not None
-            self._loop.remove_reader(self._out_fd)
-            if self._buffer:
-                self._on_output(self._buffer.decode("utf-8", "replace"))
-                self._buffer = b""
-            os.close(self._out_fd)
-            self._out_fd = -1
+    def _read_words(self, chunk: bytes) -> None:
+        self._words += chunk
 
     def _on_sentinel(self) -> None:
         assert self._loop is not None and self._proc is not None
         self._loop.remove_reader(self._proc.sentinel)
         # The sentinel closes as the child exits, a moment before it can be reaped.
         self._proc.join(timeout=1.0)
-        # Read what the worker wrote last before reporting its exit.
-        while self._out_fd >= 0:
-            before = self._out_fd
-            self._read_output()
-            if self._out_fd == before and not _readable(before):
-                break
-        self._close_output()
+        # What the worker wrote last is read before its exit is reported.
+        for reader in (self._output, self._last_words):
+            if reader is not None:
+                reader.drain()
+        if self._line:
+            self._on_output(self._line.decode("utf-8", "replace"))
+            self._line = b""
+        if self._words and self._on_last_words is not None:
+            self._on_last_words(self._words)
         if self._lifeline_fd >= 0:
             os.close(self._lifeline_fd)
             self._lifeline_fd = -1
@@ -170,12 +207,3 @@ class WorkerProcess:
                 pass
         self.signal(signal.SIGKILL)
 
-
-def _readable(fd: int) -> bool:
-    import select
-
-    try:
-        ready, _, _ = select.select([fd], [], [], 0)
-    except (OSError, ValueError):
-        return False
-    return bool(ready)

@@ -83,10 +83,6 @@ def replica_endpoint(run_dir: Path, incarnation: int) -> str:
     return f"ipc://{run_dir / f'r{incarnation}.sock'}"
 
 
-def proxy_endpoint(run_dir: Path) -> str:
-    return f"ipc://{run_dir / 'proxy.sock'}"
-
-
 def supervisor_pid(run_dir: Path) -> int | None:
     """The pid of the live supervisor of ``run_dir``, or None."""
     try:

@@ -1,7 +1,10 @@
 """The controller's records: replicas, deployments and applications, and the version that says
 when a deployment's replicas must be replaced.
 
-Plain data with small derived views; every decision about them is the controller's.
+Plain data with small derived views, and no processes: what was asked of a deployment (its
+definition, config, version, target count, whether it is being deleted) beside what has been
+observed of it (its replicas, failed starts, restarts, backoff, status). ``reconcile.plan``
+decides from them; ``observe`` records events into them; the executor owns the processes.
 """
 
 from __future__ import annotations
@@ -13,11 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.controller.autoscale import Autoscaler
-from shoal.controller.health import HealthMonitor
-from shoal.controller.process import WorkerProcess
-from shoal.controller.replica_control import ReplicaControl
 from shoal.runtime import wire
-
 from shoal.serve.schema import (
     ApplicationStatus,
     DeploymentStatus,
@@ -30,48 +29,41 @@ RESTART_BACKOFF_INITIAL_S = 0.1
 
 @dataclass(eq=False)
 class Replica:
+    """One replica as observed: its process and connections live in the executor."""
+
     replica_id: str
     incarnation: int
     version: str
     endpoint: str
-    process: WorkerProcess
+    started_at: float  # monotonic seconds
     state: ReplicaState = ReplicaState.STARTING
     pid: int | None = None
-    error: str = ""
-    started_at: float = field(default_factory=time.monotonic)
-    control: ReplicaControl | None = None
-    health: HealthMonitor | None = None
-
-    def detach(self) -> None:
-        """Stop health checks and close the control connection."""
-        if self.health is not None:
-            self.health.stop()
-            self.health = None
-        if self.control is not None:
-            self.control.close()
-            self.control = None
+    error: str = ""  # the constructor's traceback (its last words), or why it was refused
+    unhealthy: bool = False  # failed its health checks: to be replaced
 
 
 @dataclass(eq=False)
 class DeploymentState:
+    # what was asked
     app: str
     name: str
     definition: bytes
     config: dict[str, Any]
     version: str
     sys_path: list[str]
-    replicas: dict[str, Replica] = field(default_factory=dict)
     target: int = 1
+    deleting: bool = False
+    autoscaler: Autoscaler | None = None
+    # what was observed
+    replicas: dict[str, Replica] = field(default_factory=dict)
     failed_starts: int = 0
     restarts: int = 0
     last_error: str = ""
     status: DeploymentStatus = DeploymentStatus.UPDATING
     trigger: DeploymentStatusTrigger = DeploymentStatusTrigger.CONFIG_UPDATE_STARTED
     message: str = ""
-    deleting: bool = False
     reconfiguring: int = 0  # in-place config updates in flight
-    autoscaler: Autoscaler | None = None
-    next_start_at: float = 0.0
+    next_start_at: float = 0.0  # monotonic seconds: no replica starts before (backoff)
     backoff_s: float = RESTART_BACKOFF_INITIAL_S
 
     @property

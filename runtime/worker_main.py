@@ -1,11 +1,13 @@
 """Entry point of a replica worker process (started with the spawn method by the supervisor).
 
-``main(spec, output, lifeline)``:
+``main(spec, output, lifeline, last_words)``:
 1. points stdout/stderr at ``output`` (a pipe the supervisor reads, prefixes and logs), leaves
    the terminal's process group (Ctrl-C is the supervisor's to handle) and asks the kernel for
    SIGKILL when the supervisor dies; ``lifeline`` reaching EOF is the backstop for the same;
-2. binds its ROUTER socket, builds the user object, sends READY (pid, protocol version,
-   endpoint) or INIT_FAILED (with the constructor's traceback) to the supervisor;
+2. binds its ROUTER socket, builds the user object, and sends READY (pid, protocol version,
+   endpoint) to the supervisor; or, if that fails, writes ``{"error": traceback}`` (msgpack) to
+   the ``last_words`` pipe and exits 1. The supervisor reads that pipe to its end before it
+   reports the exit, so the constructor's error is known when the failed start is counted;
 3. serves until SIGTERM, then drains within ``graceful_shutdown_timeout_s``, runs the user's
    ``__del__`` and exits 0.
 """
@@ -60,7 +62,7 @@ def bootstrap(spec_bytes: bytes, output: Any) -> dict[str, Any]:
 
     from shoal.runtime import wire
 
-    spec = wire.unpack(spec_bytes)
+    spec: dict[str, Any] = wire.unpack(spec_bytes)
     set_process_name(spec.get("process_name", "shoal-worker"))
     _die_with_parent(spec["parent_pid"])
     for entry in reversed(spec.get("sys_path", [])):
@@ -98,10 +100,27 @@ def run_until_complete(coro: Any) -> None:
     os._exit(code)
 
 
-def main(spec_bytes: bytes, output: Any, lifeline: Any) -> None:
+def main(spec_bytes: bytes, output: PassFd, lifeline: PassFd, last_words: PassFd) -> None:
     spec = bootstrap(spec_bytes, output)
     _configure_logging(spec)
-    run_until_complete(_serve(spec, lifeline.detach()))
+    run_until_complete(_serve(spec, lifeline.detach(), last_words.detach()))
+
+
+def _leave_last_words(fd: int, error: str) -> None:
+    """Write ``{"error": error}`` to the last-words pipe and close it (blocking: the supervisor
+    reads the pipe while this process runs and after it exits)."""
+    from shoal.runtime import wire
+
+    data = wire.pack({"error": error})
+    os.set_blocking(fd, True)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        pass  # the supervisor is gone: nobody to tell
+    finally:
+        os.close(fd)
 
 
 def _configure_logging(spec: dict[str, Any]) -> None:
@@ -112,7 +131,7 @@ def _configure_logging(spec: dict[str, Any]) -> None:
     )
 
 
-async def _serve(spec: dict[str, Any], lifeline_fd: int) -> int:
+async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> int:
     import zmq
 
     from shoal.runtime import client, transport, wire
@@ -165,14 +184,14 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int) -> int:
         await worker.http.startup()
         worker.attach(transport.Channel(replica_sock, worker.on_message))
     except Exception as exc:
-        report(wire.Kind.INIT_FAILED, {"error": "".join(traceback.format_exception(exc))})
+        _leave_last_words(last_words_fd, "".join(traceback.format_exception(exc)))
         await client.shutdown_runtime()
-        control_sock.setsockopt(zmq.LINGER, 2000)  # deliver INIT_FAILED before exiting
         control.close()
         replica_sock.close()
         transport.terminate_context()
         return 1
 
+    os.close(last_words_fd)
     report(wire.Kind.READY, {"endpoint": spec["endpoint"]})
     await stop.wait()
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from shoal.controller import launch, rundir
 from shoal.runtime import client, context, wire
-from shoal.runtime.errors import RayServeException
+from shoal.runtime.errors import RayServeException, ShoalConnectionError
 from shoal.runtime.handle import DeploymentHandle
 from shoal.runtime.local import LocalRuntime
 from shoal.runtime.user_code import UserCallable
@@ -25,6 +25,8 @@ from shoal.serve.schema import ServeStatus
 
 logger = logging.getLogger("shoal.serve")
 
+_WAIT_ROUND_S = 2.0  # one wait_app call waits at most this long in the supervisor
+_WAIT_REPLY_GRACE_S = 5.0  # ... and its answer must arrive this much later, or the driver looks
 _lock = threading.RLock()
 _instance: launch.Instance | None = None
 _local: LocalRuntime | None = None
@@ -115,7 +117,7 @@ def run(
     rt = _runtime()
     assert rt is not None
     rt.call_sync("deploy", {"name": name}, (wire.pack(spec),))
-    reply, _ = rt.call_sync("wait_app", {"name": name}, timeout_s=None)
+    reply = _wait_app(rt, name)
     if not reply.get("exists"):
         raise RuntimeError(f"Application '{name}' was deleted while it was being deployed.")
     if reply["status"] == "DEPLOY_FAILED":
@@ -140,11 +142,46 @@ def deploy_specs(specs: list[dict[str, Any]], *, declarative: bool, wait: bool, 
         return
     failures = []
     for spec in specs:
-        reply, _ = rt.call_sync("wait_app", {"name": spec["name"]}, timeout_s=None)
+        reply = _wait_app(rt, spec["name"])
         if reply.get("exists") and reply["status"] == "DEPLOY_FAILED":
             failures.append(f"Application '{spec['name']}':\n{reply['message']}")
     if failures:
         raise RuntimeError("Deploying failed:\n" + "\n".join(failures))
+
+
+def _wait_app(rt: client.Runtime, name: str) -> dict[str, Any]:
+    """Wait until app ``name`` is RUNNING, DEPLOY_FAILED or gone (the supervisor's answer).
+
+    Every call has a deadline: the supervisor waits ``_WAIT_ROUND_S`` at most, and the driver
+    another ``_WAIT_REPLY_GRACE_S`` for the answer. Between calls it checks that the supervisor
+    still runs: RayServeException, naming what happened, if it died mid-deploy.
+    """
+    while True:
+        try:
+            reply, _ = rt.call_sync(
+                "wait_app", {"name": name, "timeout_s": _WAIT_ROUND_S}, timeout_s=_WAIT_ROUND_S + _WAIT_REPLY_GRACE_S
+            )
+            return reply
+        except TimeoutError:
+            pass  # the supervisor answered: not yet
+        except ShoalConnectionError:
+            pass  # no answer in time: is the supervisor still there?
+        gone = _supervisor_gone()
+        if gone is not None:
+            raise RayServeException(f"{gone} while application '{name}' was being deployed.")
+
+
+def _supervisor_gone() -> str | None:
+    """What happened to this driver's supervisor, if it no longer runs; else None."""
+    instance = _instance
+    if instance is None:
+        return None
+    if instance.process is not None:  # a private instance: this process's child
+        code = instance.process.poll()
+        return None if code is None else f"The shoal supervisor (pid {instance.process.pid}) exited with code {code}"
+    if rundir.supervisor_pid(instance.run_dir) is None:
+        return f"The shoal supervisor of {instance.run_dir} is no longer running"
+    return None
 
 
 def configs() -> dict[str, Any]:

@@ -8,13 +8,15 @@ test deploys its own app and waits on results, gates and (for OS or status state
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import pytest
@@ -418,7 +420,7 @@ def test_crash_restarts_back_off(deploy: Any, app_name: str, tmp_path: Path) -> 
 
     # Six starts: the backoffs between them would be 0.1, 0.2, 0.4, 0.8 and 1.6 s.
     times = wait_until(lambda: s if len(s := starts()) >= 6 else None, 30, "six starts")[:6]
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     dep = _deployment(app_name, "CrashAfterReady")
     assert dep.restarts >= 5
     assert "exit code 3" in dep.last_error

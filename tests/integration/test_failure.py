@@ -7,8 +7,9 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 from helpers import alive, app_status, replica_pids, wait_until

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import pytest
+
 from shoal.controller.autoscale import (
     Autoscaler,
     DecisionState,
@@ -14,7 +15,6 @@ from shoal.controller.autoscale import (
     decide,
     load_policy,
 )
-
 from shoal.serve.autoscaling_policy import (
     default_autoscaling_policy,
     replica_queue_length_autoscaling_policy,

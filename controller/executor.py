@@ -1,0 +1,224 @@
+"""The executor: carries out the plan's actions on replica processes, and reports back.
+
+It owns every replica's process (``WorkerProcess``), its control connection and its health
+checks, and nothing else decides anything here: ``start`` spawns a replica of a deployment's
+current version; ``stop`` stops one (a running one leaves the routers first, then drains within
+``graceful_shutdown_timeout_s``); ``reconfigure`` applies an in-place config update. What
+happens next comes back through ``ReplicaEvents``: a replica exited (after its last words were
+read), or failed its health checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from shoal.controller import observe, rundir
+from shoal.controller.health import monitor_health
+from shoal.controller.process import WorkerProcess
+from shoal.controller.replica_control import RECONFIGURE_METHOD, ReplicaControl
+from shoal.controller.state import DeploymentState, Replica
+from shoal.controller.tasks import TaskSet
+from shoal.runtime import wire
+from shoal.runtime.logs import replica_prefix
+from shoal.serve.schema import ReplicaState
+
+logger = logging.getLogger("shoal.controller")
+
+_STARTING_STOP_GRACE_S = 2.0  # a replica that never ran has nothing to drain
+_DRAIN_EXTRA_S = 2.0  # on top of graceful_shutdown_timeout_s, for the process to exit
+_UNROUTE_TIMEOUT_S = 2.0
+
+
+class ReplicaEvents(Protocol):
+    """What the executor reports (the controller records it and plans again)."""
+
+    def replica_exited(self, state: DeploymentState, replica: Replica, code: int) -> None: ...
+
+    def replica_unhealthy(self, state: DeploymentState, replica: Replica, error: str) -> None: ...
+
+    def reconcile(self) -> None: ...
+
+
+@dataclass(eq=False)
+class _Handles:
+    """A replica's process and, once it runs, its control connection and health checks."""
+
+    process: WorkerProcess
+    control: ReplicaControl | None = None
+    health: asyncio.Task[None] | None = None
+
+    def detach(self) -> None:
+        if self.health is not None:
+            self.health.cancel()  # the TaskSet holds it until it has ended
+            self.health = None
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+
+
+class Executor:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        events: ReplicaEvents,
+        tasks: TaskSet,
+        unroute: Callable[[float], Awaitable[None]],
+        echo: Callable[[str], None],
+    ) -> None:
+        """``unroute(timeout_s)`` publishes the replica sets and waits (bounded) until every
+        router applied them."""
+        self._run_dir = run_dir
+        self._events = events
+        self._tasks = tasks
+        self._unroute = unroute
+        self._echo = echo
+        self._logs = rundir.ensure_private_dir(run_dir / rundir.LOGS)
+        self._incarnations = itertools.count(1)
+        self._handles: dict[str, _Handles] = {}
+
+    def start(self, state: DeploymentState, now: float) -> Replica:
+        """Spawn a replica of ``state``'s current version, recorded STARTING in ``state``."""
+        incarnation = next(self._incarnations)
+        replica_id = f"{state.key}#{os.urandom(4).hex()}"
+        endpoint = rundir.replica_endpoint(self._run_dir, incarnation)
+        spec = wire.pack(
+            {
+                "replica_id": replica_id,
+                "incarnation": incarnation,
+                "app": state.app,
+                "deployment": state.name,
+                "endpoint": endpoint,
+                "control_endpoint": rundir.control_endpoint(self._run_dir),
+                "definition": state.definition,
+                "config": state.config,
+                "version": state.version,
+                "sys_path": state.sys_path,
+                "parent_pid": os.getpid(),
+                "process_name": "shoal-replica",
+                "world_size": state.target,
+                "log_level": (state.config.get("logging_config") or {}).get("log_level", "INFO"),
+            }
+        )
+        replica = Replica(replica_id, incarnation, state.version, endpoint, started_at=now)
+        log_path = self._logs / f"replica_{state.app}_{state.name}_{replica_id.rsplit('#', 1)[-1]}.log"
+        log_file = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed at exit
+        prefix = replica_prefix(state.app, state.name, replica_id, 0)
+
+        def on_output(line: str) -> None:
+            log_file.write(line + "\n")
+            self._echo(f"{prefix} {line}")
+
+        def on_last_words(data: bytes) -> None:
+            try:
+                replica.error = str(wire.unpack(data).get("error", ""))
+            except Exception:
+                replica.error = data.decode("utf-8", "replace")
+
+        def on_exit(code: int) -> None:
+            log_file.close()
+            handles = self._handles.pop(replica_id, None)
+            if handles is not None:
+                handles.detach()
+            self._events.replica_exited(state, replica, code)
+
+        process = WorkerProcess(
+            spec, on_output=on_output, on_exit=on_exit, on_last_words=on_last_words,
+            name=f"shoal:{state.app}:{state.name}",
+        )
+        self._handles[replica_id] = _Handles(process)
+        state.replicas[replica_id] = replica
+        process.start()
+        replica.pid = process.pid
+        prefix = replica_prefix(state.app, state.name, replica_id, process.pid or 0)
+        return replica
+
+    def connect(self, state: DeploymentState, replica: Replica, meta: dict[str, Any]) -> bool:
+        """The replica said READY with ``meta``: connect to it and start its health checks.
+        False (and the replica is killed) if it speaks another protocol version."""
+        handles = self._handles.get(replica.replica_id)
+        if handles is None:
+            return False
+        if meta.get("protocol") != wire.PROTOCOL_VERSION:
+            replica.error = (
+                f"replica speaks protocol {meta.get('protocol')}, the supervisor speaks "
+                f"{wire.PROTOCOL_VERSION}; reinstall shoal so both are the same version"
+            )
+            handles.process.kill()
+            return False
+        if replica.state != ReplicaState.STARTING:
+            return False
+        handles.control = ReplicaControl(replica.replica_id, replica.incarnation, replica.endpoint)
+        handles.health = self._tasks.spawn(
+            monitor_health(
+                handles.control,
+                period_s=float(state.config.get("health_check_period_s", 10.0)),
+                timeout_s=float(state.config.get("health_check_timeout_s", 30.0)),
+                on_unhealthy=lambda error: self._events.replica_unhealthy(state, replica, error),
+                name=f"replica {replica.replica_id} (pid {meta.get('pid', replica.pid)})",
+            ),
+            name=f"health {replica.replica_id}",
+        )
+        return True
+
+    def control(self, replica: Replica) -> ReplicaControl | None:
+        handles = self._handles.get(replica.replica_id)
+        return handles.control if handles is not None else None
+
+    def stop(self, state: DeploymentState, replica: Replica, *, drain: bool, unroute: bool) -> None:
+        """Stop ``replica`` (recorded STOPPING at once). ``drain``: it gets
+        ``graceful_shutdown_timeout_s`` to finish what it holds; ``unroute``: first every router
+        applies the replica sets without it."""
+        if replica.state == ReplicaState.STOPPING:
+            return
+        replica.state = ReplicaState.STOPPING
+        handles = self._handles.get(replica.replica_id)
+        if handles is None:
+            return
+        handles.detach()
+        grace_s = float(state.config.get("graceful_shutdown_timeout_s", 20.0)) + _DRAIN_EXTRA_S if drain else _STARTING_STOP_GRACE_S
+        self._tasks.spawn(self._stop(handles.process, grace_s, unroute), name=f"stop {replica.replica_id}")
+
+    async def _stop(self, process: WorkerProcess, grace_s: float, unroute: bool) -> None:
+        if unroute:
+            await self._unroute(_UNROUTE_TIMEOUT_S)
+        await process.stop(grace_s)
+
+    async def wait_exited(self) -> None:
+        """Wait until every replica process has exited (each is being stopped)."""
+        await asyncio.gather(*(h.process.exited.wait() for h in list(self._handles.values())))
+
+    def reconfigure(self, state: DeploymentState, update: dict[str, Any], previous: dict[str, Any]) -> None:
+        """Apply ``update`` to the running replicas in place (same pids). If a replica's
+        ``reconfigure`` raises, every replica goes back to ``previous`` and the deployment
+        reports DEPLOY_FAILED with the error, still serving with the old config. Counted in
+        ``state.reconfiguring`` from now until done, so the status cannot turn HEALTHY first."""
+        state.reconfiguring += 1
+        self._tasks.spawn(self._reconfigure(state, update, previous), name=f"reconfigure {state.key}")
+
+    async def _reconfigure(self, state: DeploymentState, update: dict[str, Any], previous: dict[str, Any]) -> None:
+        try:
+            controls = [c for c in map(self.control, state.running(state.version)) if c is not None]
+            timeout_s = float(state.config.get("health_check_timeout_s", 30.0))
+            results = await asyncio.gather(
+                *(c.call(RECONFIGURE_METHOD, update, timeout_s=timeout_s) for c in controls),
+                return_exceptions=True,
+            )
+            errors = [e for e in results if isinstance(e, BaseException)]
+            if errors:
+                state.config = {**state.config, **previous}
+                await asyncio.gather(
+                    *(c.call(RECONFIGURE_METHOD, previous, timeout_s=timeout_s) for c in controls),
+                    return_exceptions=True,
+                )
+                observe.reconfigure_failed(state, errors[0])
+        finally:
+            state.reconfiguring -= 1
+            self._events.reconcile()

@@ -1,0 +1,102 @@
+"""Autoscaling glue: feeding each autoscaler its metrics, and applying its decisions.
+
+Every ``TICK_S`` the poller asks each running replica of every autoscaling deployment how many
+requests it holds (``METRICS_METHOD``), records the answers, then lets each autoscaler decide
+(``decide``). Routers report their queue lengths as they change (``record_queued``); a
+deployment with no running replica and requests waiting is decided at once, so scaling up from
+zero does not wait for a tick.
+
+A redeploy may replace or clear a deployment's autoscaler while a tick awaits its replicas'
+answers: the autoscaler is read again after every await, never held across one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+from shoal.controller.replica_control import METRICS_METHOD
+from shoal.controller.state import DeploymentState, Replica
+from shoal.serve.schema import DeploymentStatus, DeploymentStatusTrigger
+
+logger = logging.getLogger("shoal.controller")
+
+TICK_S = 0.25
+_METRICS_TIMEOUT_S = 1.0
+
+
+class ReplicaCalls(Protocol):
+    """What the poller needs of a replica's control connection."""
+
+    async def call(self, method: str, *args: Any, timeout_s: float) -> Any: ...
+
+
+def decide(state: DeploymentState, now: float) -> bool:
+    """One autoscaling decision for ``state`` at ``now``; True if its target changed."""
+    if state.autoscaler is None or state.status == DeploymentStatus.DEPLOY_FAILED:
+        return False
+    target = state.autoscaler.target(now, len(state.running(state.version)), state.target)
+    if target == state.target:
+        return False
+    logger.info("autoscaling deployment '%s' from %d to %d replicas", state.name, state.target, target)
+    state.status = DeploymentStatus.UPSCALING if target > state.target else DeploymentStatus.DOWNSCALING
+    state.trigger = DeploymentStatusTrigger.AUTOSCALING
+    state.target = target
+    return True
+
+
+def record_queued(states: Iterable[DeploymentState], source: str, queued: Mapping[str, int], now: float) -> bool:
+    """A router's queue lengths by deployment key; True if a target changed (scale from zero)."""
+    changed = False
+    for state in states:
+        if state.autoscaler is None or state.key not in queued:
+            continue
+        state.autoscaler.observe(f"{source}/{state.key}", float(queued[state.key]), now, queued=True)
+        if queued[state.key] and not state.running(state.version):
+            changed = decide(state, now) or changed
+    return changed
+
+
+class AutoscalePoller:
+    def __init__(
+        self,
+        deployments: Callable[[], Iterable[DeploymentState]],
+        control: Callable[[Replica], ReplicaCalls | None],
+        on_change: Callable[[], None],
+        clock: Callable[[], float],
+    ) -> None:
+        """``deployments()``: every deployment now; ``control(replica)``: its connection, if it
+        runs; ``on_change()``: some target changed; ``clock()``: monotonic seconds."""
+        self._deployments = deployments
+        self._control = control
+        self._on_change = on_change
+        self._clock = clock
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            await self.tick()
+
+    async def tick(self) -> None:
+        """Read the metrics of every autoscaling deployment, then decide for each."""
+        states = [s for s in self._deployments() if s.autoscaler is not None and not s.deleting]
+        for state in states:
+            await self._poll(state)
+        now = self._clock()
+        if any([decide(state, now) for state in states]):
+            self._on_change()
+
+    async def _poll(self, state: DeploymentState) -> None:
+        replicas = [(r, c) for r in state.running(state.version) if (c := self._control(r)) is not None]
+        counts = await asyncio.gather(
+            *(c.call(METRICS_METHOD, timeout_s=_METRICS_TIMEOUT_S) for _, c in replicas), return_exceptions=True
+        )
+        autoscaler = state.autoscaler  # after the await: a redeploy may have replaced or cleared it
+        if autoscaler is None or state.deleting:
+            return
+        now = self._clock()
+        for (replica, _), count in zip(replicas, counts):
+            if isinstance(count, (int, float)):
+                autoscaler.observe(replica.replica_id, float(count), now)

@@ -1,0 +1,47 @@
+"""The status report (``serve status``, ``serve.status()``): applications, deployments and
+replicas as plain dicts, in the shape ``ServeStatus.from_dict`` reads."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from shoal.controller.state import AppState, DeploymentState
+
+
+def render_status(apps: Iterable[AppState], proxy_status: str | None) -> dict[str, Any]:
+    """``proxy_status`` is the proxy's status value, None without HTTP."""
+    rendered = {
+        app.name: {
+            "status": app.status.value,
+            "message": app.message,
+            "last_deployed_time_s": app.deployed_at,
+            "deployments": {
+                state.name: _deployment(state)
+                for state in app.deployments.values() if app.deleting or not state.deleting
+            },
+            "route_prefix": app.route_prefix,
+            "ingress": app.ingress,
+        }
+        for app in apps
+    }
+    proxies = {"local": proxy_status} if proxy_status is not None else {}
+    return {"proxies": proxies, "applications": rendered, "target_capacity": None}
+
+
+def _deployment(state: DeploymentState) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for r in state.replicas.values():
+        counts[r.state.value] = counts.get(r.state.value, 0) + 1
+    return {
+        "status": state.status.value,
+        "status_trigger": state.trigger.value,
+        "replica_states": counts,
+        "message": state.message,
+        "replicas": [
+            {"replica_id": r.replica_id, "state": r.state.value, "pid": r.pid, "version": r.version}
+            for r in state.replicas.values()
+        ],
+        "restarts": state.restarts,
+        "last_error": state.last_error,
+    }

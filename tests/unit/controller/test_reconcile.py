@@ -1,0 +1,264 @@
+"""shoal.controller.reconcile.plan and shoal.controller.observe, on fake records and a fake
+clock: no process is started. ``Deployment`` below plays the executor: it carries the actions
+out on the records, and the tests report what the replicas do (READY, exit, health failure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from shoal.controller import observe
+from shoal.controller.reconcile import (
+    Action,
+    SetStatus,
+    StartReplica,
+    StopReplica,
+    WakeAt,
+    app_status,
+    observed_of,
+    plan,
+    target_of,
+)
+from shoal.controller.state import AppState, DeploymentState, Replica
+from shoal.serve.schema import ApplicationStatus, DeploymentStatus, DeploymentStatusTrigger, ReplicaState
+
+
+class Deployment:
+    """One deployment's records, a fake clock, and an executor that only edits the records."""
+
+    def __init__(self, target: int = 1, version: str = "v1", **config: Any) -> None:
+        self.state = DeploymentState("app", "d", b"", {"max_ongoing_requests": 5, **config}, version, [], target=target)
+        self.now = 0.0
+        self.wake_at: float | None = None
+        self.stopping = False
+        self._ids = 0
+
+    def plan(self) -> list[Action]:
+        actions = plan(target_of(self.state, stopping=self.stopping), observed_of(self.state), self.now)
+        self.wake_at = None
+        for action in actions:
+            if isinstance(action, StartReplica):
+                self._ids += 1
+                rid = f"r{self._ids}"
+                self.state.replicas[rid] = Replica(rid, self._ids, self.state.version, "", started_at=self.now)
+            elif isinstance(action, StopReplica):
+                self.state.replicas[action.replica_id].state = ReplicaState.STOPPING
+            elif isinstance(action, WakeAt):
+                self.wake_at = action.at_s
+            elif isinstance(action, SetStatus):
+                self.state.status, self.state.trigger = action.status, action.trigger
+                if action.message is not None:
+                    self.state.message = action.message
+        return actions
+
+    def by_state(self, state: ReplicaState, version: str | None = None) -> list[str]:
+        return [r.replica_id for r in self.state.replicas.values()
+                if r.state == state and (version is None or r.version == version)]
+
+    def ready(self, *replica_ids: str) -> list[Action]:
+        for rid in replica_ids:
+            assert observe.replica_ready(self.state.replicas[rid], pid=1000)
+        return self.plan()
+
+    def exit(self, replica_id: str, code: int = 1, error: str = "") -> list[Action]:
+        replica = self.state.replicas[replica_id]
+        replica.error = error
+        observe.replica_exited(self.state, replica, code, self.now, stopping=self.stopping)
+        return self.plan()
+
+    def advance_to_wake(self) -> list[Action]:
+        assert self.wake_at is not None
+        self.now = self.wake_at
+        return self.plan()
+
+
+def starts(actions: list[Action]) -> int:
+    return sum(isinstance(a, StartReplica) for a in actions)
+
+
+def stops(actions: list[Action]) -> list[StopReplica]:
+    return [a for a in actions if isinstance(a, StopReplica)]
+
+
+def running_deployment(target: int, **config: Any) -> Deployment:
+    d = Deployment(target, **config)
+    assert starts(d.plan()) == target
+    d.ready(*d.by_state(ReplicaState.STARTING))
+    assert d.state.status == DeploymentStatus.HEALTHY
+    return d
+
+
+def test_first_deploy_starts_the_target_then_turns_healthy() -> None:
+    d = Deployment(target=2)
+    assert starts(d.plan()) == 2
+    assert d.state.status == DeploymentStatus.UPDATING
+    d.ready("r1")
+    assert d.state.status == DeploymentStatus.UPDATING
+    d.ready("r2")
+    assert (d.state.status, d.state.trigger) == (DeploymentStatus.HEALTHY, DeploymentStatusTrigger.CONFIG_UPDATE_COMPLETED)
+    assert d.plan() == []  # nothing left to do, and planning again changes nothing
+
+
+def test_crash_loop_backs_off_exponentially_up_to_the_maximum() -> None:
+    d = running_deployment(1)
+    delays = []
+    for _ in range(9):
+        rid = d.by_state(ReplicaState.RUNNING)[0]
+        actions = d.exit(rid, code=-9)
+        assert starts(actions) == 0 and d.wake_at is not None  # not at once: backed off
+        delays.append(round(d.wake_at - d.now, 3))
+        assert starts(d.advance_to_wake()) == 1
+        d.ready(d.by_state(ReplicaState.STARTING)[0])
+    assert delays == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0]
+    assert d.state.restarts == 9
+    assert "died unexpectedly (exit code -9)" in d.state.last_error
+
+
+def test_backoff_starts_over_after_a_replica_ran_for_a_while() -> None:
+    d = running_deployment(1)
+    for _ in range(4):
+        d.exit(d.by_state(ReplicaState.RUNNING)[0])
+        d.advance_to_wake()
+        d.ready(d.by_state(ReplicaState.STARTING)[0])
+    d.now += observe.BACKOFF_RESET_AFTER_S + 1
+    d.exit(d.by_state(ReplicaState.RUNNING)[0])
+    assert d.wake_at == pytest.approx(d.now + 0.1)
+
+
+def test_constructor_retry_limit_turns_the_deployment_deploy_failed() -> None:
+    d = Deployment(target=1, max_constructor_retry_count=3)
+    d.plan()
+    for attempt in range(1, 4):
+        starting = d.by_state(ReplicaState.STARTING)
+        assert len(starting) == 1
+        d.exit(starting[0], error=f"Traceback ...\nValueError: bad constructor {attempt}\n")
+        assert d.state.failed_starts == attempt
+        if attempt < 3:
+            assert d.state.status == DeploymentStatus.UPDATING
+            assert starts(d.advance_to_wake()) == 1
+    assert (d.state.status, d.state.trigger) == (DeploymentStatus.DEPLOY_FAILED, DeploymentStatusTrigger.REPLICA_STARTUP_FAILED)
+    assert "failed to start 3 times in a row" in d.state.message
+    assert "bad constructor 3" in d.state.message  # the constructor's own error
+    assert d.plan() == [] and d.wake_at is None  # no more starts
+    app = AppState("app", "/", "d", {"d": d.state})
+    assert app_status(app) == (ApplicationStatus.DEPLOY_FAILED, f"Deployment 'd': {d.state.message}")
+
+
+def test_a_start_without_last_words_names_the_exit_code() -> None:
+    d = Deployment(target=1)
+    d.plan()
+    d.exit("r1", code=3)
+    assert d.state.last_error == "the replica process exited with code 3 before it was ready"
+
+
+def test_rolling_update_replaces_a_percentage_at_a_time_and_never_drops_below_target() -> None:
+    d = running_deployment(10, rolling_update_percentage=0.2)
+    d.state.version = "v2"
+    d.state.status = DeploymentStatus.UPDATING
+    actions = d.plan()
+    assert starts(actions) == 2 and stops(actions) == []
+    most_starting = 0
+    while d.by_state(ReplicaState.STARTING):
+        most_starting = max(most_starting, len(d.by_state(ReplicaState.STARTING)))
+        d.ready(d.by_state(ReplicaState.STARTING)[0])
+        assert len(d.by_state(ReplicaState.RUNNING)) >= 10
+    assert most_starting == 2
+    assert len(d.by_state(ReplicaState.RUNNING, "v2")) == 10
+    assert d.by_state(ReplicaState.RUNNING, "v1") == []
+    assert len(d.by_state(ReplicaState.STOPPING, "v1")) == 10
+    assert d.state.status == DeploymentStatus.HEALTHY
+
+
+def test_a_failing_new_version_leaves_the_old_replicas_serving() -> None:
+    d = running_deployment(2, max_constructor_retry_count=2)
+    old = d.by_state(ReplicaState.RUNNING)
+    d.state.version = "v2"
+    d.state.status = DeploymentStatus.UPDATING
+    d.plan()
+    for _ in range(2):
+        d.exit(d.by_state(ReplicaState.STARTING, "v2")[0], error="ValueError: v2 is broken")
+        if d.state.status != DeploymentStatus.DEPLOY_FAILED:
+            d.advance_to_wake()
+    assert d.state.status == DeploymentStatus.DEPLOY_FAILED
+    assert d.by_state(ReplicaState.RUNNING) == old  # never stopped
+    assert d.plan() == []
+
+
+def test_scale_up_then_down_then_to_zero() -> None:
+    d = running_deployment(1)
+    d.now = 1.0
+    d.state.target, d.state.status = 3, DeploymentStatus.UPSCALING
+    assert starts(d.plan()) == 2
+    d.ready("r2", "r3")
+    assert (d.state.status, d.state.trigger) == (DeploymentStatus.HEALTHY, DeploymentStatusTrigger.UPSCALE_COMPLETED)
+
+    d.state.target, d.state.status = 4, DeploymentStatus.UPSCALING
+    d.plan()  # r4 starts
+    d.state.target, d.state.status = 2, DeploymentStatus.DOWNSCALING
+    stopped = stops(d.plan())
+    # The newest starting replica goes first, then a newest running one (not r1, the oldest).
+    assert [(s.replica_id, s.drain) for s in stopped] in ([("r4", False), ("r2", True)], [("r4", False), ("r3", True)])
+    assert (d.state.status, d.state.trigger) == (DeploymentStatus.HEALTHY, DeploymentStatusTrigger.DOWNSCALE_COMPLETED)
+
+    d.state.target, d.state.status = 0, DeploymentStatus.DOWNSCALING
+    survivors = set(d.by_state(ReplicaState.RUNNING))
+    assert {s.replica_id for s in stops(d.plan())} == survivors
+    assert d.state.status == DeploymentStatus.HEALTHY
+    assert d.by_state(ReplicaState.RUNNING) == []
+
+
+def test_a_healthy_deployment_below_target_reports_upscaling() -> None:
+    d = running_deployment(1)
+    d.state.target = 2
+    d.plan()
+    assert d.state.status == DeploymentStatus.UPSCALING
+
+
+def test_an_unhealthy_replica_is_drained_and_replaced() -> None:
+    d = running_deployment(2)
+    assert observe.replica_unhealthy(d.state, d.state.replicas["r1"], "check_health raised: down")
+    assert d.state.status == DeploymentStatus.UNHEALTHY
+    actions = d.plan()
+    assert stops(actions) == [StopReplica("r1", drain=True)]
+    assert starts(actions) == 1
+    assert d.state.status == DeploymentStatus.UNHEALTHY  # until the replacement runs
+    d.ready("r3")
+    assert d.state.status == DeploymentStatus.HEALTHY
+    assert d.state.restarts == 1
+    assert not observe.replica_unhealthy(d.state, d.state.replicas["r1"], "again")  # stopping already
+
+
+def test_shutdown_drains_running_replicas_and_starts_nothing() -> None:
+    d = running_deployment(2)
+    d.state.target = 3
+    d.plan()  # r3 starting
+    d.stopping = True
+    d.state.deleting, d.state.target = True, 0
+    assert sorted(stops(d.plan()), key=lambda s: s.replica_id) == [
+        StopReplica("r1", drain=True), StopReplica("r2", drain=True), StopReplica("r3", drain=False),
+    ]
+    before = d.state.restarts
+    d.exit("r1", code=0)
+    assert d.state.restarts == before and d.wake_at is None  # an exit while stopping is no crash
+
+
+def test_nothing_starts_while_the_instance_stops() -> None:
+    d = running_deployment(1)
+    d.stopping = True
+    actions = d.exit("r1", code=-9)
+    assert starts(actions) == 0 and d.wake_at is None
+
+
+def test_app_status_follows_its_deployments() -> None:
+    d = Deployment(target=1)
+    app = AppState("app", "/", "d", {"d": d.state})
+    assert app_status(app)[0] == ApplicationStatus.DEPLOYING
+    d.plan()
+    d.ready("r1")
+    assert app_status(app) == (ApplicationStatus.RUNNING, "")
+    app.status = ApplicationStatus.RUNNING
+    observe.replica_unhealthy(d.state, d.state.replicas["r1"], "down")
+    assert app_status(app)[0] == ApplicationStatus.UNHEALTHY
+    app.deleting = True
+    assert app_status(app)[0] == ApplicationStatus.DELETING
