@@ -8,6 +8,10 @@ ZeroMQ's notification descriptor is edge-triggered: any operation on the socket,
 may consume the edge that announces pending input. So after every send and after every drain
 batch the channel re-checks ``EVENTS`` and schedules another drain if input is waiting.
 
+A channel built with ``on_disconnect`` watches its socket's connection through a ZeroMQ socket
+monitor: when the peer's end closes, it first handles every message already received, then calls
+``on_disconnect()``, so a peer's last replies always come before the news of its death.
+
 All methods must be called from the loop's thread.
 """
 
@@ -16,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from shoal.runtime import wire
 
@@ -70,6 +75,7 @@ class Channel:
         sock: zmq.Socket,
         on_message: Callable[[list[bytes]], None],
         loop: asyncio.AbstractEventLoop | None = None,
+        on_disconnect: Callable[[], None] | None = None,
     ) -> None:
         self.sock = sock
         self._on_message = on_message
@@ -78,6 +84,13 @@ class Channel:
         self._drain_scheduled = False
         self._check_scheduled = False
         self._closed = False
+        self.connected = False  # with on_disconnect: a connection is up (or was, until it closed)
+        self._on_disconnect = on_disconnect
+        self._monitor: Channel | None = None
+        if on_disconnect is not None:
+            monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            monitor.setsockopt(zmq.LINGER, 0)
+            self._monitor = Channel(monitor, self._on_event, self._loop)
         self._loop.add_reader(self._fd, self._drain)
         self._schedule_drain()
 
@@ -107,8 +120,11 @@ class Channel:
         return self.send(frames)
 
     def drain_now(self) -> None:
-        """Handle every message already waiting on the socket, now."""
-        self._drain()
+        """Handle every connection event and message already waiting on the socket, now."""
+        if self._monitor is not None:
+            self._monitor.drain_now()
+        while not self._closed and self._drain():
+            pass
 
     def close(self, linger_ms: int = 0) -> None:
         """Close the socket; with ``linger_ms``, queued outgoing messages get that long to go."""
@@ -116,7 +132,21 @@ class Channel:
             return
         self._closed = True
         self._loop.remove_reader(self._fd)
+        if self._monitor is not None:
+            self.sock.disable_monitor()
+            self._monitor.close()
         self.sock.close(linger=linger_ms)
+
+    def _on_event(self, frames: list[bytes]) -> None:
+        event = parse_monitor_message(frames)["event"]
+        if event == zmq.EVENT_CONNECTED:
+            self.connected = True
+        elif event == zmq.EVENT_DISCONNECTED and not self._closed:
+            self.connected = False
+            while not self._closed and self._drain():  # the peer's last messages first
+                pass
+            if self._on_disconnect is not None and not self._closed:
+                self._on_disconnect()
 
     def _schedule_drain(self) -> None:
         if not self._drain_scheduled and not self._closed:
@@ -134,20 +164,22 @@ class Channel:
         if not self._closed and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             self._schedule_drain()
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
+        """Handle up to a batch of waiting messages; True if the batch was full (more may wait)."""
         self._drain_scheduled = False
         for _ in range(_DRAIN_BATCH):
             if self._closed:
-                return
+                return False
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return False
             except zmq.ContextTerminated:
                 self.close()
-                return
+                return False
             try:
                 self._on_message(frames)
             except Exception:
                 logger.exception("error while handling a message")
         self._check_pending()
+        return True

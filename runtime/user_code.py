@@ -15,8 +15,9 @@ import asyncio
 import contextvars
 import functools
 import inspect
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from shoal.runtime.errors import RayServeException
 from shoal.runtime.inbox import LoopInbox
@@ -27,7 +28,7 @@ _END = object()
 def _is_async(fn: Callable[..., Any]) -> bool:
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         return True
-    call = getattr(fn, "__call__", None)
+    call = getattr(fn, "__call__", None)  # noqa: B004 (the method itself, not callability)
     return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
 
 

@@ -5,9 +5,10 @@ socket owner before ``decode`` and added back after ``encode``):
 
     bytes 0-16   fixed header, big-endian: kind (u8), incarnation (u32), call_id (u64),
                  meta length (u32)
-    then         meta: a msgpack map of plain values (method name, request id, flags, ...)
+    then         meta: a msgpack map of plain values: a ``RequestHeader`` or ``ReplyHeader`` (see
+                 below) on the data plane, operation fields on the control plane
     then         payload, the rest of the frame (absent if empty): opaque bytes whose encoding
-                 ``meta["enc"]`` names
+                 the header's ``enc`` names
 
 One frame rather than one per part: each ZeroMQ send is a call into libzmq, and a message of
 three small frames costs several times one frame of the same bytes.
@@ -20,7 +21,12 @@ connection.
 Values travel as msgpack when they are plain (None, bool, int, float, str, bytes, list, dict of
 those: exactly, with no tuple-to-list drift) and as cloudpickle otherwise. cloudpickle is only
 ever decoded from processes of the same user behind the 0700 run directory; data that came from
-an HTTP client travels as msgpack and raw bytes and is never unpickled.
+an HTTP client travels as msgpack and raw bytes and is never unpickled, and the replies to it
+are msgpack only (``dumps_plain`` raises for anything else; ``ReplyHeader`` decoding refuses
+pickle for them).
+
+The data plane's headers (``RequestHeader``, ``ReplyHeader``) and the controller's routing
+``Snapshot`` are frozen dataclasses; their keys on the wire are known to this module only.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import enum
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +73,6 @@ TERMINAL_KINDS = frozenset(
 class Encoding(enum.IntEnum):
     MSGPACK = 0
     PICKLE = 1
-    RAW = 2  # bytes passed through untouched (HTTP bodies)
 
 
 class ProtocolError(Exception):
@@ -155,9 +161,19 @@ def loads(enc: int, data: bytes) -> Any:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     if enc == Encoding.PICKLE:
         return cloudpickle.loads(data)
-    if enc == Encoding.RAW:
-        return bytes(data)
     raise ProtocolError(f"unknown payload encoding {enc}")
+
+
+def dumps_plain(value: Any) -> tuple[Encoding, bytes]:
+    """Encode a value that must stay msgpack (replies to HTTP calls): TypeError if it is not
+    plain (an ``IntEnum`` such as ``HTTPStatus``, a tuple, a bytearray ... included)."""
+    try:
+        data = msgpack.packb(value, use_bin_type=True, strict_types=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"not a plain msgpack value: {exc}") from exc
+    if _BIN_MARKERS.search(data) and _holds_buffer(value):
+        raise TypeError("not a plain msgpack value: holds a bytearray or memoryview")
+    return Encoding.MSGPACK, data
 
 
 def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Encoding, bytes]:
@@ -182,3 +198,181 @@ def pack(value: Any) -> bytes:
 
 def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+# -- data-plane headers --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHeader:
+    """The meta of a REQUEST: which method, for which request, how the payload is encoded.
+
+    ``http``: the payload is an ASGI scope and receive message from the proxy; the replies must
+    be msgpack (see ``ReplyHeader.from_meta``).
+    """
+
+    method: str = "__call__"
+    request_id: str = ""
+    enc: Encoding = Encoding.MSGPACK
+    stream: bool = False
+    multiplexed_model_id: str = ""
+    route: str = ""
+    http: bool = False
+
+    def to_meta(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"m": self.method, "rid": self.request_id, "enc": int(self.enc)}
+        if self.stream:
+            meta["s"] = True
+        if self.multiplexed_model_id:
+            meta["mx"] = self.multiplexed_model_id
+        if self.route:
+            meta["route"] = self.route
+        if self.http:
+            meta["http"] = True
+        return meta
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> RequestHeader:
+        """ProtocolError if a field has the wrong type or the encoding is unknown."""
+        try:
+            header = cls(
+                str(meta.get("m", "__call__")), str(meta.get("rid", "")), Encoding(meta.get("enc", 0)),
+                bool(meta.get("s", False)), str(meta.get("mx", "")), str(meta.get("route", "")),
+                bool(meta.get("http", False)),
+            )
+        except ValueError as exc:
+            raise ProtocolError(f"bad request header: {exc}") from exc
+        return header
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyHeader:
+    """The meta of a reply: the payload's encoding and, on terminal replies, the replica's count
+    of ongoing requests (all callers) after this one (``q``)."""
+
+    enc: Encoding = Encoding.MSGPACK
+    q: int = 0
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"enc": int(self.enc), "q": self.q}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], plain_only: bool = False) -> ReplyHeader:
+        """ProtocolError on an unknown encoding, or on pickle when ``plain_only`` (a reply to an
+        HTTP call: nothing on that path is ever unpickled)."""
+        try:
+            enc = Encoding(meta.get("enc", 0))
+        except ValueError as exc:
+            raise ProtocolError(f"unknown payload encoding {meta.get('enc')}") from exc
+        if plain_only and enc is not Encoding.MSGPACK:
+            raise ProtocolError("a reply to an HTTP call must be msgpack")
+        return cls(enc, int(meta.get("q", 0)))
+
+
+def request(incarnation: int, call_id: int, header: RequestHeader, payload: bytes) -> Message:
+    return Message(Kind.REQUEST, incarnation, call_id, header.to_meta(), (payload,))
+
+
+def reply(kind: Kind, incarnation: int, call_id: int, enc: Encoding | None = None, data: bytes = b"",
+          q: int = 0) -> Message:
+    """A reply of ``kind``; with ``enc``, it carries ``data`` (encoded that way)."""
+    if enc is None:
+        return Message(kind, incarnation, call_id, {"q": q})
+    return Message(kind, incarnation, call_id, {"enc": int(enc), "q": q}, (data,))
+
+
+# -- the controller's routing snapshot -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaAddress:
+    """One replica incarnation and the endpoint its ROUTER socket is bound to."""
+
+    replica_id: str
+    incarnation: int
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentEntry:
+    """What a router needs to know about one deployment. ``draining`` replicas take no new
+    requests but keep their calls; ``failed_reason`` set means every call fails at once."""
+
+    replicas: tuple[ReplicaAddress, ...] = ()
+    draining: tuple[ReplicaAddress, ...] = ()
+    max_ongoing_requests: int = 5
+    max_queued_requests: int = -1
+    backpressure_status_code: int = 503
+    backpressure_retry_after_s: float | None = None
+    autoscaling: bool = False
+    failed_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteEntry:
+    """The application serving a route prefix, and its ingress deployment."""
+
+    app_name: str
+    ingress: str
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The controller's routing state, versioned: a router never applies an older one over a
+    newer one. ``deployments`` is keyed by ``deployment_key``, ``routes`` by route prefix."""
+
+    version: int = 0
+    deployments: Mapping[str, DeploymentEntry] = field(default_factory=dict)
+    routes: Mapping[str, RouteEntry] = field(default_factory=dict)
+
+    def deployment(self, app_name: str, deployment_name: str) -> DeploymentEntry | None:
+        return self.deployments.get(deployment_key(app_name, deployment_name))
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain msgpack values; ``Snapshot.from_wire`` is the inverse."""
+        return {
+            "version": self.version,
+            "deployments": {key: _entry_to_wire(e) for key, e in self.deployments.items()},
+            "routes": {p: {"app": r.app_name, "ingress": r.ingress} for p, r in self.routes.items()},
+        }
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> Snapshot:
+        """ProtocolError if ``data`` is not a snapshot."""
+        try:
+            return cls(
+                int(data["version"]),
+                {key: _entry_from_wire(e) for key, e in data.get("deployments", {}).items()},
+                {p: RouteEntry(r["app"], r["ingress"]) for p, r in data.get("routes", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"bad snapshot: {exc!r}") from exc
+
+
+def _entry_to_wire(entry: DeploymentEntry) -> dict[str, Any]:
+    backpressure: dict[str, Any] = {"status_code": entry.backpressure_status_code}
+    if entry.backpressure_retry_after_s is not None:
+        backpressure["retry_after_s"] = entry.backpressure_retry_after_s
+    return {
+        "replicas": [[r.replica_id, r.incarnation, r.endpoint] for r in entry.replicas],
+        "draining": [[r.replica_id, r.incarnation, r.endpoint] for r in entry.draining],
+        "max_ongoing_requests": entry.max_ongoing_requests,
+        "max_queued_requests": entry.max_queued_requests,
+        "backpressure": backpressure,
+        "autoscaling": entry.autoscaling,
+        "failed_reason": entry.failed_reason,
+    }
+
+
+def _entry_from_wire(data: Mapping[str, Any]) -> DeploymentEntry:
+    backpressure = data.get("backpressure") or {}
+    return DeploymentEntry(
+        tuple(ReplicaAddress(str(r), int(i), str(e)) for r, i, e in data["replicas"]),
+        tuple(ReplicaAddress(str(r), int(i), str(e)) for r, i, e in data.get("draining") or ()),
+        int(data["max_ongoing_requests"]),
+        int(data.get("max_queued_requests", -1)),
+        int(backpressure.get("status_code", 503)),
+        backpressure.get("retry_after_s"),
+        bool(data.get("autoscaling", False)),
+        data.get("failed_reason"),
+    )
