@@ -21,7 +21,7 @@ import asyncio
 import inspect
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from starlette.requests import Request
@@ -38,10 +38,10 @@ INGRESS_ATTR = "__shoal_ingress__"
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-def normalize_message(message: Message) -> Message:
+def normalize_message(message: MutableMapping[str, Any]) -> Message:
     """An ASGI message as plain msgpack values (lists, bytes, int), whatever the app passed
     (an ``HTTPStatus`` status becomes its int)."""
     out = dict(message)
@@ -105,6 +105,7 @@ class _Lifespan:
         except TimeoutError:
             logger.warning("ASGI lifespan shutdown did not finish within %ss", timeout_s)
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 class HttpHandler:
@@ -199,7 +200,7 @@ def _jsonable(value: Any) -> Any:
 
     custom: dict[Any, Callable[[Any], Any]] = {BaseException: str}
     try:
-        import numpy as np
+        import numpy as np  # type: ignore[import-not-found,unused-ignore]
 
         custom[np.ndarray] = lambda a: a.tolist()
         custom[np.generic] = lambda s: s.item()

@@ -217,7 +217,7 @@ class DeploymentHandle(Generic[R]):
         **_ignored: Any,
     ) -> DeploymentHandle[R]:
         """A handle sharing this one's router, with the given options changed."""
-        changes = {
+        changes: dict[str, Any] = {
             k: v
             for k, v in dict(
                 method_name=method_name,

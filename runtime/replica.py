@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures.thread
+import functools
 import logging
 import os
 import traceback
+from collections.abc import MutableMapping
 from typing import Any
 
 from shoal.runtime import wire
@@ -130,7 +132,10 @@ class ReplicaWorker:
         task = asyncio.get_running_loop().create_task(self._run(identity, msg, header))
         self._tasks[key] = task
         self._idle.clear()
-        task.add_done_callback(lambda _t, key=key: self._release(key))
+        task.add_done_callback(functools.partial(self._released, key))
+
+    def _released(self, key: tuple[bytes, int], _task: asyncio.Task[None]) -> None:
+        self._release(key)
 
     def _release(self, key: tuple[bytes, int]) -> None:
         if self._tasks.pop(key, None) is not None and not self._tasks:
@@ -207,7 +212,7 @@ class ReplicaWorker:
         held_start: dict[str, Any] | None = None
         final: list[dict[str, Any]] = []
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             nonlocal held_start
             message = normalize_message(message)
             if message["type"] == "http.response.start":

@@ -386,11 +386,11 @@ class Router:
             if rid not in draining_ids and rid not in running_ids:
                 self._drop(self.draining.pop(rid))
         for address in running:
-            conn = self.replicas.get(address.replica_id)
-            if conn is not None and conn.incarnation != address.incarnation:
+            current = self.replicas.get(address.replica_id)
+            if current is not None and current.incarnation != address.incarnation:
                 self._drop(self.replicas.pop(address.replica_id))
-                conn = None
-            if conn is None:
+                current = None
+            if current is None:
                 self.replicas[address.replica_id] = ReplicaConn(
                     self, address.replica_id, address.incarnation, address.endpoint, self.loop, self._clock
                 )

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
+from typing import cast
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -31,11 +32,11 @@ logger = logging.getLogger("shoal.transport")
 
 _DRAIN_BATCH = 256
 
-_context: zmq.Context | None = None
+_context: zmq.Context[zmq.Socket[bytes]] | None = None
 _context_pid: int | None = None
 
 
-def context() -> zmq.Context:
+def context() -> zmq.Context[zmq.Socket[bytes]]:
     """The process's ZeroMQ context, created on first use in this process (never inherited)."""
     global _context, _context_pid
     if _context is None or _context_pid != os.getpid():
@@ -52,8 +53,8 @@ def terminate_context() -> None:
     _context = None
 
 
-def make_socket(kind: int) -> zmq.Socket:
-    sock = context().socket(kind)
+def make_socket(kind: int) -> zmq.Socket[bytes]:
+    sock: zmq.Socket[bytes] = context().socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
@@ -72,7 +73,7 @@ class Channel:
 
     def __init__(
         self,
-        sock: zmq.Socket,
+        sock: zmq.Socket[bytes],
         on_message: Callable[[list[bytes]], None],
         loop: asyncio.AbstractEventLoop | None = None,
         on_disconnect: Callable[[], None] | None = None,
@@ -80,7 +81,7 @@ class Channel:
         self.sock = sock
         self._on_message = on_message
         self._loop = loop or asyncio.get_running_loop()
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd = cast(int, sock.getsockopt(zmq.FD))
         self._drain_scheduled = False
         self._check_scheduled = False
         self._closed = False
@@ -161,7 +162,7 @@ class Channel:
 
     def _check_pending(self) -> None:
         self._check_scheduled = False
-        if not self._closed and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not self._closed and cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._schedule_drain()
 
     def _drain(self) -> bool:

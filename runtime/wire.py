@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
-import msgpack
+import msgpack  # type: ignore[import-untyped,unused-ignore]
 
 PROTOCOL_VERSION = 2
 
@@ -193,7 +193,8 @@ def deployment_key(app_name: str, deployment_name: str) -> str:
 
 def pack(value: Any) -> bytes:
     """msgpack for control-plane bodies: plain values only."""
-    return msgpack.packb(value, use_bin_type=True)
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return data
 
 
 def unpack(data: bytes) -> Any:
