@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,8 @@ logger = logging.getLogger("shoal.proxy")
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ class ProxyApp:
             self.table = RoutingTable(snapshot.version, snapshot.routes)
         return self.table
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
             await _lifespan(receive, send)
@@ -121,7 +124,7 @@ class ProxyApp:
         except TimeoutError:
             logger.warning("%d request(s) still in flight after %.1fs of draining", self.in_flight, timeout_s)
 
-    async def _system(self, path: str, send: Any) -> None:
+    async def _system(self, path: str, send: Send) -> None:
         populated = self.runtime.snapshot.version > 0
         if self.draining or not populated:
             message = "This node is being drained." if self.draining else "Route table is not populated yet."
@@ -137,7 +140,7 @@ class ProxyApp:
 
     # -- HTTP -----------------------------------------------------------------------------------
 
-    async def _http(self, scope: Scope, receive: Any, send: Any, route: Route) -> None:
+    async def _http(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         headers = scope["headers"]
         request_id = ""
         timeout_s = self.options.request_timeout_s
@@ -210,7 +213,7 @@ class ProxyApp:
         """Send the request (scope and first receive message, msgpack only) to the ingress."""
         payload = wire.pack([_wire_scope(scope, headers, self.options.root_path, route.prefix), first])
         replies = ReplySink()
-        header = wire.RequestHeader(
+        header = wire.request_header(
             HTTP_METHOD, request_id, wire.Encoding.MSGPACK, stream=True, route=route.prefix, http=True
         )
         call = Call(header, payload, replies)
@@ -220,7 +223,7 @@ class ProxyApp:
 
     # -- WebSockets -----------------------------------------------------------------------------
 
-    async def _websocket(self, scope: Scope, receive: Any, send: Any, route: Route) -> None:
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         given = next((v.decode("latin-1")[:128] for k, v in scope["headers"] if k == b"x-request-id"), "")
         request_id, headers = _with_request_id(given, scope["headers"])
         first = await receive()  # websocket.connect
@@ -247,7 +250,7 @@ class ProxyApp:
                 await asyncio.gather(forwarder, return_exceptions=True)
 
 
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """A task referenced until it ends."""
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
@@ -255,7 +258,7 @@ class ProxyApp:
         return task
 
 
-async def _forward(receive: Any, router: CallRouter, call: Call) -> None:
+async def _forward(receive: Receive, router: CallRouter, call: Call) -> None:
     while True:
         message = await receive()
         router.send_receive(call, message)
@@ -267,7 +270,7 @@ class _DisconnectWatch:
     """Cancels ``call`` when the client disconnects. The task that listens for it starts only
     if the response takes longer than ``_DISCONNECT_WATCH_DELAY_S``."""
 
-    def __init__(self, receive: Any, router: CallRouter, call: Call) -> None:
+    def __init__(self, receive: Receive, router: CallRouter, call: Call) -> None:
         self._receive = receive
         self._router = router
         self._call = call
@@ -292,7 +295,7 @@ class _DisconnectWatch:
         return self._task
 
 
-async def _read_body(receive: Any, cap: int) -> bytes | None:
+async def _read_body(receive: Receive, cap: int) -> bytes | None:
     """The whole request body; None once it passes ``cap`` bytes."""
     chunks: list[bytes] = []
     size = 0
@@ -355,12 +358,12 @@ def _parse_timeout(value: bytes, default: float | None) -> float | None:
     return seconds if seconds > 0 else None
 
 
-async def _send_all(send: Any, messages: tuple[Message, ...]) -> None:
+async def _send_all(send: Send, messages: tuple[Message, ...]) -> None:
     for message in messages:
         await send(message)
 
 
-async def _lifespan(receive: Any, send: Any) -> None:
+async def _lifespan(receive: Receive, send: Send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":

@@ -259,7 +259,7 @@ class DeploymentHandle(Generic[R]):
             enc, payload = wire.Encoding.MSGPACK, b""
         else:
             enc, payload = _encode_args(args, kwargs, self, opts.method_name)
-        header = wire.RequestHeader(
+        header = wire.request_header(
             opts.method_name, request_id, enc, opts.stream, opts.multiplexed_model_id, parent.route
         )
         call = Call(header, payload, sink)

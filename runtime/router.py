@@ -295,7 +295,8 @@ class Router:
             self._pump()
 
     def on_death(self, conn: ReplicaConn) -> None:
-        """The replica's socket closed: its calls fail now (none is re-sent: it may have run)."""
+        """The replica's socket closed: its calls fail now (none is re-sent: it may have run).
+        Nothing is pumped: a dead connection takes no more calls, so no slot was freed."""
 
         def died(call: Call) -> BaseException:
             return ReplicaDiedError(
@@ -308,7 +309,6 @@ class Router:
         if conn in self._dropped:
             self._dropped.discard(conn)
             conn.close()
-        self._pump()
 
     def _choose(self) -> ReplicaConn | None:
         limit = self.entry.max_ongoing_requests

@@ -116,3 +116,13 @@ def test_snapshot_from_the_controller() -> None:
 def test_bad_snapshots_raise_protocol_error(data: dict[str, Any]) -> None:
     with pytest.raises(ProtocolError):
         wire.Snapshot.from_wire(data)
+
+
+def test_the_fast_header_constructors_build_equal_frozen_headers() -> None:
+    fast = wire.request_header("m", "r", Encoding.PICKLE, True, "mx", "/r", True)
+    assert fast == wire.RequestHeader("m", "r", Encoding.PICKLE, True, "mx", "/r", True)
+    assert wire.request_header("m", "r") == wire.RequestHeader("m", "r")
+    assert hash(fast) == hash(wire.RequestHeader("m", "r", Encoding.PICKLE, True, "mx", "/r", True))
+    with pytest.raises(AttributeError):
+        fast.method = "other"  # type: ignore[misc]
+    assert wire.ReplyHeader.from_meta({"enc": 1, "q": 2}) == wire.ReplyHeader(Encoding.PICKLE, 2)
