@@ -87,21 +87,22 @@ class _Mailbox:
 class ReplySink(_Mailbox):
     """A call's outcome on one event loop: fed and read on that loop's thread only."""
 
-    __slots__ = ("_waiter",)
+    __slots__ = ("_waiters",)
 
     def __init__(self) -> None:
         super().__init__()
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[None]] | None = None  # one per awaiting task
 
     def done(self) -> bool:
         return self._done
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiters = self._waiters
+        if waiters is not None:
+            self._waiters = None
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def set_result(self, value: Any) -> None:
         if not self._done:
@@ -122,8 +123,12 @@ class ReplySink(_Mailbox):
         self.set_result(None)
 
     async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
-        await self._waiter
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = [waiter]
+        else:
+            self._waiters.append(waiter)
+        await waiter
 
     async def result(self) -> Any:
         """The call's value, or raise its exception."""
@@ -154,7 +159,13 @@ class ThreadSafeSink(_Mailbox):
     def _wake_locked(self) -> None:
         self._cond.notify_all()
         waiters, self._waiters = self._waiters, []
+        if not waiters:
+            return
+        here = _running_loop()
         for loop, fut in waiters:
+            if loop is here:  # a reader on the feeding loop itself: no wakeup through the pipe
+                _set_if_pending(fut)
+                continue
             try:
                 loop.call_soon_threadsafe(_set_if_pending, fut)
             except RuntimeError:  # that loop is closed: nobody waits there any more
@@ -217,6 +228,13 @@ class ThreadSafeSink(_Mailbox):
         fut = loop.create_future()
         self._waiters.append((loop, fut))
         return fut
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _set_if_pending(fut: asyncio.Future[None]) -> None:

@@ -137,8 +137,8 @@ class ReplicaConn:
         self._clock = clock
         self._ids = itertools.count(1)
         sock = transport.make_socket(zmq.DEALER)
-        sock.connect(endpoint)
         self.channel = transport.Channel(sock, self._on_message, loop, on_disconnect=self._on_disconnect)
+        sock.connect(endpoint)  # after the monitor starts, so that it sees the connection
 
     @property
     def in_flight(self) -> int:

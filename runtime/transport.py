@@ -10,7 +10,8 @@ batch the channel re-checks ``EVENTS`` and schedules another drain if input is w
 
 A channel built with ``on_disconnect`` watches its socket's connection through a ZeroMQ socket
 monitor: when the peer's end closes, it first handles every message already received, then calls
-``on_disconnect()``, so a peer's last replies always come before the news of its death.
+``on_disconnect()``, so a peer's last replies always come before the news of its death. Connect
+such a socket after building its channel: a connection made before the monitor starts is missed.
 
 All methods must be called from the loop's thread.
 """

@@ -75,3 +75,18 @@ def test_thread_safe_sink_is_fed_on_one_loop_and_read_from_threads_and_other_loo
         feeder.call_soon_threadsafe(feeder.stop)
         thread.join(10)
         feeder.close()
+
+
+def test_several_tasks_may_await_one_reply_sink_and_one_being_cancelled_leaves_the_others() -> None:
+    async def main() -> None:
+        sink = ReplySink()
+        loop = asyncio.get_running_loop()
+        first, second, third = (loop.create_task(sink.result()) for _ in range(3))
+        # Callbacks run in order: the three tasks start waiting, then one is cancelled, then the
+        # outcome arrives.
+        loop.call_soon(second.cancel)
+        loop.call_soon(sink.set_result, "shared")
+        assert (await first, await third) == ("shared", "shared")
+        assert second.cancelled()
+
+    asyncio.run(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import pytest
 import zmq
@@ -83,5 +84,38 @@ def test_a_router_send_to_an_unknown_peer_returns_false_and_replies_reach_the_de
         client.close()  # idempotent
         assert client.closed and client.send([b"x"]) is False
         server.close()
+
+    run(main)
+
+
+def test_on_disconnect_comes_after_every_message_the_peer_sent(tmp_path: Path) -> None:
+    # ipc, not inproc: connection events are reported for real transports only.
+    async def main() -> None:
+        endpoint = f"ipc://{tmp_path}/peer.sock"
+        server_sock = transport.make_socket(zmq.ROUTER)
+        server_sock.bind(endpoint)
+        identities: asyncio.Queue[bytes] = asyncio.Queue()
+        server = transport.Channel(server_sock, lambda frames: identities.put_nowait(frames[0]))
+        seen: list[bytes] = []
+        gone = asyncio.Event()
+
+        def on_disconnect() -> None:
+            seen.append(b"<disconnected>")
+            gone.set()
+
+        client_sock = transport.make_socket(zmq.DEALER)
+        client = transport.Channel(client_sock, lambda frames: seen.append(frames[0]), on_disconnect=on_disconnect)
+        client_sock.connect(endpoint)
+        client.send([b"hello"])
+        identity = await identities.get()
+        client.drain_now()
+        assert client.connected
+        for i in range(100):
+            server.send([identity, str(i).encode()])
+        server.close(linger_ms=2000)  # as a replica exits: its last replies go first
+        await gone.wait()
+        assert seen == [str(i).encode() for i in range(100)] + [b"<disconnected>"]
+        assert not client.connected
+        client.close()
 
     run(main)
