@@ -237,7 +237,7 @@ class RequestHeader:
 
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> RequestHeader:
-        """ProtocolError if a field has the wrong type or the encoding is unknown."""
+        """The header of a REQUEST's meta; ProtocolError if its encoding is unknown."""
         get = meta.get
         return request_header(
             get("m", "__call__"), get("rid", ""), _encoding(meta), get("s", False), get("mx", ""),
