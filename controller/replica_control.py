@@ -11,58 +11,43 @@ import asyncio
 from typing import Any
 
 from shoal.runtime import wire
-from shoal.runtime.errors import RayServeException
+from shoal.runtime.errors import RayServeException, ReplicaDiedError
 from shoal.runtime.replica import HEALTH_METHOD, METRICS_METHOD, RECONFIGURE_METHOD
-from shoal.runtime.router import Call, ReplicaConn, decode_error
+from shoal.runtime.reply import Reply, ReplySink
+from shoal.runtime.router import Call, ReplicaConn
 
 __all__ = ["HEALTH_METHOD", "METRICS_METHOD", "RECONFIGURE_METHOD", "ReplicaControl"]
 
 
-class _Outcome:
-    def __init__(self, fut: asyncio.Future[Any]) -> None:
-        self._fut = fut
-
-    def set_result(self, value: Any) -> None:
-        if not self._fut.done():
-            self._fut.set_result(value)
-
-    def set_exception(self, exc: BaseException) -> None:
-        if not self._fut.done():
-            self._fut.set_exception(exc)
-
-    def push(self, item: Any) -> None:  # pragma: no cover - control calls never stream
-        pass
-
-    def finish(self) -> None:  # pragma: no cover
-        pass
-
-
 class ReplicaControl:
+    """Calls to one replica incarnation; create and use it on the supervisor's loop."""
+
     def __init__(self, replica_id: str, incarnation: int, endpoint: str) -> None:
-        self.loop = asyncio.get_running_loop()
-        self._conn = ReplicaConn(self, replica_id, incarnation, endpoint)  # type: ignore[arg-type]
+        self._conn = ReplicaConn(self, replica_id, incarnation, endpoint, asyncio.get_running_loop())
 
     async def call(self, method: str, *args: Any, timeout_s: float) -> Any:
-        """Run ``method`` on the replica; TimeoutError after ``timeout_s``, else its outcome."""
+        """Run ``method`` on the replica; TimeoutError after ``timeout_s``, ReplicaDiedError if
+        its socket closes first, else its outcome."""
         enc, payload = wire.dumps_args(args, {})
-        outcome: asyncio.Future[Any] = self.loop.create_future()
-        call = Call(method, f"control-{method}", False, int(enc), payload, _Outcome(outcome))
+        sink = ReplySink()
+        call = Call(wire.RequestHeader(method, f"control-{method}", enc), payload, sink)
         self._conn.send(call)
         try:
             async with asyncio.timeout(timeout_s):
-                return await outcome
+                return await sink.result()
         finally:
             if not call.resolved:
                 call.resolved = True
                 self._conn.calls.pop(call.call_id, None)
 
-    def on_reply(self, conn: ReplicaConn, call: Call, msg: wire.Message) -> None:
-        if msg.kind == wire.Kind.RESULT:
-            call.resolve(value=wire.loads(msg.meta.get("enc", 0), msg.payload[0]) if msg.payload else None)
-        elif msg.kind == wire.Kind.ERROR:
-            call.resolve(decode_error(msg.meta, msg.payload[0]))
-        elif msg.kind in wire.TERMINAL_KINDS:
-            call.resolve(RayServeException(f"the replica answered {msg.kind.name} to {call.method}"))
+    def on_reply(self, conn: ReplicaConn, call: Call, reply: Reply) -> None:
+        if reply.kind in (wire.Kind.RESULT, wire.Kind.ERROR):
+            call.deliver(reply)
+        elif reply.kind in wire.TERMINAL_KINDS:
+            call.resolve(RayServeException(f"the replica answered {reply.kind.name} to {call.header.method}"))
+
+    def on_death(self, conn: ReplicaConn) -> None:
+        conn.fail_all(lambda call: ReplicaDiedError(f"replica {conn.replica_id} exited during {call.header.method}"))
 
     def close(self) -> None:
         self._conn.close()

@@ -18,24 +18,27 @@ Nothing read from the client is ever unpickled: scope and body travel as msgpack
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import logging
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from shoal.proxy.routes import Route, RoutingTable
 from shoal.runtime import wire
+from shoal.runtime.api import CallRouter, RoutingRuntime
 from shoal.runtime.asgi import HTTP_METHOD
-from shoal.runtime.client import Runtime
 from shoal.runtime.errors import BackPressureError, DeploymentUnavailableError, RequestCancelledError
 from shoal.runtime.handle import new_request_id
+from shoal.runtime.reply import END, ReplySink
 from shoal.runtime.router import Call
 
 logger = logging.getLogger("shoal.proxy")
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -46,51 +49,6 @@ class ProxyOptions:
 
 
 _DISCONNECT_WATCH_DELAY_S = 0.05
-_END = object()
-
-
-class _Replies:
-    """The replica's reply batches for one request, on the proxy's single loop (a lighter
-    stand-in for the handles' thread-safe stream sink)."""
-
-    __slots__ = ("_items", "_error", "_done", "_waiter")
-
-    def __init__(self) -> None:
-        self._items: collections.deque[Any] = collections.deque()
-        self._error: BaseException | None = None
-        self._done = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    def push(self, item: Any) -> None:
-        self._items.append(item)
-        self._wake()
-
-    def finish(self) -> None:
-        self._done = True
-        self._wake()
-
-    def set_result(self, value: Any) -> None:
-        self.finish()
-
-    def set_exception(self, exc: BaseException) -> None:
-        if not self._done:
-            self._error = exc
-            self._done = True
-            self._wake()
-
-    async def next(self) -> Any:
-        while not self._items:
-            if self._done:
-                if self._error is not None:
-                    raise self._error
-                return _END
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        return self._items.popleft()
 
 
 class _ClientGone(Exception):
@@ -107,21 +65,22 @@ def _text(status: int, body: str, extra: list[tuple[bytes, bytes]] | None = None
 
 
 class ProxyApp:
-    def __init__(self, runtime: Runtime, options: ProxyOptions) -> None:
+    def __init__(self, runtime: RoutingRuntime, options: ProxyOptions) -> None:
         self.runtime = runtime
         self.options = options
         self.table = RoutingTable()
         self.draining = False
         self.in_flight = 0  # HTTP requests being answered
         self._idle: asyncio.Event | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # WebSocket forwarders
 
     def _routes(self) -> RoutingTable:
         snapshot = self.runtime.snapshot
-        if snapshot["version"] != self.table.version:
-            self.table = RoutingTable(snapshot["version"], snapshot.get("routes"))
+        if snapshot.version != self.table.version:
+            self.table = RoutingTable(snapshot.version, snapshot.routes)
         return self.table
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
             await _lifespan(receive, send)
@@ -165,8 +124,8 @@ class ProxyApp:
         except TimeoutError:
             logger.warning("%d request(s) still in flight after %.1fs of draining", self.in_flight, timeout_s)
 
-    async def _system(self, path: str, send: Any) -> None:
-        populated = self.runtime.snapshot["version"] > 0
+    async def _system(self, path: str, send: Send) -> None:
+        populated = self.runtime.snapshot.version > 0
         if self.draining or not populated:
             message = "This node is being drained." if self.draining else "Route table is not populated yet."
             body = message if path == "/-/healthz" else json.dumps(message)
@@ -181,7 +140,7 @@ class ProxyApp:
 
     # -- HTTP -----------------------------------------------------------------------------------
 
-    async def _http(self, scope: Scope, receive: Any, send: Any, route: Route) -> None:
+    async def _http(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         headers = scope["headers"]
         request_id = ""
         timeout_s = self.options.request_timeout_s
@@ -217,7 +176,7 @@ class ProxyApp:
             async with asyncio.timeout(timeout_s):
                 while True:
                     batch = await replies.next()
-                    if batch is _END:
+                    if batch is END:
                         break
                     for message in batch:
                         if message["type"] == "http.response.start":
@@ -244,23 +203,27 @@ class ProxyApp:
                 raise
             await _send_all(send, _text(500, "Internal Server Error", [id_header]))
         finally:
-            watch.stop()
+            watcher = watch.stop()
+            if watcher is not None:
+                await asyncio.gather(watcher, return_exceptions=True)
 
     def _submit(
         self, scope: Scope, headers: list[Any], route: Route, request_id: str, first: Message
-    ) -> tuple[Any, Call, "_Replies"]:
+    ) -> tuple[CallRouter, Call, ReplySink]:
         """Send the request (scope and first receive message, msgpack only) to the ingress."""
         payload = wire.pack([_wire_scope(scope, headers, self.options.root_path, route.prefix), first])
-        replies = _Replies()
-        call = Call(HTTP_METHOD, request_id, True, int(wire.Encoding.MSGPACK), payload, replies,
-                    {"http": True, "route": route.prefix})
+        replies = ReplySink()
+        header = wire.request_header(
+            HTTP_METHOD, request_id, wire.Encoding.MSGPACK, stream=True, route=route.prefix, http=True
+        )
+        call = Call(header, payload, replies)
         router = self.runtime.router(route.app_name, route.ingress)
         router.submit(call)
         return router, call, replies
 
     # -- WebSockets -----------------------------------------------------------------------------
 
-    async def _websocket(self, scope: Scope, receive: Any, send: Any, route: Route) -> None:
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         given = next((v.decode("latin-1")[:128] for k, v in scope["headers"] if k == b"x-request-id"), "")
         request_id, headers = _with_request_id(given, scope["headers"])
         first = await receive()  # websocket.connect
@@ -269,10 +232,10 @@ class ProxyApp:
         try:
             while True:
                 batch = await replies.next()
-                if batch is _END:
+                if batch is END:
                     break
                 if forwarder is None:  # the replica runs the app: client messages can follow
-                    forwarder = asyncio.get_running_loop().create_task(_forward(receive, router, call))
+                    forwarder = self._spawn(_forward(receive, router, call))
                 for message in batch:
                     await send(message)
         except (BackPressureError, DeploymentUnavailableError) as exc:
@@ -281,12 +244,21 @@ class ProxyApp:
         except RequestCancelledError:
             return
         finally:
+            router.cancel(call)
             if forwarder is not None:
                 forwarder.cancel()
-            router.cancel(call)
+                await asyncio.gather(forwarder, return_exceptions=True)
 
 
-async def _forward(receive: Any, router: Any, call: Call) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task referenced until it ends."""
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+async def _forward(receive: Receive, router: CallRouter, call: Call) -> None:
     while True:
         message = await receive()
         router.send_receive(call, message)
@@ -298,7 +270,7 @@ class _DisconnectWatch:
     """Cancels ``call`` when the client disconnects. The task that listens for it starts only
     if the response takes longer than ``_DISCONNECT_WATCH_DELAY_S``."""
 
-    def __init__(self, receive: Any, router: Any, call: Call) -> None:
+    def __init__(self, receive: Receive, router: CallRouter, call: Call) -> None:
         self._receive = receive
         self._router = router
         self._call = call
@@ -315,13 +287,15 @@ class _DisconnectWatch:
                 self._router.cancel(self._call)
                 return
 
-    def stop(self) -> None:
+    def stop(self) -> asyncio.Task[None] | None:
+        """Stop watching; returns the listening task (cancelled) to await, if it started."""
         self._timer.cancel()
         if self._task is not None:
             self._task.cancel()
+        return self._task
 
 
-async def _read_body(receive: Any, cap: int) -> bytes | None:
+async def _read_body(receive: Receive, cap: int) -> bytes | None:
     """The whole request body; None once it passes ``cap`` bytes."""
     chunks: list[bytes] = []
     size = 0
@@ -384,12 +358,12 @@ def _parse_timeout(value: bytes, default: float | None) -> float | None:
     return seconds if seconds > 0 else None
 
 
-async def _send_all(send: Any, messages: tuple[Message, ...]) -> None:
+async def _send_all(send: Send, messages: tuple[Message, ...]) -> None:
     for message in messages:
         await send(message)
 
 
-async def _lifespan(receive: Any, send: Any) -> None:
+async def _lifespan(receive: Receive, send: Send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":

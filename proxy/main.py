@@ -14,10 +14,10 @@ import logging
 import os
 import signal
 import socket
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from shoal.runtime import worker_main
-
 
 _MIN_DRAIN_S = 0.5  # /-/healthz answers 503 at least this long before the proxy stops
 

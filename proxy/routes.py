@@ -7,8 +7,10 @@ Tables come from the controller's snapshots; ``version`` says which.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+
+from shoal.runtime.wire import RouteEntry
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,9 +21,9 @@ class Route:
 
 
 class RoutingTable:
-    def __init__(self, version: int = 0, routes: dict[str, Any] | None = None) -> None:
+    def __init__(self, version: int = 0, routes: Mapping[str, RouteEntry] | None = None) -> None:
         self.version = version
-        entries = [Route(prefix, v["app"], v["ingress"]) for prefix, v in (routes or {}).items()]
+        entries = [Route(prefix, v.app_name, v.ingress) for prefix, v in (routes or {}).items()]
         self._routes = sorted(entries, key=lambda r: len(r.prefix), reverse=True)
 
     def match(self, path: str) -> Route | None:

@@ -18,11 +18,11 @@ Nothing here is ever unpickled: the HTTP path is msgpack and raw bytes only.
 from __future__ import annotations
 
 import asyncio
-import collections
 import inspect
 import json
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -38,12 +38,16 @@ INGRESS_ATTR = "__shoal_ingress__"
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-def normalize_message(message: Message) -> Message:
-    """An ASGI message as plain msgpack values (lists, bytes), whatever the app passed."""
+def normalize_message(message: MutableMapping[str, Any]) -> Message:
+    """An ASGI message as plain msgpack values (lists, bytes, int), whatever the app passed
+    (an ``HTTPStatus`` status becomes its int)."""
     out = dict(message)
+    status = out.get("status")
+    if status is not None and type(status) is not int:
+        out["status"] = int(status)
     headers = out.get("headers")
     if headers is not None:
         out["headers"] = [[bytes(k), bytes(v)] for k, v in headers]
@@ -62,26 +66,6 @@ def scope_from_wire(scope: Scope) -> Scope:
         if scope.get(key) is not None:
             scope[key] = tuple(scope[key])
     return scope
-
-
-class Inbox:
-    """The receive side of one request: its first message, then any forwarded later (only
-    WebSockets get later ones; an HTTP request waits here until it is cancelled)."""
-
-    def __init__(self, first: Message) -> None:
-        self._items: collections.deque[Message] = collections.deque((first,))
-        self._waiter: asyncio.Future[None] | None = None
-
-    def put(self, message: Message) -> None:
-        self._items.append(message)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def receive(self) -> Message:
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
-        return self._items.popleft()
 
 
 class _Lifespan:
@@ -121,6 +105,7 @@ class _Lifespan:
         except TimeoutError:
             logger.warning("ASGI lifespan shutdown did not finish within %ss", timeout_s)
             self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 class HttpHandler:
@@ -215,7 +200,7 @@ def _jsonable(value: Any) -> Any:
 
     custom: dict[Any, Callable[[Any], Any]] = {BaseException: str}
     try:
-        import numpy as np
+        import numpy as np  # type: ignore[import-not-found,unused-ignore]
 
         custom[np.ndarray] = lambda a: a.tolist()
         custom[np.generic] = lambda s: s.item()

@@ -19,7 +19,8 @@ import itertools
 import logging
 import os
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -52,7 +53,7 @@ class Runtime:
         self.control_endpoint = control_endpoint
         self.app_name = app_name  # the app this process serves, if it is a replica
         self.routers: dict[tuple[str, str], Router] = {}
-        self.snapshot: dict[str, Any] = {"version": 0, "deployments": {}}
+        self.snapshot = wire.Snapshot()
         self._thread: threading.Thread | None = None
         self._control: transport.Channel | None = None
         self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], tuple[bytes, ...]]]] = {}
@@ -100,8 +101,8 @@ class Runtime:
         if router is None:
             router = Router(app_name, deployment_name, self.loop, on_queued=self._queued)
             self.routers[key] = router
-            if self.snapshot["version"]:
-                router.update(self.snapshot["deployments"].get(wire.deployment_key(app_name, deployment_name)))
+            if self.snapshot.version:
+                router.update(self.snapshot.deployment(app_name, deployment_name))
         return router
 
     def _queued(self, router: Router) -> None:
@@ -121,20 +122,21 @@ class Runtime:
                 return  # the zeros are reported once; the next queued request starts a new round
             await asyncio.sleep(_QUEUE_REPORT_INTERVAL_S)
 
-    def _apply(self, snapshot: dict[str, Any]) -> None:
-        if snapshot["version"] <= self.snapshot["version"]:
+    def _apply(self, snapshot: wire.Snapshot) -> None:
+        """Route with ``snapshot`` unless a newer one is applied already."""
+        if snapshot.version <= self.snapshot.version:
             return
         self.snapshot = snapshot
-        deployments = snapshot["deployments"]
         for (app, name), router in self.routers.items():
-            router.update(deployments.get(wire.deployment_key(app, name)))
+            router.update(snapshot.deployment(app, name))
 
     async def _listen(self) -> None:
         while not self._closed:
             try:
                 meta, _ = await self.call(
-                    "listen", {"version": self.snapshot["version"], "role": self.role}, timeout_s=None
+                    "listen", {"version": self.snapshot.version, "role": self.role}, timeout_s=None
                 )
+                snapshot = wire.Snapshot.from_wire(meta["snapshot"])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -143,7 +145,7 @@ class Runtime:
                 logger.warning("snapshot listener: %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-            self._apply(meta["snapshot"])
+            self._apply(snapshot)
 
     # -- control calls --------------------------------------------------------------------------
 

@@ -59,7 +59,7 @@ class RequestContext:
 
 _replica_context: ReplicaContext | None = None
 _request_context: contextvars.ContextVar[RequestContext] = contextvars.ContextVar(
-    "shoal_request_context", default=RequestContext()
+    "shoal_request_context", default=RequestContext()  # noqa: B039 (frozen: never mutated)
 )
 
 

@@ -137,7 +137,7 @@ def as_remote_error(cause: BaseException, remote_traceback: str) -> BaseExceptio
     cls = type(cause)
     if isinstance(cause, RemoteError):
         return cause
-    remote_cls = _remote_classes.get(cls)
+    remote_cls: Any = _remote_classes.get(cls)
     if remote_cls is None:
         try:
             remote_cls = type(cls.__name__, (RemoteError, cls), {"__module__": cls.__module__})
@@ -145,7 +145,7 @@ def as_remote_error(cause: BaseException, remote_traceback: str) -> BaseExceptio
             return RayServeException(f"{cls.__name__}: {cause}\n\n{remote_traceback}")
         _remote_classes[cls] = remote_cls
     try:
-        err = remote_cls.__new__(remote_cls)
+        err: Any = remote_cls.__new__(remote_cls)
     except TypeError:
         return RayServeException(f"{cls.__name__}: {cause}\n\n{remote_traceback}")
     err.args = cause.args
@@ -153,4 +153,5 @@ def as_remote_error(cause: BaseException, remote_traceback: str) -> BaseExceptio
         err.__dict__.update(cause.__dict__)
     err.cause = cause
     err.remote_traceback = remote_traceback
-    return err
+    made: BaseException = err
+    return made

@@ -14,17 +14,17 @@ unpickles them, so they can be passed into other deployments.
 from __future__ import annotations
 
 import asyncio
-import collections
-import concurrent.futures
 import itertools
 import os
-import threading
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Generic, Iterator, TypeVar
+from typing import Any, Generic, TypeVar
 
 from shoal.runtime import wire
+from shoal.runtime.api import RuntimeAPI
 from shoal.runtime.context import current_request
-from shoal.runtime.errors import RayServeException, RequestCancelledError
+from shoal.runtime.errors import RayServeException
+from shoal.runtime.reply import END, ReplySink, ThreadSafeSink
 from shoal.runtime.router import Call
 
 R = TypeVar("R")
@@ -59,131 +59,11 @@ class HandleOptions:
     stream: bool = False
 
 
-# -- outcome sinks (set on the runtime loop thread) ---------------------------------------------
-
-
-class _FutureSink:
-    """The outcome of a unary call: an asyncio future when the caller is on the runtime loop,
-    else a concurrent future any thread can wait on."""
-
-    def __init__(self, loop_future: asyncio.Future[Any] | None) -> None:
-        self.afut = loop_future
-        self.cfut: concurrent.futures.Future[Any] | None = (
-            None if loop_future is not None else concurrent.futures.Future()
-        )
-
-    def set_result(self, value: Any) -> None:
-        fut = self.afut if self.afut is not None else self.cfut
-        if not fut.done():
-            try:
-                fut.set_result(value)
-            except (asyncio.InvalidStateError, concurrent.futures.InvalidStateError):
-                pass
-
-    def set_exception(self, exc: BaseException) -> None:
-        fut = self.afut if self.afut is not None else self.cfut
-        if not fut.done():
-            try:
-                fut.set_exception(exc)
-            except (asyncio.InvalidStateError, concurrent.futures.InvalidStateError):
-                pass
-
-    def push(self, item: Any) -> None:  # pragma: no cover - unary calls never stream
-        raise AssertionError("stream item for a unary call")
-
-    def finish(self) -> None:  # pragma: no cover
-        raise AssertionError("stream end for a unary call")
-
-
-END = object()
-
-
-class StreamSink:
-    """Items of a streaming call, consumed from any thread (``next_sync``) or loop
-    (``next_async``)."""
-
-    def __init__(self) -> None:
-        self._items: collections.deque[Any] = collections.deque()
-        self._cond = threading.Condition()
-        self._exc: BaseException | None = None
-        self._done = False
-        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
-
-    def set_result(self, value: Any) -> None:  # a stream has no single value
-        self.finish()
-
-    def set_exception(self, exc: BaseException) -> None:
-        with self._cond:
-            if self._done:
-                return
-            self._exc = exc
-            self._done = True
-        self._wake()
-
-    def push(self, item: Any) -> None:
-        with self._cond:
-            self._items.append(item)
-        self._wake()
-
-    def finish(self) -> None:
-        with self._cond:
-            self._done = True
-        self._wake()
-
-    def _wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-            waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            loop, fut = waiter
-            if _running_loop() is loop:
-                _set_if_pending(fut)
-            else:
-                loop.call_soon_threadsafe(_set_if_pending, fut)
-
-    def _take(self) -> Any:
-        if self._items:
-            return self._items.popleft()
-        if self._done:
-            if self._exc is not None:
-                raise self._exc
-            return END
-        return None
-
-    def next_sync(self, timeout_s: float | None) -> Any:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._items or self._done, timeout_s):
-                raise TimeoutError("Timed out waiting for the next item of the stream.")
-            return self._take()
-
-    async def next_async(self) -> Any:
-        loop = asyncio.get_running_loop()
-        while True:
-            with self._cond:
-                if self._items or self._done:
-                    return self._take()
-                fut = loop.create_future()
-                self._waiter = (loop, fut)
-            await fut
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-def _set_if_pending(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
 # -- responses -----------------------------------------------------------------------------------
 
 
 class _ResponseBase:
-    def __init__(self, runtime: Any, router_key: tuple[str, str], call: Call) -> None:
+    def __init__(self, runtime: RuntimeAPI, router_key: tuple[str, str], call: Call) -> None:
         self._runtime = runtime
         self._router_key = router_key
         self._call = call
@@ -195,11 +75,13 @@ class _ResponseBase:
     def cancel(self) -> None:
         """Cancel the call (idempotent); its outcome becomes ``RequestCancelledError``."""
         rt = self._runtime
-        router_cancel = lambda: rt.router(*self._router_key).cancel(self._call)  # noqa: E731
         if rt.in_loop_thread():
-            router_cancel()
+            self._cancel_on_loop()
         else:
-            rt.inbox.post(router_cancel)
+            rt.inbox.post(self._cancel_on_loop)
+
+    def _cancel_on_loop(self) -> None:
+        self._runtime.router(*self._router_key).cancel(self._call)
 
     def cancelled(self) -> bool:
         return self._call.cancelled
@@ -216,7 +98,9 @@ class _ResponseBase:
 class DeploymentResponse(_ResponseBase, Generic[R]):
     """The future result of ``handle.remote()``."""
 
-    def __init__(self, runtime: Any, router_key: tuple[str, str], call: Call, sink: _FutureSink) -> None:
+    def __init__(
+        self, runtime: RuntimeAPI, router_key: tuple[str, str], call: Call, sink: ReplySink | ThreadSafeSink
+    ) -> None:
         super().__init__(runtime, router_key, call)
         self._sink = sink
 
@@ -228,46 +112,39 @@ class DeploymentResponse(_ResponseBase, Generic[R]):
         """
         if not _skip_asyncio_check and _in_running_loop():
             raise RuntimeError(_SYNC_IN_LOOP)
-        fut = self._sink.cfut
-        if fut is None:
+        sink = self._sink
+        if not isinstance(sink, ThreadSafeSink):
             raise RuntimeError(_SYNC_IN_LOOP)
         try:
-            return fut.result(timeout_s)
-        except concurrent.futures.TimeoutError:
+            value: R = sink.result_sync(timeout_s)
+        except TimeoutError:
             raise TimeoutError(f"Timed out after {timeout_s}s waiting for request {self.request_id}.") from None
-        except concurrent.futures.CancelledError:
-            raise RequestCancelledError(self.request_id) from None
+        return value
 
-    def __await__(self) -> Any:
+    def __await__(self) -> Generator[Any, None, R]:
         return self._wait().__await__()
 
     async def _wait(self) -> R:
         sink = self._sink
+        if isinstance(sink, ReplySink) and not self._runtime.in_loop_thread():
+            raise RuntimeError("a DeploymentResponse made on the runtime's loop is awaited there only")
         try:
-            if sink.afut is not None and self._runtime.in_loop_thread():
-                return await sink.afut
-            assert sink.cfut is not None
-            return await asyncio.wrap_future(sink.cfut)
+            value: R = await sink.result()
         except asyncio.CancelledError:
             # The awaiting task was cancelled: cancel the call it was waiting for.
             self.cancel()
             raise
-
-    def _future_on(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
-        if self._sink.afut is not None and self._sink.afut.get_loop() is loop:
-            return self._sink.afut
-        assert self._sink.cfut is not None
-        return asyncio.wrap_future(self._sink.cfut, loop=loop)
+        return value
 
 
 class DeploymentResponseGenerator(_ResponseBase, Generic[R]):
     """The items of a ``stream=True`` call, as they are produced: ``for`` or ``async for``."""
 
-    def __init__(self, runtime: Any, router_key: tuple[str, str], call: Call, sink: StreamSink) -> None:
+    def __init__(self, runtime: RuntimeAPI, router_key: tuple[str, str], call: Call, sink: ThreadSafeSink) -> None:
         super().__init__(runtime, router_key, call)
         self._sink = sink
 
-    def __await__(self) -> Any:
+    def __await__(self) -> Generator[Any, None, Any]:
         raise TypeError(
             "`DeploymentResponseGenerator` cannot be awaited directly. Use `async for` or "
             "`await response.__anext__()` instead."
@@ -285,17 +162,17 @@ class DeploymentResponseGenerator(_ResponseBase, Generic[R]):
     def __next__(self) -> R:
         if _in_running_loop():
             raise RuntimeError(_SYNC_IN_LOOP)
-        item = self._sink.next_sync(None)
+        item: R = self._sink.next_sync(None)
         if item is END:
             raise StopIteration
         return item
 
-    def __aiter__(self) -> "DeploymentResponseGenerator[R]":
+    def __aiter__(self) -> DeploymentResponseGenerator[R]:
         return self
 
     async def __anext__(self) -> R:
         try:
-            item = await self._sink.next_async()
+            item: R = await self._sink.next()
         except asyncio.CancelledError:
             self.cancel()
             raise
@@ -316,7 +193,7 @@ class DeploymentHandle(Generic[R]):
         app_name: str = "default",
         *,
         _options: HandleOptions | None = None,
-        _runtime: Any = None,
+        _runtime: RuntimeAPI | None = None,
     ) -> None:
         self.deployment_name = deployment_name
         self.app_name = app_name
@@ -338,9 +215,9 @@ class DeploymentHandle(Generic[R]):
         session_id: str | None = None,
         stream: bool | None = None,
         **_ignored: Any,
-    ) -> "DeploymentHandle[R]":
+    ) -> DeploymentHandle[R]:
         """A handle sharing this one's router, with the given options changed."""
-        changes = {
+        changes: dict[str, Any] = {
             k: v
             for k, v in dict(
                 method_name=method_name,
@@ -357,7 +234,7 @@ class DeploymentHandle(Generic[R]):
             _runtime=self._runtime,
         )
 
-    def __getattr__(self, name: str) -> "DeploymentHandle[R]":
+    def __getattr__(self, name: str) -> DeploymentHandle[R]:
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
         return self.options(method_name=name)
@@ -376,36 +253,43 @@ class DeploymentHandle(Generic[R]):
         parent = current_request()
         request_id = parent.request_id or new_request_id()
         on_loop = rt.in_loop_thread()
-        sink: Any = StreamSink() if opts.stream else _FutureSink(rt.loop.create_future() if on_loop else None)
+        sink: ReplySink | ThreadSafeSink = ThreadSafeSink() if opts.stream or not on_loop else ReplySink()
         pending = _top_level_responses(args, kwargs)
-        meta: dict[str, Any] = {}
-        if opts.multiplexed_model_id:
-            meta["mx"] = opts.multiplexed_model_id
-        if parent.route:
-            meta["route"] = parent.route
         if pending:
-            call = Call(opts.method_name, request_id, opts.stream, 0, b"", sink, meta)
+            enc, payload = wire.Encoding.MSGPACK, b""
         else:
             enc, payload = _encode_args(args, kwargs, self, opts.method_name)
-            call = Call(opts.method_name, request_id, opts.stream, int(enc), payload, sink, meta)
+        header = wire.request_header(
+            opts.method_name, request_id, enc, opts.stream, opts.multiplexed_model_id, parent.route
+        )
+        call = Call(header, payload, sink)
         key = (self.app_name, self.deployment_name)
+        runtime = rt
 
         def submit() -> None:
             if pending:
-                rt.loop.create_task(_resolve_then_submit(rt, key, call, args, kwargs, self))
+                _spawn(runtime, _resolve_then_submit(runtime, key, call, args, kwargs, self))
             else:
-                rt.router(*key).submit(call)
+                runtime.router(*key).submit(call)
 
         if on_loop:
             submit()
         else:
             rt.inbox.post(submit)
         if opts.stream:
+            assert isinstance(sink, ThreadSafeSink)
             return DeploymentResponseGenerator(rt, key, call, sink)
-        response: DeploymentResponse[Any] = DeploymentResponse(rt, key, call, sink)
-        if sink.afut is not None:
-            sink.afut.add_done_callback(lambda f: f.cancelled() and response.cancel())
-        return response
+        return DeploymentResponse(rt, key, call, sink)
+
+
+_pending_tasks: set[asyncio.Task[None]] = set()
+
+
+def _spawn(rt: RuntimeAPI, coro: Any) -> None:
+    """Run ``coro`` on the runtime loop, keeping a reference to its task until it ends."""
+    task = rt.loop.create_task(coro)
+    _pending_tasks.add(task)
+    task.add_done_callback(_pending_tasks.discard)
 
 
 def _rebuild_handle(deployment_name: str, app_name: str, options: HandleOptions) -> DeploymentHandle[Any]:
@@ -454,21 +338,19 @@ def _encode_args(
 
 
 async def _resolve_then_submit(
-    rt: Any, key: tuple[str, str], call: Call, args: tuple[Any, ...], kwargs: dict[str, Any],
+    rt: RuntimeAPI, key: tuple[str, str], call: Call, args: tuple[Any, ...], kwargs: dict[str, Any],
     handle: DeploymentHandle[Any],
 ) -> None:
     """Await the DeploymentResponses among the arguments, then encode and submit the call."""
-    loop = asyncio.get_running_loop()
-
     async def value_of(v: Any) -> Any:
-        return await v._future_on(loop) if isinstance(v, DeploymentResponse) else v
+        return await v if isinstance(v, DeploymentResponse) else v
 
     try:
         resolved_args = tuple([await value_of(a) for a in args])
         resolved_kwargs = {k: await value_of(v) for k, v in kwargs.items()}
-        enc, payload = _encode_args(resolved_args, resolved_kwargs, handle, call.method)
+        enc, payload = _encode_args(resolved_args, resolved_kwargs, handle, call.header.method)
     except Exception as exc:
         call.resolve(exc)
         return
-    call.enc, call.payload = int(enc), payload
+    call.header, call.payload = replace(call.header, enc=enc), payload
     rt.router(*key).submit(call)

@@ -14,47 +14,60 @@ import threading
 from typing import Any
 
 from shoal.runtime import wire
-from shoal.runtime.inbox import LoopInbox
 from shoal.runtime.context import RequestContext, reset_request, set_request
 from shoal.runtime.errors import DeploymentUnavailableError, RequestCancelledError
+from shoal.runtime.inbox import LoopInbox
+from shoal.runtime.reply import END, Reply
 from shoal.runtime.router import Call
 from shoal.runtime.user_code import UserCallable
 
 
 class LocalRouter:
+    """Runs calls on the in-process user object (``api.CallRouter``), at most
+    ``max_ongoing_requests`` at a time; values cross ``wire`` as they would between processes."""
+
     def __init__(self, user: UserCallable, max_ongoing_requests: int, app_name: str) -> None:
         self.user = user
         self.app_name = app_name
         self._slots = asyncio.Semaphore(max_ongoing_requests)
-        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._tasks: dict[Call, asyncio.Task[None]] = {}
 
     def submit(self, call: Call) -> None:
         task = asyncio.get_running_loop().create_task(self._run(call))
-        self._tasks[id(call)] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(id(call), None))
+        self._tasks[call] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(call, None))
 
     def cancel(self, call: Call) -> None:
-        call.cancelled = True
-        task = self._tasks.get(id(call))
-        if task is not None:
+        if call.cancel():
+            task = self._tasks.get(call)
+            if task is not None:
+                task.cancel()
+
+    def send_receive(self, call: Call, message: dict[str, Any]) -> bool:
+        return False  # no HTTP in local testing mode
+
+    async def aclose(self) -> None:
+        """Cancel the calls still running and wait for them."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
             task.cancel()
-        call.resolve(RequestCancelledError(call.request_id))
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self, call: Call) -> None:
-        token = set_request(RequestContext(request_id=call.request_id, app_name=self.app_name))
+        header = call.header
+        token = set_request(RequestContext(request_id=header.request_id, app_name=self.app_name))
         try:
             async with self._slots:
-                args, kwargs = wire.loads_args(call.enc, call.payload)
-                if call.stream:
-                    async for item in self.user.stream(call.method, args, kwargs):
-                        call.sink.push(wire.loads(*wire.dumps(item)))
-                    call.resolved = True
-                    call.sink.finish()
+                args, kwargs = wire.loads_args(header.enc, call.payload)
+                if header.stream:
+                    async for item in self.user.stream(header.method, args, kwargs):
+                        call.deliver(Reply(wire.Kind.STREAM_ITEM, wire.loads(*wire.dumps(item)), 0))
+                    call.deliver(Reply(wire.Kind.STREAM_END, END, 0))
                 else:
-                    value = await self.user.call(call.method, args, kwargs)
+                    value = await self.user.call(header.method, args, kwargs)
                     call.resolve(value=wire.loads(*wire.dumps(value)))
         except asyncio.CancelledError:
-            call.resolve(RequestCancelledError(call.request_id))
+            call.resolve(RequestCancelledError(header.request_id))
         except Exception as exc:
             call.resolve(exc)
         finally:
@@ -62,7 +75,8 @@ class LocalRouter:
 
 
 class LocalRuntime:
-    """The in-process stand-in for ``client.Runtime``: a loop thread and local routers."""
+    """The in-process stand-in for ``client.Runtime`` (``api.RuntimeAPI``): a loop thread and
+    local routers."""
 
     def __init__(self) -> None:
         import uvloop
@@ -96,6 +110,7 @@ class LocalRuntime:
     def close(self) -> None:
         async def destroy() -> None:
             for router in self.routers.values():
+                await router.aclose()
                 await router.user.destroy()
 
         asyncio.run_coroutine_threadsafe(destroy(), self.loop).result(timeout=30)

@@ -10,7 +10,8 @@ Choices in Randomized Load Balancing"; Ray Serve's ``PowerOfTwoChoicesRequestRou
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 T = TypeVar("T")
 

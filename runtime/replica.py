@@ -4,7 +4,8 @@ Contract with callers (see ``wire``): every REQUEST gets exactly one terminal re
 that arrives while ``max_ongoing_requests`` are running, or while the replica drains, is
 answered REJECTED at once and never runs, so the caller may route it elsewhere. CANCEL cancels
 the request's task: the user coroutine sees ``asyncio.CancelledError`` and the caller gets
-CANCELLED. Replies carry the replica's current ongoing count (``meta["q"]``).
+CANCELLED. Terminal replies carry the replica's current ongoing count (``ReplyHeader.q``).
+Replies to HTTP calls are msgpack only (``wire.dumps_plain``).
 
 Stopping: ``drain()`` makes new requests REJECTED and waits, up to a deadline, for the ongoing
 ones to finish.
@@ -14,15 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures.thread
+import functools
 import logging
 import os
 import traceback
+from collections.abc import MutableMapping
 from typing import Any
 
 from shoal.runtime import wire
-from shoal.runtime.asgi import HTTP_METHOD, HttpHandler, Inbox, normalize_message, scope_from_wire
+from shoal.runtime.asgi import HTTP_METHOD, HttpHandler, normalize_message, scope_from_wire
 from shoal.runtime.context import RequestContext, reset_request, set_request
 from shoal.runtime.errors import RemoteError
+from shoal.runtime.reply import ReplySink
 from shoal.runtime.transport import Channel
 from shoal.runtime.user_code import UserCallable
 
@@ -48,10 +52,11 @@ def format_user_traceback(exc: BaseException, where: str) -> str:
     return f"Raised in {where}:\n" + "".join(tb.format())
 
 
-def encode_exception(exc: BaseException, where: str) -> tuple[dict[str, Any], bytes]:
+def encode_exception(exc: BaseException, where: str, plain: bool = False) -> tuple[wire.Encoding, bytes]:
     """Encode a user exception with its traceback text for an ERROR frame.
 
-    An exception that cannot be pickled travels as its type name, message and traceback.
+    An exception that cannot be pickled, or any exception when ``plain`` (the reply to an HTTP
+    call, msgpack only), travels as its type name, message and traceback.
     """
     if isinstance(exc, RemoteError):
         tb_text = f"{exc.remote_traceback.rstrip()}\n\nwhich reached {where}."
@@ -60,10 +65,12 @@ def encode_exception(exc: BaseException, where: str) -> tuple[dict[str, Any], by
         tb_text = format_user_traceback(exc, where)
         cause = exc
     try:
+        if plain:
+            raise TypeError("msgpack only")
         enc, data = wire.dumps((cause, tb_text))
     except Exception:
         enc, data = wire.dumps((None, f"{type(cause).__qualname__}: {cause}\n\n{tb_text}"))
-    return {"enc": int(enc)}, data
+    return enc, data
 
 
 class ReplicaWorker:
@@ -83,7 +90,7 @@ class ReplicaWorker:
         self.channel: Channel | None = None
         self.http = HttpHandler(user)
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
-        self._receives: dict[tuple[bytes, int], Inbox] = {}
+        self._receives: dict[tuple[bytes, int], ReplySink] = {}
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -100,7 +107,7 @@ class ReplicaWorker:
         msg = wire.decode(rest)
         if msg.incarnation != self.incarnation:
             # Addressed to a predecessor: it never runs here.
-            self._send(identity, wire.Message(wire.Kind.REJECTED, self.incarnation, msg.call_id, {"q": self.ongoing}))
+            self._send(identity, wire.reply(wire.Kind.REJECTED, self.incarnation, msg.call_id, q=self.ongoing))
             return
         if msg.kind == wire.Kind.REQUEST:
             self._on_request(identity, msg)
@@ -111,92 +118,101 @@ class ReplicaWorker:
         elif msg.kind == wire.Kind.RECEIVE:
             inbox = self._receives.get((identity, msg.call_id))
             if inbox is not None:
-                inbox.put(wire.unpack(msg.payload[0]))
+                inbox.push(wire.unpack(msg.payload[0]))
         else:
             logger.warning("replica got an unexpected %s message", msg.kind.name)
 
     def _on_request(self, identity: bytes, msg: wire.Message) -> None:
-        internal = msg.meta.get("m", "").startswith("__shoal_")
+        header = wire.RequestHeader.from_meta(msg.meta)
+        internal = header.method.startswith("__shoal_")
         if not internal and (self._draining or self.ongoing >= self.max_ongoing_requests):
-            self._send(identity, wire.Message(wire.Kind.REJECTED, self.incarnation, msg.call_id, {"q": self.ongoing}))
+            self._send(identity, wire.reply(wire.Kind.REJECTED, self.incarnation, msg.call_id, q=self.ongoing))
             return
         key = (identity, msg.call_id)
-        task = asyncio.get_running_loop().create_task(self._run(identity, msg))
+        task = asyncio.get_running_loop().create_task(self._run(identity, msg, header))
         self._tasks[key] = task
         self._idle.clear()
-        task.add_done_callback(lambda _t, key=key: self._release(key))
+        task.add_done_callback(functools.partial(self._released, key))
+
+    def _released(self, key: tuple[bytes, int], _task: asyncio.Task[None]) -> None:
+        self._release(key)
 
     def _release(self, key: tuple[bytes, int]) -> None:
         if self._tasks.pop(key, None) is not None and not self._tasks:
             self._idle.set()
 
-    async def _run(self, identity: bytes, msg: wire.Message) -> None:
-        meta = msg.meta
-        method = meta.get("m", "__call__")
+    async def _run(self, identity: bytes, msg: wire.Message, header: wire.RequestHeader) -> None:
+        method = header.method
         token = set_request(
             RequestContext(
-                request_id=meta.get("rid", ""),
-                route=meta.get("route", ""),
+                request_id=header.request_id,
+                route=header.route,
                 app_name=self.app_name,
-                multiplexed_model_id=meta.get("mx", ""),
-                is_http_request=bool(meta.get("http", False)),
+                multiplexed_model_id=header.multiplexed_model_id,
+                is_http_request=header.http,
             )
         )
-        key = (identity, msg.call_id)
+        call_id = msg.call_id
+        key = (identity, call_id)
+        enc: wire.Encoding | None
         try:
             if method == HTTP_METHOD:
                 # msgpack only: this came from an HTTP client through the proxy.
                 scope, first = wire.unpack(msg.payload[0])
-                final = await self._serve_http(identity, msg.call_id, key, scope_from_wire(scope), first)
-                terminal = self._message(wire.Kind.STREAM_END, msg.call_id, *final)
+                final = await self._serve_http(identity, call_id, key, scope_from_wire(scope), first)
+                kind = wire.Kind.STREAM_END
+                enc, data = wire.dumps_plain(final) if final else (None, b"")
             else:
-                terminal = await self._call(identity, msg, method)
+                kind, enc, data = await self._call(identity, msg, header)
         except asyncio.CancelledError:
             self._release(key)
-            self._send(identity, self._message(wire.Kind.CANCELLED, msg.call_id))
+            self._send(identity, wire.reply(wire.Kind.CANCELLED, self.incarnation, call_id, q=self.ongoing))
             raise
         except Exception as exc:
-            logger.exception("request %s to method '%s' raised", meta.get("rid", ""), method)
-            err_meta, data = encode_exception(exc, self.where)
-            terminal = wire.Message(wire.Kind.ERROR, self.incarnation, msg.call_id, err_meta, (data,))
+            logger.exception("request %s to method '%s' raised", header.request_id, method)
+            kind = wire.Kind.ERROR
+            enc, data = encode_exception(exc, self.where, plain=header.http)
         finally:
             reset_request(token)
         # Free the slot before replying, so the caller's next request is never rejected for it.
         self._release(key)
-        terminal.meta["q"] = self.ongoing
-        self._send(identity, terminal)
+        self._send(identity, wire.reply(kind, self.incarnation, call_id, enc, data, self.ongoing))
 
-    async def _call(self, identity: bytes, msg: wire.Message, method: str) -> wire.Message:
-        """Run a handle call; returns its terminal reply (stream items are sent as they come)."""
-        meta = msg.meta
-        args, kwargs = wire.loads_args(meta.get("enc", 0), msg.payload[0]) if msg.payload else ((), {})
+    async def _call(
+        self, identity: bytes, msg: wire.Message, header: wire.RequestHeader
+    ) -> tuple[wire.Kind, wire.Encoding | None, bytes]:
+        """Run a handle call; returns its terminal reply's kind and payload (stream items are
+        sent as they come)."""
+        method = header.method
+        args, kwargs = wire.loads_args(header.enc, msg.payload[0]) if msg.payload else ((), {})
         if method == HEALTH_METHOD:
             await self.user.check_health()
-            return self._message(wire.Kind.RESULT, msg.call_id, None)
+            return wire.Kind.RESULT, *self._encode(None)
         if method == METRICS_METHOD:
-            return self._message(wire.Kind.RESULT, msg.call_id, self.ongoing - 1)
+            return wire.Kind.RESULT, *self._encode(self.ongoing - 1)
         if method == RECONFIGURE_METHOD:
             await self.reconfigure(args[0])
-            return self._message(wire.Kind.RESULT, msg.call_id, None)
-        if meta.get("s"):
+            return wire.Kind.RESULT, *self._encode(None)
+        if header.stream:
             async for item in self.user.stream(method, args, kwargs):
-                self._send(identity, self._message(wire.Kind.STREAM_ITEM, msg.call_id, item))
-            return self._message(wire.Kind.STREAM_END, msg.call_id)
+                self._send(identity, wire.reply(wire.Kind.STREAM_ITEM, self.incarnation, msg.call_id, *self._encode(item)))
+            return wire.Kind.STREAM_END, None, b""
         value = await self.user.call(method, args, kwargs)
-        return self._message(wire.Kind.RESULT, msg.call_id, value)
+        return wire.Kind.RESULT, *self._encode(value)
 
     async def _serve_http(
         self, identity: bytes, call_id: int, key: tuple[bytes, int], scope: dict[str, Any], first: dict[str, Any]
-    ) -> tuple[list[dict[str, Any]], ...]:
-        """Run one HTTP or WebSocket request; returns the last batch of messages, if any, to
+    ) -> list[dict[str, Any]]:
+        """Run one HTTP or WebSocket request; returns the last batch of messages (maybe empty) to
         ride on the STREAM_END reply (a plain response is then a single frame)."""
-        inbox = Inbox(first)
+        inbox = ReplySink()
+        inbox.push(first)
         if scope["type"] == "websocket":
             self._receives[key] = inbox
         held_start: dict[str, Any] | None = None
         final: list[dict[str, Any]] = []
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             nonlocal held_start
             message = normalize_message(message)
             if message["type"] == "http.response.start":
@@ -207,28 +223,25 @@ class ReplicaWorker:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 final.extend(batch)
                 return
-            self._send(identity, self._message(wire.Kind.STREAM_ITEM, call_id, batch))
+            self._send(identity, wire.reply(wire.Kind.STREAM_ITEM, self.incarnation, call_id, *wire.dumps_plain(batch)))
 
         try:
-            await self.http.handle(scope, inbox.receive, send)
+            await self.http.handle(scope, inbox.next, send)
         finally:
             self._receives.pop(key, None)
         if held_start is not None:
             final.insert(0, held_start)
-        return (final,) if final else ()
+        return final
 
-    def _message(self, kind: wire.Kind, call_id: int, *value: Any) -> wire.Message:
-        """A reply carrying ``value`` (if given); TypeError if the value cannot be serialized."""
-        if not value:
-            return wire.Message(kind, self.incarnation, call_id, {})
+    def _encode(self, value: Any) -> tuple[wire.Encoding, bytes]:
+        """``value`` encoded for a reply; TypeError if it cannot be serialized."""
         try:
-            enc, data = wire.dumps(value[0])
+            return wire.dumps(value)
         except Exception as exc:
             raise TypeError(
                 f"The value returned by deployment '{self.user.deployment_name}' could not be "
                 f"serialized: {exc!r}"
             ) from exc
-        return wire.Message(kind, self.incarnation, call_id, {"enc": int(enc)}, (data,))
 
     def _send(self, identity: bytes, msg: wire.Message) -> None:
         assert self.channel is not None

@@ -8,6 +8,11 @@ ZeroMQ's notification descriptor is edge-triggered: any operation on the socket,
 may consume the edge that announces pending input. So after every send and after every drain
 batch the channel re-checks ``EVENTS`` and schedules another drain if input is waiting.
 
+A channel built with ``on_disconnect`` watches its socket's connection through a ZeroMQ socket
+monitor: when the peer's end closes, it first handles every message already received, then calls
+``on_disconnect()``, so a peer's last replies always come before the news of its death. Connect
+such a socket after building its channel: a connection made before the monitor starts is missed.
+
 All methods must be called from the loop's thread.
 """
 
@@ -16,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from shoal.runtime import wire
 
@@ -26,11 +33,11 @@ logger = logging.getLogger("shoal.transport")
 
 _DRAIN_BATCH = 256
 
-_context: zmq.Context | None = None
+_context: zmq.Context[zmq.Socket[bytes]] | None = None
 _context_pid: int | None = None
 
 
-def context() -> zmq.Context:
+def context() -> zmq.Context[zmq.Socket[bytes]]:
     """The process's ZeroMQ context, created on first use in this process (never inherited)."""
     global _context, _context_pid
     if _context is None or _context_pid != os.getpid():
@@ -47,8 +54,8 @@ def terminate_context() -> None:
     _context = None
 
 
-def make_socket(kind: int) -> zmq.Socket:
-    sock = context().socket(kind)
+def make_socket(kind: int) -> zmq.Socket[bytes]:
+    sock: zmq.Socket[bytes] = context().socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, 0)
     sock.setsockopt(zmq.RCVHWM, 0)
@@ -67,17 +74,25 @@ class Channel:
 
     def __init__(
         self,
-        sock: zmq.Socket,
+        sock: zmq.Socket[bytes],
         on_message: Callable[[list[bytes]], None],
         loop: asyncio.AbstractEventLoop | None = None,
+        on_disconnect: Callable[[], None] | None = None,
     ) -> None:
         self.sock = sock
         self._on_message = on_message
         self._loop = loop or asyncio.get_running_loop()
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd = cast(int, sock.getsockopt(zmq.FD))
         self._drain_scheduled = False
         self._check_scheduled = False
         self._closed = False
+        self.connected = False  # with on_disconnect: a connection is up (or was, until it closed)
+        self._on_disconnect = on_disconnect
+        self._monitor: Channel | None = None
+        if on_disconnect is not None:
+            monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            monitor.setsockopt(zmq.LINGER, 0)
+            self._monitor = Channel(monitor, self._on_event, self._loop)
         self._loop.add_reader(self._fd, self._drain)
         self._schedule_drain()
 
@@ -107,8 +122,11 @@ class Channel:
         return self.send(frames)
 
     def drain_now(self) -> None:
-        """Handle every message already waiting on the socket, now."""
-        self._drain()
+        """Handle every connection event and message already waiting on the socket, now."""
+        if self._monitor is not None:
+            self._monitor.drain_now()
+        while not self._closed and self._drain():
+            pass
 
     def close(self, linger_ms: int = 0) -> None:
         """Close the socket; with ``linger_ms``, queued outgoing messages get that long to go."""
@@ -116,7 +134,21 @@ class Channel:
             return
         self._closed = True
         self._loop.remove_reader(self._fd)
+        if self._monitor is not None:
+            self.sock.disable_monitor()
+            self._monitor.close()
         self.sock.close(linger=linger_ms)
+
+    def _on_event(self, frames: list[bytes]) -> None:
+        event = parse_monitor_message(frames)["event"]
+        if event == zmq.EVENT_CONNECTED:
+            self.connected = True
+        elif event == zmq.EVENT_DISCONNECTED and not self._closed:
+            self.connected = False
+            while not self._closed and self._drain():  # the peer's last messages first
+                pass
+            if self._on_disconnect is not None and not self._closed:
+                self._on_disconnect()
 
     def _schedule_drain(self) -> None:
         if not self._drain_scheduled and not self._closed:
@@ -131,23 +163,25 @@ class Channel:
 
     def _check_pending(self) -> None:
         self._check_scheduled = False
-        if not self._closed and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not self._closed and cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._schedule_drain()
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
+        """Handle up to a batch of waiting messages; True if the batch was full (more may wait)."""
         self._drain_scheduled = False
         for _ in range(_DRAIN_BATCH):
             if self._closed:
-                return
+                return False
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return False
             except zmq.ContextTerminated:
                 self.close()
-                return
+                return False
             try:
                 self._on_message(frames)
             except Exception:
                 logger.exception("error while handling a message")
         self._check_pending()
+        return True

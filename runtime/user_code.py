@@ -15,8 +15,9 @@ import asyncio
 import contextvars
 import functools
 import inspect
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from shoal.runtime.errors import RayServeException
 from shoal.runtime.inbox import LoopInbox
@@ -27,8 +28,12 @@ _END = object()
 def _is_async(fn: Callable[..., Any]) -> bool:
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         return True
-    call = getattr(fn, "__call__", None)
+    call = getattr(fn, "__call__", None)  # noqa: B004 (the method itself, not callability)
     return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+
+
+def _new_pool(max_ongoing_requests: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, max_ongoing_requests), thread_name_prefix="shoal-user")
 
 
 class UserCallable:
@@ -48,9 +53,7 @@ class UserCallable:
         self._is_function = not inspect.isclass(func_or_class)
         self._init_args = init_args
         self._init_kwargs = init_kwargs
-        self._pool = ThreadPoolExecutor(
-            max_workers=max(1, max_ongoing_requests), thread_name_prefix="shoal-user"
-        )
+        self._pool = _new_pool(max_ongoing_requests)
         self.instance: Any = None
         self._resolved: dict[str, tuple[Callable[..., Any], bool]] = {}
         self._inbox: LoopInbox | None = None
@@ -87,8 +90,10 @@ class UserCallable:
         await self.invoke(method, (user_config,), {})
 
     def resize(self, max_ongoing_requests: int) -> None:
-        """Let the thread pool for sync methods grow to ``max_ongoing_requests`` threads."""
-        self._pool._max_workers = max(1, max_ongoing_requests)
+        """Run sync methods on a pool of ``max_ongoing_requests`` threads from now on; calls
+        already on the old pool finish there (its threads end when they do)."""
+        old, self._pool = self._pool, _new_pool(max_ongoing_requests)
+        old.shutdown(wait=False)
 
     async def check_health(self) -> None:
         method = getattr(self.instance, "check_health", None) if not self._is_function else None
@@ -118,12 +123,14 @@ class UserCallable:
         """The user callable for ``name``; RayServeException naming the deployment if missing."""
         if self._is_function:
             if name == "__call__":
-                return self.instance
+                function: Callable[..., Any] = self.instance
+                return function
             available = ["__call__"]
         else:
             fn = getattr(self.instance, name, None) if not name.startswith("__") or name == "__call__" else None
-            if fn is not None and callable(fn):
-                return fn
+            if callable(fn):
+                bound: Callable[..., Any] = fn
+                return bound
             available = sorted(
                 n for n in dir(self.instance)
                 if (not n.startswith("_") or n == "__call__") and callable(getattr(self.instance, n, None))
@@ -189,12 +196,22 @@ class UserCallable:
             try:
                 value = ctx.run(fn, *args, **kwargs)
             except BaseException as exc:  # delivered to the awaiting request, not swallowed
-                inbox.post(lambda exc=exc: done.done() or done.set_exception(exc))
+                error = exc
+                inbox.post(lambda: _settle(done, None, error))
             else:
-                inbox.post(lambda: done.done() or done.set_result(value))
+                inbox.post(lambda: _settle(done, value, None))
 
         # Completions come back through the inbox: one loop wakeup for a batch of them, where
         # run_in_executor would write to the loop's self-pipe once per call.
         self._pool.submit(run)
         result = await done
         return await result if inspect.isawaitable(result) else result
+
+
+def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)

@@ -5,9 +5,10 @@ socket owner before ``decode`` and added back after ``encode``):
 
     bytes 0-16   fixed header, big-endian: kind (u8), incarnation (u32), call_id (u64),
                  meta length (u32)
-    then         meta: a msgpack map of plain values (method name, request id, flags, ...)
+    then         meta: a msgpack map of plain values: a ``RequestHeader`` or ``ReplyHeader`` (see
+                 below) on the data plane, operation fields on the control plane
     then         payload, the rest of the frame (absent if empty): opaque bytes whose encoding
-                 ``meta["enc"]`` names
+                 the header's ``enc`` names
 
 One frame rather than one per part: each ZeroMQ send is a call into libzmq, and a message of
 three small frames costs several times one frame of the same bytes.
@@ -20,7 +21,12 @@ connection.
 Values travel as msgpack when they are plain (None, bool, int, float, str, bytes, list, dict of
 those: exactly, with no tuple-to-list drift) and as cloudpickle otherwise. cloudpickle is only
 ever decoded from processes of the same user behind the 0700 run directory; data that came from
-an HTTP client travels as msgpack and raw bytes and is never unpickled.
+an HTTP client travels as msgpack and raw bytes and is never unpickled, and the replies to it
+are msgpack only (``dumps_plain`` raises for anything else; ``ReplyHeader`` decoding refuses
+pickle for them).
+
+The data plane's headers (``RequestHeader``, ``ReplyHeader``) and the controller's routing
+``Snapshot`` are frozen dataclasses; their keys on the wire are known to this module only.
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ from __future__ import annotations
 import enum
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import cloudpickle
-import msgpack
+import msgpack  # type: ignore[import-untyped,unused-ignore]
 
 PROTOCOL_VERSION = 2
 
@@ -66,7 +73,9 @@ TERMINAL_KINDS = frozenset(
 class Encoding(enum.IntEnum):
     MSGPACK = 0
     PICKLE = 1
-    RAW = 2  # bytes passed through untouched (HTTP bodies)
+
+
+_ENCODINGS = {int(e): e for e in Encoding}  # a dict lookup: cheaper than Encoding(n) per message
 
 
 class ProtocolError(Exception):
@@ -155,9 +164,19 @@ def loads(enc: int, data: bytes) -> Any:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     if enc == Encoding.PICKLE:
         return cloudpickle.loads(data)
-    if enc == Encoding.RAW:
-        return bytes(data)
     raise ProtocolError(f"unknown payload encoding {enc}")
+
+
+def dumps_plain(value: Any) -> tuple[Encoding, bytes]:
+    """Encode a value that must stay msgpack (replies to HTTP calls): TypeError if it is not
+    plain (an ``IntEnum`` such as ``HTTPStatus``, a tuple, a bytearray ... included)."""
+    try:
+        data = msgpack.packb(value, use_bin_type=True, strict_types=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"not a plain msgpack value: {exc}") from exc
+    if _BIN_MARKERS.search(data) and _holds_buffer(value):
+        raise TypeError("not a plain msgpack value: holds a bytearray or memoryview")
+    return Encoding.MSGPACK, data
 
 
 def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Encoding, bytes]:
@@ -177,8 +196,219 @@ def deployment_key(app_name: str, deployment_name: str) -> str:
 
 def pack(value: Any) -> bytes:
     """msgpack for control-plane bodies: plain values only."""
-    return msgpack.packb(value, use_bin_type=True)
+    data: bytes = msgpack.packb(value, use_bin_type=True)
+    return data
 
 
 def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+# -- data-plane headers --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHeader:
+    """The meta of a REQUEST: which method, for which request, how the payload is encoded.
+
+    ``http``: the payload is an ASGI scope and receive message from the proxy; the replies must
+    be msgpack (see ``ReplyHeader.from_meta``).
+    """
+
+    method: str = "__call__"
+    request_id: str = ""
+    enc: Encoding = Encoding.MSGPACK
+    stream: bool = False
+    multiplexed_model_id: str = ""
+    route: str = ""
+    http: bool = False
+
+    def to_meta(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"m": self.method, "rid": self.request_id, "enc": int(self.enc)}
+        if self.stream:
+            meta["s"] = True
+        if self.multiplexed_model_id:
+            meta["mx"] = self.multiplexed_model_id
+        if self.route:
+            meta["route"] = self.route
+        if self.http:
+            meta["http"] = True
+        return meta
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> RequestHeader:
+        """The header of a REQUEST's meta; ProtocolError if its encoding is unknown."""
+        get = meta.get
+        return request_header(
+            get("m", "__call__"), get("rid", ""), _encoding(meta), get("s", False), get("mx", ""),
+            get("route", ""), get("http", False),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyHeader:
+    """The meta of a reply: the payload's encoding and, on terminal replies, the replica's count
+    of ongoing requests (all callers) after this one (``q``)."""
+
+    enc: Encoding = Encoding.MSGPACK
+    q: int = 0
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"enc": int(self.enc), "q": self.q}
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], plain_only: bool = False) -> ReplyHeader:
+        """ProtocolError on an unknown encoding, or on pickle when ``plain_only`` (a reply to an
+        HTTP call: nothing on that path is ever unpickled)."""
+        enc = _encoding(meta)
+        if plain_only and enc is not Encoding.MSGPACK:
+            raise ProtocolError("a reply to an HTTP call must be msgpack")
+        return _new_reply_header(enc, meta.get("q", 0))
+
+
+def _setters(cls: type, *names: str) -> tuple[Any, ...]:
+    return tuple(cls.__dict__[name].__set__ for name in names)
+
+
+# Headers are decoded once per message. A frozen dataclass's generated __init__ assigns each field
+# through object.__setattr__, several times slower than setting the slots directly, as these do.
+_REQUEST_SETTERS = _setters(RequestHeader, "method", "request_id", "enc", "stream", "multiplexed_model_id", "route", "http")
+_REPLY_SETTERS = _setters(ReplyHeader, "enc", "q")
+_new_object = object.__new__
+
+
+def request_header(
+    method: str, request_id: str, enc: Encoding = Encoding.MSGPACK, stream: bool = False, mx: str = "",
+    route: str = "", http: bool = False,
+) -> RequestHeader:
+    """``RequestHeader(...)``, built faster (the hot path builds one per call)."""
+    m, r, e, s, x, t, h = _REQUEST_SETTERS
+    header: RequestHeader = _new_object(RequestHeader)
+    m(header, method), r(header, request_id), e(header, enc), s(header, stream), x(header, mx)
+    t(header, route), h(header, http)
+    return header
+
+
+def _new_reply_header(enc: Encoding, q: int) -> ReplyHeader:
+    e, q_set = _REPLY_SETTERS
+    header: ReplyHeader = _new_object(ReplyHeader)
+    e(header, enc), q_set(header, q)
+    return header
+
+
+def _encoding(meta: Mapping[str, Any]) -> Encoding:
+    """The ``enc`` of a header; ProtocolError if it names no encoding."""
+    value = meta.get("enc", 0)
+    enc = _ENCODINGS.get(value) if isinstance(value, int) else None
+    if enc is None:
+        raise ProtocolError(f"unknown payload encoding {value!r}")
+    return enc
+
+
+def request(incarnation: int, call_id: int, header: RequestHeader, payload: bytes) -> Message:
+    return Message(Kind.REQUEST, incarnation, call_id, header.to_meta(), (payload,))
+
+
+def reply(kind: Kind, incarnation: int, call_id: int, enc: Encoding | None = None, data: bytes = b"",
+          q: int = 0) -> Message:
+    """A reply of ``kind``; with ``enc``, it carries ``data`` (encoded that way)."""
+    if enc is None:
+        return Message(kind, incarnation, call_id, {"q": q})
+    return Message(kind, incarnation, call_id, {"enc": int(enc), "q": q}, (data,))
+
+
+# -- the controller's routing snapshot -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaAddress:
+    """One replica incarnation and the endpoint its ROUTER socket is bound to."""
+
+    replica_id: str
+    incarnation: int
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentEntry:
+    """What a router needs to know about one deployment. ``draining`` replicas take no new
+    requests but keep their calls; ``failed_reason`` set means every call fails at once."""
+
+    replicas: tuple[ReplicaAddress, ...] = ()
+    draining: tuple[ReplicaAddress, ...] = ()
+    max_ongoing_requests: int = 5
+    max_queued_requests: int = -1
+    backpressure_status_code: int = 503
+    backpressure_retry_after_s: float | None = None
+    autoscaling: bool = False
+    failed_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteEntry:
+    """The application serving a route prefix, and its ingress deployment."""
+
+    app_name: str
+    ingress: str
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The controller's routing state, versioned: a router never applies an older one over a
+    newer one. ``deployments`` is keyed by ``deployment_key``, ``routes`` by route prefix."""
+
+    version: int = 0
+    deployments: Mapping[str, DeploymentEntry] = field(default_factory=dict)
+    routes: Mapping[str, RouteEntry] = field(default_factory=dict)
+
+    def deployment(self, app_name: str, deployment_name: str) -> DeploymentEntry | None:
+        return self.deployments.get(deployment_key(app_name, deployment_name))
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain msgpack values; ``Snapshot.from_wire`` is the inverse."""
+        return {
+            "version": self.version,
+            "deployments": {key: _entry_to_wire(e) for key, e in self.deployments.items()},
+            "routes": {p: {"app": r.app_name, "ingress": r.ingress} for p, r in self.routes.items()},
+        }
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> Snapshot:
+        """ProtocolError if ``data`` is not a snapshot."""
+        try:
+            return cls(
+                int(data["version"]),
+                {key: _entry_from_wire(e) for key, e in data.get("deployments", {}).items()},
+                {p: RouteEntry(r["app"], r["ingress"]) for p, r in data.get("routes", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"bad snapshot: {exc!r}") from exc
+
+
+def _entry_to_wire(entry: DeploymentEntry) -> dict[str, Any]:
+    backpressure: dict[str, Any] = {"status_code": entry.backpressure_status_code}
+    if entry.backpressure_retry_after_s is not None:
+        backpressure["retry_after_s"] = entry.backpressure_retry_after_s
+    return {
+        "replicas": [[r.replica_id, r.incarnation, r.endpoint] for r in entry.replicas],
+        "draining": [[r.replica_id, r.incarnation, r.endpoint] for r in entry.draining],
+        "max_ongoing_requests": entry.max_ongoing_requests,
+        "max_queued_requests": entry.max_queued_requests,
+        "backpressure": backpressure,
+        "autoscaling": entry.autoscaling,
+        "failed_reason": entry.failed_reason,
+    }
+
+
+def _entry_from_wire(data: Mapping[str, Any]) -> DeploymentEntry:
+    backpressure = data.get("backpressure") or {}
+    return DeploymentEntry(
+        tuple(ReplicaAddress(str(r), int(i), str(e)) for r, i, e in data["replicas"]),
+        tuple(ReplicaAddress(str(r), int(i), str(e)) for r, i, e in data.get("draining") or ()),
+        int(data["max_ongoing_requests"]),
+        int(data.get("max_queued_requests", -1)),
+        int(backpressure.get("status_code", 503)),
+        backpressure.get("retry_after_s"),
+        bool(data.get("autoscaling", False)),
+        data.get("failed_reason"),
+    )

@@ -6,6 +6,7 @@ import collections
 import random
 
 import pytest
+
 from shoal.runtime.p2c import choose
 
 

@@ -6,11 +6,13 @@ import collections
 import enum
 import fractions
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import msgpack
 import pytest
 from helpers import exactly_equal
+
 from shoal.runtime import wire
 from shoal.runtime.wire import Encoding, Kind, Message, ProtocolError
 
@@ -66,7 +68,7 @@ def test_kind_numbers_are_stable() -> None:
         "REQUEST": 1, "CANCEL": 2, "RESULT": 3, "ERROR": 4, "STREAM_ITEM": 5, "STREAM_END": 6,
         "REJECTED": 7, "CANCELLED": 8, "READY": 20, "INIT_FAILED": 21, "CALL": 22, "REPLY": 23,
     }.items()
-    assert wire.TERMINAL_KINDS == {Kind.RESULT, Kind.ERROR, Kind.STREAM_END, Kind.REJECTED, Kind.CANCELLED}
+    assert {Kind.RESULT, Kind.ERROR, Kind.STREAM_END, Kind.REJECTED, Kind.CANCELLED} == wire.TERMINAL_KINDS
 
 
 # -- message round trips --------------------------------------------------------------------------
@@ -114,27 +116,31 @@ def test_message_is_frozen() -> None:
 
 # -- decode rejects garbage -----------------------------------------------------------------------
 
-_GOOD_HEADER = bytes.fromhex("01" "00000001" "0000000000000001")
+
+def _frame(kind: int, meta: bytes, meta_len: int | None = None, payload: bytes = b"") -> bytes:
+    """One frame of the current layout: kind, incarnation 1, call_id 1, meta length, meta, payload."""
+    length = len(meta) if meta_len is None else meta_len
+    return bytes([kind]) + (1).to_bytes(4, "big") + (1).to_bytes(8, "big") + length.to_bytes(4, "big") + meta + payload
 
 
 @pytest.mark.parametrize(
     "frames",
     [
         pytest.param([], id="no frames"),
-        pytest.param([_GOOD_HEADER], id="no meta frame"),
-        pytest.param([b"", msgpack.packb({})], id="empty header"),
-        pytest.param([_GOOD_HEADER[:-1], msgpack.packb({})], id="short header"),
-        pytest.param([_GOOD_HEADER + b"\x00", msgpack.packb({})], id="long header"),
-        pytest.param([bytes.fromhex("63" "00000001" "0000000000000001"), msgpack.packb({})], id="unknown kind"),
-        pytest.param([_GOOD_HEADER, b""], id="empty meta"),
-        pytest.param([_GOOD_HEADER, b"\xc1"], id="reserved msgpack byte"),
-        pytest.param([_GOOD_HEADER, b"\x82\xa1a"], id="truncated meta"),
-        pytest.param([_GOOD_HEADER, msgpack.packb({}) + b"\x00"], id="trailing bytes in meta"),
-        pytest.param([_GOOD_HEADER, msgpack.packb([1, 2])], id="meta is a list"),
-        pytest.param([_GOOD_HEADER, msgpack.packb("text")], id="meta is a str"),
-        pytest.param([_GOOD_HEADER, b"\x81\x90\x00"], id="meta with an unhashable (list) key"),
-        pytest.param([_GOOD_HEADER, b"\x81\x80\x00"], id="meta with an unhashable (map) key"),
-        pytest.param([b"GET / HTTP/1.1\r\n", b"Host: x\r\n"], id="http"),
+        pytest.param([_frame(1, msgpack.packb({}))] * 2, id="two frames"),
+        pytest.param([b""], id="empty frame"),
+        pytest.param([_frame(1, b"")[:-1]], id="short header"),
+        pytest.param([_frame(0x63, msgpack.packb({}))], id="unknown kind"),
+        pytest.param([_frame(1, b"")], id="empty meta"),
+        pytest.param([_frame(1, b"\xc1")], id="reserved msgpack byte"),
+        pytest.param([_frame(1, b"\x82\xa1a")], id="truncated meta"),
+        pytest.param([_frame(1, msgpack.packb({}), meta_len=100)], id="meta length past the end"),
+        pytest.param([_frame(1, msgpack.packb({}) + b"\x00")], id="trailing bytes in meta"),
+        pytest.param([_frame(1, msgpack.packb([1, 2]))], id="meta is a list"),
+        pytest.param([_frame(1, msgpack.packb("text"))], id="meta is a str"),
+        pytest.param([_frame(1, b"\x81\x90\x00")], id="meta with an unhashable (list) key"),
+        pytest.param([_frame(1, b"\x81\x80\x00")], id="meta with an unhashable (map) key"),
+        pytest.param([b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"], id="http"),
     ],
 )
 def test_decode_raises_protocol_error_on_garbage(frames: list[bytes]) -> None:
@@ -233,8 +239,24 @@ def test_bool_is_not_confused_with_int() -> None:
     assert [type(v) for v in wire.loads(*wire.dumps([True, 1, 0, False]))] == [bool, int, int, bool]
 
 
-def test_raw_encoding_passes_bytes_through() -> None:
-    assert wire.loads(Encoding.RAW, memoryview(b"body")) == b"body"  # type: ignore[arg-type]
+def test_there_are_two_encodings() -> None:
+    assert {e.name: int(e) for e in Encoding} == {"MSGPACK": 0, "PICKLE": 1}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [HTTPStatus.OK, (1, 2), bytearray(b"x"), [Point(1, 2)], {"status": HTTPStatus.NOT_FOUND}, 2**64],
+    ids=repr,
+)
+def test_dumps_plain_refuses_what_would_need_pickle(value: Any) -> None:
+    with pytest.raises(TypeError, match="not a plain msgpack value"):
+        wire.dumps_plain(value)
+
+
+def test_dumps_plain_accepts_asgi_messages() -> None:
+    batch = [{"type": "http.response.start", "status": 200, "headers": [[b"a", b"b"]]},
+             {"type": "http.response.body", "body": b"hi", "more_body": False}]
+    assert wire.loads(*wire.dumps_plain(batch)) == batch
 
 
 def test_function_and_lambda_round_trip() -> None:

@@ -8,11 +8,12 @@ import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
 
-from helpers import exactly_equal  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from shoal.runtime import wire  # noqa: E402
-from shoal.runtime.wire import Kind, Message, ProtocolError  # noqa: E402
+from helpers import exactly_equal
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shoal.runtime import wire
+from shoal.runtime.wire import Kind, Message, ProtocolError
 
 # No example database (nothing is written to the checkout); applied per test, not as a global
 # profile, so other modules' hypothesis settings stay theirs.
@@ -84,10 +85,56 @@ def test_decode_of_arbitrary_frames_is_a_message_or_protocol_error(frames: list[
 
 
 @property_test
-@given(st.binary(max_size=40))
-def test_decode_of_arbitrary_meta_is_a_message_or_protocol_error(meta: bytes) -> None:
-    header = bytes.fromhex("03" "00000001" "0000000000000001")
+@given(st.binary(max_size=40), st.binary(max_size=8))
+def test_decode_of_arbitrary_meta_is_a_message_or_protocol_error(meta: bytes, payload: bytes) -> None:
+    # One frame of the current layout whose meta length is right but whose meta is anything.
+    header = bytes.fromhex("03" "00000001" "0000000000000001") + len(meta).to_bytes(4, "big")
     try:
-        wire.decode([header, meta])
+        msg = wire.decode([header + meta + payload])
     except ProtocolError:
-        pass
+        return
+    assert msg.kind is Kind.RESULT and isinstance(msg.meta, dict)
+
+
+request_headers = st.builds(
+    wire.RequestHeader,
+    method=st.text(), request_id=st.text(), enc=st.sampled_from(list(wire.Encoding)), stream=st.booleans(),
+    multiplexed_model_id=st.text(), route=st.text(), http=st.booleans(),
+)
+reply_headers = st.builds(wire.ReplyHeader, enc=st.sampled_from(list(wire.Encoding)), q=st.integers(0, 2**31))
+addresses = st.builds(wire.ReplicaAddress, replica_id=st.text(), incarnation=st.integers(0, 2**32 - 1), endpoint=st.text())
+entries = st.builds(
+    wire.DeploymentEntry,
+    replicas=st.lists(addresses, max_size=3).map(tuple), draining=st.lists(addresses, max_size=2).map(tuple),
+    max_ongoing_requests=st.integers(1, 10**6), max_queued_requests=st.integers(-1, 10**6),
+    backpressure_status_code=st.integers(100, 599),
+    backpressure_retry_after_s=st.none() | st.floats(0, 1e6), autoscaling=st.booleans(),
+    failed_reason=st.none() | st.text(),
+)
+snapshots = st.builds(
+    wire.Snapshot,
+    version=st.integers(0, 2**62),
+    deployments=st.dictionaries(st.text(), entries, max_size=3),
+    routes=st.dictionaries(st.text(), st.builds(wire.RouteEntry, st.text(), st.text()), max_size=3),
+)
+
+
+@property_test
+@given(request_headers, st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.binary(min_size=1, max_size=32))
+def test_any_request_round_trips_through_frames(header: wire.RequestHeader, inc: int, call_id: int, payload: bytes) -> None:
+    msg = wire.decode(wire.encode(wire.request(inc, call_id, header, payload)))
+    assert (msg.kind, msg.incarnation, msg.call_id, msg.payload) == (Kind.REQUEST, inc, call_id, (payload,))
+    assert wire.RequestHeader.from_meta(msg.meta) == header
+
+
+@property_test
+@given(reply_headers, st.sampled_from(sorted(wire.TERMINAL_KINDS | {Kind.STREAM_ITEM})), st.binary(max_size=16))
+def test_any_reply_header_round_trips_through_frames(header: wire.ReplyHeader, kind: Kind, data: bytes) -> None:
+    msg = wire.decode(wire.encode(wire.reply(kind, 1, 2, header.enc, data, header.q)))
+    assert wire.ReplyHeader.from_meta(msg.meta) == header
+
+
+@property_test
+@given(snapshots)
+def test_any_snapshot_round_trips_through_msgpack(snapshot: wire.Snapshot) -> None:
+    assert wire.Snapshot.from_wire(wire.unpack(wire.pack(snapshot.to_wire()))) == snapshot

@@ -1,0 +1,155 @@
+"""ReplicaWorker: limits, REJECTED, CANCEL and replies, over real ``inproc://`` sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import zmq
+from inproc import run
+
+from shoal.runtime import transport, wire
+from shoal.runtime.replica import HEALTH_METHOD, ReplicaWorker
+from shoal.runtime.user_code import UserCallable
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Held:
+    """``hold`` runs until ``release`` is called; it records being cancelled."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.released = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    async def hold(self) -> str:
+        self.started.set()
+        try:
+            await self.released.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return "released"
+
+    def release(self) -> None:
+        self.released.set()
+
+    def fail(self) -> None:
+        raise ValueError("user error")
+
+
+class Caller:
+    """A DEALER connected to the worker; replies are queued in arrival order."""
+
+    def __init__(self, endpoint: str) -> None:
+        sock = transport.make_socket(zmq.DEALER)
+        sock.connect(endpoint)
+        self.replies: asyncio.Queue[wire.Message] = asyncio.Queue()
+        self.channel = transport.Channel(sock, lambda frames: self.replies.put_nowait(wire.decode(frames)))
+        self._ids = 0
+
+    def send(self, method: str, incarnation: int = 1) -> int:
+        self._ids += 1
+        header = wire.RequestHeader(method, f"r{self._ids}")
+        self.channel.send_message(wire.request(incarnation, self._ids, header, wire.dumps_args((), {})[1]))
+        return self._ids
+
+    def cancel(self, call_id: int) -> None:
+        self.channel.send_message(wire.Message(wire.Kind.CANCEL, 1, call_id))
+
+    async def reply(self) -> wire.Message:
+        return await self.replies.get()
+
+
+async def _worker(limit: int) -> tuple[ReplicaWorker, Caller, Any]:
+    user = UserCallable(deployment_name="Held", func_or_class=Held, init_args=(), init_kwargs={},
+                        max_ongoing_requests=limit)
+    await user.construct()
+    worker = ReplicaWorker(user=user, incarnation=1, max_ongoing_requests=limit, app_name="app")
+    sock = transport.make_socket(zmq.ROUTER)
+    sock.bind("inproc://worker")
+    worker.attach(transport.Channel(sock, worker.on_message))
+    return worker, Caller("inproc://worker"), user.instance
+
+
+async def _close(worker: ReplicaWorker, caller: Caller) -> None:
+    await worker.cancel_all()
+    await worker.user.destroy()
+    caller.channel.close()
+    assert worker.channel is not None
+    worker.channel.close()
+
+
+def test_a_request_over_max_ongoing_requests_is_rejected_and_never_runs() -> None:
+    async def main() -> None:
+        worker, caller, instance = await _worker(limit=1)
+        first = caller.send("hold")
+        await instance.started.wait()
+        second = caller.send("hold")
+        rejected = await caller.reply()
+        assert (rejected.kind, rejected.call_id) == (wire.Kind.REJECTED, second)
+        assert wire.ReplyHeader.from_meta(rejected.meta).q == 1
+        # Internal methods run outside the limit.
+        health = caller.send(HEALTH_METHOD)
+        reply = await caller.reply()
+        assert (reply.kind, reply.call_id) == (wire.Kind.RESULT, health)
+        instance.release()
+        done = await caller.reply()
+        assert (done.kind, done.call_id) == (wire.Kind.RESULT, first)
+        assert wire.loads(wire.ReplyHeader.from_meta(done.meta).enc, done.payload[0]) == "released"
+        assert wire.ReplyHeader.from_meta(done.meta).q == 0  # the slot is free before the reply
+        await _close(worker, caller)
+
+    run(main)
+
+
+def test_cancel_cancels_the_user_coroutine_and_answers_cancelled() -> None:
+    async def main() -> None:
+        worker, caller, instance = await _worker(limit=2)
+        call_id = caller.send("hold")
+        await instance.started.wait()
+        caller.cancel(call_id)
+        reply = await caller.reply()
+        assert (reply.kind, reply.call_id) == (wire.Kind.CANCELLED, call_id)
+        assert instance.cancelled.is_set()
+        assert worker.ongoing == 0
+        await _close(worker, caller)
+
+    run(main)
+
+
+def test_a_user_exception_and_another_incarnation() -> None:
+    async def main() -> None:
+        worker, caller, _ = await _worker(limit=2)
+        call_id = caller.send("fail")
+        reply = await caller.reply()
+        assert (reply.kind, reply.call_id) == (wire.Kind.ERROR, call_id)
+        cause, tb_text = wire.loads(wire.ReplyHeader.from_meta(reply.meta).enc, reply.payload[0])
+        assert isinstance(cause, ValueError) and "user error" in tb_text
+        stale = caller.send("hold", incarnation=0)  # addressed to a predecessor: never runs
+        reply = await caller.reply()
+        assert (reply.kind, reply.call_id, worker.ongoing) == (wire.Kind.REJECTED, stale, 0)
+        await _close(worker, caller)
+
+    run(main)
+
+
+def test_drain_rejects_new_requests_and_waits_for_ongoing_ones() -> None:
+    async def main() -> None:
+        worker, caller, instance = await _worker(limit=2)
+        first = caller.send("hold")
+        await instance.started.wait()
+        # The task's first step (which stops intake) runs before the loop reads the socket again.
+        drained = asyncio.get_running_loop().create_task(worker.drain(timeout_s=10))
+        second = caller.send("release")
+        reply = await caller.reply()
+        assert (reply.kind, reply.call_id) == (wire.Kind.REJECTED, second)
+        assert not drained.done()
+        instance.release()
+        assert (await caller.reply()).call_id == first
+        assert await drained is True
+        await _close(worker, caller)
+
+    run(main)
