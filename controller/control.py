@@ -120,7 +120,7 @@ class ControlServer:
         version = meta.get("version", 0)
         if meta.get("role") == "proxy" and self.controller.proxy is not None:
             self.controller.proxy.on_listen(version)
-        return {"snapshot": await self.controller.wait_snapshot(version)}
+        return {"snapshot": (await self.controller.wait_snapshot(version)).to_wire()}
 
     async def _metrics(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
         self.controller.record_queued(meta.get("source", "router"), meta.get("queued", {}))

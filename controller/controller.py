@@ -29,6 +29,7 @@ from shoal.controller.snapshot import Snapshots
 from shoal.controller.state import AppState, DeploymentState, Replica
 from shoal.controller.status import render_status
 from shoal.controller.tasks import TaskSet, supervise
+from shoal.runtime import wire
 from shoal.serve.schema import ApplicationStatus
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ class Controller:
                 app.changed.clear()
                 await app.changed.wait()
 
-    async def wait_snapshot(self, newer_than: int) -> dict[str, Any]:
+    async def wait_snapshot(self, newer_than: int) -> wire.Snapshot:
         return await self.snapshots.wait_newer(newer_than)
 
     def listener_at(self, identity: bytes, version: int) -> None:

@@ -112,20 +112,22 @@ def start_supervisor(run_dir: Path, *, private: bool, http_options: dict[str, An
         life_r, life_w = os.pipe()
         pass_fds.append(life_r)
         cmd += ["--lifeline-fd", str(life_r)]
-    stdio = {} if private else {
-        "stdin": subprocess.DEVNULL,
-        "stdout": open(rundir.ensure_private_dir(run_dir / rundir.LOGS) / "supervisor.log", "ab"),
-    }
-    if not private:
-        stdio["stderr"] = subprocess.STDOUT
+    log = None if private else open(rundir.ensure_private_dir(run_dir / rundir.LOGS) / "supervisor.log", "ab")  # noqa: SIM115
     try:
-        proc = subprocess.Popen(cmd, pass_fds=pass_fds, start_new_session=True, **stdio)  # type: ignore[call-overload]
+        proc = subprocess.Popen(
+            cmd,
+            pass_fds=pass_fds,
+            start_new_session=True,
+            stdin=None if private else subprocess.DEVNULL,
+            stdout=log,
+            stderr=None if private else subprocess.STDOUT,
+        )
     finally:
         os.close(ready_w)
         if life_r is not None:
             os.close(life_r)
-        if "stdout" in stdio:
-            stdio["stdout"].close()
+        if log is not None:
+            log.close()
     try:
         line = _read_line(ready_r, _START_TIMEOUT_S, proc)
     finally:

@@ -15,7 +15,8 @@ import os
 import signal
 import socket
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from shoal.controller.process import WorkerProcess
 from shoal.proxy import main as proxy_main

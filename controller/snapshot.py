@@ -11,63 +11,66 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from typing import Any
 
-from shoal.controller.state import AppState
+from shoal.controller.state import AppState, Replica
+from shoal.runtime import wire
 from shoal.serve.schema import DeploymentStatus, ReplicaState
 
 logger = logging.getLogger("shoal.controller")
 
 
-def build_snapshot(apps: Iterable[AppState], version: int) -> dict[str, Any]:
+def build_snapshot(apps: Iterable[AppState], version: int) -> wire.Snapshot:
     """The snapshot of ``apps``: running and draining replicas and the limits of each deployment
     (by ``app#deployment`` key), and the route prefix of each application."""
-    deployments: dict[str, Any] = {}
-    routes: dict[str, Any] = {}
+    deployments: dict[str, wire.DeploymentEntry] = {}
+    routes: dict[str, wire.RouteEntry] = {}
     for app in apps:
         for state in app.deployments.values():
             if state.deleting:
                 continue
-            deployments[state.key] = {
-                "replicas": [[r.replica_id, r.incarnation, r.endpoint] for r in state.running()],
-                "draining": [
-                    [r.replica_id, r.incarnation, r.endpoint]
-                    for r in state.replicas.values() if r.state == ReplicaState.STOPPING
-                ],
-                "max_ongoing_requests": state.config["max_ongoing_requests"],
-                "max_queued_requests": state.config.get("max_queued_requests", -1),
-                "backpressure": state.config.get("backpressure_config") or {},
-                "autoscaling": state.autoscaler is not None,
-                "failed_reason": (
+            backpressure = state.config.get("backpressure_config") or {}
+            deployments[state.key] = wire.DeploymentEntry(
+                replicas=tuple(_address(r) for r in state.running()),
+                draining=tuple(_address(r) for r in state.replicas.values() if r.state == ReplicaState.STOPPING),
+                max_ongoing_requests=state.config["max_ongoing_requests"],
+                max_queued_requests=state.config.get("max_queued_requests", -1),
+                backpressure_status_code=backpressure.get("status_code", 503),
+                backpressure_retry_after_s=backpressure.get("retry_after_s"),
+                autoscaling=state.autoscaler is not None,
+                failed_reason=(
                     state.message if state.status == DeploymentStatus.DEPLOY_FAILED and not state.running() else None
                 ),
-            }
+            )
         if app.route_prefix is not None and not app.deleting:
-            routes[app.route_prefix] = {"app": app.name, "ingress": app.ingress}
-    return {"version": version, "deployments": deployments, "routes": routes}
+            routes[app.route_prefix] = wire.RouteEntry(app.name, app.ingress)
+    return wire.Snapshot(version, deployments, routes)
+
+
+def _address(replica: Replica) -> wire.ReplicaAddress:
+    return wire.ReplicaAddress(replica.replica_id, replica.incarnation, replica.endpoint)
 
 
 class Snapshots:
     def __init__(self) -> None:
-        self.current: dict[str, Any] = build_snapshot((), 1)
+        self.current = build_snapshot((), 1)
         self._changed = asyncio.Event()
         self._listeners: dict[bytes, int] = {}  # each router process: the version it applied
         self._listeners_changed = asyncio.Event()
 
     @property
     def version(self) -> int:
-        return int(self.current["version"])
+        return self.current.version
 
     def publish(self, apps: Iterable[AppState]) -> None:
         """Make the snapshot of ``apps`` current, under a new version if it changed."""
         fresh = build_snapshot(apps, self.version + 1)
-        if all(fresh[k] == self.current[k] for k in ("deployments", "routes")):
+        if (fresh.deployments, fresh.routes) == (self.current.deployments, self.current.routes):
             return
         self.current = fresh
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait_newer(self, version: int) -> dict[str, Any]:
+    async def wait_newer(self, version: int) -> wire.Snapshot:
         """The current snapshot, once its version is above ``version``."""
         while self.version <= version:
             await self._changed.wait()

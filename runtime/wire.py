@@ -60,7 +60,6 @@ class Kind(enum.IntEnum):
     CANCELLED = 8  # terminal: the request was cancelled on the replica
     # control plane (client or worker <-> supervisor)
     READY = 20  # worker -> supervisor, meta carries pid, protocol, endpoint
-    INIT_FAILED = 21  # worker -> supervisor, meta carries the constructor traceback
     CALL = 22  # client -> supervisor: meta["op"] names the operation
     REPLY = 23  # supervisor -> client: the answer to a CALL
 

@@ -10,8 +10,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -19,8 +20,8 @@ _RUN_ROOT = Path(tempfile.mkdtemp(prefix="shoal-tests-"))  # created 0700
 os.environ["SHOAL_RUN_DIR"] = str(_RUN_ROOT)
 os.environ.pop("SHOAL_ADDRESS", None)
 
-import psutil  # noqa: E402
-from helpers import (  # noqa: E402  (needs SHOAL_RUN_DIR set first)
+import psutil
+from helpers import (
     Gate,
     kill_all,
     live_children,
@@ -31,7 +32,7 @@ from helpers import (  # noqa: E402  (needs SHOAL_RUN_DIR set first)
     wait_until,
 )
 
-from shoal import serve  # noqa: E402
+from shoal import serve
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,8 +19,8 @@ from shoal.runtime.handle import DeploymentHandle
 from shoal.runtime.local import LocalRuntime
 from shoal.runtime.user_code import UserCallable
 from shoal.serve import _build
-from shoal.serve.deployment import Application
 from shoal.serve.config import HTTPOptions
+from shoal.serve.deployment import Application
 from shoal.serve.schema import ServeStatus
 
 logger = logging.getLogger("shoal.serve")
@@ -189,7 +189,8 @@ def configs() -> dict[str, Any]:
     rt = _runtime(start=False)
     if rt is None:
         return {}
-    return rt.call_sync("configs")[0]["configs"]
+    configs: dict[str, Any] = rt.call_sync("configs")[0]["configs"]
+    return configs
 
 
 def _run_local(target: Application, name: str) -> DeploymentHandle[Any]:

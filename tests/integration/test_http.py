@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import os
 import pickle
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pydantic
@@ -21,10 +21,10 @@ import pytest
 import websockets
 from fastapi import Depends, FastAPI, Header, HTTPException, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, PlainTextResponse
+from helpers import wait_until
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from helpers import wait_until
 from shoal import serve
 from shoal.runtime.context import current_request
 
