@@ -21,6 +21,7 @@ import cloudpickle
 
 from shoal.runtime.handle import DeploymentHandle
 from shoal.serve._deployment_config import DeploymentConfig
+from shoal.serve.config import DEFAULT_REQUEST_ROUTER_PATH
 from shoal.serve.deployment import Application, Deployment
 
 logger = logging.getLogger("shoal.serve")
@@ -33,6 +34,17 @@ class BuiltDeployment:
     init_args: tuple[Any, ...]
     init_kwargs: dict[str, Any]
     config: DeploymentConfig
+
+
+def _refuse_custom_router(name: str, config: DeploymentConfig) -> None:
+    """Routing is power of two choices (``shoal.runtime.router.Router``); another router class
+    would be ignored, so it is refused."""
+    router_class = config.request_router_config.request_router_class
+    if router_class != DEFAULT_REQUEST_ROUTER_PATH:
+        raise ValueError(
+            f"Deployment '{name}': request_router_config.request_router_class={router_class!r} is not "
+            f"supported; shoal routes every deployment with power of two choices. Remove the option."
+        )
 
 
 def build(app: Application, app_name: str, runtime: Any = None) -> tuple[list[BuiltDeployment], str]:
@@ -58,6 +70,7 @@ def build(app: Application, app_name: str, runtime: Any = None) -> tuple[list[Bu
                     suffix += 1
                 logger.warning("two deployments are named '%s'; renaming one to '%s_%d'", name, name, suffix)
                 name = f"{name}_{suffix}"
+            _refuse_custom_router(name, dep.config)
             taken.add(name)
             names[key] = name
             args = tuple(replace(a) for a in dep.init_args)

@@ -21,7 +21,7 @@ from shoal.runtime.user_code import UserCallable
 from shoal.serve import _build
 from shoal.serve.config import HTTPOptions
 from shoal.serve.deployment import Application
-from shoal.serve.schema import ServeStatus
+from shoal.serve.schema import ServeStatus, validate_route_prefix
 
 logger = logging.getLogger("shoal.serve")
 
@@ -80,17 +80,6 @@ def get_http_url() -> str | None:
     return rt.call_sync("ping")[0].get("http_url")
 
 
-def _validate_route_prefix(route_prefix: str | None) -> None:
-    if route_prefix is None:
-        return
-    if not isinstance(route_prefix, str) or not route_prefix.startswith("/"):
-        raise ValueError(f"The route_prefix must start with a forward slash ('/'), got {route_prefix!r}.")
-    if route_prefix != "/" and route_prefix.endswith("/"):
-        raise ValueError(f"The route_prefix cannot end with a forward slash ('/'), got {route_prefix!r}.")
-    if "{" in route_prefix or "}" in route_prefix:
-        raise ValueError(f"The route_prefix cannot contain wildcards ('{{' and '}}'), got {route_prefix!r}.")
-
-
 def run(
     target: Application,
     blocking: bool = False,
@@ -109,7 +98,7 @@ def run(
         raise TypeError("`serve.run` expects an `Application` returned by `Deployment.bind()`.")
     if not name:
         raise RayServeException("Application name must a non-empty string.")
-    _validate_route_prefix(route_prefix)
+    validate_route_prefix(route_prefix)
     if _local_testing_mode:
         return _run_local(target, name)
     deployments, ingress = _build.build(target, name)

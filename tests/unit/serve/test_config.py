@@ -225,7 +225,7 @@ def test_backpressure_config() -> None:
 
 def test_request_router_config_defaults() -> None:
     config = RequestRouterConfig()
-    assert config.request_router_class == "shoal.runtime.router:PowerOfTwoChoicesRequestRouter"
+    assert config.request_router_class == "shoal.runtime.router:Router"
     assert config.request_router_kwargs == {}
     assert (config.request_routing_stats_period_s, config.request_routing_stats_timeout_s) == (
         10,
@@ -329,3 +329,16 @@ def test_gang_scheduling_config() -> None:
         GangSchedulingConfig(gang_size=0)
     with pytest.raises(pydantic.ValidationError):
         GangSchedulingConfig()  # type: ignore[call-arg]
+
+
+def test_a_custom_request_router_is_refused_not_ignored() -> None:
+    from shoal import serve
+    from shoal.serve import _build
+
+    @serve.deployment(request_router_config={"request_router_class": "m:Router"})
+    def f() -> int:
+        return 1
+
+    with pytest.raises(ValueError, match="request_router_class='m:Router' is not supported"):
+        _build.build(f.bind(), "app")
+    _build.build(f.options(request_router_config={}).bind(), "app")  # the default deploys
