@@ -1,14 +1,21 @@
 """ReplicaWorker: one replica's request loop on its ROUTER socket.
 
-Contract with callers (see ``wire``): every REQUEST gets exactly one terminal reply. A request
-that arrives while ``max_ongoing_requests`` are running, or while the replica drains, is
-answered REJECTED at once and never runs, so the caller may route it elsewhere. CANCEL cancels
-the request's task: the user coroutine sees ``asyncio.CancelledError`` and the caller gets
-CANCELLED. Terminal replies carry the replica's current ongoing count (``ReplyHeader.q``).
-Replies to HTTP calls are msgpack only (``wire.dumps_plain``).
+Contract with callers (see ``wire``): every REQUEST gets exactly one terminal reply, even one
+cancelled before its task first ran. A request that arrives while ``max_ongoing_requests`` are
+running, or while the replica drains, is answered REJECTED at once and never runs, so the caller
+may route it elsewhere. CANCEL cancels the request's task: the user coroutine sees
+``asyncio.CancelledError`` and the caller gets CANCELLED. Terminal replies carry the replica's
+current ongoing count (``ReplyHeader.q``). Replies to HTTP calls are msgpack only
+(``wire.dumps_plain``).
+
+HTTP request bodies stream: a first receive message with ``more_body`` is followed by RECEIVE
+frames, one per PULL this replica sends when the app takes a chunk (at most one chunk is asked
+for ahead of the app, so the caller holds the rest of the body back: backpressure).
 
 Stopping: ``drain()`` makes new requests REJECTED and waits, up to a deadline, for the ongoing
-ones to finish.
+ones to finish; ``cancel_all()`` then cancels the rest and answers each: an HTTP request whose
+response has not started gets a 503 saying the replica shut down, any other request an error
+(``ReplicaUnavailableError``), never a bare CANCELLED.
 """
 
 from __future__ import annotations
@@ -23,9 +30,9 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from shoal.runtime import wire
-from shoal.runtime.asgi import HTTP_METHOD, HttpHandler, normalize_message, scope_from_wire
-from shoal.runtime.context import RequestContext, reset_request, set_request
-from shoal.runtime.errors import RemoteError
+from shoal.runtime.asgi import HTTP_METHOD, HttpHandler, normalize_message, scope_from_wire, to_messages
+from shoal.runtime.context import RequestContext, current_request, reset_request, set_request
+from shoal.runtime.errors import RemoteError, ReplicaUnavailableError
 from shoal.runtime.reply import ReplySink
 from shoal.runtime.transport import Channel
 from shoal.runtime.user_code import UserCallable
@@ -92,6 +99,7 @@ class ReplicaWorker:
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         self._receives: dict[tuple[bytes, int], ReplySink] = {}
         self._draining = False
+        self._stopping = False  # cancel_all: the requests still running are being given up
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -135,7 +143,12 @@ class ReplicaWorker:
         task.add_done_callback(functools.partial(self._released, key))
 
     def _released(self, key: tuple[bytes, int], _task: asyncio.Task[None]) -> None:
-        self._release(key)
+        if key in self._tasks:
+            # ``_run`` releases its key before it replies; still here, the task was cancelled
+            # before its first step and ``_run`` never ran: answer for it.
+            self._release(key)
+            identity, call_id = key
+            self._send(identity, self._cancelled_reply(call_id, "", plain=True))
 
     def _release(self, key: tuple[bytes, int]) -> None:
         if self._tasks.pop(key, None) is not None and not self._tasks:
@@ -166,7 +179,7 @@ class ReplicaWorker:
                 kind, enc, data = await self._call(identity, msg, header)
         except asyncio.CancelledError:
             self._release(key)
-            self._send(identity, wire.reply(wire.Kind.CANCELLED, self.incarnation, call_id, q=self.ongoing))
+            self._send(identity, self._cancelled_reply(call_id, header.request_id, plain=header.http))
             raise
         except Exception as exc:
             logger.exception("request %s to method '%s' raised", header.request_id, method)
@@ -177,6 +190,20 @@ class ReplicaWorker:
         # Free the slot before replying, so the caller's next request is never rejected for it.
         self._release(key)
         self._send(identity, wire.reply(kind, self.incarnation, call_id, enc, data, self.ongoing))
+
+    def _cancelled_reply(self, call_id: int, request_id: str, plain: bool = False) -> wire.Message:
+        """CANCELLED; or, when the replica gives the request up at its shutdown deadline, an
+        error saying so."""
+        if not self._stopping:
+            return wire.reply(wire.Kind.CANCELLED, self.incarnation, call_id, q=self.ongoing)
+        enc, data = encode_exception(ReplicaUnavailableError(self._gave_up(request_id)), self.where, plain)
+        return wire.reply(wire.Kind.ERROR, self.incarnation, call_id, enc, data, self.ongoing)
+
+    def _gave_up(self, request_id: str) -> str:
+        return (
+            f"The replica of deployment '{self.user.deployment_name}' shut down before request "
+            f"{request_id or '(unknown)'} finished (graceful_shutdown_timeout_s passed)."
+        )
 
     async def _call(
         self, identity: bytes, msg: wire.Message, header: wire.RequestHeader
@@ -207,13 +234,18 @@ class ReplicaWorker:
         ride on the STREAM_END reply (a plain response is then a single frame)."""
         inbox = ReplySink()
         inbox.push(first)
+        receive = inbox.next
         if scope["type"] == "websocket":
             self._receives[key] = inbox
+        elif first.get("more_body", False):
+            self._receives[key] = inbox
+            receive = functools.partial(self._pull_body, identity, call_id, inbox)
         held_start: dict[str, Any] | None = None
+        streamed = False
         final: list[dict[str, Any]] = []
 
         async def send(message: MutableMapping[str, Any]) -> None:
-            nonlocal held_start
+            nonlocal held_start, streamed
             message = normalize_message(message)
             if message["type"] == "http.response.start":
                 held_start = message  # travels with the first body message
@@ -223,15 +255,30 @@ class ReplicaWorker:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 final.extend(batch)
                 return
+            streamed = True
             self._send(identity, wire.reply(wire.Kind.STREAM_ITEM, self.incarnation, call_id, *wire.dumps_plain(batch)))
 
         try:
-            await self.http.handle(scope, inbox.next, send)
+            await self.http.handle(scope, receive, send)
+        except asyncio.CancelledError:
+            if not self._stopping or streamed or scope["type"] != "http":
+                raise
+            # Given up at the shutdown deadline before a byte of the response went out: say so.
+            request_id = str(current_request().request_id)
+            return to_messages(self._gave_up(request_id), status=503)
         finally:
             self._receives.pop(key, None)
         if held_start is not None:
             final.insert(0, held_start)
         return final
+
+    async def _pull_body(self, identity: bytes, call_id: int, inbox: ReplySink) -> Any:
+        """The app's ``receive`` while a request body streams in: each chunk handed to the app
+        that says more follows asks the caller for the next one (PULL)."""
+        message = await inbox.next()
+        if message.get("type") == "http.request" and message.get("more_body", False):
+            self._send(identity, wire.reply(wire.Kind.PULL, self.incarnation, call_id))
+        return message
 
     def _encode(self, value: Any) -> tuple[wire.Encoding, bytes]:
         """``value`` encoded for a reply; TypeError if it cannot be serialized."""
@@ -269,6 +316,9 @@ class ReplicaWorker:
             return False
 
     async def cancel_all(self) -> None:
+        """Give up every request still running (the shutdown deadline passed), answering each
+        (see the module's docstring)."""
+        self._stopping = True
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
