@@ -152,7 +152,8 @@ class HttpExchange:
             extra = [(b"retry-after", exc.retry_after_header.encode())] if exc.retry_after_header else []
             await self._answer(exc.status_code, exc.message, extra)
         except DeploymentUnavailableError as exc:
-            await self._answer(503, exc.message)
+            # Ray's words, without the failure's details (they may hold a traceback).
+            await self._answer(503, f"{exc.deployment_id} is unavailable {exc.reason.split(':', 1)[0]}.")
         except ReplicaUnavailableError:
             logger.warning("request %s to application '%s': its replica died", request_id, self.route.app_name)
             self._cut_if_started()

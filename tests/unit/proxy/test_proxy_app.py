@@ -309,3 +309,15 @@ def test_the_timeout_header_only_shortens(value: bytes, server_s: float | None, 
 def test_an_invalid_timeout_header_is_refused_naming_it(value: bytes) -> None:
     with pytest.raises(ValueError, match="x-request-timeout-seconds"):
         clamp_timeout(value, 1.0)
+
+
+def test_an_unavailable_deployment_gets_503_in_rays_words_without_details() -> None:
+    async def main() -> None:
+        entry = wire.DeploymentEntry(failed_reason="Traceback (most recent call last):\n  File \"/secret/app.py\"")
+        snapshot = wire.Snapshot(1, {wire.deployment_key("app", "Ingress"): entry}, {"/app": wire.RouteEntry("app", "Ingress")})
+        runtime = FakeRuntime(snapshot)
+        status, _, body = await _request(ProxyApp(runtime, ProxyOptions()), "/app")
+        assert (status, body) == (503, b"Deployment(name='Ingress', app='app') is unavailable because it failed to deploy.")
+        runtime.close()
+
+    _run(main)
