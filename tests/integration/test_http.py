@@ -662,14 +662,12 @@ def test_clients_that_close_at_once_never_wedge_a_deployment(
             assert statuses == [200] * len(statuses)
 
 
-@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon", ""])
-def test_an_invalid_request_timeout_header_gets_400_naming_it(
-    mounted: Any, client: httpx.Client, value: str
-) -> None:
+def test_an_invalid_request_timeout_header_gets_400_naming_it(mounted: Any, client: httpx.Client) -> None:
     mounted(Echo.bind(), "echo_timeout", "/tmo")
-    r = client.get("/tmo", headers={"x-request-timeout-seconds": value})
-    assert r.status_code == 400
-    assert "x-request-timeout-seconds" in r.text
+    for value in ["0", "-1", "nan", "inf", "soon", ""]:
+        r = client.get("/tmo", headers={"x-request-timeout-seconds": value})
+        assert (r.status_code, "x-request-timeout-seconds" in r.text) == (400, True), (value, r.text)
+    assert client.get("/tmo", headers={"x-request-timeout-seconds": "5"}).status_code == 200
 
 
 @serve.deployment
