@@ -31,7 +31,7 @@ from typing import Any
 
 from shoal.runtime import wire
 from shoal.runtime.asgi import HTTP_METHOD, HttpHandler, normalize_message, scope_from_wire, to_messages
-from shoal.runtime.context import RequestContext, current_request, reset_request, set_request
+from shoal.runtime.context import RequestContext, reset_request, set_request
 from shoal.runtime.errors import RemoteError, ReplicaUnavailableError
 from shoal.runtime.reply import ReplySink
 from shoal.runtime.transport import Channel
@@ -98,6 +98,7 @@ class ReplicaWorker:
         self.http = HttpHandler(user)
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         self._receives: dict[tuple[bytes, int], ReplySink] = {}
+        self._responding: set[tuple[bytes, int]] = set()  # HTTP requests whose response went out in part
         self._draining = False
         self._stopping = False  # cancel_all: the requests still running are being given up
         self._idle = asyncio.Event()
@@ -147,8 +148,7 @@ class ReplicaWorker:
             # ``_run`` releases its key before it replies; still here, the task was cancelled
             # before its first step and ``_run`` never ran: answer for it.
             self._release(key)
-            identity, call_id = key
-            self._send(identity, self._cancelled_reply(call_id, "", plain=True))
+            self._send(key[0], self._cancelled_reply(key, "", http=None))
 
     def _release(self, key: tuple[bytes, int]) -> None:
         if self._tasks.pop(key, None) is not None and not self._tasks:
@@ -179,7 +179,7 @@ class ReplicaWorker:
                 kind, enc, data = await self._call(identity, msg, header)
         except asyncio.CancelledError:
             self._release(key)
-            self._send(identity, self._cancelled_reply(call_id, header.request_id, plain=header.http))
+            self._send(identity, self._cancelled_reply(key, header.request_id, http=header.http))
             raise
         except Exception as exc:
             logger.exception("request %s to method '%s' raised", header.request_id, method)
@@ -187,16 +187,23 @@ class ReplicaWorker:
             enc, data = encode_exception(exc, self.where, plain=header.http)
         finally:
             reset_request(token)
+            self._responding.discard(key)
         # Free the slot before replying, so the caller's next request is never rejected for it.
         self._release(key)
         self._send(identity, wire.reply(kind, self.incarnation, call_id, enc, data, self.ongoing))
 
-    def _cancelled_reply(self, call_id: int, request_id: str, plain: bool = False) -> wire.Message:
+    def _cancelled_reply(self, key: tuple[bytes, int], request_id: str, http: bool | None) -> wire.Message:
         """CANCELLED; or, when the replica gives the request up at its shutdown deadline, an
-        error saying so."""
+        answer saying so: a 503 response if the request is HTTP and its response has not
+        started, else an error (msgpack only unless ``http`` is False: None means unknown)."""
+        call_id = key[1]
         if not self._stopping:
             return wire.reply(wire.Kind.CANCELLED, self.incarnation, call_id, q=self.ongoing)
-        enc, data = encode_exception(ReplicaUnavailableError(self._gave_up(request_id)), self.where, plain)
+        message = self._gave_up(request_id)
+        if http and key not in self._responding:
+            enc, data = wire.dumps_plain(to_messages(message, status=503))
+            return wire.reply(wire.Kind.STREAM_END, self.incarnation, call_id, enc, data, self.ongoing)
+        enc, data = encode_exception(ReplicaUnavailableError(message), self.where, plain=http is not False)
         return wire.reply(wire.Kind.ERROR, self.incarnation, call_id, enc, data, self.ongoing)
 
     def _gave_up(self, request_id: str) -> str:
@@ -241,11 +248,10 @@ class ReplicaWorker:
             self._receives[key] = inbox
             receive = functools.partial(self._pull_body, identity, call_id, inbox)
         held_start: dict[str, Any] | None = None
-        streamed = False
         final: list[dict[str, Any]] = []
 
         async def send(message: MutableMapping[str, Any]) -> None:
-            nonlocal held_start, streamed
+            nonlocal held_start
             message = normalize_message(message)
             if message["type"] == "http.response.start":
                 held_start = message  # travels with the first body message
@@ -255,17 +261,11 @@ class ReplicaWorker:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 final.extend(batch)
                 return
-            streamed = True
+            self._responding.add(key)
             self._send(identity, wire.reply(wire.Kind.STREAM_ITEM, self.incarnation, call_id, *wire.dumps_plain(batch)))
 
         try:
             await self.http.handle(scope, receive, send)
-        except asyncio.CancelledError:
-            if not self._stopping or streamed or scope["type"] != "http":
-                raise
-            # Given up at the shutdown deadline before a byte of the response went out: say so.
-            request_id = str(current_request().request_id)
-            return to_messages(self._gave_up(request_id), status=503)
         finally:
             self._receives.pop(key, None)
         if held_start is not None:
