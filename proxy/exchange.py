@@ -6,7 +6,8 @@
   a value that is not a positive finite number gets 400 naming the header.
 - The body streams: the first receive message travels with the request; each later chunk is
   read from the client only when the replica asks for one (PULL), so the proxy holds at most a
-  chunk or two of any body whatever the client sends. Over ``max_request_body_bytes``: 413
+  chunk or two of any body whatever the client sends. The response streams back under the
+  replica's window (``wire.RESPONSE_WINDOW`` batches), acknowledged as the client takes them. Over ``max_request_body_bytes``: 413
   (before a byte is read when ``Content-Length`` says so).
 - A client that disconnects cancels the replica's coroutine (and its downstream calls).
 - Every request gets a status unless its client left: backpressure gives 503 (or the
@@ -212,7 +213,11 @@ class HttpExchange:
         return replies
 
     async def _relay(self, replies: ReplySink, reader: _ClientReader) -> None:
-        """Send the replica's response messages to the client as they come."""
+        """Send the replica's response messages to the client as they come, acknowledging
+        them as the client takes them (the replica sends no more than ``RESPONSE_WINDOW``
+        ahead, so a slow reader holds the app back, not the proxy's memory)."""
+        assert self.call is not None
+        taken = 0
         while True:
             batch = await replies.next()
             if batch is END:
@@ -224,7 +229,11 @@ class HttpExchange:
                 if message["type"] == "http.response.start":
                     message["headers"].append(self._id_header)
                     self.started = True
-                await self.send(message)
+                await self.send(message)  # waits while the client's socket is backed up
+            taken += 1
+            if taken >= wire.RESPONSE_WINDOW // 2:
+                self.call.ack(taken)
+                taken = 0
 
 
 class _ClientReader:

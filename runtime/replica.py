@@ -10,7 +10,10 @@ current ongoing count (``ReplyHeader.q``). Replies to HTTP calls are msgpack onl
 
 HTTP request bodies stream: a first receive message with ``more_body`` is followed by RECEIVE
 frames, one per PULL this replica sends when the app takes a chunk (at most one chunk is asked
-for ahead of the app, so the caller holds the rest of the body back: backpressure).
+for ahead of the app, so the caller holds the rest of the body back: backpressure). HTTP
+responses are flow-controlled the other way: the app's ``send`` waits once
+``wire.RESPONSE_WINDOW`` batches are unacknowledged by the caller (ACK), so a client that reads
+slowly holds the app back instead of filling the caller's memory.
 
 Stopping: ``drain()`` makes new requests REJECTED and waits, up to a deadline, for the ongoing
 ones to finish; ``cancel_all()`` then cancels the rest and answers each: an HTTP request whose
@@ -80,6 +83,24 @@ def encode_exception(exc: BaseException, where: str, plain: bool = False) -> tup
     return enc, data
 
 
+class _Credit:
+    """The response batches one HTTP request may still send before its caller ACKs more."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._more = asyncio.Event()
+
+    async def take(self) -> None:
+        while self.n <= 0:
+            self._more.clear()
+            await self._more.wait()
+        self.n -= 1
+
+    def give(self, n: int) -> None:
+        self.n += n
+        self._more.set()
+
+
 class ReplicaWorker:
     def __init__(
         self,
@@ -99,6 +120,7 @@ class ReplicaWorker:
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         self._receives: dict[tuple[bytes, int], ReplySink] = {}
         self._responding: set[tuple[bytes, int]] = set()  # HTTP requests whose response went out in part
+        self._credits: dict[tuple[bytes, int], _Credit] = {}  # HTTP responses: batches they may still send
         self._draining = False
         self._stopping = False  # cancel_all: the requests still running are being given up
         self._idle = asyncio.Event()
@@ -124,6 +146,10 @@ class ReplicaWorker:
             task = self._tasks.get((identity, msg.call_id))
             if task is not None:
                 task.cancel()
+        elif msg.kind == wire.Kind.ACK:
+            credit = self._credits.get((identity, msg.call_id))
+            if credit is not None:
+                credit.give(int(msg.meta.get("n", 0)))
         elif msg.kind == wire.Kind.RECEIVE:
             inbox = self._receives.get((identity, msg.call_id))
             if inbox is not None:
@@ -242,11 +268,14 @@ class ReplicaWorker:
         inbox = ReplySink()
         inbox.push(first)
         receive = inbox.next
+        credit: _Credit | None = None
         if scope["type"] == "websocket":
             self._receives[key] = inbox
-        elif first.get("more_body", False):
-            self._receives[key] = inbox
-            receive = functools.partial(self._pull_body, identity, call_id, inbox)
+        else:
+            credit = self._credits[key] = _Credit(wire.RESPONSE_WINDOW)
+            if first.get("more_body", False):
+                self._receives[key] = inbox
+                receive = functools.partial(self._pull_body, identity, call_id, inbox)
         held_start: dict[str, Any] | None = None
         final: list[dict[str, Any]] = []
 
@@ -261,6 +290,8 @@ class ReplicaWorker:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 final.extend(batch)
                 return
+            if credit is not None:
+                await credit.take()  # a client reading slowly holds the app here, not in memory
             self._responding.add(key)
             self._send(identity, wire.reply(wire.Kind.STREAM_ITEM, self.incarnation, call_id, *wire.dumps_plain(batch)))
 
@@ -268,6 +299,7 @@ class ReplicaWorker:
             await self.http.handle(scope, receive, send)
         finally:
             self._receives.pop(key, None)
+            self._credits.pop(key, None)
         if held_start is not None:
             final.insert(0, held_start)
         return final

@@ -51,6 +51,7 @@ class Kind(enum.IntEnum):
     REQUEST = 1
     CANCEL = 2
     RECEIVE = 9  # a later ASGI receive message of a running request (WebSockets, body chunks)
+    ACK = 11  # meta["n"]: the caller's HTTP client took n more response batches (flow control)
     # replica -> caller; every request gets exactly one terminal reply
     RESULT = 3  # terminal
     ERROR = 4  # terminal: payload is an encoded exception plus its traceback text
@@ -64,6 +65,10 @@ class Kind(enum.IntEnum):
     CALL = 22  # client -> supervisor: meta["op"] names the operation
     REPLY = 23  # supervisor -> client: the answer to a CALL
 
+
+# An HTTP request's replica sends at most this many response batches (STREAM_ITEMs) ahead of
+# its caller's ACKs; a caller ACKs at least every RESPONSE_WINDOW // 2 batches it passed on.
+RESPONSE_WINDOW = 16
 
 TERMINAL_KINDS = frozenset(
     {Kind.RESULT, Kind.ERROR, Kind.STREAM_END, Kind.REJECTED, Kind.CANCELLED}

@@ -27,6 +27,7 @@ import psutil
 import pytest
 from helpers import live_children, processes_in_run_dir, supervisor_of, wait_until
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
 
 from shoal import serve
 
@@ -36,16 +37,35 @@ MiB = 1024 * 1024
 HEADER_TIMEOUT_S = 1.0
 KEEP_ALIVE_S = 1
 MAX_CONNECTIONS = 64
-SERVER_TIMEOUT_S = 2.0
+SERVER_TIMEOUT_S = 3.0
+
+
+BIG_CHUNKS = 256  # a 16 MiB streamed response, in 64 KiB chunks
 
 
 @serve.deployment(max_ongoing_requests=64)
 class Sink:
-    """Counts the body it reads (without keeping it); ``/hold`` waits until the test's timeout."""
+    """Counts the body it reads (without keeping it); ``/hold`` waits until the test's timeout;
+    ``/big`` streams 16 MiB, counting the chunks it got to send (``/sent``)."""
 
-    async def __call__(self, request: Request) -> dict[str, Any]:
-        if request.url.path.endswith("/hold"):
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def __call__(self, request: Request) -> Any:
+        path = request.url.path
+        if path.endswith("/hold"):
             await asyncio.Event().wait()
+        if path.endswith("/sent"):
+            return {"sent": self.sent}
+        if path.endswith("/big"):
+            self.sent = 0
+
+            async def chunks() -> Any:
+                for _ in range(BIG_CHUNKS):
+                    yield b"b" * 65536
+                    self.sent += 1
+
+            return StreamingResponse(chunks())
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -294,6 +314,37 @@ def test_t23_parallel_large_uploads_keep_the_proxy_small(proxy: Proxy) -> None:
     print(figures)
     assert sizes == [size] * uploads, figures
     assert rss.peak - before < 64 * MiB, figures
+
+
+def test_t25_a_client_that_does_not_read_holds_the_app_back_not_the_proxys_memory(proxy: Proxy) -> None:
+    before = proxy.rss()
+    with RssPeak(proxy) as rss, proxy.connect() as sock:
+        sock.sendall(b"GET /abuse/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        with httpx.Client(timeout=5) as c:
+            def sent() -> int:
+                return int(c.get(proxy.url + "/abuse/sent").json()["sent"])
+
+            wait_until(lambda: sent() >= 16, 10, "the response started")
+            try:  # the client reads nothing: the app must not get to the end
+                wait_until(lambda: sent() >= BIG_CHUNKS, 1, "the app sent its whole response")
+                finished_unread = True
+            except AssertionError:
+                finished_unread = False
+            held_at = sent()
+        received = 0
+        sock.settimeout(10)
+        while received < BIG_CHUNKS * 65536:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            received += len(data)
+    figures = (f"T25 slow reader of a 16 MiB response: the app was held at {held_at}/{BIG_CHUNKS} chunks "
+               f"while the client read nothing; proxy RSS {before / MiB:.1f} -> peak {rss.peak / MiB:.1f} MiB; "
+               f"then the client read {received / MiB:.1f} MiB")
+    print(figures)
+    assert not finished_unread, figures
+    assert received >= BIG_CHUNKS * 65536, figures
+    assert rss.peak - before < 32 * MiB, figures
 
 
 # -- T11 variant b: drain with requests that never finish ------------------------------------------
