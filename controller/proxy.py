@@ -21,6 +21,7 @@ from typing import Any
 from shoal.controller.process import WorkerProcess
 from shoal.proxy import main as proxy_main
 from shoal.runtime import wire
+from shoal.serve.config import HTTPOptions
 from shoal.serve.schema import ProxyStatus
 
 logger = logging.getLogger("shoal.controller")
@@ -73,7 +74,7 @@ class ProxySupervisor:
         spec = wire.pack(
             {
                 "control_endpoint": self._control_endpoint,
-                "http_options": self.options,
+                "http_options": HTTPOptions(**self.options).model_dump(mode="json"),  # every default filled in
                 "parent_pid": os.getpid(),
                 "process_name": "shoal-proxy",
                 "log_level": "INFO",

@@ -2,8 +2,10 @@
 
 ``main(spec, output, lifeline, listener)``: ``listener`` is the listening TCP socket, bound by the
 supervisor (so a restarted proxy keeps the same port and clients queue instead of being refused).
-Runs uvicorn with uvloop and httptools on it until SIGTERM, then drains: ``/-/healthz`` answers
-503 while uvicorn finishes the requests in flight (bounded by ``graceful_shutdown_timeout_s``).
+Runs uvicorn with uvloop and httptools (with the limits of ``protocol``, a connection cap and a
+keep-alive deadline from ``http_options``) on it until SIGTERM, then drains: ``/-/healthz``
+answers 503 while the requests in flight finish; at ``graceful_shutdown_timeout_s`` those left
+are answered 503 (``ProxyApp.drain``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
+import resource
 import signal
 import socket
 from collections.abc import Iterator
@@ -20,6 +24,7 @@ from typing import Any
 from shoal.runtime import worker_main
 
 _MIN_DRAIN_S = 0.5  # /-/healthz answers 503 at least this long before the proxy stops
+_RESERVED_FDS = 256  # descriptors kept for ZeroMQ sockets, pipes and logs, beyond client connections
 
 
 def main(spec_bytes: bytes, output: Any, lifeline: Any, listener: Any) -> None:
@@ -41,39 +46,61 @@ def _server_class() -> Any:
     return Server
 
 
+def _connection_cap(max_connections: int) -> int:
+    """``max_connections``, with the open-files limit raised to fit it (up to the hard limit);
+    lowered, with a warning, if that limit leaves too few descriptors."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + _RESERVED_FDS
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        soft = raised
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        cap = max(1, soft - _RESERVED_FDS)
+        logging.getLogger("shoal.proxy").warning(
+            "http_options.max_connections=%d does not fit the open-files limit (%d); using %d",
+            max_connections, soft, cap,
+        )
+        return cap
+    return max_connections
+
+
 async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> int:
     import uvicorn
 
     from shoal.proxy.app import ProxyApp, ProxyOptions
+    from shoal.proxy.protocol import HeadLimits, LimitedHttpProtocol
     from shoal.runtime import client, transport, wire
 
     loop = asyncio.get_running_loop()
     worker_main.watch_lifeline(loop, lifeline_fd)
     sock = socket.socket(fileno=listener_fd)
-    options = spec["http_options"]
+    options = spec["http_options"]  # every HTTPOptions field, validated (see ProxySupervisor)
     runtime = client.init_replica_runtime(spec["control_endpoint"], "", role="proxy")
     app = ProxyApp(
         runtime,
         ProxyOptions(
-            root_path=options.get("root_path") or "",
-            request_timeout_s=options.get("request_timeout_s"),
-            max_request_body_bytes=options.get("max_request_body_bytes") or 100 * 1024 * 1024,
+            root_path=options["root_path"],
+            request_timeout_s=options["request_timeout_s"],
+            max_request_body_bytes=options["max_request_body_bytes"],
         ),
     )
+    limits = HeadLimits(options["max_header_bytes"], options["max_header_count"], options["request_header_timeout_s"])
     config = uvicorn.Config(
         app,
-        http="httptools",
+        http=LimitedHttpProtocol.with_limits(limits),
         ws="websockets-sansio",
         lifespan="off",
         access_log=False,
         log_level="warning",
-        timeout_keep_alive=int(options.get("keep_alive_timeout_s") or 90),
-        timeout_graceful_shutdown=int(options.get("graceful_shutdown_timeout_s") or 20),
+        timeout_keep_alive=options["keep_alive_timeout_s"],
+        timeout_graceful_shutdown=math.ceil(options["graceful_shutdown_timeout_s"]),
+        limit_concurrency=_connection_cap(options["max_connections"]),
         server_header=False,
     )
     server = _server_class()(config)
 
-    grace_s = float(options.get("graceful_shutdown_timeout_s") or 20)
+    grace_s = float(options["graceful_shutdown_timeout_s"])
     drain: list[asyncio.Task[None]] = []
 
     async def drain_then_exit(min_s: float) -> None:

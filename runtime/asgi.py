@@ -175,10 +175,10 @@ class HttpHandler:
 _TEXT = b"text/plain; charset=utf-8"
 
 
-def to_messages(result: Any) -> list[Message]:
+def to_messages(result: Any, status: int = 200) -> list[Message]:
     """Ray Serve's conversion of a plain deployment's return value (not a ``Response``) to the
-    ASGI messages of an HTTP response: ``str`` as text/plain, ``bytes`` raw, ``None`` empty,
-    anything else minified JSON."""
+    ASGI messages of an HTTP response with ``status``: ``str`` as text/plain, ``bytes`` raw,
+    ``None`` empty, anything else minified JSON."""
     if result is None:
         body, content_type = b"", _TEXT
     elif isinstance(result, str):
@@ -190,7 +190,7 @@ def to_messages(result: Any) -> list[Message]:
         content_type = b"application/json"
     headers = [[b"content-type", content_type], [b"content-length", str(len(body)).encode()]]
     return [
-        {"type": "http.response.start", "status": 200, "headers": headers},
+        {"type": "http.response.start", "status": status, "headers": headers},
         {"type": "http.response.body", "body": body, "more_body": False},
     ]
 

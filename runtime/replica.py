@@ -1,14 +1,24 @@
 """ReplicaWorker: one replica's request loop on its ROUTER socket.
 
-Contract with callers (see ``wire``): every REQUEST gets exactly one terminal reply. A request
-that arrives while ``max_ongoing_requests`` are running, or while the replica drains, is
-answered REJECTED at once and never runs, so the caller may route it elsewhere. CANCEL cancels
-the request's task: the user coroutine sees ``asyncio.CancelledError`` and the caller gets
-CANCELLED. Terminal replies carry the replica's current ongoing count (``ReplyHeader.q``).
-Replies to HTTP calls are msgpack only (``wire.dumps_plain``).
+Contract with callers (see ``wire``): every REQUEST gets exactly one terminal reply, even one
+cancelled before its task first ran. A request that arrives while ``max_ongoing_requests`` are
+running, or while the replica drains, is answered REJECTED at once and never runs, so the caller
+may route it elsewhere. CANCEL cancels the request's task: the user coroutine sees
+``asyncio.CancelledError`` and the caller gets CANCELLED. Terminal replies carry the replica's
+current ongoing count (``ReplyHeader.q``). Replies to HTTP calls are msgpack only
+(``wire.dumps_plain``).
+
+HTTP request bodies stream: a first receive message with ``more_body`` is followed by RECEIVE
+frames, one per PULL this replica sends when the app takes a chunk (at most one chunk is asked
+for ahead of the app, so the caller holds the rest of the body back: backpressure). HTTP
+responses are flow-controlled the other way: the app's ``send`` waits once
+``wire.RESPONSE_WINDOW`` batches are unacknowledged by the caller (ACK), so a client that reads
+slowly holds the app back instead of filling the caller's memory.
 
 Stopping: ``drain()`` makes new requests REJECTED and waits, up to a deadline, for the ongoing
-ones to finish.
+ones to finish; ``cancel_all()`` then cancels the rest and answers each: an HTTP request whose
+response has not started gets a 503 saying the replica shut down, any other request an error
+(``ReplicaUnavailableError``), never a bare CANCELLED.
 """
 
 from __future__ import annotations
@@ -23,9 +33,9 @@ from collections.abc import MutableMapping
 from typing import Any
 
 from shoal.runtime import wire
-from shoal.runtime.asgi import HTTP_METHOD, HttpHandler, normalize_message, scope_from_wire
+from shoal.runtime.asgi import HTTP_METHOD, HttpHandler, normalize_message, scope_from_wire, to_messages
 from shoal.runtime.context import RequestContext, reset_request, set_request
-from shoal.runtime.errors import RemoteError
+from shoal.runtime.errors import RemoteError, ReplicaUnavailableError
 from shoal.runtime.reply import ReplySink
 from shoal.runtime.transport import Channel
 from shoal.runtime.user_code import UserCallable
@@ -73,6 +83,24 @@ def encode_exception(exc: BaseException, where: str, plain: bool = False) -> tup
     return enc, data
 
 
+class _Credit:
+    """The response batches one HTTP request may still send before its caller ACKs more."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self._more = asyncio.Event()
+
+    async def take(self) -> None:
+        while self.n <= 0:
+            self._more.clear()
+            await self._more.wait()
+        self.n -= 1
+
+    def give(self, n: int) -> None:
+        self.n += n
+        self._more.set()
+
+
 class ReplicaWorker:
     def __init__(
         self,
@@ -91,7 +119,10 @@ class ReplicaWorker:
         self.http = HttpHandler(user)
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         self._receives: dict[tuple[bytes, int], ReplySink] = {}
+        self._responding: set[tuple[bytes, int]] = set()  # HTTP requests whose response went out in part
+        self._credits: dict[tuple[bytes, int], _Credit] = {}  # HTTP responses: batches they may still send
         self._draining = False
+        self._stopping = False  # cancel_all: the requests still running are being given up
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -115,6 +146,10 @@ class ReplicaWorker:
             task = self._tasks.get((identity, msg.call_id))
             if task is not None:
                 task.cancel()
+        elif msg.kind == wire.Kind.ACK:
+            credit = self._credits.get((identity, msg.call_id))
+            if credit is not None:
+                credit.give(int(msg.meta.get("n", 0)))
         elif msg.kind == wire.Kind.RECEIVE:
             inbox = self._receives.get((identity, msg.call_id))
             if inbox is not None:
@@ -135,7 +170,11 @@ class ReplicaWorker:
         task.add_done_callback(functools.partial(self._released, key))
 
     def _released(self, key: tuple[bytes, int], _task: asyncio.Task[None]) -> None:
-        self._release(key)
+        if key in self._tasks:
+            # ``_run`` releases its key before it replies; still here, the task was cancelled
+            # before its first step and ``_run`` never ran: answer for it.
+            self._release(key)
+            self._send(key[0], self._cancelled_reply(key, "", http=None))
 
     def _release(self, key: tuple[bytes, int]) -> None:
         if self._tasks.pop(key, None) is not None and not self._tasks:
@@ -166,7 +205,7 @@ class ReplicaWorker:
                 kind, enc, data = await self._call(identity, msg, header)
         except asyncio.CancelledError:
             self._release(key)
-            self._send(identity, wire.reply(wire.Kind.CANCELLED, self.incarnation, call_id, q=self.ongoing))
+            self._send(identity, self._cancelled_reply(key, header.request_id, http=header.http))
             raise
         except Exception as exc:
             logger.exception("request %s to method '%s' raised", header.request_id, method)
@@ -174,9 +213,30 @@ class ReplicaWorker:
             enc, data = encode_exception(exc, self.where, plain=header.http)
         finally:
             reset_request(token)
+            self._responding.discard(key)
         # Free the slot before replying, so the caller's next request is never rejected for it.
         self._release(key)
         self._send(identity, wire.reply(kind, self.incarnation, call_id, enc, data, self.ongoing))
+
+    def _cancelled_reply(self, key: tuple[bytes, int], request_id: str, http: bool | None) -> wire.Message:
+        """CANCELLED; or, when the replica gives the request up at its shutdown deadline, an
+        answer saying so: a 503 response if the request is HTTP and its response has not
+        started, else an error (msgpack only unless ``http`` is False: None means unknown)."""
+        call_id = key[1]
+        if not self._stopping:
+            return wire.reply(wire.Kind.CANCELLED, self.incarnation, call_id, q=self.ongoing)
+        message = self._gave_up(request_id)
+        if http and key not in self._responding:
+            enc, data = wire.dumps_plain(to_messages(message, status=503))
+            return wire.reply(wire.Kind.STREAM_END, self.incarnation, call_id, enc, data, self.ongoing)
+        enc, data = encode_exception(ReplicaUnavailableError(message), self.where, plain=http is not False)
+        return wire.reply(wire.Kind.ERROR, self.incarnation, call_id, enc, data, self.ongoing)
+
+    def _gave_up(self, request_id: str) -> str:
+        return (
+            f"The replica of deployment '{self.user.deployment_name}' shut down before request "
+            f"{request_id or '(unknown)'} finished (graceful_shutdown_timeout_s passed)."
+        )
 
     async def _call(
         self, identity: bytes, msg: wire.Message, header: wire.RequestHeader
@@ -207,8 +267,15 @@ class ReplicaWorker:
         ride on the STREAM_END reply (a plain response is then a single frame)."""
         inbox = ReplySink()
         inbox.push(first)
+        receive = inbox.next
+        credit: _Credit | None = None
         if scope["type"] == "websocket":
             self._receives[key] = inbox
+        else:
+            credit = self._credits[key] = _Credit(wire.RESPONSE_WINDOW)
+            if first.get("more_body", False):
+                self._receives[key] = inbox
+                receive = functools.partial(self._pull_body, identity, call_id, inbox)
         held_start: dict[str, Any] | None = None
         final: list[dict[str, Any]] = []
 
@@ -223,15 +290,27 @@ class ReplicaWorker:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 final.extend(batch)
                 return
+            if credit is not None:
+                await credit.take()  # a client reading slowly holds the app here, not in memory
+            self._responding.add(key)
             self._send(identity, wire.reply(wire.Kind.STREAM_ITEM, self.incarnation, call_id, *wire.dumps_plain(batch)))
 
         try:
-            await self.http.handle(scope, inbox.next, send)
+            await self.http.handle(scope, receive, send)
         finally:
             self._receives.pop(key, None)
+            self._credits.pop(key, None)
         if held_start is not None:
             final.insert(0, held_start)
         return final
+
+    async def _pull_body(self, identity: bytes, call_id: int, inbox: ReplySink) -> Any:
+        """The app's ``receive`` while a request body streams in: each chunk handed to the app
+        that says more follows asks the caller for the next one (PULL)."""
+        message = await inbox.next()
+        if message.get("type") == "http.request" and message.get("more_body", False):
+            self._send(identity, wire.reply(wire.Kind.PULL, self.incarnation, call_id))
+        return message
 
     def _encode(self, value: Any) -> tuple[wire.Encoding, bytes]:
         """``value`` encoded for a reply; TypeError if it cannot be serialized."""
@@ -269,6 +348,9 @@ class ReplicaWorker:
             return False
 
     async def cancel_all(self) -> None:
+        """Give up every request still running (the shutdown deadline passed), answering each
+        (see the module's docstring)."""
+        self._stopping = True
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()

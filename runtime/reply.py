@@ -23,6 +23,7 @@ from shoal.runtime import wire
 from shoal.runtime.errors import RayServeException, as_remote_error
 
 END: Any = object()  # what ``next`` returns after the last item of a stream
+PULL: Any = object()  # an item of an HTTP call's stream: its replica wants the next body chunk
 
 
 class Sink(Protocol):

@@ -38,7 +38,7 @@ from shoal.runtime.errors import (
     ReplicaDiedError,
     RequestCancelledError,
 )
-from shoal.runtime.reply import END, Reply, Sink, decode_reply
+from shoal.runtime.reply import END, PULL, Reply, Sink, decode_reply
 
 logger = logging.getLogger("shoal.router")
 
@@ -93,6 +93,15 @@ class Call:
             self.resolve(reply.value)
         elif kind == wire.Kind.CANCELLED:
             self.resolve(RequestCancelledError(self.request_id))
+        elif kind == wire.Kind.PULL and self.header.http:
+            self.sink.push(PULL)
+
+    def ack(self, n: int) -> None:
+        """Tell the replica running this HTTP call that its client took ``n`` more response
+        batches (see ``wire.RESPONSE_WINDOW``); nothing if it runs nowhere now."""
+        conn = self.conn
+        if conn is not None and self.call_id in conn.calls:
+            conn.channel.send_message(wire.Message(wire.Kind.ACK, conn.incarnation, self.call_id, {"n": n}))
 
     def cancel(self) -> bool:
         """Mark the call cancelled and end it with RequestCancelledError; False if it had ended

@@ -50,7 +50,8 @@ class Kind(enum.IntEnum):
     # caller -> replica
     REQUEST = 1
     CANCEL = 2
-    RECEIVE = 9  # a later ASGI receive message of a running request (WebSockets)
+    RECEIVE = 9  # a later ASGI receive message of a running request (WebSockets, body chunks)
+    ACK = 11  # meta["n"]: the caller's HTTP client took n more response batches (flow control)
     # replica -> caller; every request gets exactly one terminal reply
     RESULT = 3  # terminal
     ERROR = 4  # terminal: payload is an encoded exception plus its traceback text
@@ -58,11 +59,16 @@ class Kind(enum.IntEnum):
     STREAM_END = 6  # terminal
     REJECTED = 7  # terminal: replica at max_ongoing_requests or draining; nothing ran
     CANCELLED = 8  # terminal: the request was cancelled on the replica
+    PULL = 10  # not terminal: an HTTP request's app wants the next body chunk (a RECEIVE)
     # control plane (client or worker <-> supervisor)
     READY = 20  # worker -> supervisor, meta carries pid, protocol, endpoint
     CALL = 22  # client -> supervisor: meta["op"] names the operation
     REPLY = 23  # supervisor -> client: the answer to a CALL
 
+
+# An HTTP request's replica sends at most this many response batches (STREAM_ITEMs) ahead of
+# its caller's ACKs; a caller ACKs at least every RESPONSE_WINDOW // 2 batches it passed on.
+RESPONSE_WINDOW = 16
 
 TERMINAL_KINDS = frozenset(
     {Kind.RESULT, Kind.ERROR, Kind.STREAM_END, Kind.REJECTED, Kind.CANCELLED}

@@ -341,7 +341,11 @@ class HTTPOptions(_Strict):
 
     ``host=None`` disables HTTP. ``port=0`` binds a free port (the real one is reported after
     bind). Request bodies above ``max_request_body_bytes`` get 413. ``graceful_shutdown_timeout_s``
-    bounds how long the proxy drains in-flight requests on shutdown.
+    bounds how long the proxy drains in-flight requests on shutdown (then they get 503).
+    Limits on clients: a request head over ``max_header_bytes`` or with more than
+    ``max_header_count`` headers gets 431; a head not received in full within
+    ``request_header_timeout_s`` closes the connection, as does ``keep_alive_timeout_s`` of
+    idleness between requests; over ``max_connections`` open connections, requests get 503.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -361,6 +365,10 @@ class HTTPOptions(_Strict):
     root_url: str = ""
     max_request_body_bytes: PositiveInt = 100 * 1024 * 1024
     graceful_shutdown_timeout_s: NonNegativeFloat = 20.0
+    max_header_bytes: PositiveInt = 64 * 1024
+    max_header_count: PositiveInt = 100
+    request_header_timeout_s: PositiveFloat = 10.0
+    max_connections: PositiveInt = 10_000
 
     @field_validator("middlewares")
     @classmethod

@@ -524,6 +524,10 @@ class HTTPOptionsSchema(_Strict):
     ssl_ca_certs: str | None = None
     max_request_body_bytes: PositiveInt = 100 * 1024 * 1024
     graceful_shutdown_timeout_s: NonNegativeFloat = 20.0
+    max_header_bytes: PositiveInt = 64 * 1024
+    max_header_count: PositiveInt = 100
+    request_header_timeout_s: PositiveFloat = 10.0
+    max_connections: PositiveInt = 10_000
 
     @model_validator(mode="after")
     def _ssl_pair(self) -> HTTPOptionsSchema:

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from shoal.proxy.app import ProxyApp, ProxyOptions
+from shoal.proxy.exchange import clamp_timeout
 from shoal.runtime import transport, wire
 from shoal.runtime.inbox import LoopInbox
 from shoal.runtime.replica import ReplicaWorker
@@ -205,5 +206,118 @@ def test_a_full_queue_answers_with_the_backpressure_status() -> None:
         assert (await held)[0::2] == (201, b"done")
         runtime.close()
         replica.channel.close()
+
+    _run(main)
+
+
+# -- streamed bodies, answers at shutdown, the timeout header --------------------------------------
+
+
+async def _request_chunks(app: ProxyApp, chunks: list[bytes], read: list[int]) -> tuple[int, bytes]:
+    """A POST whose body comes in ``chunks``; ``read`` counts the chunks the proxy took."""
+    scope = {"type": "http", "method": "POST", "path": "/app", "raw_path": b"/app", "query_string": b"",
+             "headers": [], "http_version": "1.1", "scheme": "http", "client": None, "server": None}
+    sent: list[dict[str, Any]] = []
+    never = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if read[0] < len(chunks):
+            read[0] += 1
+            return {"type": "http.request", "body": chunks[read[0] - 1], "more_body": read[0] < len(chunks)}
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_a_body_streams_chunk_by_chunk_as_the_app_reads_it() -> None:
+    async def main() -> None:
+        read = [0]
+        seen: list[int] = []
+
+        async def count(request: Request) -> str:
+            size = 0
+            async for chunk in request.stream():
+                seen.append(read[0])  # chunks the proxy had taken when this one reached the app
+                size += len(chunk)
+            return str(size)
+
+        worker, endpoint = await _serve_greet(count)
+        runtime = FakeRuntime(_snapshot(endpoint))
+        app = ProxyApp(runtime, ProxyOptions())
+        status, body = await _request_chunks(app, [b"x" * 1000] * 10, read)
+        assert (status, body) == (200, b"10000")
+        # The proxy reads at most two chunks ahead of the app (one in flight, one held).
+        assert all(taken - index <= 3 for index, taken in enumerate(seen, start=1)), seen
+        small = ProxyApp(runtime, ProxyOptions(max_request_body_bytes=2500))
+        read[0] = 0
+        assert (await _request_chunks(small, [b"x" * 1000] * 10, read))[0] == 413
+        assert read[0] <= 4  # refused once the body passed the cap, not read to its end
+        runtime.close()
+        assert worker.channel is not None
+        worker.channel.close()
+
+    _run(main)
+
+
+def test_requests_given_up_at_shutdown_get_503_from_the_replica_and_from_the_drain() -> None:
+    async def main() -> None:
+        started = asyncio.Event()
+
+        async def forever(request: Request) -> str:
+            started.set()
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        worker, endpoint = await _serve_greet(forever)
+        runtime = FakeRuntime(_snapshot(endpoint))
+        app = ProxyApp(runtime, ProxyOptions())
+        held = asyncio.get_running_loop().create_task(_request(app, "/app"))
+        await started.wait()
+        await worker.cancel_all()  # the replica's shutdown deadline
+        status, _, body = await held
+        assert status == 503 and b"shut down before request" in body, body
+
+        started.clear()
+        held = asyncio.get_running_loop().create_task(_request(app, "/app"))
+        await started.wait()
+        await app.drain(min_s=0.0, timeout_s=0.0)  # the proxy's drain deadline
+        status, _, body = await held
+        assert status == 503 and b"proxy shut down" in body, body
+        assert not app.exchanges
+        runtime.close()
+        await worker.cancel_all()
+        assert worker.channel is not None
+        worker.channel.close()
+
+    _run(main)
+
+
+@pytest.mark.parametrize(
+    ("value", "server_s", "expected"),
+    [(b"0.5", None, 0.5), (b"0.5", 2.0, 0.5), (b"3600", 1.0, 1.0), (b"1e3", None, 1000.0)],
+)
+def test_the_timeout_header_only_shortens(value: bytes, server_s: float | None, expected: float) -> None:
+    assert clamp_timeout(value, server_s) == expected
+
+
+@pytest.mark.parametrize("value", [b"0", b"-1", b"nan", b"inf", b"-inf", b"soon", b""])
+def test_an_invalid_timeout_header_is_refused_naming_it(value: bytes) -> None:
+    with pytest.raises(ValueError, match="x-request-timeout-seconds"):
+        clamp_timeout(value, 1.0)
+
+
+def test_an_unavailable_deployment_gets_503_in_rays_words_without_details() -> None:
+    async def main() -> None:
+        entry = wire.DeploymentEntry(failed_reason="Traceback (most recent call last):\n  File \"/secret/app.py\"")
+        snapshot = wire.Snapshot(1, {wire.deployment_key("app", "Ingress"): entry}, {"/app": wire.RouteEntry("app", "Ingress")})
+        runtime = FakeRuntime(snapshot)
+        status, _, body = await _request(ProxyApp(runtime, ProxyOptions()), "/app")
+        assert (status, body) == (503, b"Deployment(name='Ingress', app='app') is unavailable because it failed to deploy.")
+        runtime.close()
 
     _run(main)

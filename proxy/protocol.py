@@ -1,0 +1,147 @@
+"""LimitedHttpProtocol: uvicorn's httptools protocol with bounds on what one client may hold.
+
+httptools enforces no limit on a request head, and uvicorn closes no connection that never
+sends a request. This protocol adds, per connection:
+
+- a request head (request line and headers) over ``max_header_bytes``, or with more than
+  ``max_header_count`` headers, gets 431 and the connection is closed. Head bytes are counted as
+  they arrive, before the parser sees them, so no head is ever buffered past the limit (plus
+  the one read that crossed it);
+- a request head must arrive whole within ``request_header_timeout_s`` of the connection
+  opening (first request) or of its first byte (later requests); a connection that trickles
+  its head, or opens and sends nothing, gets 408 and is closed.
+
+Idle keep-alive connections are closed by uvicorn (``timeout_keep_alive``) and requests over
+uvicorn's ``limit_concurrency`` open connections get 503; ``proxy.main`` sets both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+_HEAD_END = b"\r\n\r\n"
+
+
+@dataclass(frozen=True)
+class HeadLimits:
+    max_header_bytes: int = 64 * 1024
+    max_header_count: int = 100
+    request_header_timeout_s: float = 10.0
+
+
+def _refusal(status: bytes, reason: str) -> bytes:
+    body = reason.encode()
+    return b"".join((
+        b"HTTP/1.1 ", status, b"\r\ncontent-type: text/plain; charset=utf-8\r\n",
+        b"content-length: ", str(len(body)).encode(), b"\r\nconnection: close\r\n\r\n", body,
+    ))
+
+
+_TOO_LARGE = _refusal(b"431 Request Header Fields Too Large", "Request header fields too large.")
+_TOO_MANY = _refusal(b"431 Request Header Fields Too Large", "Too many request header fields.")
+_TOO_SLOW = _refusal(b"408 Request Timeout", "The request head was not received in time.")
+
+
+class LimitedHttpProtocol(HttpToolsProtocol):
+    """``HttpToolsProtocol`` with ``limits`` (a subclass per setting: ``with_limits``)."""
+
+    limits: ClassVar[HeadLimits] = HeadLimits()
+
+    @classmethod
+    def with_limits(cls, limits: HeadLimits) -> type[LimitedHttpProtocol]:
+        return type(cls.__name__, (cls,), {"limits": limits})
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_open = True  # between requests or inside a head: head bytes are counted
+        self._head_bytes = 0
+        self._head_tail = b""  # the last bytes seen, so a head end split across reads is found
+        self._header_count = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    # -- connection -----------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._head_open:
+            if self._head_timer is None:
+                self._arm_head_timer()
+            seen = self._head_tail + data
+            end = seen.find(_HEAD_END)
+            self._head_bytes += len(data) if end < 0 else max(0, end + len(_HEAD_END) - len(self._head_tail))
+            self._head_tail = seen[-(len(_HEAD_END) - 1):]
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._refuse(_TOO_LARGE)
+                return
+        super().data_received(data)
+
+    # -- parser callbacks -----------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.limits.max_header_count:
+            if not self._refused:
+                self._refuse(_TOO_MANY)
+            return  # nothing more is kept; the rest of what was read is discarded
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._head_open = False
+        self._disarm_head_timer()
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        super().on_message_complete()
+        self._head_open = True  # the next request's head starts with the next byte
+        self._head_bytes = 0
+        self._head_tail = b""
+        self._header_count = 0
+
+    # -- refusals -------------------------------------------------------------------------------
+
+    def _refuse(self, response: bytes) -> None:
+        """Answer ``response`` (when no response is under way on this connection) and close."""
+        self._refused = True
+        self._disarm_head_timer()
+        if not self.transport.is_closing():
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.write(response)
+            self.transport.close()
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        self._head_timer = self.loop.call_later(self.limits.request_header_timeout_s, self._on_head_timeout)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _on_head_timeout(self) -> None:
+        self._head_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._arm_head_timer()  # a request is being answered: the next head waits its turn
+            return
+        self._refuse(_TOO_SLOW)
