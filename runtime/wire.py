@@ -32,6 +32,7 @@ The data plane's headers (``RequestHeader``, ``ReplyHeader``) and the controller
 from __future__ import annotations
 
 import enum
+import hmac
 import re
 import struct
 from collections.abc import Mapping
@@ -411,3 +412,33 @@ def _entry_from_wire(data: Mapping[str, Any]) -> DeploymentEntry:
         bool(data.get("autoscaling", False)),
         data.get("failed_reason"),
     )
+
+
+# -- authentication -----------------------------------------------------------------------------
+#
+# Every process that joins an instance holds the instance's secret key (``KEY_BYTES`` random
+# bytes in a 0600 file of the run directory, created by the supervisor; see
+# ``transport.read_key``). A signed frame is the frame followed by the first ``MAC_BYTES`` of
+# HMAC-SHA256(key, frame). The MAC covers the whole frame (kind, incarnation, call id, meta and
+# payload), so a READY signed for one replica incarnation cannot pass for another's, and a frame
+# cut short or changed anywhere fails. ``verify`` looks at nothing but the length and the MAC:
+# a frame is checked before any of it is decoded.
+
+KEY_BYTES = 32
+MAC_BYTES = 16
+
+
+def sign(frame: bytes, key: bytes) -> bytes:
+    """``frame`` followed by its MAC under ``key``; ``verify`` is the inverse."""
+    return frame + hmac.digest(key, frame, "sha256")[:MAC_BYTES]
+
+
+def verify(frame: bytes, key: bytes) -> bytes:
+    """The frame ``sign`` was given, without its MAC. ProtocolError if ``frame`` is too short to
+    be a signed frame or its MAC is not the one ``key`` gives (compared in constant time)."""
+    if len(frame) < _HEADER.size + MAC_BYTES:
+        raise ProtocolError(f"a signed frame has at least {_HEADER.size + MAC_BYTES} bytes, got {len(frame)}")
+    body = frame[:-MAC_BYTES]
+    if not hmac.compare_digest(frame[-MAC_BYTES:], hmac.digest(key, body, "sha256")[:MAC_BYTES]):
+        raise ProtocolError("the frame's MAC does not match: not signed with this instance's key")
+    return body
