@@ -52,6 +52,7 @@ async def serve(config: SupervisorConfig) -> int:
         raise rundir.UnsafeRunDirError(f"a shoal supervisor already runs in {run_dir}")
     rundir.remove_sockets(run_dir)
     (run_dir / rundir.PID_FILE).write_text(str(os.getpid()))
+    key = rundir.create_key(run_dir)  # before any process that must hold it starts
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -83,7 +84,7 @@ async def serve(config: SupervisorConfig) -> int:
             rundir.remove_sockets(run_dir)
             return 2
         info["http_url"] = controller.proxy.url
-    server = ControlServer(endpoint, controller, on_shutdown=stop.set, info=info)
+    server = ControlServer(endpoint, controller, key=key, on_shutdown=stop.set, info=info)
     if controller.proxy is not None:
         controller.proxy.start()
     _report_ready(config.ready_fd, info)

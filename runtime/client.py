@@ -5,6 +5,9 @@ controller's snapshots (replica sets, limits, routes; versioned) arrive by long-
 runtime asks "anything newer than version v?" and the supervisor answers when there is, so an
 older snapshot is never applied over a newer one.
 
+Control calls are signed with the instance's key, read from the run directory (``transport.
+read_key``) when the runtime is created; replies that do not carry the key's MAC are dropped.
+
 In the driver the loop runs in a daemon thread ("shoal-runtime"), so handles work from sync code
 (``.result()``) and from any other event loop (``await``). In a replica or the proxy, the
 runtime uses the process's own loop.
@@ -51,6 +54,8 @@ class Runtime:
         self.role = role  # "driver", "replica" or "proxy": the controller tracks what the proxy applied
         self.inbox = LoopInbox(loop)
         self.control_endpoint = control_endpoint
+        self._key = transport.read_key(control_endpoint)
+        self._warned_bad_reply = False
         self.app_name = app_name  # the app this process serves, if it is a replica
         self.routers: dict[tuple[str, str], Router] = {}
         self.snapshot = wire.Snapshot()
@@ -68,7 +73,7 @@ class Runtime:
     def _start(self) -> None:
         sock = transport.make_socket(zmq.DEALER)
         sock.connect(self.control_endpoint)
-        self._control = transport.Channel(sock, self._on_control, self.loop)
+        self._control = transport.Channel(sock, self._on_control, self.loop, key=self._key)
         self._listener = self.loop.create_task(self._listen())
 
     def in_loop_thread(self) -> bool:
@@ -187,7 +192,15 @@ class Runtime:
         return asyncio.run_coroutine_threadsafe(self.call(op, meta, payload, timeout_s), self.loop).result()
 
     def _on_control(self, frames: list[bytes]) -> None:
-        msg = wire.decode(frames)
+        try:
+            if len(frames) != 1:
+                raise wire.ProtocolError(f"expected one frame, got {len(frames)}")
+            msg = wire.decode([wire.verify(frames[0], self._key)])
+        except wire.ProtocolError as exc:
+            if not self._warned_bad_reply:  # once: whoever answers there is not our supervisor
+                self._warned_bad_reply = True
+                logger.warning("dropped a reply on %s: %s", self.control_endpoint, exc)
+            return
         fut = self._pending.get(msg.call_id)
         if fut is not None and not fut.done():
             fut.set_result((msg.meta, msg.payload))
