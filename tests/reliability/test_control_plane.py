@@ -1,0 +1,446 @@
+"""Control-plane security (plan section 4.E, T27–T29): only processes that hold the instance's
+key can register as a replica or drive the supervisor; nothing of the instance is exposed.
+
+Real supervisor, replica and proxy processes; the attacker is a raw ZeroMQ DEALER on the control
+socket (a process of this user without the key), or, as root, a throwaway local user. Forged
+payloads are pickles that count their own deserialisation: unpickling one anywhere (supervisor,
+replica) creates a marker file named for the frame, so "no marker" means "never deserialised".
+Each test prints what it measured (run with ``-s``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pwd
+import secrets
+import shutil
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import zmq
+from helpers import live_children, python, wait_until
+
+from shoal import serve
+from shoal.controller import launch, rundir
+from shoal.runtime import client, transport, wire
+from shoal.runtime.wire import Kind, Message
+from shoal.serve import _build
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+class Marker:
+    """Unpickling this creates ``path``: a deserialisation counter that works in any process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> Any:
+        return (os.mkdir, (self.path,))
+
+
+class Peer:
+    """A raw DEALER on an instance's control socket: what any process of this user can open."""
+
+    def __init__(self, endpoint: str) -> None:
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.sock = self._ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send(self, *frames: bytes) -> None:
+        self.sock.send_multipart(list(frames))
+
+    def call(self, key: bytes, op: str, call_id: int, timeout_s: float = 10.0) -> Message:
+        """A signed CALL; returns the first message this socket receives (verified)."""
+        [frame] = wire.encode(Message(Kind.CALL, 0, call_id, {"op": op}))
+        self.send(wire.sign(frame, key))
+        assert self.sock.poll(int(timeout_s * 1000)), f"no reply to '{op}' within {timeout_s}s"
+        [reply] = self.sock.recv_multipart()
+        return wire.decode([wire.verify(reply, key)])
+
+    def close(self) -> None:
+        self.sock.close()
+        self._ctx.term()
+
+
+def call_frame(op: str, call_id: int = 1, payload: bytes = b"", **meta: Any) -> bytes:
+    [frame] = wire.encode(Message(Kind.CALL, 0, call_id, {"op": op, **meta}, (payload,) if payload else ()))
+    return frame
+
+
+def rejected_frames() -> int:
+    reply, _ = client.get_runtime().call_sync("status")
+    return int(reply["rejected_frames"])
+
+
+def instance_key(run_dir: Path) -> bytes:
+    return transport.read_key(rundir.control_endpoint(run_dir))
+
+
+def shoal_processes(supervisor: psutil.Process) -> list[psutil.Process]:
+    return [supervisor, *supervisor.children(recursive=True)]
+
+
+def connections(proc: psutil.Process, kind: str) -> list[Any]:
+    method = getattr(proc, "net_connections", None) or proc.connections
+    return list(method(kind=kind))
+
+
+@serve.deployment
+def touch_marker(marker: Any) -> str:
+    return "deployed"
+
+
+@serve.deployment
+class Hello:
+    def __call__(self) -> str:
+        return "hello"
+
+
+@serve.deployment
+class SlowStart:
+    """Its constructor reports that it runs and then waits until the test opens its gate."""
+
+    async def __init__(self, gate: Any, key: str) -> None:
+        await gate.arrive.remote(key)
+        await gate.wait.remote(key)
+
+    def __call__(self) -> str:
+        return "started"
+
+
+@pytest.fixture(scope="module")
+def hello(serve_instance: Any) -> Iterator[Any]:
+    handle = serve.run(Hello.bind(), name="hello", route_prefix=None)
+    yield handle
+    serve.delete("hello")
+
+
+@pytest.fixture
+def peer(serve_instance: Any) -> Iterator[Peer]:
+    p = Peer(rundir.control_endpoint(serve_instance.run_dir))
+    yield p
+    p.close()
+
+
+# -- registering as a replica --------------------------------------------------------------------
+
+
+def test_a_forged_ready_never_registers_a_replica(serve_instance: Any, gate: Any, peer: Peer, app_name: str) -> None:
+    """A replica is starting (its constructor waits on a gate). READY frames for exactly its
+    replica id and incarnation, without the key, are dropped and counted; a validly signed
+    READY for another incarnation of it (a replay) changes nothing. Only its own READY counts."""
+    key = instance_key(serve_instance.run_dir)
+    runner = threading.Thread(target=serve.run, args=(SlowStart.bind(gate, app_name),),
+                              kwargs={"name": app_name, "route_prefix": None}, daemon=True)
+    runner.start()
+    gate.arrived.remote(app_name).result(timeout_s=30)
+    [replica] = serve.status().applications[app_name].deployments["SlowStart"].replicas
+    bound = {Path(c.laddr) for c in connections(psutil.Process(replica.pid), "unix") if c.laddr}
+    [endpoint] = [p for p in bound if p.stem.startswith("r") and p.stem[1:].isdigit()]  # r<incarnation>.sock
+    incarnation = int(endpoint.stem[1:])
+    meta = {"replica_id": replica.replica_id, "pid": replica.pid, "protocol": wire.PROTOCOL_VERSION,
+            "endpoint": f"ipc://{endpoint}"}
+    [ready] = wire.encode(Message(Kind.READY, incarnation, 0, meta))
+    [stale] = wire.encode(Message(Kind.READY, incarnation - 1, 0, meta))
+    signed_stale = wire.sign(stale, key)
+    moved = signed_stale[:1] + incarnation.to_bytes(4, "big") + signed_stale[5:]  # stale MAC, current incarnation
+    forged = {
+        "no MAC": ready,
+        "another key": wire.sign(ready, secrets.token_bytes(32)),
+        "stale MAC moved to this incarnation": moved,
+        "MAC cut off": wire.sign(ready, key)[: len(ready)],
+    }
+    before = rejected_frames()
+    peer.send(signed_stale)  # handled first: one peer's frames are handled in order
+    for frame in forged.values():
+        peer.send(frame)
+    wait_until(lambda: rejected_frames() >= before + len(forged), 10, "the forged READY frames are counted")
+    rejected = rejected_frames() - before
+    status = serve.status().applications[app_name]
+    states = status.deployments["SlowStart"].replica_states
+    figures = f"forged READY frames={len(forged)} rejected={rejected} replica states after={states} app={status.status}"
+    print(figures)
+    assert rejected == len(forged), figures
+    assert states == {"STARTING": 1} and status.status == "DEPLOYING", figures
+    gate.open.remote(app_name).result()
+    runner.join(30)
+    assert serve.get_app_handle(app_name).remote().result(timeout_s=10) == "started"
+
+
+# -- driving the controller ----------------------------------------------------------------------
+
+
+def test_forged_control_calls_get_no_effect_and_no_answer(
+    serve_instance: Any, hello: Any, peer: Peer, tmp_path: Path
+) -> None:
+    """T28: deploy and shutdown CALLs that are unsigned, signed with another key, cut short,
+    tampered with, malformed or oversize are all dropped before anything in them is decoded:
+    no marker is created (their pickled payloads are never loaded), no app appears, the
+    supervisor answers none of them and keeps serving, and each one is counted."""
+    key = instance_key(serve_instance.run_dir)
+    markers = tmp_path / "markers"
+    markers.mkdir()
+
+    def deploy_frame(label: str) -> bytes:
+        deployments, ingress = _build.build(touch_marker.bind(Marker(markers / label)), f"forged_{label}")
+        spec = _build.to_spec(deployments, ingress, f"forged_{label}", None)
+        return call_frame("deploy", 7, wire.pack(spec), name=f"forged_{label}")
+
+    shutdown = call_frame("shutdown", 8)
+    signed = wire.sign(deploy_frame("tampered"), key)
+    tampered = signed[:-40] + bytes([signed[-40] ^ 1]) + signed[-39:]
+    forged: dict[str, list[bytes]] = {
+        "deploy, no MAC": [deploy_frame("no_mac")],
+        "deploy, another key": [wire.sign(deploy_frame("other_key"), secrets.token_bytes(32))],
+        "deploy, MAC of another frame": [deploy_frame("spliced") + wire.sign(shutdown, key)[-wire.MAC_BYTES:]],
+        "deploy, tampered after signing": [tampered],
+        "deploy, truncated": [wire.sign(deploy_frame("truncated"), key)[:-1]],
+        "deploy, three frames": [deploy_frame("multipart"), b"x", b"y"],
+        "deploy, 16 MiB, no MAC": [deploy_frame("oversize") + bytes(16 * 2**20)],
+        "shutdown, no MAC": [shutdown],
+        "shutdown, another key": [wire.sign(shutdown, secrets.token_bytes(32))],
+        "tiny frame": [b"\x16"],
+        "meta not msgpack, no MAC": [wire._HEADER.pack(Kind.CALL, 0, 9, 3) + b"\xc1\xc1\xc1"],
+        "meta a list, valid MAC": [wire.sign(wire._HEADER.pack(Kind.CALL, 0, 9, 3) + b"\x92\x01\x02", key)],
+        "meta not msgpack, valid MAC": [wire.sign(wire._HEADER.pack(Kind.CALL, 0, 9, 1) + b"\xc1", key)],
+    }
+    before = rejected_frames()
+    supervisor = serve_instance.supervisor
+    for frames in forged.values():
+        peer.send(*frames)
+    wait_until(lambda: rejected_frames() >= before + len(forged), 15, "every forged frame is counted")
+    first = peer.call(key, "ping", 99)  # the first message this peer gets: nothing answered the forgeries
+    rejected = rejected_frames() - before
+    made = sorted(p.name for p in markers.iterdir())
+    apps = sorted(n for n in serve.status().applications if n.startswith("forged_"))
+    served = hello.remote().result(timeout_s=10)
+    figures = (
+        f"forged frames by class={list(forged)} sent={len(forged)} rejected={rejected} "
+        f"deserialised (markers)={len(made)} {made} forged apps={apps} first reply call_id={first.call_id} "
+        f"supervisor alive={supervisor.is_running()} served after={served!r}"
+    )
+    print(figures)
+    assert rejected == len(forged), figures
+    assert made == [] and apps == [], figures
+    assert first.call_id == 99 and first.meta["ok"], figures
+    assert supervisor.is_running() and served == "hello", figures
+
+
+def test_a_frame_flood_without_the_key_is_absorbed(serve_instance: Any, hello: Any) -> None:
+    """T28 (flood, shrunk): 50,000 tiny unsigned frames from one peer are all counted and
+    dropped; control calls and handle calls keep working during the flood."""
+    count = 50_000
+    rt = client.get_runtime()
+
+    def ping_ms(n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            rt.call_sync("ping")
+            times.append((time.perf_counter() - start) * 1000)
+        return sorted(times)
+
+    baseline = ping_ms(50)
+    before = rejected_frames()
+    flooder = Peer(rundir.control_endpoint(serve_instance.run_dir))
+    try:
+        started = time.perf_counter()
+        sender = threading.Thread(target=lambda: [flooder.send(b"\x16" * 20) for _ in range(count)], daemon=True)
+        sender.start()
+        during: list[float] = []
+        while sender.is_alive() or rejected_frames() < before + count:
+            during += ping_ms(5)
+            assert time.perf_counter() - started < 30, "the flood was not absorbed within 30 s"
+        absorbed_s = time.perf_counter() - started
+        sender.join(5)
+    finally:
+        flooder.close()
+    during.sort()
+    rejected = rejected_frames() - before
+    served = hello.remote().result(timeout_s=10)
+
+    def p(ts: list[float], q: float) -> float:
+        return ts[min(len(ts) - 1, int(q * len(ts)))]
+
+    figures = (
+        f"flood frames={count} rejected={rejected} absorbed in {absorbed_s:.2f}s "
+        f"({count / absorbed_s:,.0f} frames/s); control ping ms p50/p99 before={p(baseline, .5):.2f}/"
+        f"{p(baseline, .99):.2f} during={p(during, .5):.2f}/{p(during, .99):.2f} (n={len(during)}); "
+        f"handle call after={served!r}"
+    )
+    print(figures)
+    assert rejected == count and served == "hello", figures
+
+
+# -- exposure --------------------------------------------------------------------------------------
+
+
+def test_the_key_is_private_and_never_in_argv_or_environ(serve_instance: Any, hello: Any) -> None:
+    """T29 (part): run dir 0700, key file 0600, both ours; the key (raw, hex or base64) is in
+    no shoal process's command line or environment (supervisor, proxy, replicas, driver)."""
+    run_dir = serve_instance.run_dir
+    key = instance_key(run_dir)
+    key_path = run_dir / transport.KEY_FILE
+    dir_st, key_st = os.lstat(run_dir), os.lstat(key_path)
+    procs = [psutil.Process(), *shoal_processes(serve_instance.supervisor)]
+    forms = [key, key.hex().encode(), base64.b64encode(key), base64.urlsafe_b64encode(key)]
+    leaks = []
+    for proc in procs:
+        for name in ("cmdline", "environ"):
+            data = Path(f"/proc/{proc.pid}/{name}").read_bytes()
+            leaks += [f"{proc.pid}/{name}" for form in forms if form in data]
+    names = sorted({p.name() for p in procs})
+    figures = (
+        f"run dir mode={stat.S_IMODE(dir_st.st_mode):o} key mode={stat.S_IMODE(key_st.st_mode):o} "
+        f"owners={dir_st.st_uid},{key_st.st_uid} processes checked={len(procs)} {names} leaks={leaks}"
+    )
+    print(figures)
+    assert stat.S_IMODE(dir_st.st_mode) == 0o700 and stat.S_IMODE(key_st.st_mode) == 0o600, figures
+    assert dir_st.st_uid == key_st.st_uid == os.getuid(), figures
+    assert "shoal-replica" in names and "shoal-proxy" in names, figures
+    assert leaks == [], figures
+
+
+def test_only_the_http_port_listens_and_only_on_loopback(serve_instance: Any, hello: Any) -> None:
+    """T29 (part): the only TCP socket any shoal process listens on is the HTTP port on
+    127.0.0.1; every Unix socket is a named one inside the run directory (none abstract)."""
+    url = serve.get_http_url()
+    assert url is not None
+    port = int(url.rsplit(":", 1)[1])
+    listening, unix_paths = set(), set()
+    for proc in shoal_processes(serve_instance.supervisor):
+        listening |= {(c.laddr.ip, c.laddr.port) for c in connections(proc, "inet") if c.status == psutil.CONN_LISTEN}
+        unix_paths |= {c.laddr for c in connections(proc, "unix") if c.laddr}
+    outside = sorted(p for p in unix_paths if p.startswith(("\0", "@")) or not p.startswith(str(serve_instance.run_dir)))
+    figures = f"listening TCP={sorted(listening)} unix sockets={len(unix_paths)} outside the run dir or abstract={outside}"
+    print(figures)
+    assert listening == {("127.0.0.1", port)}, figures
+    assert outside == [], figures
+
+
+def _refusal(run_dir: Path) -> tuple[int, str]:
+    proc = subprocess.run(
+        [python(), "-m", "shoal.controller", "--run-dir", str(run_dir)],
+        capture_output=True, text=True, timeout=30,
+    )
+    return proc.returncode, proc.stderr.strip()
+
+
+def test_an_unsafe_run_dir_is_refused(tmp_path: Path) -> None:
+    """T29 (part): a supervisor refuses a run directory that is mode 777, a symlink, or
+    (as root) owned by another user, with a message naming the problem, and creates nothing."""
+    cases: dict[str, tuple[Path, str]] = {}
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o777)
+    cases["mode 777"] = (loose, "has mode 777; it must be 700")
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    cases["symlink"] = (link, "is a symlink")
+    if os.getuid() == 0:
+        foreign = tmp_path / "foreign"
+        foreign.mkdir(mode=0o700)
+        os.chown(foreign, 65534, 65534)
+        cases["owned by uid 65534"] = (foreign, "belongs to uid 65534")
+    results = {name: _refusal(path) for name, (path, _) in cases.items()}
+    print(f"refusals: {results}")
+    for name, (path, message) in cases.items():
+        code, stderr = results[name]
+        assert code == 2 and message in stderr, (name, code, stderr)
+        assert list(Path(os.path.realpath(path)).iterdir()) == [], (name, "created files in a refused dir")
+
+
+# -- another local user --------------------------------------------------------------------------
+
+_FOREIGN_PROBE = r"""
+import json, os, socket, sys
+run_dir = sys.argv[1]
+control = os.path.join(run_dir, "control.sock")
+results = {}
+def attempt(name, fn):
+    try:
+        fn()
+        results[name] = "ok"
+    except OSError as exc:
+        results[name] = os.strerror(exc.errno)
+def connect_and_send():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(control)
+    s.sendall(b"\xff" + bytes(8) + b"\x7f")
+def bind_in_dir():
+    socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).bind(os.path.join(run_dir, "evil.sock"))
+attempt("list the run dir", lambda: os.listdir(run_dir))
+attempt("stat the control socket", lambda: os.stat(control))
+attempt("read the key", lambda: open(os.path.join(run_dir, "instance.key"), "rb").read())
+attempt("connect to the control socket", connect_and_send)
+attempt("unlink the control socket (to re-bind it)", lambda: os.unlink(control))
+attempt("bind a socket in the run dir", bind_in_dir)
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture
+def throwaway_user() -> Iterator[str]:
+    """A local user made for this test and deleted after it (root only)."""
+    if os.getuid() != 0:
+        pytest.skip("T27 needs root to create a throwaway user")
+    if not (shutil.which("useradd") and shutil.which("userdel") and os.path.exists("/usr/bin/python3")):
+        pytest.skip("T27 needs useradd, userdel and /usr/bin/python3")
+    name = f"shoalt27{secrets.token_hex(3)}"
+    made = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", name],
+                          capture_output=True, text=True, timeout=30)
+    if made.returncode != 0:
+        pytest.skip(f"useradd failed: {made.stderr.strip()}")
+    try:
+        yield name
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, timeout=30)
+
+
+def test_another_local_user_cannot_reach_the_instance(throwaway_user: str, tmp_path: Path) -> None:
+    """T27: an instance whose run dir sits in a world-searchable directory (/tmp); another
+    local user cannot list it, stat or connect to its sockets, read the key, take over the
+    control endpoint or bind beside it. The instance sees no frame and keeps answering."""
+    run_dir = Path(tempfile.mkdtemp(prefix="shoal-t27-"))  # 0700, in /tmp (mode 1777)
+    instance = launch.start_supervisor(run_dir, private=True, http_options=None)
+    try:
+        key = instance_key(run_dir)
+        pw = pwd.getpwnam(throwaway_user)
+        probe = subprocess.run(
+            ["/usr/bin/python3", "-c", _FOREIGN_PROBE, str(run_dir)],
+            user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], env={"PATH": "/usr/bin:/bin"}, cwd="/",
+            capture_output=True, text=True, timeout=30,
+        )
+        results = json.loads(probe.stdout) if probe.returncode == 0 else {"probe failed": probe.stderr}
+        peer = Peer(rundir.control_endpoint(run_dir))
+        try:
+            status = peer.call(key, "status", 1)
+        finally:
+            peer.close()
+        figures = f"as uid {pw.pw_uid}: {results}; rejected frames={status.meta['rejected_frames']} answering={status.meta['ok']}"
+        print(figures)
+        assert results and all(r == "Permission denied" for r in results.values()), figures
+        assert status.meta["ok"] and status.meta["rejected_frames"] == 0, figures
+        assert sorted(p.name for p in run_dir.iterdir() if p.suffix == ".sock") == ["control.sock"], figures
+    finally:
+        instance.wait_stopped(timeout_s=20)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert not [p for p in live_children() if p.pid == instance.pid]
+
