@@ -2,10 +2,14 @@
 key can register as a replica or drive the supervisor; nothing of the instance is exposed.
 
 Real supervisor, replica and proxy processes; the attacker is a raw ZeroMQ DEALER on the control
-socket (a process of this user without the key), or, as root, a throwaway local user. Forged
-payloads are pickles that count their own deserialisation: unpickling one anywhere (supervisor,
-replica) creates a marker file named for the frame, so "no marker" means "never deserialised".
-Each test prints what it measured (run with ``-s``).
+socket (a process of this user without the key), or, as root, a throwaway local user.
+
+Two counters show that forged frames are never deserialised. Their payloads are pickles that
+count their own loading: unpickling one anywhere creates a marker directory named for it. And
+the module's instance runs with the deserialisers instrumented (a ``sitecustomize`` on its
+PYTHONPATH): every call of ``msgpack.unpackb``, ``pickle.loads`` or ``cloudpickle.loads`` on
+bytes that hold the forgeries' tag is written to a log, in the supervisor, the proxy and every
+replica. Each test prints what it measured (run with ``-s``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,27 @@ pytestmark = pytest.mark.timeout(60)
 
 # -- helpers -------------------------------------------------------------------------------------
 
+TAG = b"FORGED-4f2a"  # in every forged frame; counted when a deserialiser is given it
+
+_COUNTING_SITECUSTOMIZE = f"""
+import os
+_log = os.environ.get("SHOAL_TEST_DECODE_LOG")
+if _log:
+    import cloudpickle, msgpack, pickle
+
+    def _counted(name, decode):
+        def counted(data, *args, **kwargs):
+            if {TAG!r} in bytes(data):
+                with open(_log, "a") as log:
+                    log.write(f"{{os.getpid()}} {{name}}\\n")
+            return decode(data, *args, **kwargs)
+        return counted
+
+    msgpack.unpackb = _counted("msgpack.unpackb", msgpack.unpackb)
+    pickle.loads = _counted("pickle.loads", pickle.loads)
+    cloudpickle.loads = _counted("cloudpickle.loads", cloudpickle.loads)
+"""
+
 
 class Marker:
     """Unpickling this creates ``path``: a deserialisation counter that works in any process."""
@@ -64,9 +89,9 @@ class Peer:
     def send(self, *frames: bytes) -> None:
         self.sock.send_multipart(list(frames))
 
-    def call(self, key: bytes, op: str, call_id: int, timeout_s: float = 10.0) -> Message:
+    def call(self, key: bytes, op: str, call_id: int, timeout_s: float = 10.0, **meta: Any) -> Message:
         """A signed CALL; returns the first message this socket receives (verified)."""
-        [frame] = wire.encode(Message(Kind.CALL, 0, call_id, {"op": op}))
+        [frame] = wire.encode(Message(Kind.CALL, 0, call_id, {"op": op, **meta}))
         self.send(wire.sign(frame, key))
         assert self.sock.poll(int(timeout_s * 1000)), f"no reply to '{op}' within {timeout_s}s"
         [reply] = self.sock.recv_multipart()
@@ -123,6 +148,24 @@ class SlowStart:
         return "started"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def decode_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The log of deserialiser calls on tagged bytes (one line each), for the instance this
+    module starts: set up before ``serve_instance`` (autouse fixtures come first)."""
+    hook = tmp_path_factory.mktemp("decode-counter")
+    (hook / "sitecustomize.py").write_text(_COUNTING_SITECUSTOMIZE)
+    log = hook / "decodes.log"
+    log.touch()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+        mp.setenv("SHOAL_TEST_DECODE_LOG", str(log))
+        yield log
+
+
+def decodes(log: Path) -> list[str]:
+    return log.read_text().splitlines()
+
+
 @pytest.fixture(scope="module")
 def hello(serve_instance: Any) -> Iterator[Any]:
     handle = serve.run(Hello.bind(), name="hello", route_prefix=None)
@@ -140,7 +183,9 @@ def peer(serve_instance: Any) -> Iterator[Peer]:
 # -- registering as a replica --------------------------------------------------------------------
 
 
-def test_a_forged_ready_never_registers_a_replica(serve_instance: Any, gate: Any, peer: Peer, app_name: str) -> None:
+def test_a_forged_ready_never_registers_a_replica(
+    serve_instance: Any, gate: Any, peer: Peer, app_name: str, decode_log: Path
+) -> None:
     """A replica is starting (its constructor waits on a gate). READY frames for exactly its
     replica id and incarnation, without the key, are dropped and counted; a validly signed
     READY for another incarnation of it (a replay) changes nothing. Only its own READY counts."""
@@ -155,7 +200,7 @@ def test_a_forged_ready_never_registers_a_replica(serve_instance: Any, gate: Any
     incarnation = int(endpoint.stem[1:])
     meta = {"replica_id": replica.replica_id, "pid": replica.pid, "protocol": wire.PROTOCOL_VERSION,
             "endpoint": f"ipc://{endpoint}"}
-    [ready] = wire.encode(Message(Kind.READY, incarnation, 0, meta))
+    [ready] = wire.encode(Message(Kind.READY, incarnation, 0, {**meta, "tag": TAG}))
     [stale] = wire.encode(Message(Kind.READY, incarnation - 1, 0, meta))
     signed_stale = wire.sign(stale, key)
     moved = signed_stale[:1] + incarnation.to_bytes(4, "big") + signed_stale[5:]  # stale MAC, current incarnation
@@ -165,17 +210,21 @@ def test_a_forged_ready_never_registers_a_replica(serve_instance: Any, gate: Any
         "stale MAC moved to this incarnation": moved,
         "MAC cut off": wire.sign(ready, key)[: len(ready)],
     }
-    before = rejected_frames()
+    before, decoded_before = rejected_frames(), len(decodes(decode_log))
     peer.send(signed_stale)  # handled first: one peer's frames are handled in order
     for frame in forged.values():
         peer.send(frame)
     wait_until(lambda: rejected_frames() >= before + len(forged), 10, "the forged READY frames are counted")
     rejected = rejected_frames() - before
+    decoded = decodes(decode_log)[decoded_before:]
     status = serve.status().applications[app_name]
     states = status.deployments["SlowStart"].replica_states
-    figures = f"forged READY frames={len(forged)} rejected={rejected} replica states after={states} app={status.status}"
+    figures = (
+        f"forged READY frames={len(forged)} rejected={rejected} deserialiser calls on them={decoded} "
+        f"replica states after={states} app={status.status}"
+    )
     print(figures)
-    assert rejected == len(forged), figures
+    assert rejected == len(forged) and decoded == [], figures
     assert states == {"STARTING": 1} and status.status == "DEPLOYING", figures
     gate.open.remote(app_name).result()
     runner.join(30)
@@ -186,7 +235,7 @@ def test_a_forged_ready_never_registers_a_replica(serve_instance: Any, gate: Any
 
 
 def test_forged_control_calls_get_no_effect_and_no_answer(
-    serve_instance: Any, hello: Any, peer: Peer, tmp_path: Path
+    serve_instance: Any, hello: Any, peer: Peer, tmp_path: Path, decode_log: Path
 ) -> None:
     """T28: deploy and shutdown CALLs that are unsigned, signed with another key, cut short,
     tampered with, malformed or oversize are all dropped before anything in them is decoded:
@@ -199,9 +248,9 @@ def test_forged_control_calls_get_no_effect_and_no_answer(
     def deploy_frame(label: str) -> bytes:
         deployments, ingress = _build.build(touch_marker.bind(Marker(markers / label)), f"forged_{label}")
         spec = _build.to_spec(deployments, ingress, f"forged_{label}", None)
-        return call_frame("deploy", 7, wire.pack(spec), name=f"forged_{label}")
+        return call_frame("deploy", 7, wire.pack(spec), name=f"forged_{label}", tag=TAG)
 
-    shutdown = call_frame("shutdown", 8)
+    shutdown = call_frame("shutdown", 8, tag=TAG)
     signed = wire.sign(deploy_frame("tampered"), key)
     tampered = signed[:-40] + bytes([signed[-40] ^ 1]) + signed[-39:]
     forged: dict[str, list[bytes]] = {
@@ -215,28 +264,34 @@ def test_forged_control_calls_get_no_effect_and_no_answer(
         "shutdown, no MAC": [shutdown],
         "shutdown, another key": [wire.sign(shutdown, secrets.token_bytes(32))],
         "tiny frame": [b"\x16"],
-        "meta not msgpack, no MAC": [wire._HEADER.pack(Kind.CALL, 0, 9, 3) + b"\xc1\xc1\xc1"],
+        "meta not msgpack, no MAC": [wire._HEADER.pack(Kind.CALL, 0, 9, 3) + b"\xc1\xc1\xc1" + TAG],
         "meta a list, valid MAC": [wire.sign(wire._HEADER.pack(Kind.CALL, 0, 9, 3) + b"\x92\x01\x02", key)],
         "meta not msgpack, valid MAC": [wire.sign(wire._HEADER.pack(Kind.CALL, 0, 9, 1) + b"\xc1", key)],
     }
-    before = rejected_frames()
+    before, decoded_before = rejected_frames(), len(decodes(decode_log))
     supervisor = serve_instance.supervisor
     for frames in forged.values():
         peer.send(*frames)
     wait_until(lambda: rejected_frames() >= before + len(forged), 15, "every forged frame is counted")
-    first = peer.call(key, "ping", 99)  # the first message this peer gets: nothing answered the forgeries
+    # The first message this peer gets: nothing answered the forgeries. Its CALL carries the tag
+    # and a valid MAC, so it is decoded once: the counter does count.
+    first = peer.call(key, "ping", 99, tag=TAG)
     rejected = rejected_frames() - before
+    decoded = decodes(decode_log)[decoded_before:]
+    counted_ping = [line for line in decoded if line == f"{supervisor.pid} msgpack.unpackb"]
     made = sorted(p.name for p in markers.iterdir())
     apps = sorted(n for n in serve.status().applications if n.startswith("forged_"))
     served = hello.remote().result(timeout_s=10)
     figures = (
         f"forged frames by class={list(forged)} sent={len(forged)} rejected={rejected} "
-        f"deserialised (markers)={len(made)} {made} forged apps={apps} first reply call_id={first.call_id} "
+        f"deserialised (markers)={len(made)} {made} deserialiser calls on forged bytes={len(decoded) - 1} "
+        f"(the signed ping: {len(counted_ping)}) forged apps={apps} first reply call_id={first.call_id} "
         f"supervisor alive={supervisor.is_running()} served after={served!r}"
     )
     print(figures)
     assert rejected == len(forged), figures
     assert made == [] and apps == [], figures
+    assert decoded == counted_ping and len(counted_ping) == 1, figures
     assert first.call_id == 99 and first.meta["ok"], figures
     assert supervisor.is_running() and served == "hello", figures
 
