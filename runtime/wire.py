@@ -423,6 +423,13 @@ def _entry_from_wire(data: Mapping[str, Any]) -> DeploymentEntry:
 # payload), so a READY signed for one replica incarnation cannot pass for another's, and a frame
 # cut short or changed anywhere fails. ``verify`` looks at nothing but the length and the MAC:
 # a frame is checked before any of it is decoded.
+#
+# Signed: every frame on the control socket (CALL, READY, REPLY). Not signed: the data plane
+# (requests to replicas and their replies), whose sockets only the 0700 run directory guards.
+# Measured (python -m timeit, best of 15, on a loaded 2-core machine): sign 2.7 us and verify
+# 3.9 us at 100 B and 1 KiB, about 50 us each at 64 KiB. A handle call signs and verifies twice
+# (request and reply), about 13 us at typical sizes (63 B request, 32 B reply), 5 % of a 280 us
+# round trip, and about 200 us (70 %) with a 64 KiB body: over the 2 % we allowed it.
 
 KEY_BYTES = 32
 MAC_BYTES = 16
