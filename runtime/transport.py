@@ -62,12 +62,18 @@ def terminate_context() -> None:
     _context = None
 
 
+def key_path(control_endpoint: str) -> str:
+    """The key file of the instance whose control socket is ``control_endpoint``
+    (``ipc://<run dir>/control.sock``): ``KEY_FILE`` in the same run directory."""
+    return os.path.join(os.path.dirname(control_endpoint.removeprefix("ipc://")), KEY_FILE)
+
+
 def read_key(control_endpoint: str) -> bytes:
-    """The secret key of the instance whose control socket is ``control_endpoint``
-    (``ipc://<run dir>/control.sock``): the ``KEY_FILE`` its supervisor created in the run
-    directory. ShoalConnectionError if the file is missing (no supervisor runs there), is not a
-    regular file of this user closed to everyone else, or does not hold a key."""
-    path = os.path.join(os.path.dirname(control_endpoint.removeprefix("ipc://")), KEY_FILE)
+    """The secret key of the instance whose control socket is ``control_endpoint``: the
+    ``key_path`` file its supervisor created. ShoalConnectionError if the file is missing (no
+    supervisor runs there), is not a regular file of this user closed to everyone else, or does
+    not hold a key."""
+    path = key_path(control_endpoint)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -116,7 +122,7 @@ class Channel:
         key: bytes | None = None,
     ) -> None:
         self.sock = sock
-        self._key = key
+        self.key = key  # what ``send_message`` signs with (None: nothing is signed); may change
         self._on_message = on_message
         self._loop = loop or asyncio.get_running_loop()
         self._fd = cast(int, sock.getsockopt(zmq.FD))
@@ -155,8 +161,8 @@ class Channel:
     def send_message(self, msg: wire.Message, identity: bytes | None = None) -> bool:
         """Encode ``msg`` (signed if the channel has a key) and ``send`` it."""
         frames = wire.encode(msg)
-        if self._key is not None:
-            frames = [wire.sign(frames[0], self._key)]
+        if self.key is not None:
+            frames = [wire.sign(frames[0], self.key)]
         if identity is not None:
             frames.insert(0, identity)
         return self.send(frames)

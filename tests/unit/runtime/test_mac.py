@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import os
@@ -15,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shoal.controller import rundir
-from shoal.runtime import transport, wire
+from shoal.runtime import client, transport, wire
 from shoal.runtime.errors import ShoalConnectionError
 from shoal.runtime.wire import Kind, Message, ProtocolError
 
@@ -154,3 +155,18 @@ def test_read_key_refuses_a_file_that_holds_no_key(run_dir: Path, size: int) -> 
     path.chmod(0o600)
     with pytest.raises(ShoalConnectionError, match=f"holds {size} bytes"):
         transport.read_key(rundir.control_endpoint(run_dir))
+
+
+def test_a_runtime_reads_the_key_again_when_a_new_supervisor_replaced_it(run_dir: Path) -> None:
+    first = rundir.create_key(run_dir)
+    loop = asyncio.new_event_loop()
+    try:
+        rt = client.Runtime(loop, rundir.control_endpoint(run_dir))
+        assert rt._current_key() == first
+        rundir.remove_sockets(run_dir)  # what a supervisor started again on the run dir does
+        second = rundir.create_key(run_dir)
+        assert rt._current_key() == second != first
+        rundir.remove_sockets(run_dir)  # no supervisor now: the last key stays
+        assert rt._current_key() == second
+    finally:
+        loop.close()
