@@ -67,6 +67,8 @@ def _leaks(text: str) -> list[str]:
 
 
 def test_pickled_bodies_reach_the_handler_as_bytes_and_are_never_loaded(url: str, tmp_path: Path) -> None:
+    """Pickles (every protocol, cloudpickle, a msgpack ext wrapping one) posted with binary and
+    pickle content types reach the handler as the same bytes; none is ever loaded."""
     markers = tmp_path / "markers"
     markers.mkdir()
     bodies = {f"pickle protocol {p}": pickle.dumps(Marker(markers / f"p{p}"), protocol=p) for p in range(6)}
@@ -110,6 +112,8 @@ def _raw_request(url: str, head: bytes) -> tuple[int, list[bytes], bytes]:
     ],
 )
 def test_request_ids_are_never_echoed_raw_into_a_response_header(url: str, request_id: bytes) -> None:
+    """An ``x-request-id`` with CR, an ANSI escape, NUL or 10 KiB: no response header carries
+    a CR or LF or an injected header, an echoed id is at most 128 bytes, no traceback."""
     head = b"GET /t30 HTTP/1.1\r\nhost: x\r\nconnection: close\r\nx-request-id: " + request_id + b"\r\n\r\n"
     status, lines, body = _raw_request(url, head)
     echoed = [line.split(b":", 1)[1].strip() for line in lines if line.lower().startswith(b"x-request-id:")]

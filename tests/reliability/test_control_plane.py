@@ -186,7 +186,7 @@ def peer(serve_instance: Any) -> Iterator[Peer]:
 def test_a_forged_ready_never_registers_a_replica(
     serve_instance: Any, gate: Any, peer: Peer, app_name: str, decode_log: Path
 ) -> None:
-    """A replica is starting (its constructor waits on a gate). READY frames for exactly its
+    """T28 (READY): a replica is starting (its constructor waits on a gate). READY frames for its
     replica id and incarnation, without the key, are dropped and counted; a validly signed
     READY for another incarnation of it (a replay) changes nothing. Only its own READY counts."""
     key = instance_key(serve_instance.run_dir)
