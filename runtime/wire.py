@@ -426,10 +426,11 @@ def _entry_from_wire(data: Mapping[str, Any]) -> DeploymentEntry:
 #
 # Signed: every frame on the control socket (CALL, READY, REPLY). Not signed: the data plane
 # (requests to replicas and their replies), whose sockets only the 0700 run directory guards.
-# Measured (python -m timeit, best of 15, on a loaded 2-core machine): sign 2.7 us and verify
-# 3.9 us at 100 B and 1 KiB, about 50 us each at 64 KiB. A handle call signs and verifies twice
-# (request and reply), about 13 us at typical sizes (63 B request, 32 B reply), 5 % of a 280 us
-# round trip, and about 200 us (70 %) with a 64 KiB body: over the 2 % we allowed it.
+# Measured (python -m timeit, best of 15 to 50, on a busy 2-core machine): sign 2.4-3.9 us and
+# verify 2.8-3.9 us at 100 B, about the same at 1 KiB, 50-80 us each at 64 KiB. A handle call
+# signs and verifies twice (request and reply): 11-15 us at typical sizes (a 63 B request, a 32 B
+# reply), 4-5 % of a 280 us round trip, and over 100 us (35 % or more) when the request carries
+# 64 KiB: over the 2 % we allowed it.
 
 KEY_BYTES = 32
 MAC_BYTES = 16
