@@ -125,6 +125,13 @@ def connections(proc: psutil.Process, kind: str) -> list[Any]:
     return list(method(kind=kind))
 
 
+def replica_socket(pid: int) -> Path:
+    """The path of the ROUTER socket the replica process ``pid`` bound: r<incarnation>.sock."""
+    bound = {Path(c.laddr) for c in connections(psutil.Process(pid), "unix") if c.laddr}
+    [path] = [p for p in bound if p.stem.startswith("r") and p.stem[1:].isdigit()]
+    return path
+
+
 @serve.deployment
 def touch_marker(marker: Any) -> str:
     return "deployed"
@@ -195,8 +202,7 @@ def test_a_forged_ready_never_registers_a_replica(
     runner.start()
     gate.arrived.remote(app_name).result(timeout_s=30)
     [replica] = serve.status().applications[app_name].deployments["SlowStart"].replicas
-    bound = {Path(c.laddr) for c in connections(psutil.Process(replica.pid), "unix") if c.laddr}
-    [endpoint] = [p for p in bound if p.stem.startswith("r") and p.stem[1:].isdigit()]  # r<incarnation>.sock
+    endpoint = replica_socket(replica.pid)
     incarnation = int(endpoint.stem[1:])
     meta = {"replica_id": replica.replica_id, "pid": replica.pid, "protocol": wire.PROTOCOL_VERSION,
             "endpoint": f"ipc://{endpoint}"}
@@ -294,6 +300,33 @@ def test_forged_control_calls_get_no_effect_and_no_answer(
     assert decoded == counted_ping and len(counted_ping) == 1, figures
     assert first.call_id == 99 and first.meta["ok"], figures
     assert supervisor.is_running() and served == "hello", figures
+
+
+def test_a_request_for_a_previous_incarnation_never_runs(
+    serve_instance: Any, hello: Any, tmp_path: Path, decode_log: Path
+) -> None:
+    """T28 (stale epoch): a REQUEST on a replica's own socket but addressed to the incarnation
+    before it, with a pickled payload, is refused (REJECTED) before its payload is decoded."""
+    [replica] = serve.status().applications["hello"].deployments["Hello"].replicas
+    endpoint = replica_socket(replica.pid)
+    incarnation = int(endpoint.stem[1:])
+    marker = tmp_path / "stale"
+    header = wire.RequestHeader("__call__", "stale-1", wire.Encoding.PICKLE)
+    payload = wire.dumps_args((Marker(marker), TAG), {})[1]
+    [frame] = wire.encode(wire.request(incarnation - 1, 5, header, payload))
+    decoded_before = len(decodes(decode_log))
+    peer = Peer(f"ipc://{endpoint}")
+    try:
+        peer.send(frame)
+        assert peer.sock.poll(10_000), "no reply from the replica within 10 s"
+        reply = wire.decode(peer.sock.recv_multipart())
+    finally:
+        peer.close()
+    decoded = decodes(decode_log)[decoded_before:]
+    figures = f"reply={reply.kind.name} marker={marker.exists()} deserialiser calls on the payload={decoded}"
+    print(figures)
+    assert reply.kind == Kind.REJECTED and not marker.exists() and decoded == [], figures
+    assert hello.remote().result(timeout_s=10) == "hello"
 
 
 def test_a_frame_flood_without_the_key_is_absorbed(serve_instance: Any, hello: Any) -> None:
