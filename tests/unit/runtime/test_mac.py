@@ -1,5 +1,6 @@
 """The instance key and frame MACs: ``wire.sign``/``wire.verify``, ``rundir.create_key`` and
-``transport.read_key``. No processes; files in a private temporary directory."""
+``transport.read_key``, a signing ``transport.Channel``. No processes; files in a private
+temporary directory, sockets ``inproc://``."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import zmq
 from hypothesis import given
 from hypothesis import strategies as st
+from inproc import run
 
 from shoal.controller import rundir
 from shoal.runtime import client, transport, wire
@@ -170,3 +173,26 @@ def test_a_runtime_reads_the_key_again_when_a_new_supervisor_replaced_it(run_dir
         assert rt._current_key() == second
     finally:
         loop.close()
+
+
+def test_a_channel_with_a_key_signs_what_it_sends() -> None:
+    async def main() -> None:
+        got: asyncio.Queue[list[bytes]] = asyncio.Queue()
+        server_sock = transport.make_socket(zmq.ROUTER)
+        server_sock.bind("inproc://mac-signed")
+        server = transport.Channel(server_sock, got.put_nowait)
+        client_sock = transport.make_socket(zmq.DEALER)
+        client_sock.connect("inproc://mac-signed")
+        signing = transport.Channel(client_sock, lambda frames: None, key=KEY)
+        msg = Message(Kind.CALL, 0, 3, {"op": "ping"})
+        signing.send_message(msg)
+        signing.key = None  # unsigned from now on
+        signing.send_message(msg)
+        _, signed = await got.get()
+        _, plain = await got.get()
+        assert wire.decode([wire.verify(signed, KEY)]) == msg
+        assert plain == wire.encode(msg)[0]
+        signing.close()
+        server.close()
+
+    run(main)
