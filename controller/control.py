@@ -33,13 +33,13 @@ _MAX_LOGGED_PEERS = 64
 
 
 class ControlServer:
-    def __init__(
-        self, endpoint: str, controller: Controller, *, key: bytes, on_shutdown: Callable[[], None], info: dict[str, Any]
-    ) -> None:
+    def __init__(self, endpoint: str, controller: Controller, *, on_shutdown: Callable[[], None], info: dict[str, Any]) -> None:
+        """Bind ``endpoint``; the instance's key is read from beside it, as every process does
+        (the supervisor created it before)."""
         self.controller = controller
         self._on_shutdown = on_shutdown
         self._info = info
-        self._key = key
+        self._key = key = transport.read_key(endpoint)
         self.rejected_frames = 0
         self._logged_peers: set[bytes] = set()
         sock = transport.make_socket(zmq.ROUTER)

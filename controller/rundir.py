@@ -23,9 +23,9 @@ import stat
 import time
 from pathlib import Path
 
-from shoal.runtime import wire
 from shoal.runtime.errors import RayServeException
 from shoal.runtime.transport import KEY_FILE
+from shoal.runtime.wire import KEY_BYTES
 
 CONTROL_SOCKET = "control.sock"
 PID_FILE = "supervisor.pid"
@@ -93,7 +93,7 @@ def replica_endpoint(run_dir: Path, incarnation: int) -> str:
 def create_key(run_dir: Path) -> bytes:
     """Create the instance's secret key file in ``run_dir`` (mode 600; never over an existing
     file or through a symlink: FileExistsError) and return the key."""
-    key = secrets.token_bytes(wire.KEY_BYTES)
+    key = secrets.token_bytes(KEY_BYTES)
     fd = os.open(run_dir / KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         view = memoryview(key)
