@@ -7,6 +7,11 @@ user) and ``etype`` (the exception type to raise). Operations that wait (``liste
 
 Workers send READY; their protocol version is checked by the controller. (A worker that fails
 to start says why on its last-words pipe, not here: see ``WorkerProcess``.)
+
+Every frame must be signed with the instance's key (``wire.sign``), replies are too. A frame
+whose MAC is missing or wrong, or that is malformed, is dropped before anything in it is decoded
+and is never answered; it is counted in ``rejected_frames`` (in the ``status`` reply) and logged
+once per peer connection (for the first ``_MAX_LOGGED_PEERS`` peers).
 """
 
 from __future__ import annotations
@@ -24,15 +29,22 @@ from shoal.runtime import transport, wire
 
 logger = logging.getLogger("shoal.control")
 
+_MAX_LOGGED_PEERS = 64
+
 
 class ControlServer:
     def __init__(self, endpoint: str, controller: Controller, *, on_shutdown: Callable[[], None], info: dict[str, Any]) -> None:
+        """Bind ``endpoint``; the instance's key is read from beside it, as every process does
+        (the supervisor created it before)."""
         self.controller = controller
         self._on_shutdown = on_shutdown
         self._info = info
+        self._key = key = transport.read_key(endpoint)
+        self.rejected_frames = 0
+        self._logged_peers: set[bytes] = set()
         sock = transport.make_socket(zmq.ROUTER)
         sock.bind(endpoint)
-        self.channel = transport.Channel(sock, self._on_message)
+        self.channel = transport.Channel(sock, self._on_message, key=key)
         self._tasks = TaskSet()
         self._ops: dict[str, Callable[[dict[str, Any], tuple[bytes, ...]], Awaitable[dict[str, Any]]]] = {
             "ping": self._ping,
@@ -54,7 +66,18 @@ class ControlServer:
         self.channel.close()
 
     def _on_message(self, frames: list[bytes]) -> None:
-        identity, msg = frames[0], wire.decode(frames[1:])
+        identity = frames[0]
+        try:
+            if len(frames) != 2:
+                raise wire.ProtocolError(f"expected one frame after the peer's identity, got {len(frames) - 1}")
+            msg = wire.decode([wire.verify(frames[1], self._key)])
+        except wire.ProtocolError as exc:
+            self.rejected_frames += 1
+            if identity not in self._logged_peers and len(self._logged_peers) < _MAX_LOGGED_PEERS:
+                self._logged_peers.add(identity)
+                logger.warning("dropped a frame from control peer %s: %s (rejected so far: %d)",
+                               identity.hex(), exc, self.rejected_frames)
+            return
         if msg.kind == wire.Kind.CALL:
             self._tasks.spawn(self._answer(identity, msg), name=f"operation {msg.meta.get('op', '')}")
         elif msg.kind == wire.Kind.READY:
@@ -114,7 +137,7 @@ class ControlServer:
         return {}
 
     async def _status(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
-        return {"status": self.controller.status()}
+        return {"status": self.controller.status(), "rejected_frames": self.rejected_frames}
 
     async def _listen(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
         version = meta.get("version", 0)

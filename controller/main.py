@@ -51,6 +51,7 @@ async def serve(config: SupervisorConfig) -> int:
     if rundir.supervisor_pid(run_dir) not in (None, os.getpid()):
         raise rundir.UnsafeRunDirError(f"a shoal supervisor already runs in {run_dir}")
     rundir.remove_sockets(run_dir)
+    rundir.create_key(run_dir)  # before the pid file: whoever finds this supervisor finds its key
     (run_dir / rundir.PID_FILE).write_text(str(os.getpid()))
 
     loop = asyncio.get_running_loop()

@@ -3,22 +3,29 @@
     $SHOAL_RUN_DIR or /tmp/shoal-<uid>/          base, 0700, owned by this user
         default/                                  the instance `shoal start` runs
         session_<pid>_<time>/                     a private instance started by serve.run
-            control.sock  supervisor.pid  r<incarnation>.sock ...  logs/
+            control.sock  supervisor.pid  instance.key  r<incarnation>.sock ...  logs/
 
 Every directory is created 0700 and checked to be exactly that: owned by this user, not a
 symlink, no access for group or others. A supervisor refuses to start on a directory that is
 not, since any local user who can reach the sockets could make replicas unpickle their data.
+
+``instance.key`` holds the instance's secret (created 0600 by the supervisor as it starts,
+removed as it stops): every process that joins the instance signs its frames with it, so the
+directory's permissions are not the only wall (``wire.sign``, ``transport.read_key``).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import stat
 import time
 from pathlib import Path
 
 from shoal.runtime.errors import RayServeException
+from shoal.runtime.transport import KEY_FILE
+from shoal.runtime.wire import KEY_BYTES
 
 CONTROL_SOCKET = "control.sock"
 PID_FILE = "supervisor.pid"
@@ -83,6 +90,20 @@ def replica_endpoint(run_dir: Path, incarnation: int) -> str:
     return f"ipc://{run_dir / f'r{incarnation}.sock'}"
 
 
+def create_key(run_dir: Path) -> bytes:
+    """Create the instance's secret key file in ``run_dir`` (mode 600; never over an existing
+    file or through a symlink: FileExistsError) and return the key."""
+    key = secrets.token_bytes(KEY_BYTES)
+    fd = os.open(run_dir / KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(key)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    return key
+
+
 def supervisor_pid(run_dir: Path) -> int | None:
     """The pid of the live supervisor of ``run_dir``, or None."""
     try:
@@ -99,9 +120,9 @@ def supervisor_pid(run_dir: Path) -> int | None:
 
 
 def remove_sockets(run_dir: Path) -> None:
-    """Remove the sockets and pid file of a stopped instance; logs stay."""
+    """Remove the sockets, pid file and key of a stopped instance; logs stay."""
     for entry in run_dir.iterdir():
-        if entry.suffix == ".sock" or entry.name == PID_FILE:
+        if entry.suffix == ".sock" or entry.name in (PID_FILE, KEY_FILE):
             try:
                 entry.unlink()
             except FileNotFoundError:

@@ -5,6 +5,10 @@ controller's snapshots (replica sets, limits, routes; versioned) arrive by long-
 runtime asks "anything newer than version v?" and the supervisor answers when there is, so an
 older snapshot is never applied over a newer one.
 
+Control calls are signed with the instance's key, read from the run directory (``transport.
+read_key``) when the runtime is created, and again whenever its file was replaced (a supervisor
+started again on the run directory makes a new key); replies without the key's MAC are dropped.
+
 In the driver the loop runs in a daemon thread ("shoal-runtime"), so handles work from sync code
 (``.result()``) and from any other event loop (``await``). In a replica or the proxy, the
 runtime uses the process's own loop.
@@ -51,6 +55,9 @@ class Runtime:
         self.role = role  # "driver", "replica" or "proxy": the controller tracks what the proxy applied
         self.inbox = LoopInbox(loop)
         self.control_endpoint = control_endpoint
+        self._key_stamp = _file_stamp(transport.key_path(control_endpoint))  # before reading: see _current_key
+        self._key = transport.read_key(control_endpoint)
+        self._warned_bad_reply = False
         self.app_name = app_name  # the app this process serves, if it is a replica
         self.routers: dict[tuple[str, str], Router] = {}
         self.snapshot = wire.Snapshot()
@@ -68,7 +75,7 @@ class Runtime:
     def _start(self) -> None:
         sock = transport.make_socket(zmq.DEALER)
         sock.connect(self.control_endpoint)
-        self._control = transport.Channel(sock, self._on_control, self.loop)
+        self._control = transport.Channel(sock, self._on_control, self.loop, key=self._key)
         self._listener = self.loop.create_task(self._listen())
 
     def in_loop_thread(self) -> bool:
@@ -162,6 +169,7 @@ class Runtime:
         fut = self.loop.create_future()
         self._pending[call_id] = fut
         body = {"op": op, **(meta or {})}
+        self._control.key = self._current_key()
         self._control.send_message(wire.Message(wire.Kind.CALL, 0, call_id, body, payload))
         try:
             async with asyncio.timeout(timeout_s):
@@ -186,8 +194,25 @@ class Runtime:
             raise RuntimeError("call_sync() cannot be used on the runtime's own loop")
         return asyncio.run_coroutine_threadsafe(self.call(op, meta, payload, timeout_s), self.loop).result()
 
+    def _current_key(self) -> bytes:
+        """The instance's key, read again if its file was replaced since it was last read."""
+        stamp = _file_stamp(transport.key_path(self.control_endpoint))
+        if stamp is not None and stamp != self._key_stamp:
+            # Stamped before reading: a file replaced in between is read once more next time.
+            self._key_stamp = stamp
+            self._key = transport.read_key(self.control_endpoint)
+        return self._key
+
     def _on_control(self, frames: list[bytes]) -> None:
-        msg = wire.decode(frames)
+        try:
+            if len(frames) != 1:
+                raise wire.ProtocolError(f"expected one frame, got {len(frames)}")
+            msg = wire.decode([wire.verify(frames[0], self._key)])
+        except wire.ProtocolError as exc:
+            if not self._warned_bad_reply:  # once: whoever answers there is not our supervisor
+                self._warned_bad_reply = True
+                logger.warning("dropped a reply on %s: %s", self.control_endpoint, exc)
+            return
         fut = self._pending.get(msg.call_id)
         if fut is not None and not fut.done():
             fut.set_result((msg.meta, msg.payload))
@@ -221,6 +246,15 @@ class Runtime:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=5)
         transport.terminate_context()
+
+
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    """What changes when the file at ``path`` is replaced or rewritten; None if it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 _runtime: Runtime | None = None

@@ -13,6 +13,10 @@ monitor: when the peer's end closes, it first handles every message already rece
 ``on_disconnect()``, so a peer's last replies always come before the news of its death. Connect
 such a socket after building its channel: a connection made before the monitor starts is missed.
 
+A channel built with ``key`` signs every message it sends with ``send_message`` (see
+``wire.sign``); checking what arrives is the receiver's business (``wire.verify``), since only it
+knows whom to tell. ``read_key`` reads the instance's key from its run directory.
+
 All methods must be called from the loop's thread.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 from collections.abc import Callable
 from typing import cast
 
@@ -28,10 +33,13 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from shoal.runtime import wire
+from shoal.runtime.errors import ShoalConnectionError
 
 logger = logging.getLogger("shoal.transport")
 
 _DRAIN_BATCH = 256
+
+KEY_FILE = "instance.key"  # in the run directory, beside the control socket
 
 _context: zmq.Context[zmq.Socket[bytes]] | None = None
 _context_pid: int | None = None
@@ -52,6 +60,39 @@ def terminate_context() -> None:
     if _context is not None and _context_pid == os.getpid():
         _context.term()
     _context = None
+
+
+def key_path(control_endpoint: str) -> str:
+    """The key file of the instance whose control socket is ``control_endpoint``
+    (``ipc://<run dir>/control.sock``): ``KEY_FILE`` in the same run directory."""
+    return os.path.join(os.path.dirname(control_endpoint.removeprefix("ipc://")), KEY_FILE)
+
+
+def read_key(control_endpoint: str) -> bytes:
+    """The secret key of the instance whose control socket is ``control_endpoint``: the
+    ``key_path`` file its supervisor created. ShoalConnectionError if the file is missing (no
+    supervisor runs there), is not a regular file of this user closed to everyone else, or does
+    not hold a key."""
+    path = key_path(control_endpoint)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ShoalConnectionError(
+            f"cannot read the shoal instance key {path} ({exc.strerror}); is the supervisor running?"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise ShoalConnectionError(
+                f"the shoal instance key {path} must be a file of yours with mode 600 "
+                f"(it has mode {stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid}); refusing to use it"
+            )
+        key = os.read(fd, wire.KEY_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(key) != wire.KEY_BYTES:
+        raise ShoalConnectionError(f"the shoal instance key {path} holds {len(key)} bytes, not {wire.KEY_BYTES}")
+    return key
 
 
 def make_socket(kind: int) -> zmq.Socket[bytes]:
@@ -78,8 +119,10 @@ class Channel:
         on_message: Callable[[list[bytes]], None],
         loop: asyncio.AbstractEventLoop | None = None,
         on_disconnect: Callable[[], None] | None = None,
+        key: bytes | None = None,
     ) -> None:
         self.sock = sock
+        self.key = key  # what ``send_message`` signs with (None: nothing is signed); may change
         self._on_message = on_message
         self._loop = loop or asyncio.get_running_loop()
         self._fd = cast(int, sock.getsockopt(zmq.FD))
@@ -116,7 +159,10 @@ class Channel:
         return True
 
     def send_message(self, msg: wire.Message, identity: bytes | None = None) -> bool:
+        """Encode ``msg`` (signed if the channel has a key) and ``send`` it."""
         frames = wire.encode(msg)
+        if self.key is not None:
+            frames = [wire.sign(frames[0], self.key)]
         if identity is not None:
             frames.insert(0, identity)
         return self.send(frames)

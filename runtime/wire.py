@@ -32,6 +32,7 @@ The data plane's headers (``RequestHeader``, ``ReplyHeader``) and the controller
 from __future__ import annotations
 
 import enum
+import hmac
 import re
 import struct
 from collections.abc import Mapping
@@ -417,3 +418,41 @@ def _entry_from_wire(data: Mapping[str, Any]) -> DeploymentEntry:
         bool(data.get("autoscaling", False)),
         data.get("failed_reason"),
     )
+
+
+# -- authentication -----------------------------------------------------------------------------
+#
+# Every process that joins an instance holds the instance's secret key (``KEY_BYTES`` random
+# bytes in a 0600 file of the run directory, created by the supervisor; see
+# ``transport.read_key``). A signed frame is the frame followed by the first ``MAC_BYTES`` of
+# HMAC-SHA256(key, frame). The MAC covers the whole frame (kind, incarnation, call id, meta and
+# payload), so a READY signed for one replica incarnation cannot pass for another's, and a frame
+# cut short or changed anywhere fails. ``verify`` looks at nothing but the length and the MAC:
+# a frame is checked before any of it is decoded.
+#
+# Signed: every frame on the control socket (CALL, READY, REPLY). Not signed: the data plane
+# (requests to replicas and their replies), whose sockets only the 0700 run directory guards.
+# Measured (python -m timeit, best of 15 to 50, on a busy 2-core machine): sign 2.4-3.9 us and
+# verify 2.8-3.9 us at 100 B, about the same at 1 KiB, 50-80 us each at 64 KiB. A handle call
+# signs and verifies twice (request and reply): 11-15 us at typical sizes (a 63 B request, a 32 B
+# reply), 4-5 % of a 280 us round trip, and over 100 us (35 % or more) when the request carries
+# 64 KiB: over the 2 % we allowed it.
+
+KEY_BYTES = 32
+MAC_BYTES = 16
+
+
+def sign(frame: bytes, key: bytes) -> bytes:
+    """``frame`` followed by its MAC under ``key``; ``verify`` is the inverse."""
+    return frame + hmac.digest(key, frame, "sha256")[:MAC_BYTES]
+
+
+def verify(frame: bytes, key: bytes) -> bytes:
+    """The frame ``sign`` was given, without its MAC. ProtocolError if ``frame`` is too short to
+    be a signed frame or its MAC is not the one ``key`` gives (compared in constant time)."""
+    if len(frame) < _HEADER.size + MAC_BYTES:
+        raise ProtocolError(f"a signed frame has at least {_HEADER.size + MAC_BYTES} bytes, got {len(frame)}")
+    body = frame[:-MAC_BYTES]
+    if not hmac.compare_digest(frame[-MAC_BYTES:], hmac.digest(key, body, "sha256")[:MAC_BYTES]):
+        raise ProtocolError("the frame's MAC does not match: not signed with this instance's key")
+    return body

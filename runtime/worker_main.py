@@ -150,8 +150,10 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
     control = transport.Channel(control_sock, lambda frames: None)
 
     def report(kind: wire.Kind, meta: dict[str, Any]) -> None:
+        """Send ``kind`` to the supervisor, signed with the instance's key (it drops unsigned frames)."""
         meta.update(replica_id=spec["replica_id"], pid=os.getpid(), protocol=wire.PROTOCOL_VERSION)
-        control.send_message(wire.Message(kind, incarnation, 0, meta))
+        [frame] = wire.encode(wire.Message(kind, incarnation, 0, meta))
+        control.send([wire.sign(frame, transport.read_key(spec["control_endpoint"]))])
 
     config = spec["config"]
     replica_sock = transport.make_socket(zmq.ROUTER)
