@@ -231,7 +231,7 @@ def test_t08_proxy_sigkill_under_load(http_app: Any, url: str, serve_instance: A
         killed_at.append(time.monotonic())
         proxy.kill()
 
-    bound_s = 6.0
+    bound_s = 3.0
     load = Load(url, "/t08", concurrency=4, duration_s=1.0 + bound_s)
     asyncio.run(load.run([(1.0, kill)]))
     after_kill = [o for o in load.outcomes if o.ended > killed_at[0]]
@@ -283,7 +283,7 @@ def test_t03_frozen_replica_is_killed_when_declared_unhealthy(http_app: Any, url
         "unhealthy": lambda d: victim not in {r.pid for r in d.replicas if r.state == "RUNNING"},
         "replaced": lambda d: victim not in {r.pid for r in d.replicas} and d.replica_states == {"RUNNING": 3},
     }
-    load = Load(url, "/t03", concurrency=6, duration_s=6.0)
+    load = Load(url, "/t03", concurrency=6, duration_s=4.5)
     try:
         with StatusWatch("t03", "Freezable", conditions) as watch:
             asyncio.run(load.run([(0.5, freeze)]))
@@ -341,8 +341,8 @@ def test_t06_crash_loop_is_reported_and_fails_requests_quickly(http_app: Any, ur
     triggered = time.monotonic()
     for pid in running_pids("t06", "Crashy"):
         os.kill(pid, signal.SIGKILL)  # their replacements see the flag and crash-loop
-    crashing = Load(url, "/t06", concurrency=2, duration_s=8.0)
-    healthy = Load(url, "/t06ok", concurrency=2, duration_s=8.0)
+    crashing = Load(url, "/t06", concurrency=2, duration_s=5.0)
+    healthy = Load(url, "/t06ok", concurrency=2, duration_s=5.0)
 
     async def both() -> None:
         await asyncio.gather(crashing.run(), healthy.run())

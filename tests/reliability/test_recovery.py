@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -88,6 +87,8 @@ def test_t10_supervisor_sigkill_then_start_brings_the_app_back(shoal: Shoal) -> 
     deployed = shoal("deploy", "hello:app", "--route-prefix", "/hello", "--wait")
     assert deployed.returncode == 0, deployed.stderr
     assert _serves(url)
+    saved = shoal.run_dir / "default" / "applied.msgpack"
+    assert saved.exists() and (saved.stat().st_mode & 0o777) == 0o600
     supervisor = shoal.supervisor()
     children = [p.pid for p in supervisor.children(recursive=True)]
     assert len(children) >= 3  # two replicas and the proxy at least
@@ -115,24 +116,8 @@ def test_t10_supervisor_sigkill_then_start_brings_the_app_back(shoal: Shoal) -> 
     assert status_s < 10, figures
     assert not orphans, figures
     assert apps["default"]["status"] == "RUNNING", apps
-
-
-def test_a_graceful_shutdown_forgets_the_applications(shoal: Shoal) -> None:
-    shoal.start()
-    assert shoal("deploy", "hello:app", "--route-prefix", "/hello", "--wait").returncode == 0
+    # An orderly shutdown deletes the applications: the next start brings nothing back.
     assert shoal("shutdown", "-y").returncode == 0
-    new_url = shoal.start()
-    assert shoal("status").stdout.strip() == "No applications are running."
-    assert not _serves(new_url)
-    assert not (shoal.run_dir / "default" / "applied.msgpack").exists()
-
-
-def test_the_saved_applications_are_private(shoal: Shoal) -> None:
+    assert not saved.exists()
     shoal.start()
-    assert shoal("deploy", "hello:app", "--route-prefix", "/hello", "--wait").returncode == 0
-    saved = shoal.run_dir / "default" / "applied.msgpack"
-    assert saved.exists() and (saved.stat().st_mode & 0o777) == 0o600
-    supervisor = shoal.supervisor()
-    os.kill(supervisor.pid, signal.SIGKILL)
-    wait_until(lambda: not alive(supervisor.pid), 10, "the supervisor is gone")
-    assert saved.exists()  # kept for the next supervisor
+    assert shoal("status").stdout.strip() == "No applications are running."
