@@ -371,3 +371,48 @@ def test_t06_crash_loop_is_reported_and_fails_requests_quickly(http_app: Any, ur
     assert not [o for o in crashing.outcomes if o.hung], figures
     assert late_503, figures
     assert not healthy.failed(), figures
+
+
+# -- T04 ----------------------------------------------------------------------------------------
+
+
+@serve.deployment(health_check_period_s=0.1, health_check_timeout_s=1.0)
+class Flaky:
+    """``check_health`` fails every other call while flaky, every call once broken."""
+
+    def __init__(self) -> None:
+        self.checks = 0
+        self.broken = False
+
+    def check_health(self) -> None:
+        self.checks += 1
+        if self.broken or self.checks % 2 == 0:
+            raise RuntimeError(f"check {self.checks} fails")
+
+    def count(self) -> int:
+        return self.checks
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def break_health(self) -> None:
+        self.broken = True
+
+
+def test_t04_flaky_check_is_tolerated_a_failing_one_is_not(serve_instance: Any, deploy: Any) -> None:
+    """T04: a check failing every other call for 20 periods never gets the replica replaced;
+    one that keeps failing gets it replaced after three failures in a row."""
+    handle = deploy(Flaky.bind(), "t04")
+    pid = handle.pid.remote().result(timeout_s=10)
+    wait_until(lambda: handle.count.remote().result(timeout_s=10) >= 20, 15, "20 health checks ran")
+    dep = serve.status().applications["t04"].deployments["Flaky"]
+    flaky_figures = f"T04: after 20 flaky checks: restarts {dep.restarts}, same pid {handle.pid.remote().result(timeout_s=10) == pid}"
+    print(flaky_figures)
+    assert dep.restarts == 0 and running_pids("t04", "Flaky") == {pid}, flaky_figures
+    broken_at = time.monotonic()
+    handle.break_health.remote().result(timeout_s=10)
+    wait_until(lambda: (pids := running_pids("t04", "Flaky")) and pid not in pids, 15, "the replica is replaced")
+    dep = serve.status().applications["t04"].deployments["Flaky"]
+    figures = f"T04: a check failing every time: replaced after {time.monotonic() - broken_at:.2f} s; last error {dep.last_error!r}"
+    print(figures)
+    assert dep.restarts == 1 and "check_health raised" in dep.last_error, figures
