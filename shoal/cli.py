@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from shoal.controller import launch, rundir
+    from shoal.controller import applied, launch, rundir
     from shoal.serve.config import HTTPOptions
 
     running = launch.find_running()
@@ -146,10 +146,10 @@ def cmd_start(args: argparse.Namespace) -> int:
         return 0
     options = HTTPOptions(host=args.http_host, port=args.http_port).model_dump()
     run_dir = rundir.instance_dir("default")
-    restarted = launch.crashed(run_dir) is not None
+    restoring = launch.crashed(run_dir) is not None and (run_dir / applied.APPLIED_FILE).exists()
     instance = launch.start_supervisor(run_dir, private=False, http_options=options)
-    if restarted:
-        print("The previous supervisor stopped without shutting down; its applications are deployed again.")
+    if restoring:
+        print("The previous supervisor stopped without shutting down; the applications it ran are deployed again.")
     print(
         f"shoal started (supervisor pid {instance.pid}).\n"
         f"Scripts you run deploy to it with serve.run(); other processes can name it with "

@@ -47,6 +47,7 @@ class Shoal:
         self.run_dir = run_dir
         self.env = {**os.environ, "SHOAL_RUN_DIR": str(run_dir), "PYTHONDONTWRITEBYTECODE": "1"}
         self.env.pop("SHOAL_ADDRESS", None)
+        self.started = ""
 
     def __call__(self, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -54,8 +55,9 @@ class Shoal:
         )
 
     def start(self) -> str:
-        """``shoal start``; the HTTP URL it printed."""
+        """``shoal start``; the HTTP URL it printed (all it printed: ``started``)."""
         result = self("start", "--http-port", "0")
+        self.started = result.stdout
         assert result.returncode == 0 and "shoal started" in result.stdout, result.stdout + result.stderr
         match = re.search(r"HTTP: (http://\S+)", result.stdout)
         assert match, result.stdout
@@ -103,6 +105,7 @@ def test_t10_supervisor_sigkill_then_start_brings_the_app_back(shoal: Shoal) -> 
 
     restarted_at = time.monotonic()
     new_url = shoal.start()
+    assert "deployed again" in shoal.started, shoal.started
     wait_until(lambda: _serves(new_url), 30, "the application serves again after `shoal start`")
     serving_s = time.monotonic() - restarted_at
     apps = json.loads(shoal("status", "--json").stdout)["applications"]
