@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -416,3 +417,50 @@ def test_t04_flaky_check_is_tolerated_a_failing_one_is_not(serve_instance: Any, 
     figures = f"T04: a check failing every time: replaced after {time.monotonic() - broken_at:.2f} s; last error {dep.last_error!r}"
     print(figures)
     assert dep.restarts == 1 and "check_health raised" in dep.last_error, figures
+
+
+# -- T12 ----------------------------------------------------------------------------------------
+
+
+@serve.deployment(num_replicas=4, max_ongoing_requests=2)
+class Parked:
+    def __init__(self, gate: Any) -> None:
+        self.gate = gate
+
+    async def __call__(self, key: str) -> int:
+        await self.gate.arrive.remote(key)
+        await self.gate.wait.remote(key)
+        return os.getpid()
+
+
+def test_t12_scale_down_with_parked_requests_loses_none(serve_instance: Any, deploy: Any, gate: Any) -> None:
+    """T12: 8 requests parked on 4 replicas (2 each); scale to 1; release: all 8 complete, the
+    3 removed replicas stop once they finished theirs."""
+    handle = deploy(Parked.bind(gate), "t12")
+    key = uuid.uuid4().hex
+    calls = [handle.remote(key) for _ in range(8)]
+    gate.arrived.remote(key, 8).result(timeout_s=15)
+    before = running_pids("t12", "Parked")
+    deploy(Parked.options(num_replicas=1).bind(gate), "t12")
+    released_at = time.monotonic()
+    gate.open.remote(key).result(timeout_s=10)
+    results: list[Any] = []
+    for call in calls:
+        try:
+            results.append(call.result(timeout_s=15))
+        except Exception as exc:
+            results.append(exc)
+    failed = [r for r in results if isinstance(r, Exception)]
+
+    def settled() -> bool:
+        dep = serve.status().applications["t12"].deployments["Parked"]
+        return dep.replica_states == {"RUNNING": 1}
+
+    wait_until(settled, 20, "the removed replicas stop")
+    figures = (
+        f"T12: {len(failed)} of 8 parked requests failed ({failed}); served by {len(set(results) - set(failed))} "
+        f"replicas; the 3 removed replicas were gone {time.monotonic() - released_at:.2f} s after the release"
+    )
+    print(figures)
+    assert not failed and set(results) == before, figures
+    assert running_pids("t12", "Parked") < before, figures
