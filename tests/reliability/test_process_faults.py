@@ -50,13 +50,14 @@ class Outcome:
 @dataclass
 class Load:
     """Closed-loop HTTP load: ``concurrency`` clients, each sending ``path`` again as soon as it
-    has its answer, until ``duration_s`` passed or ``max_requests`` were sent."""
+    has its answer, until ``duration_s`` passed, ``max_requests`` were sent or ``until()``."""
 
     url: str
     path: str
     concurrency: int
     duration_s: float
     max_requests: int = 5000
+    until: Callable[[], bool] = lambda: False
     outcomes: list[Outcome] = field(default_factory=list)
     in_flight: int = 0
 
@@ -70,7 +71,7 @@ class Load:
             await asyncio.gather(*(self._client(client, start) for _ in range(self.concurrency)))
 
     async def _client(self, client: httpx.AsyncClient, start: float) -> None:
-        while time.monotonic() - start < self.duration_s and len(self.outcomes) < self.max_requests:
+        while time.monotonic() - start < self.duration_s and len(self.outcomes) < self.max_requests and not self.until():
             began = time.monotonic()
             self.in_flight += 1
             try:
@@ -232,8 +233,14 @@ def test_t08_proxy_sigkill_under_load(http_app: Any, url: str, serve_instance: A
         killed_at.append(time.monotonic())
         proxy.kill()
 
-    bound_s = 3.0
-    load = Load(url, "/t08", concurrency=4, duration_s=1.0 + bound_s)
+    bound_s = 15.0
+
+    def served_again_a_while_ago() -> bool:
+        return bool(killed_at) and any(
+            o.status == 200 and o.started > killed_at[0] and time.monotonic() > o.ended + 1.0 for o in load.outcomes
+        )
+
+    load = Load(url, "/t08", concurrency=4, duration_s=1.0 + bound_s, until=served_again_a_while_ago)
     asyncio.run(load.run([(1.0, kill)]))
     after_kill = [o for o in load.outcomes if o.ended > killed_at[0]]
     served = [o for o in after_kill if o.status == 200 and o.started > killed_at[0]]
@@ -342,15 +349,19 @@ def test_t06_crash_loop_is_reported_and_fails_requests_quickly(http_app: Any, ur
     triggered = time.monotonic()
     for pid in running_pids("t06", "Crashy"):
         os.kill(pid, signal.SIGKILL)  # their replacements see the flag and crash-loop
-    crashing = Load(url, "/t06", concurrency=2, duration_s=5.0)
-    healthy = Load(url, "/t06ok", concurrency=2, duration_s=5.0)
-
-    async def both() -> None:
-        await asyncio.gather(crashing.run(), healthy.run())
-
     with StatusWatch("t06", "Crashy", conditions) as watch:
+
+        def reported_a_while_ago() -> bool:  # then the load has seen what follows the report
+            return "crash loop" in watch.seen and time.monotonic() > watch.seen["crash loop"] + 1.5
+
+        crashing = Load(url, "/t06", concurrency=2, duration_s=20.0, until=reported_a_while_ago)
+        healthy = Load(url, "/t06ok", concurrency=2, duration_s=20.0, until=reported_a_while_ago)
+
+        async def both() -> None:
+            await asyncio.gather(crashing.run(), healthy.run())
+
         asyncio.run(both())
-        wait_until(lambda: len(watch.seen) == 2, 20, "the crash loop is reported")
+        assert len(watch.seen) == 2, f"the crash loop was not reported within 20 s: {watch.seen}"
     dep = serve.status().applications["t06"].deployments["Crashy"]
     looped_at = watch.seen["crash loop"]
     late = [o for o in crashing.outcomes if o.started > looped_at + 0.5]
