@@ -3,9 +3,10 @@
 It owns every replica's process (``WorkerProcess``), its control connection and its health
 checks, and nothing else decides anything here: ``start`` spawns a replica of a deployment's
 current version; ``stop`` stops one (a running one leaves the routers first, then drains within
-``graceful_shutdown_timeout_s``); ``kill`` SIGKILLs one at once; ``reconfigure`` applies an in-place config update. What
-happens next comes back through ``ReplicaEvents``: a replica exited (after its last words were
-read), or failed its health checks.
+``graceful_shutdown_timeout_s``); ``kill`` SIGKILLs one at once (it failed its health checks);
+``reconfigure`` applies an in-place config update. What happens next comes back through
+``ReplicaEvents``: a replica exited (after its last words were read), or failed its health
+checks.
 """
 
 from __future__ import annotations
