@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shoal.controller import observe, reconcile, scaling
+from shoal.controller import applied, observe, reconcile, scaling
 from shoal.controller.deploy import ControllerError, apply_spec, check_route_prefixes, delete_deployment
 from shoal.controller.executor import Executor
-from shoal.controller.reconcile import Action, SetStatus, StartReplica, StopReplica, WakeAt
+from shoal.controller.reconcile import Action, KillReplica, SetStatus, StartReplica, StopReplica, WakeAt
 from shoal.controller.snapshot import Snapshots
 from shoal.controller.state import AppState, DeploymentState, Replica
 from shoal.controller.status import render_status
@@ -44,6 +44,8 @@ class Controller:
     def __init__(self, run_dir: Path, *, echo: Callable[[str], None]) -> None:
         """Must be made on the running loop: it starts the autoscaling task."""
         self.apps: dict[str, AppState] = {}
+        self._run_dir = run_dir
+        self._specs: dict[str, dict[str, Any]] = {}  # what was deployed, saved (``applied``)
         self.proxy: ProxySupervisor | None = None  # when HTTP is enabled
         self.snapshots = Snapshots()
         self._stopping = False
@@ -75,12 +77,14 @@ class Controller:
                 self.delete_app(name)
         for spec in specs:
             self._apply(spec)
+        self._save()
 
     def deploy_app(self, spec: dict[str, Any]) -> None:
         """Create or replace an application (``spec`` as built by ``shoal.serve._build``)."""
         self._check_running()
         check_route_prefixes(self.apps, [spec], declarative=False)
         self._apply(spec)
+        self._save()
 
     def _check_running(self) -> None:
         if self._stopping:
@@ -91,6 +95,7 @@ class Controller:
         for update in updates:
             self._executor.reconfigure(update.state, update.update, update.previous)
         self.apps[app.name] = app
+        self._specs[app.name] = spec
         self.reconcile()
 
     def delete_app(self, name: str) -> None:
@@ -101,7 +106,16 @@ class Controller:
         app.status = ApplicationStatus.DELETING
         for state in app.deployments.values():
             delete_deployment(state)
+        if self._specs.pop(name, None) is not None:
+            self._save()
         self.reconcile()
+
+    def _save(self) -> None:
+        """Save what is deployed, for a supervisor started again on this run directory."""
+        try:
+            applied.save(self._run_dir, list(self._specs.values()))
+        except OSError:
+            logger.exception("could not save the deployed applications in %s", self._run_dir)
 
     def record_queued(self, source: str, queued: dict[str, int]) -> None:
         """A router's queue lengths by deployment (see ``scaling.record_queued``)."""
@@ -201,6 +215,8 @@ class Controller:
             case StopReplica(replica_id=replica_id, drain=drain):
                 unroute = drain and not self._stopping  # at shutdown nobody routes any more
                 self._executor.stop(state, state.replicas[replica_id], drain=drain, unroute=unroute)
+            case KillReplica(replica_id=replica_id):
+                self._executor.kill(state.replicas[replica_id])
             case WakeAt(at_s=at_s):
                 return at_s
             case SetStatus(status=status, trigger=trigger, message=message):

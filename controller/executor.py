@@ -3,9 +3,10 @@
 It owns every replica's process (``WorkerProcess``), its control connection and its health
 checks, and nothing else decides anything here: ``start`` spawns a replica of a deployment's
 current version; ``stop`` stops one (a running one leaves the routers first, then drains within
-``graceful_shutdown_timeout_s``); ``reconfigure`` applies an in-place config update. What
-happens next comes back through ``ReplicaEvents``: a replica exited (after its last words were
-read), or failed its health checks.
+``graceful_shutdown_timeout_s``); ``kill`` SIGKILLs one at once (it failed its health checks);
+``reconfigure`` applies an in-place config update. What happens next comes back through
+``ReplicaEvents``: a replica exited (after its last words were read), or failed its health
+checks.
 """
 
 from __future__ import annotations
@@ -185,6 +186,18 @@ class Executor:
         handles.detach()
         grace_s = float(state.config.get("graceful_shutdown_timeout_s", 20.0)) + _DRAIN_EXTRA_S if drain else _STARTING_STOP_GRACE_S
         self._tasks.spawn(self._stop(handles.process, grace_s, unroute), name=f"stop {replica.replica_id}")
+
+    def kill(self, replica: Replica) -> None:
+        """SIGKILL ``replica`` at once (recorded STOPPING): it failed its health checks, so it
+        cannot be trusted to drain; the calls it holds fail as its connections drop."""
+        if replica.state == ReplicaState.STOPPING:
+            return
+        replica.state = ReplicaState.STOPPING
+        handles = self._handles.get(replica.replica_id)
+        if handles is None:
+            return
+        handles.detach()
+        handles.process.kill()
 
     async def _stop(self, process: WorkerProcess, grace_s: float, unroute: bool) -> None:
         if unroute:

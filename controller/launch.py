@@ -96,6 +96,18 @@ def find_running(address: str | None = None) -> Instance | None:
     return None
 
 
+def crashed(run_dir: Path) -> str | None:
+    """What to tell the user if the supervisor of ``run_dir`` died without shutting down (its
+    pid file names a process that is gone), else None."""
+    pid = rundir.recorded_pid(run_dir)
+    if pid is None or rundir.supervisor_pid(run_dir) is not None:
+        return None
+    return (
+        f"the shoal supervisor of {run_dir} (pid {pid}) is no longer running: it stopped without "
+        "shutting down (was it killed?). `shoal start` starts it again and brings its applications back."
+    )
+
+
 def start_supervisor(run_dir: Path, *, private: bool, http_options: dict[str, Any] | None) -> Instance:
     """Start a supervisor on ``run_dir`` and wait for its readiness line.
 

@@ -1,9 +1,13 @@
 """The supervisor process: control socket, controller, signals, and an orderly stop.
 
+Started on a run directory whose previous supervisor died without shutting down, it deploys
+again the applications that one ran (saved by the controller, see ``applied``).
+
 Stops on SIGTERM or SIGINT (a second one exits at once), on the ``shutdown`` operation, or when
 the lifeline pipe from the process that started it reaches EOF (that process died, however it
 died). Stopping drains and stops every replica (bounded by their ``graceful_shutdown_timeout_s``),
-then removes the sockets and the pid file; logs stay in the run directory.
+then forgets the saved applications and removes the sockets and the pid file; logs stay in the
+run directory.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal.controller import rundir
+from shoal.controller import applied, rundir
 from shoal.controller.control import ControlServer
 from shoal.controller.controller import Controller
+from shoal.controller.listener import HTTPListener
 from shoal.controller.proxy import ProxySupervisor
 from shoal.runtime import transport
 from shoal.runtime.worker_main import set_process_name, watch_lifeline
@@ -76,28 +81,48 @@ async def serve(config: SupervisorConfig) -> int:
     controller = Controller(run_dir, echo=_echo)
     endpoint = rundir.control_endpoint(run_dir)
     info: dict[str, Any] = {"pid": os.getpid(), "control": endpoint, "run_dir": str(run_dir), "http_url": None}
+    listener: HTTPListener | None = None
     if config.http_options is not None and config.http_options.get("host") is not None:
         try:
-            controller.proxy = ProxySupervisor(config.http_options, endpoint, echo=_echo)
+            listener = HTTPListener.bind(config.http_options["host"], int(config.http_options["port"]))
         except OSError as exc:
             _report_ready(config.ready_fd, {"error": str(exc), "http_bind_failed": True})
             rundir.remove_sockets(run_dir)
             return 2
-        info["http_url"] = controller.proxy.url
+        controller.proxy = ProxySupervisor(config.http_options, endpoint, listener, echo=_echo)
+        info["http_url"] = listener.url
     server = ControlServer(endpoint, controller, on_shutdown=stop.set, info=info)
     if controller.proxy is not None:
         controller.proxy.start()
+    _restore(controller, run_dir)
     _report_ready(config.ready_fd, info)
     try:
         await stop.wait()
         # Signalled (an orchestrator stopping us): let load balancers see /-/healthz fail first.
         # Asked by our driver, or the driver is gone: nobody is routing here, stop at once.
         await controller.shutdown(announce=signalled.is_set())
+        applied.clear(run_dir)
     finally:
+        if listener is not None:
+            listener.close()
         await server.aclose()
         rundir.remove_sockets(run_dir)
         transport.terminate_context()
     return 0
+
+
+def _restore(controller: Controller, run_dir: Path) -> None:
+    """Deploy again what a previous supervisor of ``run_dir`` was running when it died."""
+    try:
+        specs = applied.load(run_dir)
+        if specs:
+            controller.deploy_apps(specs, declarative=True)
+            logger.warning(
+                "a previous supervisor of %s stopped without shutting down; brought back %s",
+                run_dir, ", ".join(f"'{s['name']}'" for s in specs),
+            )
+    except Exception:
+        logger.exception("could not bring back the applications saved in %s", run_dir)
 
 
 def _report_ready(fd: int | None, info: dict[str, Any]) -> None:

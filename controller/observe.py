@@ -8,7 +8,13 @@ an event, one of these functions records it, and ``reconcile.plan`` decides what
   no replica of the version running, the deployment is DEPLOY_FAILED; before that, the next
   start backs off.
 - A replica that exits while RUNNING is a restart: the next start backs off, starting over from
-  the initial backoff if it had run for ``BACKOFF_RESET_AFTER_S``.
+  the initial backoff if it had run for ``BACKOFF_RESET_AFTER_S``. The deployment turns
+  UNHEALTHY with the exit code as its message (as Ray's does when a replica dies), unless it is
+  being updated or failed; it is HEALTHY again once its replicas run (``reconcile``). Crashes of
+  replicas that each ran less than ``BACKOFF_RESET_AFTER_S`` count in a row; from
+  ``CRASH_LOOP_THRESHOLD`` on the deployment is crash-looping: it stays UNHEALTHY until
+  ``BACKOFF_RESET_AFTER_S`` after the last crash, and while no replica runs, routers fail its
+  requests at once (``snapshot``).
 - An in-place reconfigure that raises leaves the previous config in effect, DEPLOY_FAILED.
 - The backoff doubles from ``RESTART_BACKOFF_INITIAL_S`` up to ``RESTART_BACKOFF_MAX_S``.
 """
@@ -16,6 +22,7 @@ an event, one of these functions records it, and ``reconcile.plan`` decides what
 from __future__ import annotations
 
 import logging
+import signal
 
 from shoal.controller.state import RESTART_BACKOFF_INITIAL_S, DeploymentState, Replica
 from shoal.serve.schema import DeploymentStatus, DeploymentStatusTrigger, ReplicaState
@@ -80,10 +87,29 @@ def replica_exited(state: DeploymentState, replica: Replica, code: int, now: flo
     elif previous == ReplicaState.RUNNING:
         if now - replica.started_at > BACKOFF_RESET_AFTER_S:
             state.backoff_s = RESTART_BACKOFF_INITIAL_S  # it ran fine for a while: start over
+            state.crashes_in_a_row = 0
         state.restarts += 1
-        state.last_error = f"replica {replica.replica_id} (pid {replica.pid}) died unexpectedly (exit code {code})"
+        state.crashes_in_a_row += 1
+        state.last_crash_at = now
+        state.last_error = f"replica {replica.replica_id} (pid {replica.pid}) died unexpectedly ({_exit_reason(code)})"
         logger.warning("%s; replacing it", state.last_error)
+        if state.status not in (DeploymentStatus.UPDATING, DeploymentStatus.DEPLOY_FAILED):
+            state.status = DeploymentStatus.UNHEALTHY
+            state.trigger = DeploymentStatusTrigger.HEALTH_CHECK_FAILED
+            state.message = state.last_error + (
+                f"; {state.crashes_in_a_row} replicas crashed in a row" if state.crash_looping else ""
+            )
         back_off(state, now)
+
+
+def _exit_reason(code: int) -> str:
+    """``exit code 3``, or ``killed by SIGKILL`` for a negative code."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 def reconfigure_failed(state: DeploymentState, error: BaseException) -> None:

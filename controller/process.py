@@ -89,6 +89,7 @@ class WorkerProcess:
         self._on_last_words = on_last_words
         self._name = name
         self._proc: multiprocessing.process.BaseProcess | None = None
+        self._pid: int | None = None  # kept: the process object is closed once reaped
         self._output: _PipeReader | None = None
         self._last_words: _PipeReader | None = None
         self._lifeline_fd = -1
@@ -100,7 +101,8 @@ class WorkerProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        """The worker's pid once started, still known after it exited."""
+        return self._pid
 
     def start(self) -> None:
         """Spawn the worker. Must run on the loop thread (the parent-death signal follows it)."""
@@ -122,6 +124,7 @@ class WorkerProcess:
                 daemon=False,
             )
             self._proc.start()
+            self._pid = self._proc.pid
         except BaseException:
             for fd in (out_r, life_w, words_r):
                 if fd >= 0:
@@ -170,9 +173,9 @@ class WorkerProcess:
         self._on_exit(code)
 
     def signal(self, signum: int) -> None:
-        if self._proc is not None and self.exitcode is None and self._proc.pid:
+        if self._pid is not None and self.exitcode is None:
             try:
-                os.kill(self._proc.pid, signum)
+                os.kill(self._pid, signum)
             except ProcessLookupError:
                 pass
 
@@ -194,10 +197,10 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL the worker and its descendants."""
-        if self._proc is None or self.exitcode is not None or not self._proc.pid:
+        if self._pid is None or self.exitcode is not None:
             return
         try:
-            children = psutil.Process(self._proc.pid).children(recursive=True)
+            children = psutil.Process(self._pid).children(recursive=True)
         except psutil.Error:
             children = []
         for child in children:

@@ -1,10 +1,14 @@
-"""ProxySupervisor: the HTTP proxy process, its listening socket, and its restarts.
+"""ProxySupervisor: one HTTP proxy process, supervised like a replica.
 
-The supervisor binds the listening socket itself (``http_options`` host and port; port 0 picks a
-free one, reported in ``url``) and hands it to each proxy incarnation, so a restarted proxy keeps
-the port and connections queue in the kernel during the gap instead of being refused. A proxy
-that dies is restarted with backoff. The proxy's long-poll tells which snapshot version it has
-applied; ``wait_applied`` lets ``serve.run`` return only once the proxy routes to the new app.
+The proxy serves from the supervisor's ``HTTPListener`` (inherited at each start), so a
+restarted proxy keeps the port. A proxy that exits unexpectedly is restarted with backoff
+(doubling from ``_BACKOFF_INITIAL_S`` to ``_BACKOFF_MAX_S``, starting over once a proxy served
+for ``_BACKOFF_RESET_AFTER_S``); one that is not ready within ``_STARTUP_TIMEOUT_S`` is killed,
+and so restarted. It tells the listener when it serves and when it stopped, so that while no
+proxy serves, connections get a 503 from the supervisor instead of waiting in the backlog.
+Several ``ProxySupervisor`` may share one listener: one dying leaves the others serving.
+The proxy's long-poll tells which snapshot version it has applied; ``wait_applied`` lets
+``serve.run`` return only once the proxy routes to the new app.
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
+from shoal.controller.listener import HTTPListener
 from shoal.controller.process import WorkerProcess
 from shoal.proxy import main as proxy_main
 from shoal.runtime import wire
@@ -28,33 +32,22 @@ logger = logging.getLogger("shoal.controller")
 
 _BACKOFF_INITIAL_S = 0.1
 _BACKOFF_MAX_S = 5.0
-
-
-def bind_listener(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port``; OSError with a clear message if it is taken."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise OSError(
-            f"cannot listen for HTTP on {host}:{port}: {exc.strerror}. Pick another port with "
-            "serve.start(http_options={'port': ...}) or `shoal start --http-port`."
-        ) from exc
-    sock.listen(2048)
-    return sock
+_BACKOFF_RESET_AFTER_S = 10.0
+_STARTUP_TIMEOUT_S = 30.0
 
 
 class ProxySupervisor:
     def __init__(
-        self, http_options: dict[str, Any], control_endpoint: str, *, echo: Callable[[str], None]
+        self,
+        http_options: dict[str, Any],
+        control_endpoint: str,
+        listener: HTTPListener,
+        *,
+        echo: Callable[[str], None],
     ) -> None:
         self.options = http_options
-        self.listener = bind_listener(http_options["host"], int(http_options["port"]))
-        host, port = self.listener.getsockname()[:2]
-        self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        self.listener = listener
+        self.url = listener.url
         self._control_endpoint = control_endpoint
         self._echo = echo
         self.process: WorkerProcess | None = None
@@ -64,7 +57,8 @@ class ProxySupervisor:
         self._applied = asyncio.Event()
         self._stopping = False
         self._backoff_s = _BACKOFF_INITIAL_S
-        self._started_at = 0.0
+        self._ready_at: float | None = None
+        self._startup_timer: asyncio.TimerHandle | None = None
 
     @property
     def pid(self) -> int | None:
@@ -87,16 +81,26 @@ class ProxySupervisor:
             on_exit=self._on_exit,
             name="shoal:proxy",
             target=proxy_main.main,
-            extra_fds=(self.listener.fileno(),),
+            extra_fds=(self.listener.socket.fileno(),),
         )
         self.status = ProxyStatus.STARTING
-        self._started_at = time.monotonic()
+        self._ready_at = None
         self.process.start()
+        self._startup_timer = asyncio.get_running_loop().call_later(_STARTUP_TIMEOUT_S, self._startup_timed_out)
+
+    def _startup_timed_out(self) -> None:
+        self._startup_timer = None
+        if self.process is not None and self.status == ProxyStatus.STARTING:
+            logger.warning("the proxy (pid %s) was not ready within %.0fs; killing it", self.pid, _STARTUP_TIMEOUT_S)
+            self.process.kill()
 
     def on_ready(self) -> None:
+        if self._startup_timer is not None:
+            self._startup_timer.cancel()
+            self._startup_timer = None
         self.status = ProxyStatus.HEALTHY
-        if time.monotonic() - self._started_at > 1.0:
-            self._backoff_s = _BACKOFF_INITIAL_S
+        self._ready_at = time.monotonic()
+        self.listener.proxy_up(self)
 
     def on_listen(self, version: int) -> None:
         """The proxy asked for snapshots newer than ``version``: it has applied ``version``."""
@@ -116,11 +120,17 @@ class ProxySupervisor:
 
     def _on_exit(self, code: int) -> None:
         self.applied_version = 0
+        if self._startup_timer is not None:
+            self._startup_timer.cancel()
+            self._startup_timer = None
         if self._stopping:
             self.status = ProxyStatus.DRAINED
             return
+        self.listener.proxy_down(self)
         self.status = ProxyStatus.UNHEALTHY
         self.restarts += 1
+        if self._ready_at is not None and time.monotonic() - self._ready_at > _BACKOFF_RESET_AFTER_S:
+            self._backoff_s = _BACKOFF_INITIAL_S  # it served a while: start the backoff over
         logger.warning("the proxy (pid %s) exited with code %s; restarting it in %.1fs", self.pid, code, self._backoff_s)
         delay, self._backoff_s = self._backoff_s, min(self._backoff_s * 2, _BACKOFF_MAX_S)
         asyncio.get_running_loop().call_later(delay, self._restart)
@@ -139,4 +149,3 @@ class ProxySupervisor:
             quiet = not announce and self.status != ProxyStatus.STARTING
             self.status = ProxyStatus.DRAINING
             await self.process.stop(grace_s, signum=signal.SIGINT if quiet else signal.SIGTERM)
-        self.listener.close()

@@ -9,7 +9,9 @@ health failures) comes back as observations (``controller.observe``) before the 
 The rules (Ray Serve's):
 
 - A deployment being deleted stops every live replica.
-- A replica that failed its health checks is stopped, and a replacement starts.
+- A replica that failed its health checks is killed at once (``KillReplica``: it cannot be
+  trusted to drain, and what it holds fails now instead of after the graceful timeout), and a
+  replacement starts.
 - Missing replicas of the current version start at once, unless a start is backed off
   (``observed.next_start_at``: then ``WakeAt``) or the deployment is DEPLOY_FAILED.
 - Extra replicas of the current version stop, the newest STARTING ones first.
@@ -20,6 +22,9 @@ The rules (Ray Serve's):
 - Status: UPDATING (or UPSCALING/DOWNSCALING) until the target number of replicas of the
   current version run and no old one is left, then HEALTHY with the trigger that completed.
   DEPLOY_FAILED stays until the next deploy; nothing changes while a reconfigure is in flight.
+  UNHEALTHY (a replica crashed or failed its health checks) turns HEALTHY once the target
+  runs again, except that a crash-looping deployment stays UNHEALTHY until
+  ``observed.crash_loop_until`` (then ``WakeAt``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from shoal.controller.observe import BACKOFF_RESET_AFTER_S
 from shoal.controller.state import AppState, DeploymentState, Replica
 from shoal.serve.schema import ApplicationStatus, DeploymentStatus, DeploymentStatusTrigger, ReplicaState
 
@@ -65,6 +71,7 @@ class Observed:
     message: str = ""
     next_start_at: float = 0.0
     reconfiguring: bool = False
+    crash_loop_until: float = 0.0  # monotonic seconds: UNHEALTHY at least until then
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +86,13 @@ class StopReplica:
 
     replica_id: str
     drain: bool
+
+
+@dataclass(frozen=True, slots=True)
+class KillReplica:
+    """Kill a replica at once (SIGKILL): it failed its health checks."""
+
+    replica_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +111,7 @@ class SetStatus:
     message: str | None
 
 
-Action = StartReplica | StopReplica | WakeAt | SetStatus
+Action = StartReplica | StopReplica | KillReplica | WakeAt | SetStatus
 
 
 def plan(target: Target, observed: Observed, now: float) -> list[Action]:
@@ -114,7 +128,8 @@ def plan(target: Target, observed: Observed, now: float) -> list[Action]:
 
     for replica in live:
         if replica.unhealthy:
-            stop(replica)
+            stopped.add(replica.replica_id)
+            actions.append(KillReplica(replica.replica_id))
     current = [r for r in live if r.version == target.version and r.replica_id not in stopped]
     old = [r for r in live if r.version != target.version and r.replica_id not in stopped]
     failed = observed.status == DeploymentStatus.DEPLOY_FAILED
@@ -146,9 +161,13 @@ def plan(target: Target, observed: Observed, now: float) -> list[Action]:
                 spare -= 1
 
     remaining = [r for r in live if r.replica_id not in stopped]
-    transition = deployment_status(target, observed, remaining)
+    transition = deployment_status(target, observed, remaining, now)
     if transition is not None:
         actions.append(transition)
+    if observed.status == DeploymentStatus.UNHEALTHY and now < observed.crash_loop_until:
+        waking = [a for a in actions if isinstance(a, WakeAt)]  # one WakeAt: the earliest
+        if not waking:
+            actions.append(WakeAt(observed.crash_loop_until))
     return actions
 
 
@@ -162,9 +181,13 @@ _COMPLETED = {
 }
 
 
-def deployment_status(target: Target, observed: Observed, live: Sequence[ReplicaView]) -> SetStatus | None:
+def deployment_status(
+    target: Target, observed: Observed, live: Sequence[ReplicaView], now: float
+) -> SetStatus | None:
     """The status transition once ``live`` are the live replicas, or None if none."""
     if observed.status == DeploymentStatus.DEPLOY_FAILED or observed.reconfiguring:
+        return None
+    if observed.status == DeploymentStatus.UNHEALTHY and now < observed.crash_loop_until:
         return None
     running = sum(r.state == ReplicaState.RUNNING and r.version == target.version for r in live)
     has_old = any(r.version != target.version for r in live)
@@ -219,6 +242,7 @@ def observed_of(state: DeploymentState) -> Observed:
         message=state.message,
         next_start_at=state.next_start_at,
         reconfiguring=state.reconfiguring > 0,
+        crash_loop_until=state.last_crash_at + BACKOFF_RESET_AFTER_S if state.crash_looping else 0.0,
     )
 
 

@@ -23,6 +23,8 @@ import stat
 import time
 from pathlib import Path
 
+import psutil
+
 from shoal.runtime.errors import RayServeException
 from shoal.runtime.transport import KEY_FILE
 from shoal.runtime.wire import KEY_BYTES
@@ -105,18 +107,31 @@ def create_key(run_dir: Path) -> bytes:
 
 
 def supervisor_pid(run_dir: Path) -> int | None:
-    """The pid of the live supervisor of ``run_dir``, or None."""
-    try:
-        pid = int((run_dir / PID_FILE).read_text().strip())
-    except (OSError, ValueError):
+    """The pid of the live supervisor of ``run_dir``, or None: a pid file whose process is
+    gone, a zombie, or another program (the pid was reused) is stale."""
+    pid = recorded_pid(run_dir)
+    if pid is None:
         return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        argv = proc.cmdline()
+    except psutil.Error:
         return None
-    except PermissionError:
+    if "shoal.controller" not in argv or "--run-dir" not in argv or argv.index("--run-dir") + 1 >= len(argv):
+        return None
+    if os.path.realpath(argv[argv.index("--run-dir") + 1]) != os.path.realpath(run_dir):
         return None
     return pid
+
+
+def recorded_pid(run_dir: Path) -> int | None:
+    """The pid in ``run_dir``'s pid file, alive or not; None without one."""
+    try:
+        return int((run_dir / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def remove_sockets(run_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """Routing snapshots: what routers know of the replica sets, limits and routes, versioned.
 
-``build_snapshot`` is the one place the snapshot is made from the controller's records.
+``build_snapshot`` is the one place the snapshot is made from the controller's records;
+``unavailable_reason`` decides when routers fail a deployment's requests at once.
 ``Snapshots.publish`` bumps the version only when the content changed; routers long-poll with
 ``wait_newer``. ``Snapshots.listener_at`` records which version each router process applied,
 so a replica about to stop can wait until nobody routes to it any more (``wait_routers_at``).
@@ -12,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-from shoal.controller.state import AppState, Replica
+from shoal.controller.state import AppState, DeploymentState, Replica
 from shoal.runtime import wire
 from shoal.serve.schema import DeploymentStatus, ReplicaState
 
@@ -37,13 +38,27 @@ def build_snapshot(apps: Iterable[AppState], version: int) -> wire.Snapshot:
                 backpressure_status_code=backpressure.get("status_code", 503),
                 backpressure_retry_after_s=backpressure.get("retry_after_s"),
                 autoscaling=state.autoscaler is not None,
-                failed_reason=(
-                    state.message if state.status == DeploymentStatus.DEPLOY_FAILED and not state.running() else None
-                ),
+                failed_reason=unavailable_reason(state),
             )
         if app.route_prefix is not None and not app.deleting:
             routes[app.route_prefix] = wire.RouteEntry(app.name, app.ingress)
     return wire.Snapshot(version, deployments, routes)
+
+
+def unavailable_reason(state: DeploymentState) -> str | None:
+    """Why routers should fail ``state``'s requests at once rather than queue them, or None.
+
+    Only while no replica runs: the deployment failed to deploy (DEPLOY_FAILED), or its replicas
+    keep crashing (``crash_looping``), so a request queued for the next replica would most
+    likely wait for one that dies too. Once a replica runs again, requests route to it.
+    """
+    if state.running():
+        return None
+    if state.status == DeploymentStatus.DEPLOY_FAILED:
+        return state.message
+    if state.crash_looping:
+        return f"its replicas keep crashing ({state.crashes_in_a_row} in a row; last: {state.last_error})"
+    return None
 
 
 def _address(replica: Replica) -> wire.ReplicaAddress:

@@ -25,6 +25,7 @@ from shoal.serve.schema import (
 )
 
 RESTART_BACKOFF_INITIAL_S = 0.1
+CRASH_LOOP_THRESHOLD = 3  # running replicas that crashed in a row (each soon after it started)
 
 
 @dataclass(eq=False)
@@ -58,6 +59,8 @@ class DeploymentState:
     replicas: dict[str, Replica] = field(default_factory=dict)
     failed_starts: int = 0
     restarts: int = 0
+    crashes_in_a_row: int = 0  # running replicas that crashed, none having run long in between
+    last_crash_at: float = 0.0  # monotonic seconds
     last_error: str = ""
     status: DeploymentStatus = DeploymentStatus.UPDATING
     trigger: DeploymentStatusTrigger = DeploymentStatusTrigger.CONFIG_UPDATE_STARTED
@@ -79,6 +82,10 @@ class DeploymentState:
 
     def running(self, version: str | None = None) -> list[Replica]:
         return [r for r in self.live(version) if r.state == ReplicaState.RUNNING]
+
+    @property
+    def crash_looping(self) -> bool:
+        return self.crashes_in_a_row >= CRASH_LOOP_THRESHOLD
 
     @property
     def failure_budget(self) -> int:

@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from shoal.controller import launch, rundir
+    from shoal.controller import applied, launch, rundir
     from shoal.serve.config import HTTPOptions
 
     running = launch.find_running()
@@ -145,7 +145,11 @@ def cmd_start(args: argparse.Namespace) -> int:
         print(f"shoal is already running in {running.run_dir}")
         return 0
     options = HTTPOptions(host=args.http_host, port=args.http_port).model_dump()
-    instance = launch.start_supervisor(rundir.instance_dir("default"), private=False, http_options=options)
+    run_dir = rundir.instance_dir("default")
+    restoring = launch.crashed(run_dir) is not None and (run_dir / applied.APPLIED_FILE).exists()
+    instance = launch.start_supervisor(run_dir, private=False, http_options=options)
+    if restoring:
+        print("The previous supervisor stopped without shutting down; the applications it ran are deployed again.")
     print(
         f"shoal started (supervisor pid {instance.pid}).\n"
         f"Scripts you run deploy to it with serve.run(); other processes can name it with "
@@ -166,8 +170,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from shoal.controller import launch, rundir
+    from shoal.runtime.errors import ShoalConnectionError
     from shoal.serve import api
 
+    if launch.find_running() is None:
+        dead = launch.crashed(rundir.base_dir() / "default")
+        if dead is not None:
+            raise ShoalConnectionError(dead)
     status = api.status().to_dict()
     if args.name:
         status["applications"] = {k: v for k, v in status["applications"].items() if k == args.name}

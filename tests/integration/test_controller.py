@@ -23,7 +23,7 @@ import pytest
 from helpers import alive, app_status, replica_pids, wait_until
 
 from shoal import serve
-from shoal.serve.exceptions import RayServeException
+from shoal.serve.exceptions import RayServeException, ReplicaDiedError
 from shoal.serve.handle import DeploymentHandle
 from shoal.serve.schema import DeploymentStatusOverview
 
@@ -392,10 +392,14 @@ def test_blocked_event_loop_is_detected(deploy: Any, app_name: str, gate: Deploy
     # Three health checks of 0.2 s + 0.5 s time out well within the 5 s the loop is blocked.
     dep = wait_until(lambda: (d := _deployment(app_name, "Patient")).restarts >= 1 and d, 10,
                      "the blocked replica is found unhealthy")
+    declared = time.monotonic()
     assert "did not answer" in dep.last_error, dep.last_error
     assert str(old) in dep.last_error
-    # The replica that was stopped finishes the request it held.
-    assert blocked.result(timeout_s=30) == old
+    # A replica declared unhealthy is killed at once: the request it held fails now, instead of
+    # waiting for a graceful stop the blocked replica could not do.
+    with pytest.raises(ReplicaDiedError):
+        blocked.result(timeout_s=30)
+    assert time.monotonic() - declared < 5.0
 
     def replaced() -> bool:
         dep = _deployment(app_name, "Patient")

@@ -143,3 +143,27 @@ def test_supervisor_refuses_a_symlinked_run_dir(private_run_dir: Path) -> None:
     assert result.returncode != 0
     assert "symlink" in result.stderr + result.stdout
     assert not list(target.iterdir())
+
+
+def test_a_stale_pid_file_is_recognised_at_once(private_run_dir: Path) -> None:
+    """A supervisor SIGKILLed and not yet reaped (a zombie) runs nothing: its pid file is stale;
+    so is one naming a live process that is not this run directory's supervisor."""
+    from shoal.controller import launch, rundir
+    from shoal.runtime.errors import ShoalConnectionError
+
+    run_dir = rundir.ensure_private_dir(private_run_dir / "killed")
+    instance = launch.start_supervisor(run_dir, private=True, http_options=None)
+    assert instance.process is not None and rundir.supervisor_pid(run_dir) == instance.process.pid
+    try:
+        os.kill(instance.process.pid, signal.SIGKILL)
+        wait_until(lambda: psutil.Process(instance.process.pid).status() == psutil.STATUS_ZOMBIE, 10, "a zombie")
+        assert rundir.recorded_pid(run_dir) == instance.process.pid
+        assert rundir.supervisor_pid(run_dir) is None
+        with pytest.raises(ShoalConnectionError, match="no shoal supervisor runs"):
+            launch.find_running(str(run_dir))
+        assert "no longer running" in (launch.crashed(run_dir) or "")
+    finally:
+        instance.wait_stopped(timeout_s=10)
+    other = rundir.ensure_private_dir(private_run_dir / "reused")
+    (other / rundir.PID_FILE).write_text(str(os.getpid()))  # a live process, but not a supervisor
+    assert rundir.supervisor_pid(other) is None

@@ -11,6 +11,7 @@ import pytest
 from shoal.controller import observe
 from shoal.controller.reconcile import (
     Action,
+    KillReplica,
     SetStatus,
     StartReplica,
     StopReplica,
@@ -20,7 +21,8 @@ from shoal.controller.reconcile import (
     plan,
     target_of,
 )
-from shoal.controller.state import AppState, DeploymentState, Replica
+from shoal.controller.snapshot import unavailable_reason
+from shoal.controller.state import CRASH_LOOP_THRESHOLD, AppState, DeploymentState, Replica
 from shoal.serve.schema import ApplicationStatus, DeploymentStatus, DeploymentStatusTrigger, ReplicaState
 
 
@@ -42,7 +44,7 @@ class Deployment:
                 self._ids += 1
                 rid = f"r{self._ids}"
                 self.state.replicas[rid] = Replica(rid, self._ids, self.state.version, "", started_at=self.now)
-            elif isinstance(action, StopReplica):
+            elif isinstance(action, (StopReplica, KillReplica)):
                 self.state.replicas[action.replica_id].state = ReplicaState.STOPPING
             elif isinstance(action, WakeAt):
                 self.wake_at = action.at_s
@@ -112,8 +114,40 @@ def test_crash_loop_backs_off_exponentially_up_to_the_maximum() -> None:
         d.ready(d.by_state(ReplicaState.STARTING)[0])
     assert delays == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0]
     assert d.state.restarts == 9
-    assert "died unexpectedly (exit code -9)" in d.state.last_error
+    assert "died unexpectedly (killed by SIGKILL)" in d.state.last_error
 
+
+def test_a_crash_turns_the_deployment_unhealthy_until_the_replacement_runs() -> None:
+    d = running_deployment(2)
+    d.exit("r1", code=3)
+    assert (d.state.status, d.state.trigger) == (DeploymentStatus.UNHEALTHY, DeploymentStatusTrigger.HEALTH_CHECK_FAILED)
+    assert "died unexpectedly (exit code 3)" in d.state.message
+    assert unavailable_reason(d.state) is None  # r2 still runs
+    assert starts(d.advance_to_wake()) == 1
+    d.ready("r3")
+    assert d.state.status == DeploymentStatus.HEALTHY
+    assert d.state.crashes_in_a_row == 1
+
+
+def test_a_crash_loop_stays_unhealthy_and_fails_requests_while_no_replica_runs() -> None:
+    d = running_deployment(1)
+    for _ in range(CRASH_LOOP_THRESHOLD):
+        d.now += 1.0
+        d.exit(d.by_state(ReplicaState.RUNNING)[0], code=3)
+        assert d.state.status == DeploymentStatus.UNHEALTHY
+        reason = unavailable_reason(d.state)
+        d.advance_to_wake()
+        d.ready(d.by_state(ReplicaState.STARTING)[0])
+    assert d.state.crash_looping
+    assert reason is not None and "keep crashing (3 in a row" in reason and "exit code 3" in reason
+    assert "3 replicas crashed in a row" in d.state.message
+    # A replica runs: requests route to it, but the status stays UNHEALTHY until the crash loop
+    # has been over for a while; then the deployment turns HEALTHY on its own (a timer).
+    assert unavailable_reason(d.state) is None
+    assert d.state.status == DeploymentStatus.UNHEALTHY
+    assert d.wake_at == pytest.approx(d.state.last_crash_at + observe.BACKOFF_RESET_AFTER_S)
+    d.advance_to_wake()
+    assert d.state.status == DeploymentStatus.HEALTHY
 
 def test_backoff_starts_over_after_a_replica_ran_for_a_while() -> None:
     d = running_deployment(1)
@@ -215,12 +249,13 @@ def test_a_healthy_deployment_below_target_reports_upscaling() -> None:
     assert d.state.status == DeploymentStatus.UPSCALING
 
 
-def test_an_unhealthy_replica_is_drained_and_replaced() -> None:
+def test_an_unhealthy_replica_is_killed_at_once_and_replaced() -> None:
     d = running_deployment(2)
     assert observe.replica_unhealthy(d.state, d.state.replicas["r1"], "check_health raised: down")
     assert d.state.status == DeploymentStatus.UNHEALTHY
     actions = d.plan()
-    assert stops(actions) == [StopReplica("r1", drain=True)]
+    assert [a for a in actions if isinstance(a, KillReplica)] == [KillReplica("r1")]
+    assert stops(actions) == []
     assert starts(actions) == 1
     assert d.state.status == DeploymentStatus.UNHEALTHY  # until the replacement runs
     d.ready("r3")
