@@ -177,27 +177,28 @@ class Executor:
         """Stop ``replica`` (recorded STOPPING at once). ``drain``: it gets
         ``graceful_shutdown_timeout_s`` to finish what it holds; ``unroute``: first every router
         applies the replica sets without it."""
-        if replica.state == ReplicaState.STOPPING:
-            return
-        replica.state = ReplicaState.STOPPING
-        handles = self._handles.get(replica.replica_id)
-        if handles is None:
-            return
-        handles.detach()
-        grace_s = float(state.config.get("graceful_shutdown_timeout_s", 20.0)) + _DRAIN_EXTRA_S if drain else _STARTING_STOP_GRACE_S
-        self._tasks.spawn(self._stop(handles.process, grace_s, unroute), name=f"stop {replica.replica_id}")
+        handles = self._mark_stopping(replica)
+        if handles is not None:
+            grace_s = float(state.config.get("graceful_shutdown_timeout_s", 20.0)) + _DRAIN_EXTRA_S if drain else _STARTING_STOP_GRACE_S
+            self._tasks.spawn(self._stop(handles.process, grace_s, unroute), name=f"stop {replica.replica_id}")
 
     def kill(self, replica: Replica) -> None:
         """SIGKILL ``replica`` at once (recorded STOPPING): it failed its health checks, so it
         cannot be trusted to drain; the calls it holds fail as its connections drop."""
+        handles = self._mark_stopping(replica)
+        if handles is not None:
+            handles.process.kill()
+
+    def _mark_stopping(self, replica: Replica) -> _Handles | None:
+        """Record ``replica`` STOPPING and detach its health check and control connection; its
+        handles, or None if it was already stopping or has no process."""
         if replica.state == ReplicaState.STOPPING:
-            return
+            return None
         replica.state = ReplicaState.STOPPING
         handles = self._handles.get(replica.replica_id)
-        if handles is None:
-            return
-        handles.detach()
-        handles.process.kill()
+        if handles is not None:
+            handles.detach()
+        return handles
 
     async def _stop(self, process: WorkerProcess, grace_s: float, unroute: bool) -> None:
         if unroute:

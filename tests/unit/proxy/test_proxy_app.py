@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import zmq
+from inproc import run
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -104,17 +105,6 @@ async def _request(app: ProxyApp, path: str, headers: list[tuple[bytes, bytes]] 
     return start["status"], {bytes(k).lower(): bytes(v) for k, v in start["headers"]}, body_out
 
 
-def _run(main: Any) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(30):
-            await main()
-
-    try:
-        asyncio.run(bounded())
-    finally:
-        transport.terminate_context()
-
-
 def test_a_request_reaches_the_replica_and_the_answer_comes_back_with_the_request_id() -> None:
     async def main() -> None:
         worker, endpoint = await _serve_greet()
@@ -135,7 +125,7 @@ def test_a_request_reaches_the_replica_and_the_answer_comes_back_with_the_reques
         assert worker.channel is not None
         worker.channel.close()
 
-    _run(main)
+    run(main)
 
 
 def test_an_http_status_enum_travels_as_msgpack() -> None:
@@ -148,7 +138,7 @@ def test_an_http_status_enum_travels_as_msgpack() -> None:
         assert worker.channel is not None
         worker.channel.close()
 
-    _run(main)
+    run(main)
 
 
 def test_system_routes_answer_without_a_replica() -> None:
@@ -160,7 +150,7 @@ def test_system_routes_answer_without_a_replica() -> None:
         assert (await _request(app, "/-/healthz"))[2] == b"success"
         assert (await _request(app, "/-/routes"))[2] == b'{"/app": "app"}'
 
-    _run(main)
+    run(main)
 
 
 class RawReplica:
@@ -188,7 +178,7 @@ def test_a_pickled_reply_to_an_http_call_is_refused_not_unpickled() -> None:
         runtime.close()
         replica.channel.close()
 
-    _run(main)
+    run(main)
 
 
 def test_a_full_queue_answers_with_the_backpressure_status() -> None:
@@ -207,7 +197,7 @@ def test_a_full_queue_answers_with_the_backpressure_status() -> None:
         runtime.close()
         replica.channel.close()
 
-    _run(main)
+    run(main)
 
 
 # -- streamed bodies, answers at shutdown, the timeout header --------------------------------------
@@ -261,7 +251,7 @@ def test_a_body_streams_chunk_by_chunk_as_the_app_reads_it() -> None:
         assert worker.channel is not None
         worker.channel.close()
 
-    _run(main)
+    run(main)
 
 
 def test_requests_given_up_at_shutdown_get_503_from_the_replica_and_from_the_drain() -> None:
@@ -294,7 +284,7 @@ def test_requests_given_up_at_shutdown_get_503_from_the_replica_and_from_the_dra
         assert worker.channel is not None
         worker.channel.close()
 
-    _run(main)
+    run(main)
 
 
 @pytest.mark.parametrize(
@@ -320,4 +310,4 @@ def test_an_unavailable_deployment_gets_503_in_rays_words_without_details() -> N
         assert (status, body) == (503, b"Deployment(name='Ingress', app='app') is unavailable because it failed to deploy.")
         runtime.close()
 
-    _run(main)
+    run(main)
