@@ -3,7 +3,8 @@
 Started on a run directory whose previous supervisor died without shutting down, it deploys
 again the applications that one ran (saved by the controller, see ``applied``).
 
-Stops on SIGTERM or SIGINT (a second one exits at once), on the ``shutdown`` operation, or when
+Stops on SIGTERM or SIGINT (a second one exits at once, code 1, cleaning the run directory the
+same way), on the ``shutdown`` operation, or when
 the lifeline pipe from the process that started it reaches EOF (that process died, however it
 died). Stopping drains and stops every replica (bounded by their ``graceful_shutdown_timeout_s``),
 then forgets the saved applications and removes the sockets and the pid file; logs stay in the
@@ -69,6 +70,7 @@ async def serve(config: SupervisorConfig) -> int:
         signals_seen += 1
         if signals_seen > 1:
             logger.warning("second signal: exiting at once")
+            _abandon(run_dir)
             os._exit(1)
         signalled.set()
         stop.set()
@@ -109,6 +111,17 @@ async def serve(config: SupervisorConfig) -> int:
         rundir.remove_sockets(run_dir)
         transport.terminate_context()
     return 0
+
+
+def _abandon(run_dir: Path) -> None:
+    """Before exiting at once (a second signal): the stop was asked for, so leave the run
+    directory as an orderly stop would (no saved applications to bring back, no sockets, pid
+    file or key); the children die with this process (their parent-death signal)."""
+    try:
+        applied.clear(run_dir)
+        rundir.remove_sockets(run_dir)
+    except OSError:
+        logger.exception("could not clean %s", run_dir)
 
 
 def _restore(controller: Controller, run_dir: Path) -> None:
