@@ -9,7 +9,13 @@ sends a request. This protocol adds, per connection:
   the one read that crossed it);
 - a request head must arrive whole within ``request_header_timeout_s`` of the connection
   opening (first request) or of its first byte (later requests); a connection that trickles
-  its head, or opens and sends nothing, gets 408 and is closed.
+  its head, or opens and sends nothing, gets 408 and is closed;
+- a request whose version is not HTTP/1.0 or HTTP/1.1 (httptools also parses an HTTP/0.9 request
+  line and any ``HTTP/d.d``) gets 400 and the connection is closed;
+- a request the parser refuses after its head was accepted (a malformed chunk, garbage pipelined
+  behind it) never reaches a replica: the 400 that uvicorn sends also marks the request's
+  client as gone, so the app sees ``http.disconnect`` instead of the part of the body that came
+  before the error (and a request already sent on is cancelled).
 
 Idle keep-alive connections are closed by uvicorn (``timeout_keep_alive``) and requests over
 uvicorn's ``limit_concurrency`` open connections get 503; ``proxy.main`` sets both.
@@ -44,6 +50,8 @@ def _refusal(status: bytes, reason: str) -> bytes:
 _TOO_LARGE = _refusal(b"431 Request Header Fields Too Large", "Request header fields too large.")
 _TOO_MANY = _refusal(b"431 Request Header Fields Too Large", "Too many request header fields.")
 _TOO_SLOW = _refusal(b"408 Request Timeout", "The request head was not received in time.")
+_BAD_VERSION = _refusal(b"400 Bad Request", "Unsupported HTTP version.")
+_VERSIONS = ("1.0", "1.1")
 
 
 class LimitedHttpProtocol(HttpToolsProtocol):
@@ -102,6 +110,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         if self._refused:
             return
+        if self.parser.get_http_version() not in _VERSIONS:
+            self._refuse(_BAD_VERSION)
+            return
         self._head_open = False
         self._disarm_head_timer()
         super().on_headers_complete()
@@ -120,6 +131,16 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._header_count = 0
 
     # -- refusals -------------------------------------------------------------------------------
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a parse error, after which the connection closes: the request
+        being read, whose head may have been accepted already, is given up as if its client
+        had left, so that it never reaches a replica with part of its body."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        super().send_400_response(msg)
 
     def _refuse(self, response: bytes) -> None:
         """Answer ``response`` (when no response is under way on this connection) and close."""

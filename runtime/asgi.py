@@ -12,7 +12,9 @@ Nothing here is ever unpickled: the HTTP path is msgpack and raw bytes only.
 - Plain deployments: ``__call__`` gets a ``starlette.requests.Request`` (or no argument if it
   takes none); its return value becomes a response: a Starlette ``Response`` as is, ``str`` as
   text/plain, ``bytes`` raw, ``None`` empty, anything else JSON. A user exception becomes a 500
-  whose body does not carry the traceback; the traceback is logged with the request id.
+  whose body does not carry the traceback; the traceback is logged with the request id. A
+  ``StreamingResponse``'s body generator is closed as soon as the request ends, also when it is
+  cancelled (client gone, timeout), so its ``finally`` runs then.
 """
 
 from __future__ import annotations
@@ -144,7 +146,10 @@ class HttpHandler:
             return
         result = await self._call_plain(scope, receive)
         if isinstance(result, Response):
-            await result(scope, receive, send)
+            try:
+                await result(scope, receive, send)
+            finally:
+                await _close_body(result)
         else:
             for message in result:
                 await send(message)
@@ -170,6 +175,19 @@ class HttpHandler:
             logger.exception("HTTP request to deployment '%s' raised", self.user.deployment_name)
             return Response("Internal Server Error", status_code=500)
         return result if isinstance(result, Response) else to_messages(result)
+
+
+async def _close_body(response: Response) -> None:
+    """Close a streaming response's body generator now: one the request was cut off in (client
+    gone, timeout) would otherwise see ``GeneratorExit``, and run its ``finally``, only when the
+    cyclic garbage collector frees it, which on an idle replica may be never."""
+    aclose = getattr(getattr(response, "body_iterator", None), "aclose", None)
+    if aclose is None:
+        return
+    try:
+        await aclose()
+    except Exception:
+        logger.exception("closing the body of a streaming response raised")
 
 
 _TEXT = b"text/plain; charset=utf-8"

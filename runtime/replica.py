@@ -46,6 +46,9 @@ logger = logging.getLogger("shoal.replica")
 HEALTH_METHOD = "__shoal_check_health__"
 RECONFIGURE_METHOD = "__shoal_reconfigure__"
 METRICS_METHOD = "__shoal_metrics__"  # -> requests running on the replica, this call excluded
+# The supervisor's calls, the only ones outside max_ongoing_requests (HTTP requests, whose method
+# name is also reserved, count like any other).
+_INTERNAL_METHODS = frozenset((HEALTH_METHOD, RECONFIGURE_METHOD, METRICS_METHOD))
 
 
 _INTERNAL_DIRS = tuple(
@@ -159,7 +162,7 @@ class ReplicaWorker:
 
     def _on_request(self, identity: bytes, msg: wire.Message) -> None:
         header = wire.RequestHeader.from_meta(msg.meta)
-        internal = header.method.startswith("__shoal_")
+        internal = header.method in _INTERNAL_METHODS
         if not internal and (self._draining or self.ongoing >= self.max_ongoing_requests):
             self._send(identity, wire.reply(wire.Kind.REJECTED, self.incarnation, msg.call_id, q=self.ongoing))
             return

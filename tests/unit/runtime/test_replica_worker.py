@@ -10,6 +10,7 @@ import zmq
 from inproc import run
 
 from shoal.runtime import transport, wire
+from shoal.runtime.asgi import HTTP_METHOD
 from shoal.runtime.replica import HEALTH_METHOD, ReplicaWorker
 from shoal.runtime.user_code import UserCallable
 
@@ -91,6 +92,10 @@ def test_a_request_over_max_ongoing_requests_is_rejected_and_never_runs() -> Non
         rejected = await caller.reply()
         assert (rejected.kind, rejected.call_id) == (wire.Kind.REJECTED, second)
         assert wire.ReplyHeader.from_meta(rejected.meta).q == 1
+        # An HTTP request counts like any other (its method name is reserved, not internal).
+        http = caller.send(HTTP_METHOD)
+        rejected = await caller.reply()
+        assert (rejected.kind, rejected.call_id) == (wire.Kind.REJECTED, http)
         # Internal methods run outside the limit.
         health = caller.send(HEALTH_METHOD)
         reply = await caller.reply()
