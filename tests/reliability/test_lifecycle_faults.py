@@ -24,12 +24,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from harness import Outcome, kinds, running_pids
 from helpers import alive, processes_in_run_dir, sockets_in, wait_until
 
 from shoal import serve
@@ -40,19 +40,6 @@ _CLIENT_TIMEOUT_S = 10.0  # a request still unanswered then counts as hung
 
 
 # -- observation helpers --------------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    started: float  # monotonic seconds
-    ended: float
-    status: int | None  # None: no HTTP response (connection error or hang)
-    error: str = ""
-    body: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def hung(self) -> bool:
-        return self.error == "timeout"
 
 
 def get(client: httpx.Client, path: str) -> Outcome:
@@ -69,7 +56,7 @@ def get(client: httpx.Client, path: str) -> Outcome:
             body = response.json()
         except ValueError:
             body = {"text": response.text}
-    return Outcome(began, time.monotonic(), response.status_code, response.text[:300], body)
+    return Outcome(began, time.monotonic(), response.status_code, response.text[:300], body=body)
 
 
 class Load:
@@ -109,10 +96,6 @@ class Load:
 
     def failed(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.status != 200]
-
-
-def kinds(outcomes: list[Outcome]) -> dict[str, int]:
-    return dict(Counter("200" if o.status == 200 else f"{o.status or ''} {o.error[:60]}".strip() for o in outcomes))
 
 
 class Healthz:
@@ -175,32 +158,6 @@ class StatusPoll:
 
 def deployment(app: str, name: str) -> Any:
     return serve.status().applications[app].deployments[name]
-
-
-def running_pids(app: str, name: str) -> set[int]:
-    return {r.pid for r in deployment(app, name).replicas if r.state == "RUNNING" and r.pid}
-
-
-@pytest.fixture(scope="module")
-def url(serve_instance: Any) -> str:
-    base = serve.get_http_url()
-    assert base is not None
-    return base
-
-
-@pytest.fixture
-def http_app(serve_instance: Any) -> Iterator[Callable[..., Any]]:
-    """``http_app(app, name)``: run ``app`` at ``/name``; deleted after the test."""
-    names: list[str] = []
-
-    def deploy(app: Any, name: str) -> Any:
-        if name not in names:
-            names.append(name)
-        return serve.run(app, name=name, route_prefix=f"/{name}")
-
-    yield deploy
-    for name in reversed(names):
-        serve.delete(name)
 
 
 # -- T02 ----------------------------------------------------------------------------------------

@@ -14,14 +14,14 @@ import signal
 import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import psutil
 import pytest
+from harness import Outcome, kinds, running_pids
 from helpers import alive, wait_until
 
 from shoal import serve
@@ -32,19 +32,6 @@ _CLIENT_TIMEOUT_S = 8.0  # a request still unanswered then counts as hung
 
 
 # -- load and observation -------------------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    started: float  # monotonic seconds
-    ended: float
-    status: int | None  # None: no HTTP response (connection error or hang)
-    error: str = ""
-    pid: int | None = None
-
-    @property
-    def hung(self) -> bool:
-        return self.error == "timeout"
 
 
 @dataclass
@@ -120,16 +107,6 @@ class StatusWatch:
             self._stop.wait(0.02)
 
 
-def kinds(outcomes: list[Outcome]) -> dict[str, int]:
-    """How many outcomes of each kind: ``200``, ``500 Internal Server Error``, ``ReadError``..."""
-    return dict(Counter("200" if o.status == 200 else f"{o.status or ''} {o.error[:40]}".strip() for o in outcomes))
-
-
-def running_pids(app: str, deployment: str) -> set[int]:
-    dep = serve.status().applications[app].deployments[deployment]
-    return {r.pid for r in dep.replicas if r.state == "RUNNING" and r.pid}
-
-
 def proxy_process(supervisor: psutil.Process) -> psutil.Process | None:
     for child in supervisor.children():
         try:
@@ -138,26 +115,6 @@ def proxy_process(supervisor: psutil.Process) -> psutil.Process | None:
         except psutil.NoSuchProcess:
             pass
     return None
-
-
-@pytest.fixture(scope="module")
-def url(serve_instance: Any) -> str:
-    base = serve.get_http_url()
-    assert base is not None
-    return base
-
-
-@pytest.fixture
-def http_app(serve_instance: Any) -> Iterator[Callable[..., None]]:
-    names: list[str] = []
-
-    def deploy(app: Any, name: str) -> None:
-        names.append(name)
-        serve.run(app, name=name, route_prefix=f"/{name}")
-
-    yield deploy
-    for name in reversed(names):
-        serve.delete(name)
 
 
 @serve.deployment(num_replicas=4, max_ongoing_requests=8)
