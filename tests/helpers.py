@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
+import re
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -181,3 +185,25 @@ class Gate:
         async with self._changed:
             await self._changed.wait_for(lambda: self._arrived.get(key, 0) >= n)
             return self._arrived[key]
+
+
+def served_url(cli: subprocess.Popen[str], timeout_s: float, readers: list[threading.Thread]) -> str:
+    """The URL from ``shoal run``'s "serving ... on <url>" line (the port was picked with 0).
+    A thread, appended to ``readers``, reads ``cli``'s output to the end, so the CLI never
+    blocks on a full pipe."""
+    lines: queue.Queue[str] = queue.Queue()
+    assert cli.stdout is not None
+    stdout = cli.stdout
+
+    def read() -> None:
+        for line in stdout:
+            lines.put(line)
+
+    readers.append(threading.Thread(target=read, daemon=True))
+    readers[-1].start()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        found = re.search(r"serving .* on (http://\S+)", line)
+        if found:
+            return found.group(1)

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import os
-import queue
-import re
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from helpers import processes_in_run_dir, wait_until
+from helpers import processes_in_run_dir, served_url, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,26 +42,6 @@ app = Held.bind()
 '''
 
 
-def _served_url(cli: subprocess.Popen[str], timeout_s: float, reader: list[threading.Thread]) -> str:
-    """The URL from ``shoal run``'s "serving ... on <url>" line (the port was picked with 0)."""
-    lines: queue.Queue[str] = queue.Queue()
-    assert cli.stdout is not None
-    stdout = cli.stdout
-
-    def read() -> None:
-        for line in stdout:  # read to the end, so the CLI never blocks on a full pipe
-            lines.put(line)
-
-    reader.append(threading.Thread(target=read, daemon=True))
-    reader[0].start()
-    deadline = time.monotonic() + timeout_s
-    while True:
-        line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        found = re.search(r"serving .* on (http://\S+)", line)
-        if found:
-            return found.group(1)
-
-
 def test_sigterm_drains_the_proxy_then_the_replicas(tmp_path: Path, private_run_dir: Path) -> None:
     (tmp_path / "held_app.py").write_text(APP)
     env = {**os.environ, "SHOAL_RUN_DIR": str(private_run_dir)}
@@ -73,7 +50,7 @@ def test_sigterm_drains_the_proxy_then_the_replicas(tmp_path: Path, private_run_
                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     reader: list[threading.Thread] = []
     try:
-        base = _served_url(cli, 60, reader)
+        base = served_url(cli, 60, reader)
         with httpx.Client(base_url=base, timeout=30) as client:
             wait_until(lambda: _ok(client, "/-/healthz"), 30, "the app serves")
             result: dict[str, Any] = {}

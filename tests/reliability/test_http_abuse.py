@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
-import re
 import signal
 import socket
 import subprocess
@@ -25,7 +23,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from helpers import live_children, processes_in_run_dir, supervisor_of, wait_until
+from helpers import live_children, processes_in_run_dir, served_url, supervisor_of, wait_until
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
@@ -374,25 +372,6 @@ applications:
 '''
 
 
-def _served_url(cli: subprocess.Popen[str], timeout_s: float, readers: list[threading.Thread]) -> str:
-    lines: queue.Queue[str] = queue.Queue()
-    assert cli.stdout is not None
-    stdout = cli.stdout
-
-    def read() -> None:
-        for line in stdout:
-            lines.put(line)
-
-    readers.append(threading.Thread(target=read, daemon=True))
-    readers[0].start()
-    deadline = time.monotonic() + timeout_s
-    while True:
-        line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        found = re.search(r"serving .* on (http://\S+)", line)
-        if found:
-            return found.group(1)
-
-
 def test_t11b_drain_answers_requests_that_never_finish(tmp_path: Path, private_run_dir: Path) -> None:
     (tmp_path / "held_app.py").write_text(HELD_APP)
     (tmp_path / "held.yaml").write_text(HELD_CONFIG)
@@ -403,7 +382,7 @@ def test_t11b_drain_answers_requests_that_never_finish(tmp_path: Path, private_r
     readers: list[threading.Thread] = []
     held = 6
     try:
-        base = _served_url(cli, 60, readers)
+        base = served_url(cli, 60, readers)
         wait_until(lambda: _get_status(base + "/ping") == 200, 30, "the app serves")
         outcomes: list[tuple[str, float]] = []
         lock = threading.Lock()
