@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import abc
+import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from shoal import serve
 
@@ -35,3 +39,39 @@ def kinds(outcomes: list[Outcome]) -> dict[str, int]:
 def running_pids(app: str, deployment: str) -> set[int]:
     dep = serve.status().applications[app].deployments[deployment]
     return {r.pid for r in dep.replicas if r.state == "RUNNING" and r.pid}
+
+
+class Poller(abc.ABC):
+    """A thread that runs ``_run`` while the ``with`` block lasts; ``_run`` returns once
+    ``self._stop`` is set."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    @abc.abstractmethod
+    def _run(self) -> None:
+        """Poll until ``self._stop`` is set."""
+
+
+class StatusPoll(Poller):
+    """Polls ``serve.status()`` for one deployment every 20 ms, handing each sample (or None
+    while it does not exist) to ``on_sample(dep, now)``."""
+
+    def __init__(self, app: str, deployment: str, on_sample: Callable[[Any, float], None]) -> None:
+        super().__init__()
+        self.app, self.deployment, self.on_sample = app, deployment, on_sample
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            app = serve.status().applications.get(self.app)
+            self.on_sample(app.deployments.get(self.deployment) if app is not None else None, time.monotonic())
+            self._stop.wait(0.02)

@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import Outcome, kinds, running_pids
+from harness import Outcome, Poller, StatusPoll, kinds, running_pids
 from helpers import alive, processes_in_run_dir, sockets_in, wait_until
 
 from shoal import serve
@@ -98,24 +98,15 @@ class Load:
         return [o for o in self.outcomes if o.status != 200]
 
 
-class Healthz:
+class Healthz(Poller):
     """Polls the proxy's ``/-/healthz`` from a thread; keeps the worst latency and any non-200."""
 
     def __init__(self, url: str) -> None:
+        super().__init__()
         self.url = url
         self.max_latency_s = 0.0
         self.probes = 0
         self.bad: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Healthz:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
     def _run(self) -> None:
         with httpx.Client(base_url=self.url, timeout=5) as client:
@@ -130,30 +121,6 @@ class Healthz:
                 self.max_latency_s = max(self.max_latency_s, time.monotonic() - began)
                 self.probes += 1
                 self._stop.wait(0.02)
-
-
-class StatusPoll:
-    """Polls ``serve.status()`` for one deployment from a thread, handing each sample (or None
-    while it does not exist) to ``on_sample(dep, now)``."""
-
-    def __init__(self, app: str, deployment: str, on_sample: Callable[[Any, float], None]) -> None:
-        self.app, self.deployment, self.on_sample = app, deployment, on_sample
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> StatusPoll:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            app = serve.status().applications.get(self.app)
-            self.on_sample(app.deployments.get(self.deployment) if app is not None else None, time.monotonic())
-            self._stop.wait(0.02)
 
 
 def deployment(app: str, name: str) -> Any:

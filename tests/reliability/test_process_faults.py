@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from harness import Outcome, kinds, running_pids
+from harness import Outcome, StatusPoll, kinds, running_pids
 from helpers import alive, wait_until
 
 from shoal import serve
@@ -76,35 +76,21 @@ class Load:
         return [o for o in self.outcomes if o.status != 200]
 
 
-class StatusWatch:
+class StatusWatch(StatusPoll):
     """Polls ``serve.status()`` in a thread and records when ``predicate(deployment)`` first held
     for each named condition (monotonic seconds)."""
 
     def __init__(self, app: str, deployment: str, conditions: dict[str, Callable[[Any], bool]]) -> None:
-        self.app, self.deployment = app, deployment
+        super().__init__(app, deployment, self._record)
         self.conditions = dict(conditions)
         self.seen: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> StatusWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.is_set() and len(self.seen) < len(self.conditions):
-            app = serve.status().applications.get(self.app)
-            dep = app.deployments.get(self.deployment) if app is not None else None
-            if dep is not None:
-                now = time.monotonic()
-                for name, predicate in self.conditions.items():
-                    if name not in self.seen and predicate(dep):
-                        self.seen[name] = now
-            self._stop.wait(0.02)
+    def _record(self, dep: Any, now: float) -> None:
+        if dep is None:
+            return
+        for name, predicate in self.conditions.items():
+            if name not in self.seen and predicate(dep):
+                self.seen[name] = now
 
 
 def proxy_process(supervisor: psutil.Process) -> psutil.Process | None:
