@@ -31,6 +31,7 @@ class ReplicaContext:
     servable_object: Any = None
     world_size: int = 1
     code_version: str = ""
+    max_ongoing_requests: int = 5  # kept current by the replica (``@serve.batch`` warns against it)
 
     @property
     def app_name(self) -> str:

@@ -34,7 +34,7 @@ from typing import Any
 
 from shoal.runtime import wire
 from shoal.runtime.asgi import HTTP_METHOD, HttpHandler, normalize_message, scope_from_wire, to_messages
-from shoal.runtime.context import RequestContext, reset_request, set_request
+from shoal.runtime.context import RequestContext, get_replica_context, in_replica, reset_request, set_request
 from shoal.runtime.errors import RemoteError, ReplicaUnavailableError
 from shoal.runtime.reply import ReplySink
 from shoal.runtime.transport import Channel
@@ -336,6 +336,8 @@ class ReplicaWorker:
         to the supervisor, which keeps the old config)."""
         if "max_ongoing_requests" in update:
             self.max_ongoing_requests = int(update["max_ongoing_requests"])
+            if in_replica():
+                get_replica_context().max_ongoing_requests = self.max_ongoing_requests
             self.user.resize(self.max_ongoing_requests)
         if "user_config" in update:
             await self.user.reconfigure(update["user_config"])

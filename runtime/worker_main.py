@@ -173,6 +173,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
             replica_id=ReplicaID(spec["replica_id"].rsplit("#", 1)[-1], spec["deployment"], spec["app"]),
             world_size=spec.get("world_size", 1),
             code_version=spec.get("version", ""),
+            max_ongoing_requests=config["max_ongoing_requests"],
         )
         set_replica_context(replica_context)
         await user.construct(config.get("user_config"))

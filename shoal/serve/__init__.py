@@ -12,6 +12,7 @@ from shoal.serve.api import (
     start,
     status,
 )
+from shoal.serve.batching import batch
 from shoal.serve.config import HTTPOptions
 from shoal.serve.deployment import Application, Deployment, deployment
 from shoal.serve.ingress import ingress
@@ -21,6 +22,7 @@ __all__ = [
     "Deployment",
     "HTTPOptions",
     "ReplicaContext",
+    "batch",
     "delete",
     "deployment",
     "get_app_handle",
