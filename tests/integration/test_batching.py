@@ -69,7 +69,14 @@ class Batched:
             await self._bump("cancelled")
             raise
 
+    @serve.batch(max_batch_size=3, batch_wait_timeout_s=WAIT_S)
+    async def read_bodies(self, requests: list[Request]) -> list[dict[str, int]]:
+        bodies = [await request.json() for request in requests]  # each caller's body, read here
+        return [{"doubled": body["n"] * 2, "batch": len(requests)} for body in bodies]
+
     async def __call__(self, request: Request) -> Any:
+        if request.method == "POST":
+            return await self.read_bodies(request)
         return await self.call(request.query_params["x"])
 
     async def wait_count(self, key: str, n: int) -> int:
@@ -146,6 +153,19 @@ def test_http_requests_are_batched(deploy: Any) -> None:
     assert asyncio.run(main()) == ["h0!", "h1!", "h2!"]
     h = serve.get_deployment_handle("Batched", "batch_http")
     assert sizes(h.seen.remote().result()) == [3]
+
+
+def test_the_batch_function_reads_each_http_request_body(deploy: Any) -> None:
+    deploy(Batched.bind(), "batch_bodies", route_prefix="/bodies")
+    url = serve.get_http_url()
+    assert url is not None
+
+    async def main() -> list[Any]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            replies = await asyncio.gather(*(client.post("/bodies", json={"n": n}) for n in (1, 2, 3)))
+        return [r.json() for r in replies]
+
+    assert asyncio.run(main()) == [{"doubled": 2, "batch": 3}, {"doubled": 4, "batch": 3}, {"doubled": 6, "batch": 3}]
 
 
 def test_an_exception_fails_the_whole_batch_and_the_replica_keeps_serving(deploy: Any) -> None:
