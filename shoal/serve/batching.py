@@ -110,10 +110,7 @@ def _validate_batch_size_fn(batch_size_fn: Any) -> None:
 
 def _replica_max_ongoing_requests() -> int | None:
     """The ``max_ongoing_requests`` of the replica this code runs in; None outside a replica."""
-    if not context.in_replica():
-        return None
-    value = getattr(context.get_replica_context(), "max_ongoing_requests", None)
-    return value if isinstance(value, int) else None
+    return context.get_replica_context().max_ongoing_requests if context.in_replica() else None
 
 
 # -- arguments ------------------------------------------------------------------------------------
@@ -355,7 +352,7 @@ class _BatchQueue:
                             continue
                         if future.done():  # the caller stopped reading
                             futures[i] = None
-                        elif result in _STREAM_SENTINELS or isinstance(result, _STREAM_SENTINELS):
+                        elif _ends_stream(result):
                             future.set_result(_END)
                             futures[i] = None
                         else:
@@ -373,6 +370,12 @@ class _BatchQueue:
         for future in futures:
             if future is not None and not future.done():
                 future.set_result(_END)
+
+
+def _ends_stream(result: Any) -> bool:
+    """``StopIteration`` or ``StopAsyncIteration`` (the class or an instance) in a caller's slot.
+    By identity: an item's own ``==`` (an array's, say) is never called."""
+    return any(result is sentinel for sentinel in _STREAM_SENTINELS) or isinstance(result, _STREAM_SENTINELS)
 
 
 def _check_length(results: Any, expected: int) -> None:

@@ -84,6 +84,9 @@ class Batched:
             await self.changed.wait_for(lambda: self.counts[key] >= n)
             return self.counts[key]
 
+    def limit(self) -> int:
+        return serve.get_replica_context().max_ongoing_requests
+
     def seen(self) -> list[list[Any]]:
         return self.batches
 
@@ -137,6 +140,7 @@ def test_handle_calls_are_batched(deploy: Any) -> None:
     batches = h.seen.remote().result()
     assert sizes(batches) == [3, 3]
     assert sorted(x for b in batches for x in b) == list(range(6))
+    assert h.limit.remote().result() == 50  # what @serve.batch checks its settings against
 
 
 def test_http_requests_are_batched(deploy: Any) -> None:

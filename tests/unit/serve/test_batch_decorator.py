@@ -362,6 +362,26 @@ def test_stop_async_iteration_also_ends_a_caller() -> None:
     assert run_all(collect(1), collect(2)) == [[1], [2, 20]]
 
 
+def test_stream_items_are_never_compared_with_the_sentinels() -> None:
+    class NoEquality:
+        def __eq__(self, other: object) -> bool:
+            raise ValueError("the truth value is ambiguous")
+
+        __hash__ = object.__hash__
+
+    item = NoEquality()
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=LONG_S)
+    async def gen(xs: list[int]) -> AsyncIterator[list[Any]]:
+        yield [item]
+
+    async def collect() -> list[Any]:
+        return [i async for i in gen(1)]
+
+    [got] = run(collect())
+    assert got is item
+
+
 def test_an_exception_mid_stream_reaches_every_caller_still_reading() -> None:
     @serve.batch(max_batch_size=2, batch_wait_timeout_s=LONG_S)
     async def gen(xs: list[int]) -> AsyncIterator[list[int]]:
