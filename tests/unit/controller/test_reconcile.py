@@ -15,6 +15,7 @@ from shoal.controller.reconcile import (
     SetStatus,
     StartReplica,
     StopReplica,
+    UpdateReplica,
     WakeAt,
     app_status,
     observed_of,
@@ -43,9 +44,17 @@ class Deployment:
             if isinstance(action, StartReplica):
                 self._ids += 1
                 rid = f"r{self._ids}"
-                self.state.replicas[rid] = Replica(rid, self._ids, self.state.version, "", started_at=self.now)
+                self.state.replicas[rid] = Replica(
+                    rid, self._ids, self.state.version, "", started_at=self.now,
+                    rank=action.rank, world_size=self.state.target,
+                )
             elif isinstance(action, (StopReplica, KillReplica)):
                 self.state.replicas[action.replica_id].state = ReplicaState.STOPPING
+            elif isinstance(action, UpdateReplica):
+                replica = self.state.replicas[action.replica_id]
+                replica.world_size = action.world_size
+                if action.rank is not None:
+                    replica.rank = action.rank
             elif isinstance(action, WakeAt):
                 self.wake_at = action.at_s
             elif isinstance(action, SetStatus):
