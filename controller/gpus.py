@@ -91,12 +91,12 @@ def check_request(num_gpus: float, devices: int) -> str | None:
         return None
     if num_gpus > 1 and units(num_gpus) % _UNITS:
         return (
-            f"ray_actor_options['num_gpus']={num_gpus}: a request for more than one GPU must be a "
+            f"ray_actor_options['num_gpus']={num_gpus:g}: a request for more than one GPU must be a "
             "whole number of GPUs (fractions share a single device)"
         )
     if units(num_gpus) > devices * _UNITS:
         return (
-            f"ray_actor_options['num_gpus']={num_gpus} asks for more GPUs per replica than this "
+            f"ray_actor_options['num_gpus']={num_gpus:g} asks for more GPUs per replica than this "
             f"machine has ({devices}); declare GPUs with `shoal start --gpus N` or "
             "`serve.start(gpus=N)` if they are not detected"
         )
