@@ -214,7 +214,10 @@ def format_status(status: dict[str, Any]) -> str:
         if app["message"]:
             lines += ["", f"{app_name}: {app['message']}"]
         for dep_name, dep in sorted(app["deployments"].items()):
-            if dep.get("last_error") and dep["last_error"] not in app["message"]:
+            message = dep.get("message", "")
+            if message and message not in app["message"]:
+                lines += ["", f"{app_name}/{dep_name}: {message}"]
+            if dep.get("last_error") and dep["last_error"] not in app["message"] and dep["last_error"] not in message:
                 lines += ["", f"{app_name}/{dep_name} last error: {dep['last_error']}"]
     return "\n".join(lines)
 

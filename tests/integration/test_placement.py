@@ -161,7 +161,13 @@ def test_more_gpus_per_replica_than_the_machine_has_is_refused() -> None:
 @serve.deployment(ray_actor_options={"runtime_env": {"env_vars": {"SHOAL_PLACEMENT_VAR": "from-deployment"}}})
 class Environment:
     def __call__(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "imported_with": IMPORTED_WITH, "now": os.environ.get("SHOAL_PLACEMENT_VAR")}
+        return {
+            "pid": os.getpid(), "imported_with": IMPORTED_WITH, "now": os.environ.get("SHOAL_PLACEMENT_VAR"),
+            "app_level": os.environ.get("SHOAL_PLACEMENT_APP_VAR"),
+        }
+
+
+env_app = Environment.bind()
 
 
 def test_runtime_env_vars_are_set_before_the_module_is_imported() -> None:
@@ -170,6 +176,20 @@ def test_runtime_env_vars_are_set_before_the_module_is_imported() -> None:
     assert (answer["imported_with"], answer["now"]) == ("from-deployment", "from-deployment")
     assert os.environ.get("SHOAL_PLACEMENT_VAR") is None  # the driver's own environment is untouched
     serve.delete("env")
+
+
+def test_an_application_runtime_env_from_a_config_file_merges_under_the_deployment_s() -> None:
+    from shoal.serve import api, config_file
+    from shoal.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate({"applications": [{
+        "name": "env-file", "route_prefix": None, "import_path": "test_placement:env_app",
+        "runtime_env": {"env_vars": {"SHOAL_PLACEMENT_VAR": "from-app", "SHOAL_PLACEMENT_APP_VAR": "from-app"}},
+    }]})
+    api.deploy_specs(config_file.build_specs(schema), declarative=False, wait=True)
+    answer = serve.get_app_handle("env-file").remote().result()
+    assert (answer["now"], answer["app_level"]) == ("from-deployment", "from-app")
+    serve.delete("env-file")
 
 
 @serve.deployment(ray_actor_options={"memory": 1024**3})
