@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shoal.controller import applied, observe, reconcile, scaling
+from shoal.controller import actor_options, applied, observe, reconcile, scaling
 from shoal.controller.deploy import ControllerError, apply_spec, check_route_prefixes, delete_deployment
 from shoal.controller.executor import Executor
-from shoal.controller.reconcile import Action, KillReplica, SetStatus, StartReplica, StopReplica, WakeAt
+from shoal.controller.reconcile import Action, KillReplica, SetStatus, StartReplica, StopReplica, UpdateReplica, WakeAt
 from shoal.controller.snapshot import Snapshots
 from shoal.controller.state import AppState, DeploymentState, Replica
 from shoal.controller.status import render_status
@@ -41,8 +41,9 @@ logger = logging.getLogger("shoal.controller")
 
 
 class Controller:
-    def __init__(self, run_dir: Path, *, echo: Callable[[str], None]) -> None:
-        """Must be made on the running loop: it starts the autoscaling task."""
+    def __init__(self, run_dir: Path, *, echo: Callable[[str], None], gpus: tuple[str, ...] = ()) -> None:
+        """Must be made on the running loop: it starts the autoscaling task. ``gpus``: the
+        machine's GPU device ids."""
         self.apps: dict[str, AppState] = {}
         self._run_dir = run_dir
         self._specs: dict[str, dict[str, Any]] = {}  # what was deployed, saved (``applied``)
@@ -51,7 +52,7 @@ class Controller:
         self._stopping = False
         self._timer: asyncio.TimerHandle | None = None
         self._tasks = TaskSet()
-        self._executor = Executor(run_dir, events=self, tasks=self._tasks, unroute=self._unroute, echo=echo)
+        self._executor = Executor(run_dir, events=self, tasks=self._tasks, unroute=self._unroute, echo=echo, gpus=gpus)
         poller = scaling.AutoscalePoller(self._deployments, self._executor.control, self.reconcile, time.monotonic)
         self._autoscale_task = supervise("autoscaling", poller.run)
 
@@ -71,6 +72,7 @@ class Controller:
         changes; ``declarative`` also deletes the applications ``specs`` does not name."""
         self._check_running()
         check_route_prefixes(self.apps, specs, declarative=declarative)
+        self._check_actor_options(specs)
         if declarative:
             names = {spec["name"] for spec in specs}
             for name in [n for n in self.apps if n not in names]:
@@ -83,8 +85,21 @@ class Controller:
         """Create or replace an application (``spec`` as built by ``shoal.serve._build``)."""
         self._check_running()
         check_route_prefixes(self.apps, [spec], declarative=False)
+        self._check_actor_options([spec])
         self._apply(spec)
         self._save()
+
+    def _check_actor_options(self, specs: list[dict[str, Any]]) -> None:
+        """ControllerError for ``ray_actor_options`` shoal cannot honour; warnings logged once."""
+        for spec in specs:
+            for d in spec["deployments"]:
+                try:
+                    options = d["config"].get("ray_actor_options") or {}
+                    warnings = actor_options.check(d["name"], options, len(self._executor.gpus.devices))
+                except actor_options.ActorOptionsError as exc:
+                    raise ControllerError(f"Application '{spec['name']}': {exc}") from None
+                for warning in warnings:
+                    logger.warning("Application '%s': %s", spec["name"], warning)
 
     def _check_running(self) -> None:
         if self._stopping:
@@ -210,8 +225,10 @@ class Controller:
     def _carry_out(self, state: DeploymentState, action: Action, now: float) -> float | None:
         """Do ``action`` for ``state``; returns when to plan again, if it says."""
         match action:
-            case StartReplica():
-                self._executor.start(state, now)
+            case StartReplica(rank=rank):
+                self._executor.start(state, now, rank)
+            case UpdateReplica(replica_id=replica_id, world_size=world_size, rank=rank):
+                self._executor.update_replica(state, state.replicas[replica_id], world_size, rank)
             case StopReplica(replica_id=replica_id, drain=drain):
                 unroute = drain and not self._stopping  # at shutdown nobody routes any more
                 self._executor.stop(state, state.replicas[replica_id], drain=drain, unroute=unroute)

@@ -2,9 +2,11 @@
 
 It owns every replica's process (``WorkerProcess``), its control connection and its health
 checks, and nothing else decides anything here: ``start`` spawns a replica of a deployment's
-current version; ``stop`` stops one (a running one leaves the routers first, then drains within
+current version with its rank and its GPUs (``GpuPool``; without enough free GPUs it does not
+start, and the deployment's ``resources_wanted`` says why); ``stop`` stops one (a running one leaves the routers first, then drains within
 ``graceful_shutdown_timeout_s``); ``kill`` SIGKILLs one at once (it failed its health checks);
-``reconfigure`` applies an in-place config update. What happens next comes back through
+``reconfigure`` applies an in-place config update; ``update_replica`` tells a running replica
+its new rank or world size (through the same reconfigure call). What happens next comes back through
 ``ReplicaEvents``: a replica exited (after its last words were read), or failed its health
 checks.
 """
@@ -20,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from shoal.controller import observe, rundir
+from shoal.controller import actor_options, observe, rundir
+from shoal.controller.gpus import GpuPool
 from shoal.controller.health import monitor_health
 from shoal.controller.process import WorkerProcess
 from shoal.controller.replica_control import RECONFIGURE_METHOD, ReplicaControl
@@ -73,9 +76,11 @@ class Executor:
         tasks: TaskSet,
         unroute: Callable[[float], Awaitable[None]],
         echo: Callable[[str], None],
+        gpus: tuple[str, ...] = (),
     ) -> None:
         """``unroute(timeout_s)`` publishes the replica sets and waits (bounded) until every
-        router applied them."""
+        router applied them; ``gpus``: the machine's GPU device ids."""
+        self.gpus = GpuPool(gpus)
         self._run_dir = run_dir
         self._events = events
         self._tasks = tasks
@@ -85,10 +90,19 @@ class Executor:
         self._incarnations = itertools.count(1)
         self._handles: dict[str, _Handles] = {}
 
-    def start(self, state: DeploymentState, now: float) -> Replica:
-        """Spawn a replica of ``state``'s current version, recorded STARTING in ``state``."""
-        incarnation = next(self._incarnations)
+    def start(self, state: DeploymentState, now: float, rank: int = 0) -> Replica | None:
+        """Spawn a replica of ``state``'s current version with ``rank``, recorded STARTING in
+        ``state``; None (and ``state.resources_wanted`` says why) if the GPUs it asks for are
+        not free."""
         replica_id = f"{state.key}#{os.urandom(4).hex()}"
+        devices = self.gpus.allocate(replica_id, state.num_gpus)
+        if devices is None:
+            waiting = max(1, state.target - len(state.live(state.version)))
+            state.resources_wanted = self.gpus.shortage(state.name, waiting, state.num_gpus)
+            return None
+        state.resources_wanted = ""
+        options = state.config.get("ray_actor_options") or {}
+        incarnation = next(self._incarnations)
         endpoint = rundir.replica_endpoint(self._run_dir, incarnation)
         spec = wire.pack(
             {
@@ -105,10 +119,16 @@ class Executor:
                 "parent_pid": os.getpid(),
                 "process_name": "shoal-replica",
                 "world_size": state.target,
+                "rank": rank,
+                "env": actor_options.environment(options, devices),
+                "memory_limit_bytes": actor_options.memory_limit_bytes(options),
                 "log_level": (state.config.get("logging_config") or {}).get("log_level", "INFO"),
             }
         )
-        replica = Replica(replica_id, incarnation, state.version, endpoint, started_at=now)
+        replica = Replica(
+            replica_id, incarnation, state.version, endpoint, started_at=now,
+            rank=rank, world_size=state.target, gpus=devices,
+        )
         log_path = self._logs / f"replica_{state.app}_{state.name}_{replica_id.rsplit('#', 1)[-1]}.log"
         log_file = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed at exit
         prefix = replica_prefix(state.app, state.name, replica_id, 0)
@@ -125,6 +145,7 @@ class Executor:
 
         def on_exit(code: int) -> None:
             log_file.close()
+            self.gpus.release(replica_id)
             handles = self._handles.pop(replica_id, None)
             if handles is not None:
                 handles.detach()
@@ -136,7 +157,14 @@ class Executor:
         )
         self._handles[replica_id] = _Handles(process)
         state.replicas[replica_id] = replica
-        process.start()
+        try:
+            process.start()
+        except BaseException:
+            self._handles.pop(replica_id, None)
+            state.replicas.pop(replica_id, None)
+            self.gpus.release(replica_id)
+            log_file.close()
+            raise
         replica.pid = process.pid
         prefix = replica_prefix(state.app, state.name, replica_id, process.pid or 0)
         return replica
@@ -208,6 +236,26 @@ class Executor:
     async def wait_exited(self) -> None:
         """Wait until every replica process has exited (each is being stopped)."""
         await asyncio.gather(*(h.process.exited.wait() for h in list(self._handles.values())))
+
+    def update_replica(self, state: DeploymentState, replica: Replica, world_size: int, rank: int | None) -> None:
+        """Tell running ``replica`` the deployment's ``world_size`` and, unless None, its new
+        ``rank`` (recorded at once: the plan does not ask again). A new rank reaches the user's
+        ``reconfigure`` if it takes a ``rank`` argument, as in Ray."""
+        replica.world_size = world_size
+        update: dict[str, Any] = {"world_size": world_size}
+        if rank is not None:
+            replica.rank = rank
+            update.update(rank=rank, user_config=state.config.get("user_config"))
+        control = self.control(replica)
+        if control is not None:
+            timeout_s = float(state.config.get("health_check_timeout_s", 30.0))
+            self._tasks.spawn(self._update(control, replica, update, timeout_s), name=f"update {replica.replica_id}")
+
+    async def _update(self, control: ReplicaControl, replica: Replica, update: dict[str, Any], timeout_s: float) -> None:
+        try:
+            await control.call(RECONFIGURE_METHOD, update, timeout_s=timeout_s)
+        except Exception as exc:  # the replica keeps serving; a dead one is replaced anyway
+            logger.warning("telling replica %s its rank/world size %s failed: %s", replica.replica_id, update, exc)
 
     def reconfigure(self, state: DeploymentState, update: dict[str, Any], previous: dict[str, Any]) -> None:
         """Apply ``update`` to the running replicas in place (same pids). If a replica's

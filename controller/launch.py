@@ -17,6 +17,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,17 +109,22 @@ def crashed(run_dir: Path) -> str | None:
     )
 
 
-def start_supervisor(run_dir: Path, *, private: bool, http_options: dict[str, Any] | None) -> Instance:
+def start_supervisor(
+    run_dir: Path, *, private: bool, http_options: dict[str, Any] | None, gpus: Sequence[str] | None = None
+) -> Instance:
     """Start a supervisor on ``run_dir`` and wait for its readiness line.
 
     ``private``: tie it to this process with a lifeline; otherwise it is detached.
     ``http_options``: plain HTTPOptions values; None starts no HTTP proxy.
+    ``gpus``: the GPU device ids it uses; None: it detects the machine's.
     """
     ready_r, ready_w = os.pipe()
     pass_fds = [ready_w]
     cmd = [sys.executable, "-m", "shoal.controller", "--run-dir", str(run_dir), "--ready-fd", str(ready_w)]
     if http_options is not None:
         cmd += ["--http-options", json.dumps(http_options)]
+    if gpus is not None:
+        cmd += ["--gpus", json.dumps(list(gpus))]
     life_r = life_w = None
     if private:
         life_r, life_w = os.pipe()
@@ -171,16 +177,19 @@ def _read_line(fd: int, timeout_s: float, proc: subprocess.Popen[bytes]) -> str:
     return data.decode()
 
 
-def connect_or_start(http_options: dict[str, Any] | None, *, http_required: bool = True) -> Instance:
-    """The running instance, or a new private one. If ``http_required`` is False and the HTTP
-    port is taken, the private instance starts without HTTP (handles still work) and says so."""
+def connect_or_start(
+    http_options: dict[str, Any] | None, *, http_required: bool = True, gpus: Sequence[str] | None = None
+) -> Instance:
+    """The running instance, or a new private one (with ``gpus``, see ``start_supervisor``). If
+    ``http_required`` is False and the HTTP port is taken, the private instance starts without
+    HTTP (handles still work) and says so."""
     running = find_running()
     if running is not None:
         return running
     try:
-        return start_supervisor(rundir.new_session_dir(), private=True, http_options=http_options)
+        return start_supervisor(rundir.new_session_dir(), private=True, http_options=http_options, gpus=gpus)
     except HTTPBindError as exc:
         if http_required:
             raise
         logger.warning("%s Starting without HTTP; handles work.", exc)
-        return start_supervisor(rundir.new_session_dir(), private=True, http_options=None)
+        return start_supervisor(rundir.new_session_dir(), private=True, http_options=None, gpus=gpus)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shoal.controller import applied, rundir
+from shoal.controller import applied, gpus, rundir
 from shoal.controller.control import ControlServer
 from shoal.controller.controller import Controller
 from shoal.controller.listener import HTTPListener
@@ -41,6 +41,7 @@ class SupervisorConfig:
     lifeline_fd: int | None = None
     ready_fd: int | None = None
     http_options: dict[str, Any] | None = None  # None: no HTTP proxy
+    gpus: tuple[str, ...] | None = None  # declared GPU device ids; None: detect them
 
 
 def _echo(line: str) -> None:
@@ -80,9 +81,12 @@ async def serve(config: SupervisorConfig) -> int:
     if config.lifeline_fd is not None:
         watch_lifeline(loop, config.lifeline_fd, stop.set)
 
-    controller = Controller(run_dir, echo=_echo)
+    devices = gpus.detect_gpus(config.gpus)
+    controller = Controller(run_dir, echo=_echo, gpus=devices)
     endpoint = rundir.control_endpoint(run_dir)
-    info: dict[str, Any] = {"pid": os.getpid(), "control": endpoint, "run_dir": str(run_dir), "http_url": None}
+    info: dict[str, Any] = {
+        "pid": os.getpid(), "control": endpoint, "run_dir": str(run_dir), "http_url": None, "gpus": list(devices),
+    }
     listener: HTTPListener | None = None
     if config.http_options is not None and config.http_options.get("host") is not None:
         try:
@@ -144,18 +148,23 @@ def _report_ready(fd: int | None, info: dict[str, Any]) -> None:
             ready.write(json.dumps(info) + "\n")
 
 
+def _gpu_ids(value: str) -> tuple[str, ...]:
+    return gpus.parse_gpus(json.loads(value) if value.lstrip().startswith("[") else value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shoal.controller", description="Run a shoal supervisor.")
     parser.add_argument("--run-dir", required=True, type=Path, help="the instance's run directory (0700)")
     parser.add_argument("--lifeline-fd", type=int, help="stop when this pipe reaches EOF")
     parser.add_argument("--ready-fd", type=int, help="write one JSON readiness line to this fd")
     parser.add_argument("--http-options", type=json.loads, help="HTTPOptions as JSON; omit for no proxy")
+    parser.add_argument("--gpus", type=_gpu_ids, help="GPUs: a count, device ids (0,2) or a JSON list of ids; omit to detect")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="(shoal supervisor) %(levelname)s %(message)s")
     set_process_name("shoal")
     import uvloop
 
-    config = SupervisorConfig(args.run_dir, args.lifeline_fd, args.ready_fd, args.http_options)
+    config = SupervisorConfig(args.run_dir, args.lifeline_fd, args.ready_fd, args.http_options, args.gpus)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(serve(config))

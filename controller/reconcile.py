@@ -25,6 +25,13 @@ The rules (Ray Serve's):
   UNHEALTHY (a replica crashed or failed its health checks) turns HEALTHY once the target
   runs again, except that a crash-looping deployment stays UNHEALTHY until
   ``observed.crash_loop_until`` (then ``WakeAt``).
+- Ranks (``controller.ranks``): a starting replica takes the smallest rank no replica holds
+  (a stopping one holds its rank until it exited); once the deployment is HEALTHY with every
+  replica running, gaps are closed with the fewest changes. A running replica whose rank
+  changes, or that was told another ``world_size`` than the target count, gets
+  ``UpdateReplica``.
+- A rolling update whose new replicas wait for GPUs the old ones hold stops one old running
+  replica at a time (when none is stopping), so the update cannot deadlock.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from shoal.controller import ranks
 from shoal.controller.observe import BACKOFF_RESET_AFTER_S
 from shoal.controller.state import AppState, DeploymentState, Replica
 from shoal.serve.schema import ApplicationStatus, DeploymentStatus, DeploymentStatusTrigger, ReplicaState
@@ -59,6 +67,8 @@ class ReplicaView:
     state: ReplicaState
     started_at: float
     unhealthy: bool = False
+    rank: int | None = None
+    world_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +82,14 @@ class Observed:
     next_start_at: float = 0.0
     reconfiguring: bool = False
     crash_loop_until: float = 0.0  # monotonic seconds: UNHEALTHY at least until then
+    waiting_for_resources: bool = False  # the last start could not get its GPUs
 
 
 @dataclass(frozen=True, slots=True)
 class StartReplica:
-    """Start one replica of the current version."""
+    """Start one replica of the current version, with rank ``rank``."""
+
+    rank: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +109,16 @@ class KillReplica:
 
 
 @dataclass(frozen=True, slots=True)
+class UpdateReplica:
+    """Tell a running replica the deployment's ``world_size`` and, unless None, its new
+    ``rank`` (through its reconfigure path)."""
+
+    replica_id: str
+    world_size: int
+    rank: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class WakeAt:
     """Plan again at ``at_s`` (monotonic seconds): a start is backed off until then."""
 
@@ -111,7 +134,7 @@ class SetStatus:
     message: str | None
 
 
-Action = StartReplica | StopReplica | KillReplica | WakeAt | SetStatus
+Action = StartReplica | StopReplica | KillReplica | UpdateReplica | WakeAt | SetStatus
 
 
 def plan(target: Target, observed: Observed, now: float) -> list[Action]:
@@ -140,7 +163,8 @@ def plan(target: Target, observed: Observed, now: float) -> list[Action]:
         missing = min(missing, batch - sum(r.state == ReplicaState.STARTING for r in current))
     if missing > 0 and not failed and not target.stopping:
         if now >= observed.next_start_at:
-            actions.extend(StartReplica() for _ in range(missing))
+            held = (r.rank for r in observed.replicas if r.rank is not None)
+            actions.extend(StartReplica(rank) for rank in ranks.next_ranks(held, missing))
         else:
             actions.append(WakeAt(observed.next_start_at))
 
@@ -153,6 +177,11 @@ def plan(target: Target, observed: Observed, now: float) -> list[Action]:
     if old and not failed:  # starting old ones stop at once; running ones as new ones run
         running_current = sum(r.state == ReplicaState.RUNNING and r.replica_id not in stopped for r in current)
         spare = running_current + sum(r.state == ReplicaState.RUNNING for r in old) - target.replicas
+        if (
+            spare <= 0 and observed.waiting_for_resources
+            and not any(r.state == ReplicaState.STOPPING for r in observed.replicas)
+        ):
+            spare = 1  # the new replicas wait for what old ones hold: make room, one at a time
         for replica in sorted(old, key=lambda r: r.state == ReplicaState.RUNNING):
             if replica.state == ReplicaState.STARTING:
                 stop(replica)
@@ -164,11 +193,33 @@ def plan(target: Target, observed: Observed, now: float) -> list[Action]:
     transition = deployment_status(target, observed, remaining, now)
     if transition is not None:
         actions.append(transition)
+    if not target.stopping:
+        status = transition.status if transition is not None else observed.status
+        actions.extend(_rank_updates(target, observed, remaining, settled=status == DeploymentStatus.HEALTHY and not stopped))
     if observed.status == DeploymentStatus.UNHEALTHY and now < observed.crash_loop_until:
         waking = [a for a in actions if isinstance(a, WakeAt)]  # one WakeAt: the earliest
         if not waking:
             actions.append(WakeAt(observed.crash_loop_until))
     return actions
+
+
+def _rank_updates(
+    target: Target, observed: Observed, remaining: Sequence[ReplicaView], *, settled: bool
+) -> list[UpdateReplica]:
+    """``UpdateReplica`` for the running replicas whose rank or world size changes; ranks are
+    compacted only once ``settled`` (HEALTHY, nothing stopped now) and every replica runs."""
+    changes: dict[str, int] = {}
+    everyone_runs = all(r.state == ReplicaState.RUNNING for r in observed.replicas)
+    if settled and everyone_runs and all(r.rank is not None for r in observed.replicas):
+        changes = ranks.compact({r.replica_id: r.rank for r in observed.replicas if r.rank is not None})
+    updates = []
+    for replica in remaining:
+        if replica.state != ReplicaState.RUNNING:
+            continue
+        rank = changes.get(replica.replica_id)
+        if rank is not None or replica.world_size != target.replicas:
+            updates.append(UpdateReplica(replica.replica_id, target.replicas, rank))
+    return updates
 
 
 def _stop(replica: ReplicaView) -> StopReplica:
@@ -243,8 +294,12 @@ def observed_of(state: DeploymentState) -> Observed:
         next_start_at=state.next_start_at,
         reconfiguring=state.reconfiguring > 0,
         crash_loop_until=state.last_crash_at + BACKOFF_RESET_AFTER_S if state.crash_looping else 0.0,
+        waiting_for_resources=bool(state.resources_wanted),
     )
 
 
 def _view(replica: Replica) -> ReplicaView:
-    return ReplicaView(replica.replica_id, replica.version, replica.state, replica.started_at, replica.unhealthy)
+    return ReplicaView(
+        replica.replica_id, replica.version, replica.state, replica.started_at, replica.unhealthy,
+        replica.rank, replica.world_size,
+    )

@@ -41,6 +41,9 @@ class Replica:
     pid: int | None = None
     error: str = ""  # the constructor's traceback (its last words), or why it was refused
     unhealthy: bool = False  # failed its health checks: to be replaced
+    rank: int | None = None  # held from its start until its process exited (``ranks``)
+    world_size: int = 0  # the deployment's target count, as this replica was last told it
+    gpus: tuple[str, ...] = ()  # the devices it holds (its CUDA_VISIBLE_DEVICES)
 
 
 @dataclass(eq=False)
@@ -68,6 +71,7 @@ class DeploymentState:
     reconfiguring: int = 0  # in-place config updates in flight
     next_start_at: float = 0.0  # monotonic seconds: no replica starts before (backoff)
     backoff_s: float = RESTART_BACKOFF_INITIAL_S
+    resources_wanted: str = ""  # why the last start could not get its GPUs ("" once one could)
 
     @property
     def key(self) -> str:
@@ -82,6 +86,10 @@ class DeploymentState:
 
     def running(self, version: str | None = None) -> list[Replica]:
         return [r for r in self.live(version) if r.state == ReplicaState.RUNNING]
+
+    @property
+    def num_gpus(self) -> float:
+        return float((self.config.get("ray_actor_options") or {}).get("num_gpus") or 0)
 
     @property
     def crash_looping(self) -> bool:

@@ -1,5 +1,8 @@
 """The status report (``serve status``, ``serve.status()``): applications, deployments and
-replicas as plain dicts, in the shape ``ServeStatus.from_dict`` reads."""
+replicas as plain dicts, in the shape ``ServeStatus.from_dict`` reads.
+
+A deployment whose replicas wait for GPUs says so in its message (as long as it has fewer
+replicas of its current version than its target)."""
 
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ def _deployment(state: DeploymentState) -> dict[str, Any]:
         "status": state.status.value,
         "status_trigger": state.trigger.value,
         "replica_states": counts,
-        "message": state.message,
+        "message": _message(state),
         "replicas": [
             {"replica_id": r.replica_id, "state": r.state.value, "pid": r.pid, "version": r.version}
             for r in state.replicas.values()
@@ -45,3 +48,8 @@ def _deployment(state: DeploymentState) -> dict[str, Any]:
         "restarts": state.restarts,
         "last_error": state.last_error,
     }
+
+
+def _message(state: DeploymentState) -> str:
+    waiting = state.resources_wanted if len(state.live(state.version)) < state.target else ""
+    return "\n".join(m for m in (state.message, waiting) if m)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shoal.runtime.errors import RayServeException
+
+if TYPE_CHECKING:
+    from shoal.serve.schema import ReplicaRank
 
 
 @dataclass(frozen=True)
@@ -25,13 +28,19 @@ class ReplicaID:
 
 @dataclass
 class ReplicaContext:
-    """What a replica knows about itself (Ray's ``ReplicaContext``)."""
+    """What a replica knows about itself (Ray's ``ReplicaContext``).
+
+    ``rank`` (a ``shoal.serve.schema.ReplicaRank``) and ``world_size`` (the deployment's target
+    number of replicas) are kept up to date by the controller while the replica runs; ``rank``
+    is None only outside a replica process (local testing mode has rank 0).
+    """
 
     replica_id: ReplicaID
     servable_object: Any = None
     world_size: int = 1
     code_version: str = ""
     max_ongoing_requests: int = 5  # kept current by the replica (``@serve.batch`` warns against it)
+    rank: ReplicaRank | None = None
 
     @property
     def app_name(self) -> str:

@@ -331,16 +331,26 @@ class ReplicaWorker:
             logger.debug("caller of call %d is gone; reply dropped", msg.call_id)
 
     async def reconfigure(self, update: dict[str, Any]) -> None:
-        """Apply option changes that need no restart: ``max_ongoing_requests`` and
-        ``user_config`` (through the user's ``reconfigure``; if it raises, the error goes back
-        to the supervisor, which keeps the old config)."""
+        """Apply option changes that need no restart: ``max_ongoing_requests``, ``world_size``,
+        ``rank`` and ``user_config`` (the last two through the user's ``reconfigure``; if it
+        raises, the error goes back to the supervisor, which keeps the old config)."""
         if "max_ongoing_requests" in update:
             self.max_ongoing_requests = int(update["max_ongoing_requests"])
             if in_replica():
                 get_replica_context().max_ongoing_requests = self.max_ongoing_requests
             self.user.resize(self.max_ongoing_requests)
+        rank: Any = 0
+        if in_replica():
+            ctx = get_replica_context()
+            if "world_size" in update:
+                ctx.world_size = int(update["world_size"])
+            if update.get("rank") is not None:
+                from shoal.serve.schema import ReplicaRank
+
+                ctx.rank = ReplicaRank(rank=int(update["rank"]), node_rank=0, local_rank=int(update["rank"]))
+            rank = ctx.rank
         if "user_config" in update:
-            await self.user.reconfigure(update["user_config"])
+            await self.user.reconfigure(update["user_config"], rank)
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop taking requests and wait for ongoing ones; True if all finished in time."""

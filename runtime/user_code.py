@@ -6,7 +6,8 @@
 - A method that returns a generator (sync or async) may only be called with ``stream=True``;
   its items are produced one by one (sync generators advance in the thread pool).
 - ``async def __init__`` is awaited; ``reconfigure(user_config)`` runs after construction when a
-  ``user_config`` is set, before the replica takes traffic.
+  ``user_config`` is set, before the replica takes traffic; a ``reconfigure`` with a ``rank``
+  parameter also gets the replica's rank (and runs even without a ``user_config``), as in Ray.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ def _is_async(fn: Callable[..., Any]) -> bool:
         return True
     call = getattr(fn, "__call__", None)  # noqa: B004 (the method itself, not callability)
     return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+
+
+def _parameters(fn: Callable[..., Any]) -> tuple[str, ...]:
+    try:
+        return tuple(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return ()
 
 
 def _new_pool(max_ongoing_requests: int) -> ThreadPoolExecutor:
@@ -60,7 +68,7 @@ class UserCallable:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    async def construct(self, user_config: Any = None) -> None:
+    async def construct(self, user_config: Any = None, rank: Any = 0) -> None:
         """Create the user object (awaiting ``async def __init__``), then apply ``user_config``."""
         if self._is_function:
             self.instance = self._target
@@ -75,19 +83,23 @@ class UserCallable:
                 if inspect.isawaitable(result):
                     await result
             self.instance = obj
-        if user_config is not None:
-            await self.reconfigure(user_config)
+        await self.reconfigure(user_config, rank)
 
-    async def reconfigure(self, user_config: Any) -> None:
+    async def reconfigure(self, user_config: Any, rank: Any = 0) -> None:
+        """Call the user's ``reconfigure(user_config[, rank])`` (Ray's rules): when
+        ``user_config`` is not None, or when the method takes a ``rank`` (then it gets one)."""
+        method = None if self._is_function else getattr(self.instance, "reconfigure", None)
+        wants_rank = method is not None and "rank" in _parameters(method)
+        if user_config is None and not wants_rank:
+            return
         if self._is_function:
-            raise ValueError("deployment_def must be a class to use user_config")
-        method = getattr(self.instance, "reconfigure", None)
+            raise ValueError("deployment_def must be a class to use user_config or rank")
         if method is None:
             raise RayServeException(
-                f"user_config specified but deployment '{self.deployment_name}' is missing a "
+                f"user_config or rank specified but deployment '{self.deployment_name}' is missing a "
                 "`reconfigure` method."
             )
-        await self.invoke(method, (user_config,), {})
+        await self.invoke(method, (user_config,), {"rank": rank} if wants_rank else {})
 
     def resize(self, max_ongoing_requests: int) -> None:
         """Run sync methods on a pool of ``max_ongoing_requests`` threads from now on; calls

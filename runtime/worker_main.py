@@ -102,8 +102,24 @@ def run_until_complete(coro: Any) -> None:
 
 def main(spec_bytes: bytes, output: PassFd, lifeline: PassFd, last_words: PassFd) -> None:
     spec = bootstrap(spec_bytes, output)
+    apply_environment(spec)
     _configure_logging(spec)
     run_until_complete(_serve(spec, lifeline.detach(), last_words.detach()))
+
+
+def apply_environment(spec: dict[str, Any]) -> None:
+    """Before any user code is imported: set the replica's environment variables
+    (``runtime_env.env_vars``, ``CUDA_VISIBLE_DEVICES``) and its memory limit (``memory``, as
+    RLIMIT_DATA: an allocation past it raises MemoryError)."""
+    os.environ.update(spec.get("env") or {})
+    limit = spec.get("memory_limit_bytes")
+    if limit:
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
 
 
 def _leave_last_words(fd: int, error: str) -> None:
@@ -138,6 +154,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
     from shoal.runtime.context import ReplicaContext, ReplicaID, set_replica_context
     from shoal.runtime.replica import ReplicaWorker
     from shoal.runtime.user_code import UserCallable
+    from shoal.serve.schema import ReplicaRank
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -174,9 +191,10 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
             world_size=spec.get("world_size", 1),
             code_version=spec.get("version", ""),
             max_ongoing_requests=config["max_ongoing_requests"],
+            rank=ReplicaRank(rank=spec.get("rank", 0), node_rank=0, local_rank=spec.get("rank", 0)),
         )
         set_replica_context(replica_context)
-        await user.construct(config.get("user_config"))
+        await user.construct(config.get("user_config"), rank=replica_context.rank)
         replica_context.servable_object = user.instance
         worker = ReplicaWorker(
             user=user,

@@ -90,7 +90,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     starting = None
     if launch.find_running() is None:
         starting = threading.Thread(
-            target=lambda: owned.append(launch.start_supervisor(rundir.instance_dir("default"), private=True, http_options=http))
+            target=lambda: owned.append(
+                launch.start_supervisor(rundir.instance_dir("default"), private=True, http_options=http, gpus=args.gpus)
+            )
         )
         starting.start()
     try:
@@ -147,7 +149,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     options = HTTPOptions(host=args.http_host, port=args.http_port).model_dump()
     run_dir = rundir.instance_dir("default")
     restoring = launch.crashed(run_dir) is not None and (run_dir / applied.APPLIED_FILE).exists()
-    instance = launch.start_supervisor(run_dir, private=False, http_options=options)
+    instance = launch.start_supervisor(run_dir, private=False, http_options=options, gpus=args.gpus)
     if restoring:
         print("The previous supervisor stopped without shutting down; the applications it ran are deployed again.")
     print(
@@ -212,7 +214,10 @@ def format_status(status: dict[str, Any]) -> str:
         if app["message"]:
             lines += ["", f"{app_name}: {app['message']}"]
         for dep_name, dep in sorted(app["deployments"].items()):
-            if dep.get("last_error") and dep["last_error"] not in app["message"]:
+            message = dep.get("message", "")
+            if message and message not in app["message"]:
+                lines += ["", f"{app_name}/{dep_name}: {message}"]
+            if dep.get("last_error") and dep["last_error"] not in app["message"] and dep["last_error"] not in message:
                 lines += ["", f"{app_name}/{dep_name} last error: {dep['last_error']}"]
     return "\n".join(lines)
 
@@ -261,6 +266,21 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
     return 0
 
 
+_GPUS_HELP = (
+    "the GPUs replicas may use: a count N (devices 0..N-1) or device ids (0,2); "
+    "default: CUDA_VISIBLE_DEVICES if set, else what nvidia-smi lists"
+)
+
+
+def _gpus(value: str) -> tuple[str, ...]:
+    from shoal.controller.gpus import parse_gpus
+
+    try:
+        return parse_gpus(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoal", description="Serve Python deployments on one machine (Ray Serve's API, without Ray).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -277,11 +297,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="HTTP host (default: 127.0.0.1, or the config file's)")
     run.add_argument("--port", type=int, help="HTTP port (default: 8000, or the config file's; 0 picks one)")
     run.add_argument("--reload", "-r", action="store_true", help="redeploy when Python files under --app-dir change")
+    run.add_argument("--gpus", type=_gpus, help=_GPUS_HELP)
     run.set_defaults(func=cmd_run)
 
     start = sub.add_parser("start", help="start your default instance, detached")
     start.add_argument("--http-host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
     start.add_argument("--http-port", type=int, default=8000, help="HTTP port (default: 8000)")
+    start.add_argument("--gpus", type=_gpus, help=_GPUS_HELP)
     start.set_defaults(func=cmd_start)
 
     deploy = sub.add_parser("deploy", help="deploy a config file to the running instance; apps not in it are deleted")

@@ -32,14 +32,14 @@ _instance: launch.Instance | None = None
 _local: LocalRuntime | None = None
 
 
-def _runtime(start: bool = True, http_options: Any = None) -> client.Runtime | None:
+def _runtime(start: bool = True, http_options: Any = None, gpus: tuple[str, ...] | None = None) -> client.Runtime | None:
     """The driver's runtime, connecting to (or starting) an instance when ``start``."""
     global _instance
     with _lock:
         current = client.current_runtime()
         if current is not None:
-            if http_options is not None:
-                logger.info("shoal is already running; the new http_options are not applied.")
+            if http_options is not None or gpus is not None:
+                logger.info("shoal is already running; the new http_options/gpus are not applied.")
             return current
         if context.in_replica():
             raise RayServeException("this replica has no connection to its supervisor")
@@ -47,7 +47,9 @@ def _runtime(start: bool = True, http_options: Any = None) -> client.Runtime | N
             instance = launch.find_running()
         else:
             # serve.run alone starts HTTP on the default port if it can; serve.start insists.
-            instance = launch.connect_or_start(_http_options(http_options), http_required=http_options is not None)
+            instance = launch.connect_or_start(
+                _http_options(http_options), http_required=http_options is not None, gpus=gpus
+            )
         if instance is None:
             return None
         _instance = instance
@@ -64,12 +66,16 @@ def _http_options(http_options: Any) -> dict[str, Any] | None:
     return options.model_dump() if options.host is not None else None
 
 
-def start(http_options: Any = None, **kwargs: Any) -> None:
+def start(http_options: Any = None, gpus: int | str | list[str] | None = None, **kwargs: Any) -> None:
     """Connect to a running instance or start one with ``http_options`` (Ray's ``serve.start``).
 
-    If an instance already runs, its HTTP options stay as they are (as in Ray Serve).
+    ``gpus`` (a shoal extension, as ``shoal start --gpus``): the GPUs its replicas may use, a
+    count N (devices ``"0"`` to ``"N-1"``) or a list of device ids; None detects them. If an
+    instance already runs, its HTTP options and GPUs stay as they are (as in Ray Serve).
     """
-    _runtime(http_options=http_options)
+    from shoal.controller.gpus import parse_gpus
+
+    _runtime(http_options=http_options, gpus=None if gpus is None else parse_gpus(gpus))
 
 
 def get_http_url() -> str | None:

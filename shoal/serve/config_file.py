@@ -9,6 +9,7 @@ deployed, so a bad file changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import typing
@@ -18,6 +19,7 @@ from typing import Any
 import pydantic
 import yaml
 
+from shoal.controller.actor_options import merge_runtime_envs
 from shoal.serve import _build
 from shoal.serve.deployment import Application
 from shoal.serve.schema import ServeApplicationSchema, ServeDeploySchema, format_validation_error
@@ -110,6 +112,11 @@ def app_spec(app_schema: ServeApplicationSchema, where: str) -> dict[str, Any]:
             built.config = built.config.merged(options)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{where}.deployments.{index}: {exc}") from exc
+    if app_schema.runtime_env:  # under each deployment's own, as Ray merges them
+        for built in deployments:
+            actor = dict(built.config.ray_actor_options)
+            actor["runtime_env"] = merge_runtime_envs(app_schema.runtime_env, actor.get("runtime_env") or {})
+            built.config = dataclasses.replace(built.config, ray_actor_options=actor)
     spec = _build.to_spec(deployments, ingress, app_schema.name, app_schema.route_prefix)
     spec["config_source"] = app_schema.model_dump(mode="json", exclude_unset=True)
     return spec

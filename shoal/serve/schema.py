@@ -59,6 +59,7 @@ __all__ = [
     "LoggingConfig",
     "ProxyStatus",
     "RayActorOptionsSchema",
+    "ReplicaRank",
     "ReplicaState",
     "ServeApplicationSchema",
     "ServeDeploySchema",
@@ -360,8 +361,20 @@ def _check_num_replicas(v: Any) -> Any:
     raise ValueError(f'`num_replicas` must be an int or "auto", but got: {v}')
 
 
+class ReplicaRank(BaseModel):
+    """A replica's rank in its deployment (Ray's ``ReplicaRank``): ``rank`` is contiguous from 0
+    across the deployment's replicas; on one machine ``node_rank`` is 0 and ``local_rank``
+    equals ``rank``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    rank: int = Field(description="Global rank of the replica across all nodes scoped to the deployment.")
+    node_rank: int = Field(description="Rank of the node in the deployment.")
+    local_rank: int = Field(description="Rank of the replica on the node scoped to the deployment.")
+
+
 class RayActorOptionsSchema(_Strict):
-    """Per-replica resource options. Only ``runtime_env.env_vars`` has an effect in shoal."""
+    """Per-replica resource options (what each does in shoal: ``shoal.controller.actor_options``)."""
 
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     num_cpus: NonNegativeFloat | None = None

@@ -15,6 +15,7 @@ from shoal.controller.reconcile import (
     SetStatus,
     StartReplica,
     StopReplica,
+    UpdateReplica,
     WakeAt,
     app_status,
     observed_of,
@@ -43,9 +44,17 @@ class Deployment:
             if isinstance(action, StartReplica):
                 self._ids += 1
                 rid = f"r{self._ids}"
-                self.state.replicas[rid] = Replica(rid, self._ids, self.state.version, "", started_at=self.now)
+                self.state.replicas[rid] = Replica(
+                    rid, self._ids, self.state.version, "", started_at=self.now,
+                    rank=action.rank, world_size=self.state.target,
+                )
             elif isinstance(action, (StopReplica, KillReplica)):
                 self.state.replicas[action.replica_id].state = ReplicaState.STOPPING
+            elif isinstance(action, UpdateReplica):
+                replica = self.state.replicas[action.replica_id]
+                replica.world_size = action.world_size
+                if action.rank is not None:
+                    replica.rank = action.rank
             elif isinstance(action, WakeAt):
                 self.wake_at = action.at_s
             elif isinstance(action, SetStatus):
@@ -297,3 +306,93 @@ def test_app_status_follows_its_deployments() -> None:
     assert app_status(app)[0] == ApplicationStatus.UNHEALTHY
     app.deleting = True
     assert app_status(app)[0] == ApplicationStatus.DELETING
+
+
+# -- ranks and world size ----------------------------------------------------------------------
+
+
+def ranks_of(d: Deployment) -> dict[str, int | None]:
+    return {rid: r.rank for rid, r in d.state.replicas.items()}
+
+
+def updates(actions: list[Action]) -> list[UpdateReplica]:
+    return [a for a in actions if isinstance(a, UpdateReplica)]
+
+
+def test_replicas_start_with_contiguous_ranks() -> None:
+    d = Deployment(target=3)
+    assert [a.rank for a in d.plan() if isinstance(a, StartReplica)] == [0, 1, 2]
+    d.ready("r1", "r2", "r3")
+    assert ranks_of(d) == {"r1": 0, "r2": 1, "r3": 2}
+    assert d.plan() == []  # each was told the world size (3) in its spec
+
+
+def test_a_replacement_takes_the_rank_of_the_replica_that_died_and_the_others_keep_theirs() -> None:
+    d = running_deployment(4)
+    d.now = 100.0
+    d.exit("r2")
+    d.advance_to_wake()
+    assert ranks_of(d) == {"r1": 0, "r3": 2, "r4": 3, "r5": 1}
+
+
+def test_a_stopping_replica_keeps_its_rank_until_it_exited_then_ranks_are_compacted() -> None:
+    d = running_deployment(3)  # r1:0 r2:1 r3:2
+    d.state.target, d.state.status = 2, DeploymentStatus.DOWNSCALING
+    [stopped] = stops(d.plan())
+    held = ranks_of(d)[stopped.replica_id]
+    survivors = sorted(set(ranks_of(d)) - {stopped.replica_id})
+    # Scale back up while it drains: the new replica cannot take the rank it still holds.
+    d.state.target, d.state.status = 3, DeploymentStatus.UPSCALING
+    [start] = [a for a in d.plan() if isinstance(a, StartReplica)]
+    assert start.rank == 3 and held in (0, 1, 2)
+    d.ready("r4")
+    d.state.target, d.state.status = 2, DeploymentStatus.DOWNSCALING
+    d.plan()
+    for rid in d.by_state(ReplicaState.STOPPING):
+        d.exit(rid, code=0)
+    running = d.by_state(ReplicaState.RUNNING)
+    assert d.state.status == DeploymentStatus.HEALTHY and len(running) == 2
+    assert sorted(ranks_of(d).values()) == [0, 1]  # contiguous again
+    kept = [rid for rid in survivors if rid in running and ranks_of(d)[rid] in (0, 1)]
+    assert kept, "a survivor whose rank was already in range keeps it"
+
+
+def test_compaction_moves_only_the_replicas_outside_the_range_and_tells_them() -> None:
+    d = running_deployment(3)  # r1:0 r2:1 r3:2
+    d.state.target, d.state.status = 2, DeploymentStatus.DOWNSCALING
+    d.state.replicas["r2"].state = ReplicaState.STOPPING  # r2 (rank 1) goes, not the newest
+    d.exit("r2", code=0)
+    actions = d.plan()
+    assert updates(actions) == []  # already told: one UpdateReplica each, once
+    assert ranks_of(d) == {"r1": 0, "r3": 1}
+
+
+def test_no_compaction_while_a_replica_is_starting() -> None:
+    d = running_deployment(3)
+    d.state.replicas["r1"].state = ReplicaState.STOPPING
+    d.exit("r1", code=0)  # rank 0 free; the replacement is starting
+    assert ranks_of(d) == {"r2": 1, "r3": 2, "r4": 0}
+    assert not [u for u in updates(d.plan()) if u.rank is not None]
+
+
+def test_world_size_follows_the_target_count() -> None:
+    d = running_deployment(2)
+    d.state.target, d.state.status = 3, DeploymentStatus.UPSCALING
+    actions = d.plan()
+    assert sorted((u.replica_id, u.world_size, u.rank) for u in updates(actions)) == [("r1", 3, None), ("r2", 3, None)]
+    assert starts(actions) == 1
+    assert d.state.replicas["r3"].world_size == 3
+    d.ready("r3")
+    assert updates(d.plan()) == []
+
+
+def test_a_rolling_update_waiting_for_gpus_stops_one_old_replica_at_a_time() -> None:
+    d = running_deployment(2)
+    d.state.version = "v2"
+    d.state.resources_wanted = "Deployment d has 1 replica waiting for resources"
+    # The plan still starts the first new replica; here it could not get its GPU.
+    actions = d.plan()
+    for rid in d.by_state(ReplicaState.STARTING):
+        del d.state.replicas[rid]
+    assert len(stops(actions)) == 1
+    assert len(stops(d.plan())) == 0  # one is stopping: wait for it to exit
