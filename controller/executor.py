@@ -105,7 +105,7 @@ class Executor:
                 "parent_pid": os.getpid(),
                 "process_name": "shoal-replica",
                 "world_size": state.target,
-                "log_level": (state.config.get("logging_config") or {}).get("log_level", "INFO"),
+                "logging_config": state.config.get("logging_config"),  # merged in deploy.apply_spec
             }
         )
         replica = Replica(replica_id, incarnation, state.version, endpoint, started_at=now)

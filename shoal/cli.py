@@ -78,7 +78,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config_path is not None:
         import yaml
 
-        http = dict((yaml.safe_load(Path(config_path).read_text()) or {}).get("http_options") or {})
+        raw = yaml.safe_load(Path(config_path).read_text()) or {}
+        http = dict(raw.get("http_options") or {})
+        if raw.get("proxy_location") == "Disabled":  # no HTTP proxy, as in Ray
+            http["host"] = None
     if args.host is not None or "host" not in http:
         http["host"] = args.host or "127.0.0.1"
     if args.port is not None or "port" not in http:
