@@ -485,9 +485,11 @@ class AppPolicy:
             return unchanged
         result = dict(unchanged)
         for dep, (autoscaler, current, target) in members.items():
+            policy_state = dict(states.get(dep) or {})
             if dep in decisions:
-                decision = _Fixed(decisions[dep], dict(states.get(dep) or {}))
-                result[dep] = autoscaler.target(now, current, target, policy=decision)
+                result[dep] = autoscaler.target(now, current, target, policy=_Fixed(decisions[dep], policy_state))
+            else:
+                autoscaler.state = dataclasses.replace(autoscaler.state, policy_state=policy_state)
         return result
 
     def _decisions(

@@ -88,7 +88,8 @@ def start(
         logging_config=logging_config, tracing_config=tracing_config,
         controller_options=controller_options, extra=kwargs,
     )
-    _instance_logging_config = options.logging_config
+    if options.logging_config is not None:
+        _instance_logging_config = options.logging_config
     _runtime(http_options=options.http_options)
 
 
@@ -254,8 +255,9 @@ def status() -> ServeStatus:
 
 def shutdown() -> None:
     """Delete every app and stop the instance. A no-op (with a log line) if nothing runs."""
-    global _instance, _local
+    global _instance, _local, _instance_logging_config
     with _lock:
+        _instance_logging_config = None
         if _local is not None:
             _local.close()
             _local = None
