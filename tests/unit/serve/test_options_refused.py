@@ -117,3 +117,34 @@ def test_config_file_specs_carry_capacity_logging_and_the_app_policy(tmp_path: P
         sys.path.remove(str(tmp_path))
         for name in ("shoal_opts_app", "shoal_opts_policy"):
             sys.modules.pop(name, None)
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "has no effect in shoal" in r.getMessage()]
+
+
+def test_options_without_effect_on_one_machine_warn_once_each(caplog: pytest.LogCaptureFixture) -> None:
+    @serve.deployment
+    def plain() -> None:
+        return None
+
+    plain.options(num_replicas=2, user_config=None)
+    serve.deployment(plain.func_or_class, autoscaling_config={"max_replicas": 3})
+    assert warnings_of(caplog) == []  # nothing that takes effect is warned about
+    placed = serve.deployment(
+        plain.func_or_class,
+        placement_group_bundles=[{"CPU": 1}], placement_group_strategy="SPREAD", max_surge_percent=10,
+        ray_actor_options={"num_cpus": 1, "fallback_strategy": [{"label_selector": {"zone": "a"}}]},
+        autoscaling_config={"max_replicas": 3, "metrics_interval_s": 5},
+        graceful_shutdown_wait_loop_s=1,
+    )
+    names = sorted(message.split(" ")[0] for message in warnings_of(caplog))
+    assert names == sorted([
+        "placement_group_bundles", "placement_group_strategy", "max_surge_percent", "fallback_strategy",
+        "metrics_interval_s", "graceful_shutdown_wait_loop_s",
+    ])
+    caplog.clear()
+    placed.options(name="again").bind()  # copies and binds do not warn again
+    serve.deployment(plain.func_or_class, max_replicas_per_node=2)
+    serve.deployment(plain.func_or_class, gang_scheduling_config={"gang_size": 1}, deployment_actors=[])
+    assert sorted(m.split(" ")[0] for m in warnings_of(caplog)) == ["gang_scheduling_config", "max_replicas_per_node"]
