@@ -102,6 +102,25 @@ def _text_formatter(additional_attrs: tuple[str, ...]) -> logging.Formatter:
     return logging.Formatter(_FORMAT.replace("-- ", extra + "-- "))
 
 
+def _handlers(config: Mapping[str, Any], app: str, deployment: str, replica: str) -> list[logging.Handler]:
+    """stderr (and a file under ``logs_dir``) formatted and filtered as ``config`` says."""
+    additional = tuple(config.get("additional_log_standard_attrs") or ())
+    encoding = str(config.get("encoding", "TEXT")).upper()
+    formatter = JSONFormatter(additional) if encoding == "JSON" else _text_formatter(additional)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    logs_dir = config.get("logs_dir")
+    if logs_dir:
+        os.makedirs(logs_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(logs_dir, f"replica_{app}_{deployment}_{replica}.log")))
+    context = _ContextFilter(app, deployment, replica)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(context)
+        if config.get("enable_access_log", True) is False:
+            handler.addFilter(_AccessLogFilter())
+    return handlers
+
+
 def install_replica_logging(
     *,
     deployment: str,
@@ -114,24 +133,21 @@ def install_replica_logging(
     as ``logging_config`` (a ``LoggingConfig`` as a dict; None: the defaults with ``level``) says,
     and to a file under its ``logs_dir`` when that is set. ``replica`` is the full replica id."""
     config = dict(logging_config or {})
-    additional = tuple(config.get("additional_log_standard_attrs") or ())
-    encoding = str(config.get("encoding", "TEXT")).upper()
-    formatter = JSONFormatter(additional) if encoding == "JSON" else _text_formatter(additional)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    logs_dir = config.get("logs_dir")
-    if logs_dir:
-        os.makedirs(logs_dir, exist_ok=True)
-        short = replica.rsplit("#", 1)[-1]
-        handlers.append(logging.FileHandler(os.path.join(logs_dir, f"replica_{app}_{deployment}_{short}.log")))
-    context = _ContextFilter(app, deployment, replica.rsplit("#", 1)[-1])
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        handler.addFilter(context)
-        if config.get("enable_access_log", True) is False:
-            handler.addFilter(_AccessLogFilter())
     root = logging.getLogger()
-    root.handlers[:] = handlers
+    root.handlers[:] = _handlers(config, app, deployment, replica.rsplit("#", 1)[-1])
     root.setLevel(config.get("log_level", level))
+
+
+def install_local_logging(app: str, logging_config: Mapping[str, Any]) -> None:
+    """Local testing mode (deployments in the driver): the ``ray.serve`` logger, not the
+    driver's root logger, takes ``logging_config`` (as Ray configures its ``local_test``
+    component); its file under ``logs_dir`` is ``replica_<app>_local_test_-.log``."""
+    logger = logging.getLogger(_ACCESS_LOGGER)
+    for handler in logger.handlers:
+        handler.close()
+    logger.handlers[:] = _handlers(logging_config, app, "local_test", "-")
+    logger.propagate = False
+    logger.setLevel(logging_config.get("log_level", "INFO"))
 
 
 def log_access(method: str, route: str, status: str | int, latency_ms: float, *, request_id: str = "") -> None:

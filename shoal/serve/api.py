@@ -17,6 +17,7 @@ from shoal.runtime import client, context, wire
 from shoal.runtime.errors import RayServeException, ShoalConnectionError
 from shoal.runtime.handle import DeploymentHandle
 from shoal.runtime.local import LocalRuntime
+from shoal.runtime.logs import install_local_logging
 from shoal.runtime.user_code import UserCallable
 from shoal.serve import _build
 from shoal.serve._instance_options import app_options, instance_options
@@ -125,6 +126,8 @@ def run(
     validate_route_prefix(route_prefix)
     app_logging = app_options(logging_config, external_scaler_enabled, controller_options)
     if _local_testing_mode:
+        if app_logging or _instance_logging_config:
+            install_local_logging(name, app_logging or _instance_logging_config or {})
         return _run_local(target, name)
     deployments, ingress = _build.build(target, name)
     spec = _build.to_spec(deployments, ingress, name, route_prefix)

@@ -116,3 +116,29 @@ def test_a_deployments_config_wins_over_its_applications_whole() -> None:
     again, _ = apply_spec(app, {**spec, "logging_config": {"log_level": "INFO"}})
     assert again.deployments["A"].version != version  # replicas restart with the new config
     assert again.deployments["B"].version == app.deployments["B"].version
+
+
+def test_local_testing_mode_applies_the_apps_logging_config(tmp_path: Path) -> None:
+    from shoal import serve
+
+    @serve.deployment
+    class Talk:
+        def __call__(self) -> str:
+            logging.getLogger("ray.serve").info("info-line")
+            logging.getLogger("ray.serve").warning("warning-line")
+            return "ok"
+
+    serve_logger = logging.getLogger("ray.serve")
+    handlers, propagate, level = serve_logger.handlers[:], serve_logger.propagate, serve_logger.level
+    try:
+        config = {"log_level": "WARNING", "encoding": "JSON", "logs_dir": str(tmp_path)}
+        handle = serve.run(Talk.bind(), name="local_logs", _local_testing_mode=True, logging_config=config)
+        assert handle.remote().result(timeout_s=10) == "ok"
+        (file,) = tmp_path.glob("replica_local_logs_local_test_*.log")
+        assert [json.loads(line)["message"] for line in file.read_text().splitlines()] == ["warning-line"]
+    finally:
+        serve.shutdown()
+        for handler in serve_logger.handlers:
+            handler.close()
+        serve_logger.handlers[:], serve_logger.propagate = handlers, propagate
+        serve_logger.setLevel(level)
