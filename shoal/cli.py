@@ -168,8 +168,23 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     sys.path.insert(0, os.path.abspath(args.app_dir))
     specs, _ = _specs_for(args.target, args.arguments, args.name, args.route_prefix)
     api.deploy_specs(specs, declarative=True, wait=args.wait)
+    _warn_start_only_options(args.target)
     print("Sent deploy request successfully." + ("" if args.wait else " Watch it with `shoal status`."))
     return 0
+
+
+def _warn_start_only_options(target: str) -> None:
+    """Ray's warning: a running instance keeps the HTTP (and proxy, gRPC, controller) options
+    it was started with."""
+    from shoal.serve import config_file
+
+    keys = config_file.start_only_options(config_file.load(target)) if _is_config_file(target) else []
+    if keys:
+        print(
+            f"shoal: warning: the instance is already running, so the config's {', '.join(keys)} "
+            "are not applied; they take effect when `shoal run` starts an instance.",
+            file=sys.stderr,
+        )
 
 
 def cmd_status(args: argparse.Namespace) -> int:

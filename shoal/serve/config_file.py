@@ -164,6 +164,15 @@ def check_instance_options(schema: ServeDeploySchema) -> None:
         raise ConfigError(str(exc)) from exc
 
 
+START_ONLY_KEYS = ("proxy_location", "http_options", "grpc_options", "controller_options")
+
+
+def start_only_options(schema: ServeDeploySchema) -> list[str]:
+    """The keys of ``schema`` that only act when an instance starts (``shoal run``): deployed to
+    a running instance (``shoal deploy``) they are not applied, as in Ray, which warns."""
+    return [key for key in START_ONLY_KEYS if key in schema.model_fields_set]
+
+
 def build_config(import_paths: list[str]) -> dict[str, Any]:
     """A config file (as a dict) for ``shoal build``: one application per import path, with the
     options each deployment sets in code."""

@@ -148,3 +148,24 @@ def test_options_without_effect_on_one_machine_warn_once_each(caplog: pytest.Log
     serve.deployment(plain.func_or_class, max_replicas_per_node=2)
     serve.deployment(plain.func_or_class, gang_scheduling_config={"gang_size": 1}, deployment_actors=[])
     assert sorted(m.split(" ")[0] for m in warnings_of(caplog)) == ["gang_scheduling_config", "max_replicas_per_node"]
+
+
+def test_http_root_path_is_prepended_to_the_route_prefix_in_the_scope() -> None:
+    from shoal.proxy.exchange import wire_scope
+
+    scope = {"type": "http", "method": "GET", "path": "/root/app/x", "headers": []}
+    assert wire_scope(scope, [], "/root", "/app")["root_path"] == "/root/app"
+    assert wire_scope(scope, [], "/root", "/")["root_path"] == "/root"
+
+
+def test_shoal_deploy_warns_that_start_only_options_are_not_applied(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from shoal import cli
+
+    path = tmp_path / "config.yaml"
+    path.write_text("proxy_location: HeadOnly\nhttp_options: {port: 9}\napplications: [{import_path: 'm:app'}]\n")
+    cli._warn_start_only_options(str(path))
+    assert "the config's proxy_location, http_options are not applied" in capsys.readouterr().err
+    path.write_text("applications: [{import_path: 'm:app'}]\n")
+    cli._warn_start_only_options(str(path))
+    assert capsys.readouterr().err == ""
