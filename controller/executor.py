@@ -106,6 +106,7 @@ class Executor:
                 "process_name": "shoal-replica",
                 "world_size": state.target,
                 "logging_config": state.config.get("logging_config"),  # merged in deploy.apply_spec
+                "logs_dir": str(self._logs),  # the replica writes its access lines there
             }
         )
         replica = Replica(replica_id, incarnation, state.version, endpoint, started_at=now)

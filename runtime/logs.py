@@ -19,7 +19,9 @@ see ``install_replica_logging``) decides:
   ``<logs_dir>/replica_<app>_<deployment>_<replica>.log`` (Ray's file name);
 - ``enable_access_log``: the replica's access line, one per request, as Ray's replica writes it
   (``METHOD route status latency_ms`` with ``CALL`` and the method name for handle calls, see
-  ``log_access``), kept or dropped;
+  ``AccessLog``), kept or dropped. Access lines go to the log file only (the one under
+  ``logs_dir``, else the replica's file in the run directory), never to stderr: the supervisor
+  echoes stderr to consoles, and a private instance's console is its driver's stdout;
 - ``additional_log_standard_attrs``: extra ``LogRecord`` attributes (``name``, ``funcName``, ...)
   added to every line (before the message in TEXT, as keys in JSON).
 """
@@ -102,22 +104,42 @@ def _text_formatter(additional_attrs: tuple[str, ...]) -> logging.Formatter:
     return logging.Formatter(_FORMAT.replace("-- ", extra + "-- "))
 
 
-def _handlers(config: Mapping[str, Any], app: str, deployment: str, replica: str) -> list[logging.Handler]:
-    """stderr (and a file under ``logs_dir``) formatted and filtered as ``config`` says."""
+class _OnlyAccessFilter(logging.Filter):
+    """Keeps only access lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return bool(getattr(record, _ACCESS_LOG_ATTR, False))
+
+
+def _handlers(
+    config: Mapping[str, Any], app: str, deployment: str, replica: str, default_logs_dir: str | None = None
+) -> list[logging.Handler]:
+    """stderr, without access lines (it is echoed to consoles and drivers' stdout), and the log
+    file: under ``logs_dir`` with every line, else under ``default_logs_dir`` (the run
+    directory's, which the supervisor fills with the stderr lines) with the access lines."""
     additional = tuple(config.get("additional_log_standard_attrs") or ())
     encoding = str(config.get("encoding", "TEXT")).upper()
     formatter = JSONFormatter(additional) if encoding == "JSON" else _text_formatter(additional)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    access = config.get("enable_access_log", True) is not False
+    stream = logging.StreamHandler(sys.stderr)
+    stream.addFilter(_AccessLogFilter())
+    handlers: list[logging.Handler] = [stream]
+    name = f"replica_{app}_{deployment}_{replica}.log"
     logs_dir = config.get("logs_dir")
     if logs_dir:
         os.makedirs(logs_dir, exist_ok=True)
-        handlers.append(logging.FileHandler(os.path.join(logs_dir, f"replica_{app}_{deployment}_{replica}.log")))
+        file = logging.FileHandler(os.path.join(logs_dir, name))
+        if not access:
+            file.addFilter(_AccessLogFilter())
+        handlers.append(file)
+    elif default_logs_dir and access:
+        file = logging.FileHandler(os.path.join(default_logs_dir, name))
+        file.addFilter(_OnlyAccessFilter())
+        handlers.append(file)
     context = _ContextFilter(app, deployment, replica)
     for handler in handlers:
         handler.setFormatter(formatter)
         handler.addFilter(context)
-        if config.get("enable_access_log", True) is False:
-            handler.addFilter(_AccessLogFilter())
     return handlers
 
 
@@ -128,13 +150,16 @@ def install_replica_logging(
     level: str = "INFO",
     logging_config: Mapping[str, Any] | None = None,
     app: str = "",
+    default_logs_dir: str | None = None,
 ) -> None:
-    """Route the root logger (and so ``logging.getLogger("ray.serve")``) to stderr, formatted
-    as ``logging_config`` (a ``LoggingConfig`` as a dict; None: the defaults with ``level``) says,
-    and to a file under its ``logs_dir`` when that is set. ``replica`` is the full replica id."""
+    """Route the root logger (and so ``logging.getLogger("ray.serve")``) to stderr and the log
+    file (see ``_handlers``), formatted as ``logging_config`` (a ``LoggingConfig`` as a dict;
+    None: the defaults with ``level``) says. ``replica`` is the full replica id."""
     config = dict(logging_config or {})
     root = logging.getLogger()
-    root.handlers[:] = _handlers(config, app, deployment, replica.rsplit("#", 1)[-1])
+    for handler in root.handlers:
+        handler.close()
+    root.handlers[:] = _handlers(config, app, deployment, replica.rsplit("#", 1)[-1], default_logs_dir)
     root.setLevel(config.get("log_level", level))
 
 

@@ -68,8 +68,9 @@ def test_text_lines_level_and_extra_attributes(stderr: io.StringIO) -> None:
     assert " ray.serve - " in line and line.split(" -- ")[0].split()[-1].isdigit()  # %(lineno)s
 
 
-def test_access_lines_as_rays_replica_writes_them(stderr: io.StringIO) -> None:
-    install(None)
+def test_access_lines_as_rays_replica_writes_them_into_the_log_file_only(stderr: io.StringIO, tmp_path: Path) -> None:
+    logs.install_replica_logging(deployment="D", replica="app#D#abcd", app="app", default_logs_dir=str(tmp_path))
+    logging.getLogger().handlers[0].setStream(_OUT)  # type: ignore[attr-defined]
     call = logs.AccessLog("predict", "", "rid-2")
     call.end("RESULT")
     http = logs.AccessLog("__serve_http__", "/api", "rid-3")
@@ -81,21 +82,25 @@ def test_access_lines_as_rays_replica_writes_them(stderr: io.StringIO) -> None:
     failed.end("ERROR")
     logs.AccessLog("predict", "", "rid-5").end("CANCELLED")
     logs.AccessLog("__health__", "", "", enabled=False).end("RESULT")
-    out = stderr.getvalue().splitlines()
-    assert len(out) == 4
+    logging.getLogger("user").info("a user line")
+    assert stderr.getvalue().splitlines()[-1].endswith(" -- a user line")
+    assert "CALL" not in stderr.getvalue()  # stderr is echoed to consoles: no access lines there
+    out = (tmp_path / "replica_app_D_abcd.log").read_text().splitlines()
+    assert len(out) == 4  # the supervisor writes the stderr lines into the same file
     assert " rid-2 -- CALL predict OK " in out[0] and out[0].endswith("ms")
     assert " rid-3 -- POST /api 201 " in out[1]
     assert " rid-4 -- GET /y 500 " in out[2]
     assert " rid-5 -- CALL predict CANCELLED " in out[3]
 
 
-def test_access_lines_can_be_turned_off_and_logs_dir_gets_a_file(stderr: io.StringIO, tmp_path: Path) -> None:
-    install({"enable_access_log": False, "logs_dir": str(tmp_path / "logs")})
-    logs.AccessLog("m", "", "rid").end("RESULT")
-    logging.getLogger("ray.serve").info("user line")
-    assert stderr.getvalue().count("\n") == 1 and "user line" in stderr.getvalue()
-    file = tmp_path / "logs" / "replica_app_D_abcd.log"
-    assert file.read_text().splitlines() == stderr.getvalue().splitlines()
+def test_access_lines_can_be_turned_off_and_logs_dir_gets_every_line(stderr: io.StringIO, tmp_path: Path) -> None:
+    for enabled in (True, False):
+        logs_dir = tmp_path / str(enabled)
+        install({"enable_access_log": enabled, "logs_dir": str(logs_dir)})
+        logs.AccessLog("m", "", "rid").end("RESULT")
+        logging.getLogger("ray.serve").info("user line")
+        written = (logs_dir / "replica_app_D_abcd.log").read_text().splitlines()
+        assert [line.split(" -- ")[-1].split(" ")[0] for line in written] == (["CALL", "user"] if enabled else ["user"])
 
 
 def entry(name: str, **options: Any) -> dict[str, Any]:
