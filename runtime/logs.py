@@ -182,10 +182,14 @@ def log_access(method: str, route: str, status: str | int, latency_ms: float, *,
     False."""
     logger = logging.getLogger(_ACCESS_LOGGER)
     if logger.isEnabledFor(logging.INFO):
-        extra: dict[str, Any] = {_ACCESS_LOG_ATTR: True}
+        # A record made directly: one per request, so no caller lookup (the line has none).
+        record = logging.LogRecord(
+            _ACCESS_LOGGER, logging.INFO, __file__, 0, "%s %s %s %.1fms", (method, route, status, latency_ms), None
+        )
+        setattr(record, _ACCESS_LOG_ATTR, True)
         if request_id:
-            extra["request_id"] = request_id
-        logger.info("%s %s %s %.1fms", method, route, status, latency_ms, extra=extra)
+            record.request_id = request_id
+        logger.handle(record)
 
 
 class AccessLog:
