@@ -215,6 +215,8 @@ def format_status(status: dict[str, Any]) -> str:
     if not status["applications"]:
         return "No applications are running."
     lines = [f"proxy: {', '.join(f'{k} {v}' for k, v in status['proxies'].items()) or 'none'}", ""]
+    if status.get("target_capacity") is not None:  # a config file's: every target is scaled
+        lines.insert(1, f"target capacity: {status['target_capacity']:g}%")
     rows = [("APPLICATION", "STATUS", "DEPLOYMENT", "STATUS", "REPLICAS", "RESTARTS", "PIDS")]
     for app_name, app in sorted(status["applications"].items()):
         for dep_name, dep in sorted(app["deployments"].items()) or [("-", None)]:

@@ -147,3 +147,16 @@ def test_local_testing_mode_applies_the_apps_logging_config(tmp_path: Path) -> N
             handler.close()
         serve_logger.handlers[:], serve_logger.propagate = handlers, propagate
         serve_logger.setLevel(level)
+
+
+def test_set_logging_config_replaces_a_deployments_config() -> None:
+    from shoal import serve
+
+    @serve.deployment(logging_config={"encoding": "JSON"})
+    def f() -> None:
+        return None
+
+    f.set_logging_config({"log_level": "DEBUG"})
+    assert (f.logging_config.log_level, f.logging_config.encoding) == ("DEBUG", "TEXT")
+    app = f.bind()
+    assert app.deployment.logging_config.log_level == "DEBUG"

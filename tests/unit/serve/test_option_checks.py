@@ -169,3 +169,12 @@ def test_shoal_deploy_warns_that_start_only_options_are_not_applied(tmp_path: Pa
     path.write_text("applications: [{import_path: 'm:app'}]\n")
     cli._warn_start_only_options(str(path))
     assert capsys.readouterr().err == ""
+
+
+def test_shoal_status_shows_the_target_capacity() -> None:
+    from shoal import cli
+
+    app = {"status": "RUNNING", "message": "", "deployments": {}}
+    shown = cli.format_status({"proxies": {}, "applications": {"a": app}, "target_capacity": 50.0})
+    assert shown.splitlines()[1] == "target capacity: 50%"
+    assert "target capacity" not in cli.format_status({"proxies": {}, "applications": {"a": app}, "target_capacity": None})
