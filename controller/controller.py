@@ -97,7 +97,11 @@ class Controller:
         capacities = {spec.get("target_capacity") for spec in specs}
         capacity = capacities.pop() if len(capacities) == 1 else None
         new = (frozenset(spec["name"] for spec in specs), capacity)
-        self._capacity_direction = capacity_direction(self._declared, new, self._capacity_direction)
+        directions = {spec.get("target_capacity_direction", "") for spec in specs}
+        if self._declared is None and len(directions) == 1 and "" not in directions:
+            self._capacity_direction = directions.pop()  # specs saved by a supervisor before a crash
+        else:
+            self._capacity_direction = capacity_direction(self._declared, new, self._capacity_direction)
         if capacity != self.target_capacity:
             logger.info("target_capacity changes from %s to %s", self.target_capacity, capacity)
         self._declared, self.target_capacity = new, capacity
