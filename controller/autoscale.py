@@ -28,6 +28,19 @@ often than that even when their value does not change.
    ``get_downscale_to_zero_delay_s()``.
 4. The result is clamped to ``[min_replicas, max_replicas]`` again, which takes effect at once.
 
+**Target capacity** (Ray's ``target_capacity``, a config file's percentage of every target):
+the bounds are ``min_replicas``/``max_replicas`` scaled by :func:`capacity_adjusted`, and while
+capacity is scaling up (``direction == "UP"``) the lower bound is the scaled
+``initial_replicas`` when that is set. These are ``ctx.capacity_adjusted_min_replicas`` and
+``ctx.capacity_adjusted_max_replicas``.
+
+**Application-level policy** (:class:`AppPolicy`, a config file's ``autoscaling_policy`` of an
+application): called once per tick with ``{DeploymentID: AutoscalingContext}`` of every
+autoscaling deployment of the application, it returns ``({DeploymentID: num_replicas},
+{DeploymentID: policy_state})``; each number then goes through steps 1-4 of that deployment, as
+Ray's wrapper does, and a deployment it leaves out keeps its target. It replaces the
+deployments' own policies.
+
 :class:`Autoscaler` keeps one deployment's window and :class:`DecisionState` between ticks.
 """
 
@@ -35,6 +48,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import decimal
 import functools
 import importlib
 import inspect
@@ -60,10 +74,12 @@ from shoal.serve.config import (
 )
 
 __all__ = [
+    "AppPolicy",
     "Autoscaler",
     "DecisionState",
     "MetricsWindow",
     "PolicyFn",
+    "capacity_adjusted",
     "decide",
     "load_policy",
 ]
@@ -74,6 +90,21 @@ PolicyFn = Callable[[AutoscalingContext], Any]
 """A loaded policy: ``policy(ctx)`` returns ``(num_replicas, policy_state)`` or a number."""
 
 _time = itemgetter(0)
+
+
+def capacity_adjusted(num_replicas: int, target_capacity: float | None) -> int:
+    """``num_replicas`` scaled by ``target_capacity`` percent, as Ray scales it.
+
+    None or 100 leave it as it is; 0 (or 0 replicas) gives 0; otherwise
+    ``num_replicas * target_capacity / 100`` rounded half up (2.5 -> 3, not Python's 2), and at
+    least 1, so only a capacity of 0 takes a deployment to zero.
+    """
+    if target_capacity is None or target_capacity == 100:
+        return num_replicas
+    if target_capacity == 0 or num_replicas == 0:
+        return 0
+    scaled = decimal.Decimal(num_replicas * target_capacity) / decimal.Decimal(100)
+    return max(1, int(scaled.to_integral_value(rounding=decimal.ROUND_HALF_UP)))
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -308,6 +339,9 @@ class Autoscaler:
 
     ``observe``/``forget`` feed the window as metrics arrive; ``target`` runs one tick. A custom
     policy that raises is logged and leaves the target unchanged for that tick.
+    ``target_capacity``/``capacity_direction`` scale the bounds (module docstring);
+    ``app_policy``, when set, decides instead of the deployment's own policy (the poller calls
+    :meth:`AppPolicy.targets` for the whole application).
     """
 
     def __init__(
@@ -316,12 +350,17 @@ class Autoscaler:
         config: AutoscalingConfig,
         *,
         stale_after_s: float | None = None,
+        target_capacity: float | None = None,
+        capacity_direction: str | None = None,
     ) -> None:
         self.deployment_id = deployment_id
         self.window = MetricsWindow(stale_after_s=stale_after_s)
         self.state = DecisionState()
         self.last_scale_up_time: float | None = None
         self.last_scale_down_time: float | None = None
+        self.target_capacity = target_capacity
+        self.capacity_direction = capacity_direction
+        self.app_policy: AppPolicy | None = None
         self._routers: set[str] = set()
         self._policy: PolicyFn | None = None
         self.config = config
@@ -336,6 +375,22 @@ class Autoscaler:
         self.config, self._policy = config, policy
         self.state = DecisionState(policy_state=self.state.policy_state if keep else {})
 
+    @property
+    def lower_bound(self) -> int:
+        """``min_replicas`` (``initial_replicas`` while capacity scales up) scaled by capacity."""
+        initial = self.config.initial_replicas
+        low = initial if initial is not None and self.capacity_direction == "UP" else self.config.min_replicas
+        return capacity_adjusted(low, self.target_capacity)
+
+    @property
+    def upper_bound(self) -> int:
+        """``max_replicas`` scaled by capacity."""
+        return capacity_adjusted(self.config.max_replicas, self.target_capacity)
+
+    def apply_bounds(self, num_replicas: int) -> int:
+        """``num_replicas`` clamped to the capacity-adjusted bounds."""
+        return max(self.lower_bound, min(self.upper_bound, num_replicas))
+
     def observe(self, source_id: str, value: float, now: float, *, queued: bool = False) -> None:
         """Record a sample; ``queued=True`` marks a router's queue (else a replica's load)."""
         self.window.record(source_id, value, now)
@@ -346,24 +401,20 @@ class Autoscaler:
         self.window.forget(source_id)
         self._routers.discard(source_id)
 
-    def target(
+    def context(
         self,
         now: float,
         current_num_replicas: int,
         current_target: int,
         running_replicas: Iterable[Any] = (),
-    ) -> int:
-        """Run one tick and return the new target number of replicas.
-
-        ``current_num_replicas`` counts running replicas, ``current_target`` is the target the
-        controller is working towards.
-        """
+    ) -> AutoscalingContext:
+        """What a policy sees this tick (its ``policy_state`` is this deployment's last one)."""
         cfg, dep = self.config, self.deployment_id
         look_back_s, agg = cfg.look_back_period_s, cfg.aggregation_function
         total = self.window.total(now, look_back_s, agg)
         self._routers &= self.window.sources
         queued = self.window.total(now, look_back_s, agg, sources=self._routers)
-        ctx = AutoscalingContext(
+        return AutoscalingContext(
             deployment_id=dep,
             deployment_name=dep.name,
             app_name=dep.app_name,
@@ -374,21 +425,100 @@ class Autoscaler:
             total_queued_requests=queued if self._routers else None,
             aggregated_metrics={},
             raw_metrics={},
-            capacity_adjusted_min_replicas=cfg.min_replicas,  # shoal has no target capacity
-            capacity_adjusted_max_replicas=cfg.max_replicas,
+            capacity_adjusted_min_replicas=self.lower_bound,
+            capacity_adjusted_max_replicas=self.upper_bound,
             policy_state=dict(self.state.policy_state),
             last_scale_up_time=self.last_scale_up_time,
             last_scale_down_time=self.last_scale_down_time,
             current_time=now,
             config=cfg,
         )
+
+    def target(
+        self,
+        now: float,
+        current_num_replicas: int,
+        current_target: int,
+        running_replicas: Iterable[Any] = (),
+        *,
+        policy: PolicyFn | None = None,
+    ) -> int:
+        """Run one tick and return the new target number of replicas.
+
+        ``current_num_replicas`` counts running replicas, ``current_target`` is the target the
+        controller is working towards. ``policy`` replaces the deployment's own policy for this
+        tick (an application-level decision).
+        """
+        ctx = self.context(now, current_num_replicas, current_target, running_replicas)
         try:
-            result, self.state = decide(ctx, cfg, self.state, now, self._policy)
+            result, self.state = decide(ctx, self.config, self.state, now, policy or self._policy)
         except Exception:
-            logger.exception("autoscaling policy of %s failed; target stays", dep)
+            logger.exception("autoscaling policy of %s failed; target stays", self.deployment_id)
             return current_target
         if result > current_target:
             self.last_scale_up_time = now
         elif result < current_target:
             self.last_scale_down_time = now
         return result
+
+
+class AppPolicy:
+    """An application-level autoscaling policy (module docstring), shared by the autoscalers of
+    one application's deployments. Raises like :func:`load_policy` when made."""
+
+    def __init__(self, app_name: str, policy: AutoscalingPolicy) -> None:
+        self.app_name = app_name
+        self.policy = policy
+        self._fn = load_policy(policy)
+
+    def targets(self, members: Mapping[DeploymentID, tuple[Autoscaler, int, int]], now: float) -> dict[DeploymentID, int]:
+        """New targets for ``{deployment_id: (autoscaler, running replicas, target)}``.
+
+        A policy that raises or returns something malformed is logged and every target stays.
+        """
+        contexts = {dep: a.context(now, current, target) for dep, (a, current, target) in members.items()}
+        unchanged = {dep: target for dep, (_, _, target) in members.items()}
+        try:
+            decisions, states = self._decisions(contexts)
+        except Exception:
+            logger.exception("autoscaling policy of application '%s' failed; targets stay", self.app_name)
+            return unchanged
+        result = dict(unchanged)
+        for dep, (autoscaler, current, target) in members.items():
+            policy_state = dict(states.get(dep) or {})
+            if dep in decisions:
+                result[dep] = autoscaler.target(now, current, target, policy=_Fixed(decisions[dep], policy_state))
+            else:
+                autoscaler.state = dataclasses.replace(autoscaler.state, policy_state=policy_state)
+        return result
+
+    def _decisions(
+        self, contexts: dict[DeploymentID, AutoscalingContext]
+    ) -> tuple[Mapping[DeploymentID, float], Mapping[DeploymentID, Any]]:
+        fn: Callable[[dict[DeploymentID, AutoscalingContext]], Any] = self._fn  # type: ignore[assignment]
+        returned = fn(contexts)
+        if not (isinstance(returned, (tuple, list)) and len(returned) == 2):
+            raise TypeError(
+                "an application-level autoscaling policy must return "
+                f"(Dict[DeploymentID, int], Dict[DeploymentID, dict]), got {returned!r}."
+            )
+        decisions, states = returned[0], returned[1] or {}
+        if not isinstance(decisions, Mapping) or not isinstance(states, Mapping):
+            raise TypeError(
+                "Autoscaling policy must return a dictionary of deployment_name -> decision_num_replicas"
+            )
+        for dep in list(decisions) + list(states):
+            if dep not in contexts:
+                raise ValueError(f"Deployment {dep} is not registered")
+        return decisions, states
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fixed:
+    """A policy that returns one application-level decision for one deployment."""
+
+    num_replicas: float
+    policy_state: dict[str, Any]
+
+    def __call__(self, ctx: AutoscalingContext) -> tuple[float, dict[str, Any]]:
+        return self.num_replicas, self.policy_state

@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoal.controller import actor_options, applied, observe, reconcile, scaling
-from shoal.controller.deploy import ControllerError, apply_spec, check_route_prefixes, delete_deployment
+from shoal.controller.deploy import (
+    ControllerError,
+    apply_spec,
+    capacity_direction,
+    check_route_prefixes,
+    delete_deployment,
+)
 from shoal.controller.executor import Executor
 from shoal.controller.reconcile import Action, KillReplica, SetStatus, StartReplica, StopReplica, UpdateReplica, WakeAt
 from shoal.controller.snapshot import Snapshots
@@ -48,6 +54,10 @@ class Controller:
         self._run_dir = run_dir
         self._specs: dict[str, dict[str, Any]] = {}  # what was deployed, saved (``applied``)
         self.proxy: ProxySupervisor | None = None  # when HTTP is enabled
+        # The last config file's applications and target_capacity, and the direction it moves.
+        self._declared: tuple[frozenset[str], float | None] | None = None
+        self.target_capacity: float | None = None
+        self._capacity_direction: str | None = None
         self.snapshots = Snapshots()
         self._stopping = False
         self._timer: asyncio.TimerHandle | None = None
@@ -69,17 +79,38 @@ class Controller:
 
     def deploy_apps(self, specs: list[dict[str, Any]], *, declarative: bool) -> None:
         """Deploy several applications at once (a config file): all are checked before any
-        changes; ``declarative`` also deletes the applications ``specs`` does not name."""
+        changes; ``declarative`` also deletes the applications ``specs`` does not name.
+
+        A declarative deploy sets the instance's ``target_capacity`` (the specs carry the
+        file's): every application in it is scaled by it (``deploy.capacity_direction``)."""
         self._check_running()
         check_route_prefixes(self.apps, specs, declarative=declarative)
         self._check_actor_options(specs)
         if declarative:
+            specs = self._with_capacity(specs)
             names = {spec["name"] for spec in specs}
             for name in [n for n in self.apps if n not in names]:
                 self.delete_app(name)
         for spec in specs:
             self._apply(spec)
         self._save()
+
+    def _with_capacity(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        capacities = {spec.get("target_capacity") for spec in specs}
+        capacity = capacities.pop() if len(capacities) == 1 else None
+        new = (frozenset(spec["name"] for spec in specs), capacity)
+        directions = {spec.get("target_capacity_direction", "") for spec in specs}
+        if self._declared is None and len(directions) == 1 and "" not in directions:
+            self._capacity_direction = directions.pop()  # specs saved by a supervisor before a crash
+        else:
+            self._capacity_direction = capacity_direction(self._declared, new, self._capacity_direction)
+        if capacity != self.target_capacity:
+            logger.info("target_capacity changes from %s to %s", self.target_capacity, capacity)
+        self._declared, self.target_capacity = new, capacity
+        return [
+            {**spec, "target_capacity": capacity, "target_capacity_direction": self._capacity_direction}
+            for spec in specs
+        ]
 
     def deploy_app(self, spec: dict[str, Any]) -> None:
         """Create or replace an application (``spec`` as built by ``shoal.serve._build``)."""
@@ -106,6 +137,9 @@ class Controller:
             raise ControllerError("the instance is shutting down")
 
     def _apply(self, spec: dict[str, Any]) -> None:
+        instance_logging = spec.get("instance_logging_config")
+        if instance_logging:  # serve.start's or a config file's top level: the supervisor's too
+            logging.getLogger().setLevel(instance_logging.get("log_level", "INFO"))
         app, updates = apply_spec(self.apps.get(spec["name"]), spec)
         for update in updates:
             self._executor.reconfigure(update.state, update.update, update.previous)
@@ -169,7 +203,8 @@ class Controller:
         await self.snapshots.wait_routers_at(self.version, timeout_s)
 
     def status(self) -> dict[str, Any]:
-        return render_status(self.apps.values(), self.proxy.status.value if self.proxy is not None else None)
+        proxy_status = self.proxy.status.value if self.proxy is not None else None
+        return render_status(self.apps.values(), proxy_status, self.target_capacity)
 
     # -- what the replicas report ---------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 the controller's records.
 
 ``check_route_prefixes`` is the one check that no two applications share a route prefix.
+``capacity_direction`` is Ray's rule for which way a config's ``target_capacity`` moves.
 ``apply_spec`` builds an application's records from its spec, keeping what a redeploy keeps
 (replicas of an unchanged version, autoscaling targets, restart counts); it returns the
 in-place config updates (``user_config``, ``max_ongoing_requests``) that running replicas of an
@@ -16,10 +17,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shoal.controller.autoscale import Autoscaler
+from shoal.controller.autoscale import AppPolicy, Autoscaler, capacity_adjusted
 from shoal.controller.state import AppState, DeploymentState, definition_version, initial_target
 from shoal.serve._deployment_config import DeploymentConfig
-from shoal.serve.config import DeploymentID
+from shoal.serve.config import AutoscalingPolicy, DeploymentID
 from shoal.serve.schema import DeploymentStatus, DeploymentStatusTrigger
 
 # Options a running replica takes without a restart (Ray: NeedsActorReconfigure).
@@ -58,14 +59,50 @@ def check_route_prefixes(apps: Mapping[str, AppState], specs: Sequence[dict[str,
         taken[prefix] = spec["name"]
 
 
+def capacity_direction(
+    current: tuple[frozenset[str], float | None] | None,
+    new: tuple[frozenset[str], float | None],
+    current_direction: str | None,
+) -> str | None:
+    """``"UP"``, ``"DOWN"`` or None for a config ``new`` = (application names, target_capacity)
+    replacing ``current`` (None: no config was applied), as Ray computes it: the same
+    applications compare capacities (unchanged keeps the direction, from none to a number is
+    DOWN, to none is None); other applications with a capacity scale UP."""
+    new_names, new_capacity = new
+    if current is not None and current[0] == new_names:
+        current_capacity = current[1]
+        if current_capacity == new_capacity:
+            return current_direction
+        if new_capacity is None:
+            return None
+        if current_capacity is None:
+            return "DOWN"
+        return "UP" if current_capacity < new_capacity else "DOWN"
+    return "UP" if new_capacity is not None else None
+
+
 def apply_spec(old: AppState | None, spec: dict[str, Any]) -> tuple[AppState, list[InPlaceUpdate]]:
     """The records of application ``spec`` replacing ``old``; deployments ``old`` had and the
-    spec drops stay, being deleted, until their replicas are gone."""
+    spec drops stay, being deleted, until their replicas are gone.
+
+    ``spec`` may carry ``target_capacity`` and ``target_capacity_direction`` (a config file's,
+    set by the controller), ``autoscaling_policy`` (the application-level policy, as a dict) and
+    ``logging_config`` (the application's: each deployment that sets none uses it, as in Ray).
+    Raises ImportError naming the policy if it does not import."""
     updates: list[InPlaceUpdate] = []
     deployments: dict[str, DeploymentState] = {}
     sys_path = list(spec.get("sys_path", []))
+    capacity = _Capacity(spec.get("target_capacity"), spec.get("target_capacity_direction"))
+    app_policy = None
+    if spec.get("autoscaling_policy") is not None:
+        with _importing_from(sys_path):
+            app_policy = AppPolicy(spec["name"], AutoscalingPolicy.model_validate(spec["autoscaling_policy"]))
     for d in spec["deployments"]:
-        version = definition_version(d["definition"], d["config"], d.get("code_hash", ""))
+        d = _with_logging_config(d, spec.get("logging_config"))
+        logging_config = d["config"].get("logging_config")
+        # Replicas are started with their logging config: a change replaces them.
+        code = d.get("code_hash", "") + (f"|logging={sorted(logging_config.items())}" if logging_config else "")
+        version = definition_version(d["definition"], d["config"], code)
         state = old.deployments.get(d["name"]) if old is not None else None
         if state is None or state.deleting:
             state = DeploymentState(spec["name"], d["name"], d["definition"], d["config"], version, sys_path)
@@ -78,7 +115,9 @@ def apply_spec(old: AppState | None, spec: dict[str, Any]) -> tuple[AppState, li
                 if changed:
                     updates.append(InPlaceUpdate(state, changed, {k: state.config.get(k) for k in changed}))
             state.definition, state.config, state.version, state.sys_path = d["definition"], d["config"], version, sys_path
-        _set_scaling(state, d["config"])
+        _set_scaling(state, d["config"], capacity)
+        if state.autoscaler is not None:
+            state.autoscaler.app_policy = app_policy
         state.status = DeploymentStatus.UPDATING
         state.trigger = DeploymentStatusTrigger.CONFIG_UPDATE_STARTED
         state.message = ""
@@ -95,25 +134,43 @@ def apply_spec(old: AppState | None, spec: dict[str, Any]) -> tuple[AppState, li
     return app, updates
 
 
+def _with_logging_config(entry: dict[str, Any], app_logging_config: dict[str, Any] | None) -> dict[str, Any]:
+    """``entry`` whose config has ``app_logging_config`` when it sets no logging config itself
+    (Ray: a deployment's ``logging_config`` wins over its application's, whole, not by field)."""
+    if app_logging_config is None or entry["config"].get("logging_config") is not None:
+        return entry
+    return {**entry, "config": {**entry["config"], "logging_config": dict(app_logging_config)}}
+
+
 def delete_deployment(state: DeploymentState) -> None:
     state.deleting = True
     state.target = 0
 
 
-def _set_scaling(state: DeploymentState, config: dict[str, Any]) -> None:
-    """A fixed ``num_replicas``, or an autoscaler that keeps the current target (within the
-    new bounds) across redeploys and starts at ``initial_replicas`` or ``min_replicas``."""
+@dataclass(frozen=True)
+class _Capacity:
+    target_capacity: float | None
+    direction: str | None
+
+
+def _set_scaling(state: DeploymentState, config: dict[str, Any], capacity: _Capacity) -> None:
+    """A fixed ``num_replicas`` scaled by the target capacity, or an autoscaler that keeps the
+    current target (within the new capacity-adjusted bounds) across redeploys and starts at
+    ``initial_replicas`` or ``min_replicas``."""
     with _importing_from(state.sys_path):  # a custom policy is imported from the app's own path
         autoscaling = DeploymentConfig.from_wire(config).autoscaling_config if config.get("autoscaling_config") else None
         if autoscaling is None:
             state.autoscaler = None
-            state.target = initial_target(config)
-        elif state.autoscaler is None or not state.replicas:
+            state.target = capacity_adjusted(initial_target(config), capacity.target_capacity)
+            return
+        if state.autoscaler is None or not state.replicas:
             state.autoscaler = Autoscaler(DeploymentID(state.name, state.app), autoscaling)
             state.target = initial_target(config)
         else:
             state.autoscaler.reconfigure(autoscaling)
-            state.target = min(max(state.target, autoscaling.min_replicas), autoscaling.max_replicas)
+        state.autoscaler.target_capacity = capacity.target_capacity
+        state.autoscaler.capacity_direction = capacity.direction
+        state.target = state.autoscaler.apply_bounds(state.target)
 
 
 @contextlib.contextmanager

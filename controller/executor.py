@@ -122,7 +122,8 @@ class Executor:
                 "rank": rank,
                 "env": actor_options.environment(options, devices),
                 "memory_limit_bytes": actor_options.memory_limit_bytes(options),
-                "log_level": (state.config.get("logging_config") or {}).get("log_level", "INFO"),
+                "logging_config": state.config.get("logging_config"),  # merged in deploy.apply_spec
+                "logs_dir": str(self._logs),  # the replica writes its access lines there
             }
         )
         replica = Replica(

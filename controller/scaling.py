@@ -2,7 +2,8 @@
 
 Every ``TICK_S`` the poller asks each running replica of every autoscaling deployment how many
 requests it holds (``METRICS_METHOD``), records the answers, then lets each autoscaler decide
-(``decide``). Routers report their queue lengths as they change (``record_queued``); a
+(``decide``); the deployments of an application with an application-level policy are decided
+together, by that policy (``decide_app``). Routers report their queue lengths as they change (``record_queued``); a
 deployment with no running replica and requests waiting is decided at once, so scaling up from
 zero does not wait for a tick.
 
@@ -17,8 +18,10 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
+from shoal.controller.autoscale import AppPolicy, Autoscaler
 from shoal.controller.replica_control import METRICS_METHOD
 from shoal.controller.state import DeploymentState, Replica
+from shoal.serve.config import DeploymentID
 from shoal.serve.schema import DeploymentStatus, DeploymentStatusTrigger
 
 logger = logging.getLogger("shoal.controller")
@@ -38,6 +41,43 @@ def decide(state: DeploymentState, now: float) -> bool:
     if state.autoscaler is None or state.status == DeploymentStatus.DEPLOY_FAILED:
         return False
     target = state.autoscaler.target(now, len(state.running(state.version)), state.target)
+    return _set_target(state, target)
+
+
+def decide_app(policy: AppPolicy, states: Iterable[DeploymentState], now: float) -> bool:
+    """One decision of an application-level ``policy`` for its autoscaling deployments
+    ``states``; True if a target changed."""
+    members: dict[DeploymentID, tuple[Autoscaler, int, int]] = {}
+    by_id: dict[DeploymentID, DeploymentState] = {}
+    for state in states:
+        if state.autoscaler is None or state.status == DeploymentStatus.DEPLOY_FAILED:
+            continue
+        dep = DeploymentID(state.name, state.app)
+        members[dep] = (state.autoscaler, len(state.running(state.version)), state.target)
+        by_id[dep] = state
+    if not members:
+        return False
+    targets = policy.targets(members, now)
+    return any([_set_target(by_id[dep], target) for dep, target in targets.items()])
+
+
+def decide_all(states: Iterable[DeploymentState], now: float) -> bool:
+    """Decide for every autoscaling deployment of ``states``, by application-level policy where
+    one is set; True if a target changed."""
+    groups: dict[int, tuple[AppPolicy, list[DeploymentState]]] = {}
+    changed = False
+    for state in states:
+        app_policy = state.autoscaler.app_policy if state.autoscaler is not None else None
+        if app_policy is None:
+            changed = decide(state, now) or changed
+        else:
+            groups.setdefault(id(app_policy), (app_policy, []))[1].append(state)
+    for app_policy, members in groups.values():
+        changed = decide_app(app_policy, members, now) or changed
+    return changed
+
+
+def _set_target(state: DeploymentState, target: int) -> bool:
     if target == state.target:
         return False
     logger.info("autoscaling deployment '%s' from %d to %d replicas", state.name, state.target, target)
@@ -84,8 +124,7 @@ class AutoscalePoller:
         states = [s for s in self._deployments() if s.autoscaler is not None and not s.deleting]
         for state in states:
             await self._poll(state)
-        now = self._clock()
-        if any([decide(state, now) for state in states]):
+        if decide_all(states, self._clock()):
             self._on_change()
 
     async def _poll(self, state: DeploymentState) -> None:

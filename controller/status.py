@@ -12,8 +12,9 @@ from typing import Any
 from shoal.controller.state import AppState, DeploymentState
 
 
-def render_status(apps: Iterable[AppState], proxy_status: str | None) -> dict[str, Any]:
-    """``proxy_status`` is the proxy's status value, None without HTTP."""
+def render_status(apps: Iterable[AppState], proxy_status: str | None, target_capacity: float | None = None) -> dict[str, Any]:
+    """``proxy_status`` is the proxy's status value, None without HTTP; ``target_capacity`` the
+    last config file's."""
     rendered = {
         app.name: {
             "status": app.status.value,
@@ -29,7 +30,7 @@ def render_status(apps: Iterable[AppState], proxy_status: str | None) -> dict[st
         for app in apps
     }
     proxies = {"local": proxy_status} if proxy_status is not None else {}
-    return {"proxies": proxies, "applications": rendered, "target_capacity": None}
+    return {"proxies": proxies, "applications": rendered, "target_capacity": target_capacity}
 
 
 def _deployment(state: DeploymentState) -> dict[str, Any]:

@@ -4,32 +4,232 @@ Replicas log to stderr, which is a pipe to the supervisor; the supervisor prefix
 the deployment and replica, writes it to the replica's log file under the run directory and echoes
 it to its own console (the driver's, for a private instance). Log records carry the request id of
 the request being served, so a line can be traced back to an HTTP request or handle call.
+
+A replica's ``LoggingConfig`` (the deployment's, else its application's, else the instance's;
+see ``install_replica_logging``) decides:
+
+- ``log_level``: the root logger's level (so ``logging.getLogger("ray.serve")`` and the user's own
+  loggers follow it);
+- ``encoding``: ``TEXT`` lines (``LEVEL time logger request_id [attrs] -- message``) or ``JSON``
+  lines with Ray's keys: ``levelname``, ``asctime``, ``message``, ``filename``, ``lineno``,
+  ``process``, ``exc_text`` (when there is one), ``deployment``, ``replica``,
+  ``component_name`` (``"replica"``), ``application``, and, inside a request, ``request_id`` and
+  ``route``;
+- ``logs_dir``: when set, the replica also writes its log to
+  ``<logs_dir>/replica_<app>_<deployment>_<replica>.log`` (Ray's file name);
+- ``enable_access_log``: the replica's access line, one per request, as Ray's replica writes it
+  (``METHOD route status latency_ms`` with ``CALL`` and the method name for handle calls, see
+  ``AccessLog``), kept or dropped. Access lines go to the log file only (the one under
+  ``logs_dir``, else the replica's file in the run directory), never to stderr: the supervisor
+  echoes stderr to consoles, and a private instance's console is its driver's stdout;
+- ``additional_log_standard_attrs``: extra ``LogRecord`` attributes (``name``, ``funcName``, ...)
+  added to every line (before the message in TEXT, as keys in JSON).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from shoal.runtime.context import current_request
 
 _FORMAT = "%(levelname)s %(asctime)s %(name)s %(request_id)s -- %(message)s"
+_ACCESS_LOG_ATTR = "serve_access_log"
+_ACCESS_LOGGER = "ray.serve"  # Ray's replica writes its access lines on its serve logger
 
 
-class _RequestIdFilter(logging.Filter):
+class _ContextFilter(logging.Filter):
+    """Adds the replica's and the current request's facts to every record (filters nothing)."""
+
+    def __init__(self, app: str, deployment: str, replica: str) -> None:
+        super().__init__()
+        self._facts = {"deployment": deployment, "replica": replica, "component_name": "replica", "application": app}
+
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = current_request().request_id or "-"
+        if not hasattr(record, "request_id"):  # an access line carries its own
+            request = current_request()
+            record.request_id = request.request_id or "-"
+            if request.route:
+                record.route = request.route
+        for key, value in self._facts.items():
+            setattr(record, key, value)
         return True
 
 
-def install_replica_logging(*, deployment: str, replica: str, level: str = "INFO") -> None:
-    """Route the root logger (and so ``logging.getLogger("ray.serve")``) to stderr."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_FORMAT))
-    handler.addFilter(_RequestIdFilter())
+class _AccessLogFilter(logging.Filter):
+    """Drops access lines (``enable_access_log=False``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, _ACCESS_LOG_ATTR, False)
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line, with Ray Serve's keys (module docstring)."""
+
+    def __init__(self, additional_attrs: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self._additional = additional_attrs
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "asctime": self.formatTime(record),
+            "levelname": record.levelname,
+            "message": record.getMessage(),
+            "filename": record.filename,
+            "lineno": record.lineno,
+            "process": record.process,
+        }
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exc_text"] = record.exc_text
+        for key in ("deployment", "replica", "component_name", "application", "route"):
+            if hasattr(record, key):
+                out[key] = getattr(record, key)
+        request_id = getattr(record, "request_id", "-")
+        if request_id != "-":
+            out["request_id"] = request_id
+        for key in self._additional:
+            out[key] = getattr(record, key, None)
+        return json.dumps(out, default=str)
+
+
+def _text_formatter(additional_attrs: tuple[str, ...]) -> logging.Formatter:
+    extra = "".join(f"%({attr})s " for attr in additional_attrs)
+    return logging.Formatter(_FORMAT.replace("-- ", extra + "-- "))
+
+
+class _OnlyAccessFilter(logging.Filter):
+    """Keeps only access lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return bool(getattr(record, _ACCESS_LOG_ATTR, False))
+
+
+def _handlers(
+    config: Mapping[str, Any], app: str, deployment: str, replica: str, default_logs_dir: str | None = None
+) -> list[logging.Handler]:
+    """stderr, without access lines (it is echoed to consoles and drivers' stdout), and the log
+    file: under ``logs_dir`` with every line, else under ``default_logs_dir`` (the run
+    directory's, which the supervisor fills with the stderr lines) with the access lines."""
+    additional = tuple(config.get("additional_log_standard_attrs") or ())
+    encoding = str(config.get("encoding", "TEXT")).upper()
+    formatter = JSONFormatter(additional) if encoding == "JSON" else _text_formatter(additional)
+    access = config.get("enable_access_log", True) is not False
+    stream = logging.StreamHandler(sys.stderr)
+    stream.addFilter(_AccessLogFilter())
+    handlers: list[logging.Handler] = [stream]
+    name = f"replica_{app}_{deployment}_{replica}.log"
+    logs_dir = config.get("logs_dir")
+    if logs_dir:
+        os.makedirs(logs_dir, exist_ok=True)
+        file = logging.FileHandler(os.path.join(logs_dir, name))
+        if not access:
+            file.addFilter(_AccessLogFilter())
+        handlers.append(file)
+    elif default_logs_dir and access:
+        file = logging.FileHandler(os.path.join(default_logs_dir, name))
+        file.addFilter(_OnlyAccessFilter())
+        handlers.append(file)
+    context = _ContextFilter(app, deployment, replica)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(context)
+    return handlers
+
+
+def install_replica_logging(
+    *,
+    deployment: str,
+    replica: str,
+    level: str = "INFO",
+    logging_config: Mapping[str, Any] | None = None,
+    app: str = "",
+    default_logs_dir: str | None = None,
+) -> None:
+    """Route the root logger (and so ``logging.getLogger("ray.serve")``) to stderr and the log
+    file (see ``_handlers``), formatted as ``logging_config`` (a ``LoggingConfig`` as a dict;
+    None: the defaults with ``level``) says. ``replica`` is the full replica id."""
+    config = dict(logging_config or {})
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    for handler in root.handlers:
+        handler.close()
+    root.handlers[:] = _handlers(config, app, deployment, replica.rsplit("#", 1)[-1], default_logs_dir)
+    root.setLevel(config.get("log_level", level))
+
+
+def install_local_logging(app: str, logging_config: Mapping[str, Any]) -> None:
+    """Local testing mode (deployments in the driver): the ``ray.serve`` logger, not the
+    driver's root logger, takes ``logging_config`` (as Ray configures its ``local_test``
+    component); its file under ``logs_dir`` is ``replica_<app>_local_test_-.log``."""
+    logger = logging.getLogger(_ACCESS_LOGGER)
+    for handler in logger.handlers:
+        handler.close()
+    logger.handlers[:] = _handlers(logging_config, app, "local_test", "-")
+    logger.propagate = False
+    logger.setLevel(logging_config.get("log_level", "INFO"))
+
+
+def log_access(method: str, route: str, status: str | int, latency_ms: float, *, request_id: str = "") -> None:
+    """Write one access line as Ray's replica does: ``METHOD route status latency_ms``, e.g.
+    ``GET /api 200 3.1ms`` for HTTP and ``CALL __call__ OK 0.4ms`` for a handle call (status
+    ``OK``, ``ERROR`` or ``CANCELLED``). Dropped when the replica's ``enable_access_log`` is
+    False."""
+    logger = logging.getLogger(_ACCESS_LOGGER)
+    if logger.isEnabledFor(logging.INFO):
+        # A record made directly: one per request, so no caller lookup (the line has none).
+        record = logging.LogRecord(
+            _ACCESS_LOGGER, logging.INFO, __file__, 0, "%s %s %s %.1fms", (method, route, status, latency_ms), None
+        )
+        setattr(record, _ACCESS_LOG_ATTR, True)
+        if request_id:
+            record.request_id = request_id
+        logger.handle(record)
+
+
+class AccessLog:
+    """Times one request at a replica and writes its access line when it ends (``end``).
+
+    A handle call logs ``CALL <method> OK|ERROR|CANCELLED``; an HTTP request (after ``http``)
+    logs ``<HTTP method> <route> <status code>``, the code taken from the response start that
+    rides on the final reply, 500 for an error, and 200 for a response already streamed out.
+    """
+
+    __slots__ = ("_enabled", "_request_id", "_route", "_started_s", "final", "method", "route")
+
+    def __init__(self, call_method: str, route: str, request_id: str, *, enabled: bool = True) -> None:
+        """``enabled=False``: no line (the supervisor's health checks and metric polls)."""
+        self._started_s = time.perf_counter()
+        self._request_id = request_id
+        self._enabled = enabled
+        self._route = route
+        self.method = "CALL"
+        self.route = call_method
+        self.final: Iterable[Mapping[str, Any]] = ()  # an HTTP request's final ASGI messages
+
+    def http(self, scope: Mapping[str, Any]) -> None:
+        """The request is HTTP (or a WebSocket): log it by method and route."""
+        self.method = str(scope.get("method") or "WS")
+        self.route = self._route or str(scope.get("path") or "/")
+
+    def end(self, outcome: str) -> None:
+        """``outcome``: ``ERROR``, ``CANCELLED``, or anything else for success (the name of the
+        final reply's kind)."""
+        if not self._enabled:
+            return
+        status: str | int = outcome if outcome in ("ERROR", "CANCELLED") else "OK"
+        if self.method != "CALL" and status != "CANCELLED":
+            status = 500 if status == "ERROR" else 200
+            for message in self.final:
+                if message.get("type") == "http.response.start":
+                    status = int(message.get("status", 200))
+        latency_ms = (time.perf_counter() - self._started_s) * 1000
+        log_access(self.method, self.route, status, latency_ms, request_id=self._request_id)
 
 
 def replica_prefix(app: str, deployment: str, replica_id: str, pid: int) -> str:

@@ -36,6 +36,7 @@ from shoal.runtime import wire
 from shoal.runtime.asgi import HTTP_METHOD, HttpHandler, normalize_message, scope_from_wire, to_messages
 from shoal.runtime.context import RequestContext, get_replica_context, in_replica, reset_request, set_request
 from shoal.runtime.errors import RemoteError, ReplicaUnavailableError
+from shoal.runtime.logs import AccessLog
 from shoal.runtime.reply import ReplySink
 from shoal.runtime.transport import Channel
 from shoal.runtime.user_code import UserCallable
@@ -185,6 +186,7 @@ class ReplicaWorker:
 
     async def _run(self, identity: bytes, msg: wire.Message, header: wire.RequestHeader) -> None:
         method = header.method
+        access = AccessLog(method, header.route, header.request_id, enabled=method not in _INTERNAL_METHODS)
         token = set_request(
             RequestContext(
                 request_id=header.request_id,
@@ -201,7 +203,8 @@ class ReplicaWorker:
             if method == HTTP_METHOD:
                 # msgpack only: this came from an HTTP client through the proxy.
                 scope, first = wire.unpack(msg.payload[0])
-                final = await self._serve_http(identity, call_id, key, scope_from_wire(scope), first)
+                access.http(scope)
+                final = access.final = await self._serve_http(identity, call_id, key, scope_from_wire(scope), first)
                 kind = wire.Kind.STREAM_END
                 enc, data = wire.dumps_plain(final) if final else (None, b"")
             else:
@@ -209,6 +212,7 @@ class ReplicaWorker:
         except asyncio.CancelledError:
             self._release(key)
             self._send(identity, self._cancelled_reply(key, header.request_id, http=header.http))
+            access.end("CANCELLED")
             raise
         except Exception as exc:
             logger.exception("request %s to method '%s' raised", header.request_id, method)
@@ -220,6 +224,7 @@ class ReplicaWorker:
         # Free the slot before replying, so the caller's next request is never rejected for it.
         self._release(key)
         self._send(identity, wire.reply(kind, self.incarnation, call_id, enc, data, self.ongoing))
+        access.end(kind.name)
 
     def _cancelled_reply(self, key: tuple[bytes, int], request_id: str, http: bool | None) -> wire.Message:
         """CANCELLED; or, when the replica gives the request up at its shutdown deadline, an

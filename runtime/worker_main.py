@@ -143,7 +143,8 @@ def _configure_logging(spec: dict[str, Any]) -> None:
     from shoal.runtime.logs import install_replica_logging
 
     install_replica_logging(
-        deployment=spec["deployment"], replica=spec["replica_id"], level=spec.get("log_level", "INFO")
+        deployment=spec["deployment"], replica=spec["replica_id"], app=spec.get("app", ""),
+        logging_config=spec.get("logging_config"), default_logs_dir=spec.get("logs_dir"),
     )
 
 

@@ -78,7 +78,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config_path is not None:
         import yaml
 
-        http = dict((yaml.safe_load(Path(config_path).read_text()) or {}).get("http_options") or {})
+        raw = yaml.safe_load(Path(config_path).read_text()) or {}
+        http = dict(raw.get("http_options") or {})
+        if raw.get("proxy_location") == "Disabled":  # no HTTP proxy, as in Ray
+            http["host"] = None
     if args.host is not None or "host" not in http:
         http["host"] = args.host or "127.0.0.1"
     if args.port is not None or "port" not in http:
@@ -167,8 +170,23 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     sys.path.insert(0, os.path.abspath(args.app_dir))
     specs, _ = _specs_for(args.target, args.arguments, args.name, args.route_prefix)
     api.deploy_specs(specs, declarative=True, wait=args.wait)
+    _warn_start_only_options(args.target)
     print("Sent deploy request successfully." + ("" if args.wait else " Watch it with `shoal status`."))
     return 0
+
+
+def _warn_start_only_options(target: str) -> None:
+    """Ray's warning: a running instance keeps the HTTP (and proxy, gRPC, controller) options
+    it was started with."""
+    from shoal.serve import config_file
+
+    keys = config_file.start_only_options(config_file.load(target)) if _is_config_file(target) else []
+    if keys:
+        print(
+            f"shoal: warning: the instance is already running, so the config's {', '.join(keys)} "
+            "are not applied; they take effect when `shoal run` starts an instance.",
+            file=sys.stderr,
+        )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -199,6 +217,8 @@ def format_status(status: dict[str, Any]) -> str:
     if not status["applications"]:
         return "No applications are running."
     lines = [f"proxy: {', '.join(f'{k} {v}' for k, v in status['proxies'].items()) or 'none'}", ""]
+    if status.get("target_capacity") is not None:  # a config file's: every target is scaled
+        lines.insert(1, f"target capacity: {status['target_capacity']:g}%")
     rows = [("APPLICATION", "STATUS", "DEPLOYMENT", "STATUS", "REPLICAS", "RESTARTS", "PIDS")]
     for app_name, app in sorted(status["applications"].items()):
         for dep_name, dep in sorted(app["deployments"].items()) or [("-", None)]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -35,7 +36,34 @@ from shoal.serve.config import (
 )
 from shoal.serve.schema import LoggingConfig
 
-__all__ = ["DEPLOYMENT_OPTION_NAMES", "DeploymentConfig", "validate_options"]
+__all__ = ["DEPLOYMENT_OPTION_NAMES", "NO_EFFECT_OPTIONS", "DeploymentConfig", "validate_options"]
+
+logger = logging.getLogger("shoal.serve")
+
+_ONE_MACHINE = "shoal runs every replica as a process on this one machine"
+NO_EFFECT_OPTIONS: dict[str, str] = {
+    # Ray documents these as cluster scheduling: on one node they place nothing.
+    "placement_group_bundles": f"placement groups reserve resources across a Ray cluster; {_ONE_MACHINE}",
+    "placement_group_strategy": f"placement groups reserve resources across a Ray cluster; {_ONE_MACHINE}",
+    "placement_group_bundle_label_selector": f"placement groups select Ray nodes by label; {_ONE_MACHINE}",
+    "max_replicas_per_node": f"it spreads replicas over Ray nodes; {_ONE_MACHINE}",
+    "gang_scheduling_config": f"gangs are placed together on Ray nodes; {_ONE_MACHINE}",
+    "deployment_actors": "deployment actors are Ray actors; shoal has no Ray actors (use a deployment and a handle)",
+    "fallback_strategy": f"ray_actor_options.fallback_strategy picks other Ray nodes; {_ONE_MACHINE}",
+    # shoal's own mechanisms do the job these tune in Ray.
+    "graceful_shutdown_wait_loop_s": (
+        "a shoal replica does not poll: it stops the moment its last request ends, once every "
+        "router has stopped sending to it (graceful_shutdown_timeout_s still bounds the wait)"
+    ),
+    "max_surge_percent": (
+        "shoal's rolling update always starts a batch (rolling_update_percentage) of new replicas "
+        "before it stops old ones, so running replicas never drop below the target"
+    ),
+    "metrics_interval_s": (
+        "autoscaling_config.metrics_interval_s is deprecated in Ray; shoal's controller reads "
+        "replica queue lengths every 0.25 s"
+    ),
+}
 
 DEPLOYMENT_OPTION_NAMES: tuple[str, ...] = (
     "name",
@@ -136,6 +164,7 @@ class DeploymentConfig:
             names |= {"autoscaling_config"}
         result = dataclasses.replace(self, **changes, user_configured_option_names=frozenset(names))
         _check_combinations(result)
+        _warn_no_effect(options, normalized)
         return result
 
     def target_initial_replicas(self) -> int:
@@ -475,6 +504,27 @@ def validate_options(options: dict[str, Any]) -> dict[str, Any]:
         normalized["num_replicas"] = None
         normalized["autoscaling_config"] = AutoscalingConfig.model_validate(merged)
     return normalized
+
+
+def _warn_no_effect(options: dict[str, Any], normalized: dict[str, Any]) -> None:
+    """One warning per option in ``options`` that has no effect in shoal (``NO_EFFECT_OPTIONS``,
+    see docs/options.md); unset values (None or empty) are not warned about."""
+    set_names = [k for k in options if k in NO_EFFECT_OPTIONS and options[k] not in (None, [], (), {})]
+    if (normalized.get("ray_actor_options") or {}).get("fallback_strategy") is not None:
+        set_names.append("fallback_strategy")
+    autoscaling = normalized.get("autoscaling_config")
+    if isinstance(autoscaling, AutoscalingConfig) and "metrics_interval_s" in _set_fields(options):
+        set_names.append("metrics_interval_s")
+    for name in set_names:
+        logger.warning("%s has no effect in shoal: %s.", name, NO_EFFECT_OPTIONS[name])
+
+
+def _set_fields(options: dict[str, Any]) -> set[str]:
+    """The autoscaling fields ``options`` wrote."""
+    given = options.get("autoscaling_config")
+    if isinstance(given, BaseModel):
+        return set(given.model_fields_set)
+    return set(given) if isinstance(given, dict) else set()
 
 
 def _check_combinations(config: DeploymentConfig) -> None:

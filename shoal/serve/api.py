@@ -17,8 +17,10 @@ from shoal.runtime import client, context, wire
 from shoal.runtime.errors import RayServeException, ShoalConnectionError
 from shoal.runtime.handle import DeploymentHandle
 from shoal.runtime.local import LocalRuntime
+from shoal.runtime.logs import install_local_logging
 from shoal.runtime.user_code import UserCallable
 from shoal.serve import _build
+from shoal.serve._instance_options import app_options, instance_options
 from shoal.serve.config import HTTPOptions
 from shoal.serve.deployment import Application
 from shoal.serve.schema import ServeStatus, validate_route_prefix
@@ -30,6 +32,7 @@ _WAIT_REPLY_GRACE_S = 5.0  # ... and its answer must arrive this much later, or 
 _lock = threading.RLock()
 _instance: launch.Instance | None = None
 _local: LocalRuntime | None = None
+_instance_logging_config: dict[str, Any] | None = None  # serve.start's, as plain values
 
 
 def _runtime(start: bool = True, http_options: Any = None, gpus: tuple[str, ...] | None = None) -> client.Runtime | None:
@@ -66,16 +69,36 @@ def _http_options(http_options: Any) -> dict[str, Any] | None:
     return options.model_dump() if options.host is not None else None
 
 
-def start(http_options: Any = None, gpus: int | str | list[str] | None = None, **kwargs: Any) -> None:
+def start(
+    proxy_location: Any = None,
+    http_options: Any = None,
+    grpc_options: Any = None,
+    logging_config: Any = None,
+    tracing_config: Any = None,
+    controller_options: Any = None,
+    gpus: int | str | list[str] | None = None,
+    **kwargs: Any,
+) -> None:
     """Connect to a running instance or start one with ``http_options`` (Ray's ``serve.start``).
 
-    ``gpus`` (a shoal extension, as ``shoal start --gpus``): the GPUs its replicas may use, a
-    count N (devices ``"0"`` to ``"N-1"``) or a list of device ids; None detects them. If an
-    instance already runs, its HTTP options and GPUs stay as they are (as in Ray Serve).
+    If an instance already runs, its HTTP options and GPUs stay as they are (as in Ray Serve).
+    ``logging_config`` becomes the default of every application this process deploys that sets
+    none, and the supervisor's log level. ``gpus`` (a shoal extension, as ``shoal start
+    --gpus``): the GPUs its replicas may use, a count N (devices ``"0"`` to ``"N-1"``) or a list
+    of device ids; None detects them. Options shoal cannot honour are refused (ValueError or
+    TypeError naming them; see docs/options.md).
     """
     from shoal.controller.gpus import parse_gpus
 
-    _runtime(http_options=http_options, gpus=None if gpus is None else parse_gpus(gpus))
+    global _instance_logging_config
+    options = instance_options(
+        proxy_location=proxy_location, http_options=http_options, grpc_options=grpc_options,
+        logging_config=logging_config, tracing_config=tracing_config,
+        controller_options=controller_options, extra=kwargs,
+    )
+    if options.logging_config is not None:
+        _instance_logging_config = options.logging_config
+    _runtime(http_options=options.http_options, gpus=None if gpus is None else parse_gpus(gpus))
 
 
 def get_http_url() -> str | None:
@@ -93,22 +116,31 @@ def run(
     route_prefix: str | None = "/",
     logging_config: Any = None,
     _local_testing_mode: bool = False,
-    **kwargs: Any,
+    external_scaler_enabled: bool = False,
+    controller_options: Any = None,
 ) -> DeploymentHandle[Any]:
     """Deploy ``target`` as app ``name`` (replacing one of that name) and wait until it runs.
 
     Returns a handle to the ingress deployment. RuntimeError, with the constructor's traceback,
     if the app becomes DEPLOY_FAILED. ``blocking=True`` then waits until Ctrl-C.
+    ``logging_config`` applies to every deployment of the app that sets none itself (default:
+    ``serve.start``'s).
     """
     if not isinstance(target, Application):
         raise TypeError("`serve.run` expects an `Application` returned by `Deployment.bind()`.")
     if not name:
         raise RayServeException("Application name must a non-empty string.")
     validate_route_prefix(route_prefix)
+    app_logging = app_options(logging_config, external_scaler_enabled, controller_options)
     if _local_testing_mode:
+        if app_logging or _instance_logging_config:
+            install_local_logging(name, app_logging or _instance_logging_config or {})
         return _run_local(target, name)
     deployments, ingress = _build.build(target, name)
     spec = _build.to_spec(deployments, ingress, name, route_prefix)
+    spec["logging_config"] = app_logging or _instance_logging_config
+    if _instance_logging_config is not None:
+        spec["instance_logging_config"] = _instance_logging_config
     rt = _runtime()
     assert rt is not None
     rt.call_sync("deploy", {"name": name}, (wire.pack(spec),))
@@ -233,8 +265,9 @@ def status() -> ServeStatus:
 
 def shutdown() -> None:
     """Delete every app and stop the instance. A no-op (with a log line) if nothing runs."""
-    global _instance, _local
+    global _instance, _local, _instance_logging_config
     with _lock:
+        _instance_logging_config = None
         if _local is not None:
             _local.close()
             _local = None

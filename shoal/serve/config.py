@@ -389,6 +389,24 @@ class HTTPOptions(_Strict):
             )
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_server(cls, data: Any) -> Any:
+        """``location="NoServer"`` (deprecated) means what ``host=None`` means: no HTTP."""
+        if isinstance(data, dict) and data.get("location") in ("NoServer", DeploymentMode.NoServer):
+            data = {**data, "host": None}
+        return data
+
+    @field_validator("root_url")
+    @classmethod
+    def _no_root_url(cls, v: str) -> str:
+        if v:
+            raise ValueError(
+                "`root_url` in HTTPOptions is not supported by shoal (Ray uses it only to report "
+                "the URL); shoal reports the address it listens on (serve.get_http_url())."
+            )
+        return v
+
     @model_validator(mode="after")
     def _ssl_pair(self) -> HTTPOptions:
         if bool(self.ssl_keyfile) != bool(self.ssl_certfile):
@@ -398,13 +416,29 @@ class HTTPOptions(_Strict):
         return self
 
 
+def check_no_grpc_servicers(functions: list[str]) -> list[str]:
+    """``grpc_servicer_functions`` must be empty: shoal has no gRPC server yet."""
+    if functions:
+        raise ValueError(
+            f"grpc_servicer_functions {functions}: gRPC is not supported by shoal yet; remove them "
+            "(an empty list, the default, starts no gRPC server)."
+        )
+    return functions
+
+
 class gRPCOptions(_Strict):
-    """gRPC proxy options. Accepted for porting; shoal runs no gRPC server."""
+    """gRPC proxy options. shoal runs no gRPC server: ``grpc_servicer_functions`` must be
+    empty (the default), and the other fields then have no effect, as in Ray."""
 
     port: int = Field(default=9000, ge=0, le=65535)
     grpc_servicer_functions: list[str] = Field(default_factory=list)
     request_timeout_s: PositiveFloat | None = None
     enable_reflection: bool = True
+
+    @field_validator("grpc_servicer_functions")
+    @classmethod
+    def _no_servicers(cls, v: list[str]) -> list[str]:
+        return check_no_grpc_servicers(v)
 
 
 class ControllerOptions(_Strict):
@@ -425,3 +459,13 @@ class ControllerOptions(_Strict):
     @property
     def env_vars(self) -> dict[str, str]:
         return dict(self.runtime_env.get("env_vars", {}))
+
+
+def check_no_controller_env_vars(options: ControllerOptions | None) -> None:
+    """ValueError if ``options`` sets env vars: shoal's supervisor is configured by its options."""
+    if options is not None and options.env_vars:
+        raise ValueError(
+            "controller_options.runtime_env.env_vars is not supported by shoal: its supervisor "
+            "reads no RAY_SERVE_* environment variables (set the supervisor's environment when "
+            f"you start it instead); got {sorted(options.env_vars)}."
+        )

@@ -21,6 +21,7 @@ import yaml
 
 from shoal.controller.actor_options import merge_runtime_envs
 from shoal.serve import _build
+from shoal.serve.config import check_no_controller_env_vars
 from shoal.serve.deployment import Application
 from shoal.serve.schema import ServeApplicationSchema, ServeDeploySchema, format_validation_error
 
@@ -119,12 +120,64 @@ def app_spec(app_schema: ServeApplicationSchema, where: str) -> dict[str, Any]:
             built.config = dataclasses.replace(built.config, ray_actor_options=actor)
     spec = _build.to_spec(deployments, ingress, app_schema.name, app_schema.route_prefix)
     spec["config_source"] = app_schema.model_dump(mode="json", exclude_unset=True)
+    if app_schema.logging_config is not None:
+        spec["logging_config"] = app_schema.logging_config.model_dump(mode="json")
+    if app_schema.autoscaling_policy is not None:
+        spec["autoscaling_policy"] = _app_policy(app_schema, where)
     return spec
 
 
+def _app_policy(app_schema: ServeApplicationSchema, where: str) -> dict[str, Any]:
+    """The application-level policy as plain values; ConfigError if it does not import."""
+    from shoal.controller.autoscale import load_policy
+
+    policy = app_schema.autoscaling_policy
+    assert policy is not None
+    try:
+        load_policy(policy)
+    except (ImportError, TypeError) as exc:
+        raise ConfigError(f"{where}.autoscaling_policy: {exc}") from exc
+    if not isinstance(policy.policy_function, str):
+        raise ConfigError(f"{where}.autoscaling_policy.policy_function: must be an import path in a config file")
+    return policy.model_dump(mode="json")
+
+
 def build_specs(schema: ServeDeploySchema) -> list[dict[str, Any]]:
-    """Every application's spec, or ConfigError before anything is deployed."""
-    return [app_spec(a, f"applications.{i}") for i, a in enumerate(schema.applications)]
+    """Every application's spec, or ConfigError before anything is deployed.
+
+    Each spec also carries what the file sets for all of them: ``target_capacity``, and the
+    top-level ``logging_config`` (for the supervisor, and for an application that sets none, as
+    in Ray)."""
+    check_instance_options(schema)
+    specs = []
+    for index, app_schema in enumerate(schema.applications):
+        spec = app_spec(app_schema, f"applications.{index}")
+        spec["target_capacity"] = schema.target_capacity
+        if schema.logging_config is not None:
+            spec["instance_logging_config"] = schema.logging_config.model_dump(mode="json")
+            if spec.get("logging_config") is None:
+                spec["logging_config"] = spec["instance_logging_config"]
+        specs.append(spec)
+    return specs
+
+
+def check_instance_options(schema: ServeDeploySchema) -> None:
+    """ConfigError for instance-wide options shoal cannot honour (see docs/options.md)."""
+    if schema.tracing_config:
+        raise ConfigError("tracing_config: shoal does not support tracing yet; remove it.")
+    try:
+        check_no_controller_env_vars(schema.controller_options)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+START_ONLY_KEYS = ("proxy_location", "http_options", "grpc_options", "controller_options")
+
+
+def start_only_options(schema: ServeDeploySchema) -> list[str]:
+    """The keys of ``schema`` that only act when an instance starts (``shoal run``): deployed to
+    a running instance (``shoal deploy``) they are not applied, as in Ray, which warns."""
+    return [key for key in START_ONLY_KEYS if key in schema.model_fields_set]
 
 
 def build_config(import_paths: list[str]) -> dict[str, Any]:

@@ -88,6 +88,10 @@ class Deployment:
     def logging_config(self) -> Any:
         return self._config.logging_config
 
+    def set_logging_config(self, logging_config: Any) -> None:
+        """Replace this deployment's ``logging_config`` (a dict or ``LoggingConfig``), as Ray's."""
+        self._config = self._config.merged({"logging_config": logging_config})
+
     def __repr__(self) -> str:
         return f"Deployment(name={self._name})"
 

@@ -45,6 +45,7 @@ from shoal.serve.config import (
     ProxyLocation,
     RequestRouterConfig,
     _check_import_path,
+    check_no_grpc_servicers,
 )
 
 __all__ = [
@@ -335,6 +336,11 @@ def validate_route_prefix(route_prefix: str | None) -> str | None:
     return route_prefix
 
 
+EXTERNAL_SCALER_UNSUPPORTED = (
+    "external_scaler_enabled: shoal has no REST scaling endpoint for an external scaler; scale "
+    "by deploying the config again with new num_replicas (no restart)."
+)
+
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -507,6 +513,7 @@ class ServeApplicationSchema(_Strict):
                     "Serve's built-in autoscaling must be disabled for all deployments in the "
                     "application."
                 )
+            raise ValueError(EXTERNAL_SCALER_UNSUPPORTED)
         return self
 
     @property
@@ -515,12 +522,17 @@ class ServeApplicationSchema(_Strict):
 
 
 class gRPCOptionsSchema(_Strict):
-    """gRPC options of a config file; accepted for porting, shoal runs no gRPC server."""
+    """gRPC options of a config file; shoal runs no gRPC server, so no servicer functions."""
 
     port: int = Field(default=9000, ge=0, le=65535)
     grpc_servicer_functions: list[str] = Field(default_factory=list)
     request_timeout_s: PositiveFloat | None = None
     enable_reflection: bool = True
+
+    @field_validator("grpc_servicer_functions")
+    @classmethod
+    def _no_servicers(cls, v: list[str]) -> list[str]:
+        return check_no_grpc_servicers(v)
 
 
 class HTTPOptionsSchema(_Strict):
