@@ -1,7 +1,8 @@
 """ProxySupervisor: one HTTP proxy process, supervised like a replica.
 
-The proxy serves (HTTP, or HTTPS with ``http_options.ssl_*``: ``proxy.tls``) from the supervisor's ``HTTPListener`` (inherited at each start), so a
-restarted proxy keeps the port. A proxy that exits unexpectedly is restarted with backoff
+The proxy serves from the supervisor's ``HTTPListener`` (inherited at each start), so a
+restarted proxy keeps the port; over TLS when ``http_options`` name a certificate and key
+(``proxy.tls``; ``check_tls_options`` refuses bad ones before the first start). A proxy that exits unexpectedly is restarted with backoff
 (doubling from ``_BACKOFF_INITIAL_S`` to ``_BACKOFF_MAX_S``, starting over once a proxy served
 for ``_BACKOFF_RESET_AFTER_S``); one that is not ready within ``_STARTUP_TIMEOUT_S`` is killed,
 and so restarted. It tells the listener when it serves and when it stopped, so that while no
