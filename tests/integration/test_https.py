@@ -227,3 +227,29 @@ def test_shoal_run_prints_and_serves_an_https_url(
         reader.join(10)
         assert cli.stdout is not None
         cli.stdout.close()
+
+
+def test_shoal_start_ssl_flags(tmp_path: Path, certs: dict[str, Path], private_run_dir: Path) -> None:
+    """``shoal start --ssl-keyfile --ssl-certfile`` serves HTTPS and says so; a missing file is
+    a one-line error naming the option, and nothing is left running."""
+    shoal = str(Path(sys.executable).with_name("shoal"))
+    env = {**os.environ, "SHOAL_RUN_DIR": str(private_run_dir)}
+    env.pop("SHOAL_ADDRESS", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([shoal, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+
+    bad = cli("start", "--http-port", "0", "--ssl-keyfile", str(certs["key.pem"]), "--ssl-certfile", "/nope.pem")
+    assert bad.returncode == 1
+    assert "shoal: http_options.ssl_certfile: no such file: '/nope.pem'" in bad.stderr
+    started = cli("start", "--http-port", "0", "--ssl-keyfile", str(certs["key.pem"]),
+                  "--ssl-certfile", str(certs["cert.pem"]))
+    try:
+        assert started.returncode == 0, started.stderr
+        found = re.search(r"HTTP: (https://\S+)", started.stdout)
+        assert found, started.stdout
+        with httpx.Client(verify=_trusting(certs["cert.pem"]), timeout=30) as client:
+            assert client.get(found.group(1) + "/-/healthz").status_code == 200
+    finally:
+        stopped = cli("shutdown", "--yes")
+        assert stopped.returncode == 0, stopped.stderr
