@@ -61,6 +61,7 @@ class Runtime:
         self.app_name = app_name  # the app this process serves, if it is a replica
         self.routers: dict[tuple[str, str], Router] = {}
         self.snapshot = wire.Snapshot()
+        self.first_snapshot = asyncio.Event()  # set once a snapshot was applied
         self._thread: threading.Thread | None = None
         self._control: transport.Channel | None = None
         self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], tuple[bytes, ...]]]] = {}
@@ -134,6 +135,7 @@ class Runtime:
         if snapshot.version <= self.snapshot.version:
             return
         self.snapshot = snapshot
+        self.first_snapshot.set()
         for (app, name), router in self.routers.items():
             router.update(snapshot.deployment(app, name))
 
