@@ -80,13 +80,9 @@ class _Fanout:
 async def _wait_first_snapshot(rt: RuntimeAPI) -> None:
     """A runtime that has not yet received the controller's first snapshot knows no replicas;
     wait (bounded) for it. (Only the first call of a fresh process can get here.)"""
-    first: asyncio.Event | None = getattr(rt, "first_snapshot", None)
-    if first is not None and not first.is_set():
-        try:
-            async with asyncio.timeout(_FIRST_SNAPSHOT_WAIT_S):
-                await first.wait()
-        except TimeoutError:
-            pass  # no replicas known: DeploymentUnavailableError below
+    wait_snapshot = getattr(rt, "wait_snapshot", None)
+    if wait_snapshot is not None:
+        await wait_snapshot(lambda snapshot: snapshot.version > 0, _FIRST_SNAPSHOT_WAIT_S)
 
 
 async def fan_out(rt: RuntimeAPI, key: tuple[str, str], make_call: MakeCall) -> list[tuple[bool, Any]]:
