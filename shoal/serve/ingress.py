@@ -64,7 +64,7 @@ def ingress(app: Any = None) -> Callable[..., type]:
             cls = ASGIIngressDeployment
         if not inspect.isclass(cls):
             raise ValueError("@serve.ingress must be used with a class.")
-        if "__call__" in cls.__dict__:
+        if any("__call__" in vars(k) for k in cls.__mro__[:-1]):  # its own or an inherited one, as in Ray
             raise ValueError("Classes passed to @serve.ingress may not have __call__ method.")
         if app is None and not hasattr(cls, BUILD_ASGI_APP_METHOD):
             raise ValueError(

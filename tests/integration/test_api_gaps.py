@@ -127,6 +127,14 @@ def test_ingress_validation() -> None:
 
     with pytest.raises(ValueError, match="requires NoBuilder to define `__serve_build_asgi_app__`"):
         serve.ingress()(NoBuilder)
+    class Callable_:
+        def __call__(self) -> None: ...
+
+    class Inherits(Callable_):
+        pass
+
+    with pytest.raises(ValueError, match="may not have __call__ method"):
+        serve.ingress(standalone)(Inherits)  # an inherited __call__ counts, as in Ray
     with pytest.raises(ValueError, match=r"@serve\.ingress must be used with a class"):
         serve.ingress(standalone)(say_hi)
 
