@@ -43,12 +43,13 @@ def _openssl(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A self-signed server certificate (plain and encrypted key), a CA and a client certificate
-    it signed, and a second CA that signed nothing the client holds."""
+    """A self-signed server certificate (plain and encrypted key), two CAs and a client
+    certificate signed by each."""
     d = tmp_path_factory.mktemp("certs")
     p = {name: d / name for name in (
         "key.pem", "cert.pem", "enc_key.pem", "enc_cert.pem", "ca_key.pem", "ca.pem",
         "client_key.pem", "client.csr", "client.pem", "other_ca_key.pem", "other_ca.pem",
+        "other_client_key.pem", "other_client.csr", "other_client.pem",
     )}
     _openssl("req", "-x509", *_EC, "-nodes", "-keyout", str(p["key.pem"]), "-out", str(p["cert.pem"]),
              "-days", "1", "-subj", "/CN=localhost", *_SAN)
@@ -59,8 +60,12 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                  "-days", "1", "-subj", f"/CN=shoal test {ca}")
     _openssl("req", "-new", *_EC, "-nodes", "-keyout", str(p["client_key.pem"]), "-out", str(p["client.csr"]),
              "-subj", "/CN=client")
-    _openssl("x509", "-req", "-in", str(p["client.csr"]), "-CA", str(p["ca.pem"]), "-CAkey", str(p["ca_key.pem"]),
-             "-CAcreateserial", "-out", str(p["client.pem"]), "-days", "1")
+    for client, ca in (("client", "ca"), ("other_client", "other_ca")):
+        if client != "client":
+            _openssl("req", "-new", *_EC, "-nodes", "-keyout", str(p[f"{client}_key.pem"]),
+                     "-out", str(p[f"{client}.csr"]), "-subj", f"/CN={client}")
+        _openssl("x509", "-req", "-in", str(p[f"{client}.csr"]), "-CA", str(p[f"{ca}.pem"]),
+                 "-CAkey", str(p[f"{ca}_key.pem"]), "-CAcreateserial", "-out", str(p[f"{client}.pem"]), "-days", "1")
     return p
 
 
@@ -117,25 +122,24 @@ def test_https_serves_over_tls_and_refuses_plain_http(https_instance: Any, certs
         client.get(plain + "/")
 
 
-def test_https_with_an_encrypted_key(https_instance: Any, certs: dict[str, Path]) -> None:
-    url = https_instance(
-        ssl_keyfile=str(certs["enc_key.pem"]), ssl_certfile=str(certs["enc_cert.pem"]), ssl_keyfile_password="s3cret"
-    )
-    with httpx.Client(verify=_trusting(certs["enc_cert.pem"]), timeout=30) as client:
-        assert client.get(url + "/x").json() == {"scheme": "https", "path": "/x"}
-
-
-def test_ssl_ca_certs_requires_a_client_certificate_from_that_ca(
+def test_ssl_ca_certs_requires_a_client_certificate_from_that_ca_with_an_encrypted_key(
     https_instance: Any, certs: dict[str, Path]
 ) -> None:
+    """... served here with an encrypted key and its ssl_keyfile_password."""
     url = https_instance(
-        ssl_keyfile=str(certs["key.pem"]), ssl_certfile=str(certs["cert.pem"]), ssl_ca_certs=str(certs["ca.pem"])
+        ssl_keyfile=str(certs["enc_key.pem"]), ssl_certfile=str(certs["enc_cert.pem"]), ssl_keyfile_password="s3cret",
+        ssl_ca_certs=str(certs["ca.pem"]),
     )
-    good = _trusting(certs["cert.pem"], (certs["client.pem"], certs["client_key.pem"]))
+    good = _trusting(certs["enc_cert.pem"], (certs["client.pem"], certs["client_key.pem"]))
     with httpx.Client(verify=good, timeout=30) as client:
-        assert client.get(url + "/").status_code == 200
+        assert client.get(url + "/x").json() == {"scheme": "https", "path": "/x"}
     # Without a client certificate the handshake fails (TLS 1.3 reports it on the first read).
-    with httpx.Client(verify=_trusting(certs["cert.pem"]), timeout=30) as client, pytest.raises(httpx.TransportError):
+    with httpx.Client(verify=_trusting(certs["enc_cert.pem"]), timeout=30) as client, \
+            pytest.raises(httpx.TransportError):
+        client.get(url + "/")
+    # A certificate signed by another CA is refused as well.
+    other = _trusting(certs["enc_cert.pem"], (certs["other_client.pem"], certs["other_client_key.pem"]))
+    with httpx.Client(verify=other, timeout=30) as client, pytest.raises(httpx.TransportError):
         client.get(url + "/")
 
 
