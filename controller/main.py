@@ -28,7 +28,7 @@ from shoal.controller import applied, gpus, rundir
 from shoal.controller.control import ControlServer
 from shoal.controller.controller import Controller
 from shoal.controller.listener import HTTPListener
-from shoal.controller.proxy import ProxySupervisor
+from shoal.controller.proxy import ProxySupervisor, check_tls_options
 from shoal.runtime import transport
 from shoal.runtime.worker_main import set_process_name, watch_lifeline
 
@@ -90,13 +90,19 @@ async def serve(config: SupervisorConfig) -> int:
     listener: HTTPListener | None = None
     if config.http_options is not None and config.http_options.get("host") is not None:
         try:
+            check_tls_options(config.http_options)  # a bad certificate is an error at start
+        except ValueError as exc:
+            _report_ready(config.ready_fd, {"error": str(exc)})
+            rundir.remove_sockets(run_dir)
+            return 2
+        try:
             listener = HTTPListener.bind(config.http_options["host"], int(config.http_options["port"]))
         except OSError as exc:
             _report_ready(config.ready_fd, {"error": str(exc), "http_bind_failed": True})
             rundir.remove_sockets(run_dir)
             return 2
         controller.proxy = ProxySupervisor(config.http_options, endpoint, listener, echo=_echo)
-        info["http_url"] = listener.url
+        info["http_url"] = controller.proxy.url
     server = ControlServer(endpoint, controller, on_shutdown=stop.set, info=info)
     if controller.proxy is not None:
         controller.proxy.start()

@@ -1,7 +1,8 @@
 """ProxySupervisor: one HTTP proxy process, supervised like a replica.
 
 The proxy serves from the supervisor's ``HTTPListener`` (inherited at each start), so a
-restarted proxy keeps the port. A proxy that exits unexpectedly is restarted with backoff
+restarted proxy keeps the port; over TLS when ``http_options`` name a certificate and key
+(``proxy.tls``; ``check_tls_options`` refuses bad ones before the first start). A proxy that exits unexpectedly is restarted with backoff
 (doubling from ``_BACKOFF_INITIAL_S`` to ``_BACKOFF_MAX_S``, starting over once a proxy served
 for ``_BACKOFF_RESET_AFTER_S``); one that is not ready within ``_STARTUP_TIMEOUT_S`` is killed,
 and so restarted. It tells the listener when it serves and when it stopped, so that while no
@@ -24,6 +25,7 @@ from typing import Any
 from shoal.controller.listener import HTTPListener
 from shoal.controller.process import WorkerProcess
 from shoal.proxy import main as proxy_main
+from shoal.proxy import tls
 from shoal.runtime import wire
 from shoal.serve.config import HTTPOptions
 from shoal.serve.schema import ProxyStatus
@@ -34,6 +36,13 @@ _BACKOFF_INITIAL_S = 0.1
 _BACKOFF_MAX_S = 5.0
 _BACKOFF_RESET_AFTER_S = 10.0
 _STARTUP_TIMEOUT_S = 30.0
+
+
+def check_tls_options(http_options: dict[str, Any]) -> None:
+    """ValueError, naming the option, if the ``ssl_*`` options cannot serve HTTPS (a missing
+    file, a key that does not match or does not decrypt): checked before the proxy starts, so
+    that a bad certificate stops ``serve.start`` instead of making the proxy fail at every restart."""
+    tls.server_context(HTTPOptions(**http_options).model_dump())
 
 
 class ProxySupervisor:
@@ -47,7 +56,8 @@ class ProxySupervisor:
     ) -> None:
         self.options = http_options
         self.listener = listener
-        self.url = listener.url
+        # The listener's URL, with the scheme the proxy serves (https with ssl_keyfile/ssl_certfile).
+        self.url = listener.url.replace("http://", "https://", 1) if tls.is_https(http_options) else listener.url
         self._control_endpoint = control_endpoint
         self._echo = echo
         self.process: WorkerProcess | None = None

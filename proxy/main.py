@@ -3,7 +3,8 @@
 ``main(spec, output, lifeline, listener)``: ``listener`` is the listening TCP socket, bound by the
 supervisor (so a restarted proxy keeps the same port and clients queue instead of being refused).
 Runs uvicorn with uvloop and httptools (with the limits of ``protocol``, a connection cap and a
-keep-alive deadline from ``http_options``) on it until SIGTERM, then drains: ``/-/healthz``
+keep-alive deadline from ``http_options``) on it, over TLS when ``http_options`` set
+``ssl_keyfile`` and ``ssl_certfile`` (``proxy.tls``), until SIGTERM, then drains: ``/-/healthz``
 answers 503 while the requests in flight finish; at ``graceful_shutdown_timeout_s`` those left
 are answered 503 (``ProxyApp.drain``).
 """
@@ -18,6 +19,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,6 +70,7 @@ def _connection_cap(max_connections: int) -> int:
 async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> int:
     import uvicorn
 
+    from shoal.proxy import tls
     from shoal.proxy.app import ProxyApp, ProxyOptions
     from shoal.proxy.protocol import HeadLimits, LimitedHttpProtocol
     from shoal.runtime import client, transport, wire
@@ -85,6 +88,15 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> in
             max_request_body_bytes=options["max_request_body_bytes"],
         ),
     )
+    tls_kwargs: dict[str, Any] = {}
+    if tls.server_context(options) is not None:  # checked by the supervisor already; raises if not
+        tls_kwargs = {
+            "ssl_keyfile": options["ssl_keyfile"],
+            "ssl_certfile": options["ssl_certfile"],
+            "ssl_keyfile_password": options["ssl_keyfile_password"],
+            "ssl_ca_certs": options["ssl_ca_certs"],
+            "ssl_cert_reqs": ssl.CERT_REQUIRED if options["ssl_ca_certs"] else ssl.CERT_NONE,
+        }
     limits = HeadLimits(options["max_header_bytes"], options["max_header_count"], options["request_header_timeout_s"])
     config = uvicorn.Config(
         app,
@@ -97,6 +109,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> in
         timeout_graceful_shutdown=math.ceil(options["graceful_shutdown_timeout_s"]),
         limit_concurrency=_connection_cap(options["max_connections"]),
         server_header=False,
+        **tls_kwargs,
     )
     server = _server_class()(config)
 

@@ -36,6 +36,7 @@ logger = logging.getLogger("shoal.http")
 
 HTTP_METHOD = "__shoal_http__"
 INGRESS_ATTR = "__shoal_ingress__"
+BUILD_ASGI_APP_METHOD = "__serve_build_asgi_app__"  # ``serve.ingress()`` with no app: the instance builds it
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -125,7 +126,14 @@ class HttpHandler:
         ingress = getattr(type(instance), INGRESS_ATTR, None) if instance is not None else None
         if ingress is None:
             return
-        app = ingress() if _is_builder(ingress) else ingress
+        if isinstance(ingress, str) and ingress == BUILD_ASGI_APP_METHOD:
+            app = getattr(instance, BUILD_ASGI_APP_METHOD)()
+            if inspect.isawaitable(app):
+                app = await app
+            if app is None:
+                raise TypeError(f"`{BUILD_ASGI_APP_METHOD}` must return an ASGI app.")
+        else:
+            app = ingress() if _is_builder(ingress) else ingress
         _bind_class_based_views(app, instance)
         self.app = app
         self._lifespan = _Lifespan(app)

@@ -61,6 +61,7 @@ class Runtime:
         self.app_name = app_name  # the app this process serves, if it is a replica
         self.routers: dict[tuple[str, str], Router] = {}
         self.snapshot = wire.Snapshot()
+        self.snapshot_changed = asyncio.Event()  # set (and replaced) whenever a snapshot is applied
         self._thread: threading.Thread | None = None
         self._control: transport.Channel | None = None
         self._pending: dict[int, asyncio.Future[tuple[dict[str, Any], tuple[bytes, ...]]]] = {}
@@ -112,6 +113,17 @@ class Runtime:
                 router.update(self.snapshot.deployment(app_name, deployment_name))
         return router
 
+    async def wait_snapshot(self, predicate: Callable[[wire.Snapshot], bool], timeout_s: float) -> bool:
+        """Wait (on the loop) until the applied snapshot satisfies ``predicate``; False after
+        ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not predicate(self.snapshot):
+                    await self.snapshot_changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
     def _queued(self, router: Router) -> None:
         """A request waits in an autoscaling deployment's router: report the queue lengths
         now (a deployment at zero replicas scales up on this) and then while they last."""
@@ -134,6 +146,8 @@ class Runtime:
         if snapshot.version <= self.snapshot.version:
             return
         self.snapshot = snapshot
+        changed, self.snapshot_changed = self.snapshot_changed, asyncio.Event()
+        changed.set()
         for (app, name), router in self.routers.items():
             router.update(snapshot.deployment(app, name))
 

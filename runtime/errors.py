@@ -1,9 +1,13 @@
 """shoal's exception tree, with Ray Serve's names so that code catching them keeps working.
 
     Exception
+    ├── TaskCancelledError                Ray's ``ray.exceptions.TaskCancelledError``
+    │   └── RequestCancelledError         (also a RayServeException, below)
     ├── RayServeException                 any serve-level error (bad method, app not found, ...)
     │   ├── BackPressureError             the caller's queue for a deployment is full
     │   ├── RequestCancelledError         the response was cancelled with ``.cancel()``
+    │   ├── gRPCStatusError               a user exception with a gRPC status (gRPC only; shoal
+    │   │                                 runs no gRPC proxy, so it never raises it itself)
     │   ├── DeploymentUnavailableError    the deployment failed to deploy or was deleted
     │   ├── ReplicaUnavailableError       the replica a request was on is gone
     │   │   └── ReplicaDiedError          ... because its process died mid-request
@@ -67,12 +71,62 @@ def _rebuild_backpressure(n: int, m: int, code: int, retry: float | None) -> Bac
                              retry_after_s=retry)
 
 
-class RequestCancelledError(RayServeException):
-    """The result of a request that was cancelled before it finished."""
+class TaskCancelledError(Exception):
+    """Ray's ``ray.exceptions.TaskCancelledError`` (what ``ray.serve.exceptions`` re-exports):
+    the base of ``RequestCancelledError``, so ``except TaskCancelledError`` keeps working."""
+
+    def __init__(self, task_id: Any = None, error_message: str | None = None) -> None:
+        self.task_id = task_id
+        self.error_message = error_message
+        super().__init__(task_id, error_message)
+
+    def __str__(self) -> str:
+        msg = f"Task: {self.task_id} was cancelled. " if self.task_id else ""
+        return msg + (self.error_message or "")
+
+
+class gRPCStatusError(RayServeException):
+    """An exception carrying the gRPC status code and details a user set before raising it
+    (Ray's proxy answers gRPC calls with them). shoal runs no gRPC proxy and never raises it
+    itself; it exists so that code importing or catching it keeps working."""
+
+    def __init__(self, original_exception: BaseException, code: Any = None, details: str | None = None) -> None:
+        self._original_exception = original_exception
+        self._grpc_code = code
+        self._grpc_details = details
+        super().__init__(str(original_exception))
+
+    @property
+    def original_exception(self) -> BaseException:
+        return self._original_exception
+
+    @property
+    def grpc_code(self) -> Any:
+        return self._grpc_code
+
+    @property
+    def grpc_details(self) -> str | None:
+        return self._grpc_details
+
+    def __str__(self) -> str:
+        return str(self._original_exception)
+
+    def __reduce__(self) -> Any:
+        return (gRPCStatusError, (self._original_exception, self._grpc_code, self._grpc_details))
+
+
+class RequestCancelledError(RayServeException, TaskCancelledError):
+    """The result of a request that was cancelled before it finished (as in Ray, also a
+    ``TaskCancelledError``)."""
 
     def __init__(self, request_id: str | None = None) -> None:
         self.request_id = request_id
-        super().__init__(f"Request {request_id} was cancelled.")
+        self.task_id = None
+        self.error_message = None
+        Exception.__init__(self, f"Request {request_id} was cancelled." if request_id else "Request was cancelled.")
+
+    def __str__(self) -> str:
+        return f"Request {self.request_id} was cancelled." if self.request_id else "Request was cancelled."
 
     def __reduce__(self) -> Any:
         return (RequestCancelledError, (self.request_id,))

@@ -149,7 +149,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     if running is not None:
         print(f"shoal is already running in {running.run_dir}")
         return 0
-    options = HTTPOptions(host=args.http_host, port=args.http_port).model_dump()
+    options = HTTPOptions(
+        host=args.http_host, port=args.http_port, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+        ssl_keyfile_password=args.ssl_keyfile_password, ssl_ca_certs=args.ssl_ca_certs,
+    ).model_dump()
     run_dir = rundir.instance_dir("default")
     restoring = launch.crashed(run_dir) is not None and (run_dir / applied.APPLIED_FILE).exists()
     instance = launch.start_supervisor(run_dir, private=False, http_options=options, gpus=args.gpus)
@@ -324,6 +327,10 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--http-host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
     start.add_argument("--http-port", type=int, default=8000, help="HTTP port (default: 8000)")
     start.add_argument("--gpus", type=_gpus, help=_GPUS_HELP)
+    start.add_argument("--ssl-keyfile", help="serve HTTPS: the private key file (with --ssl-certfile)")
+    start.add_argument("--ssl-certfile", help="serve HTTPS: the certificate (chain) file (with --ssl-keyfile)")
+    start.add_argument("--ssl-keyfile-password", help="the password of an encrypted --ssl-keyfile")
+    start.add_argument("--ssl-ca-certs", help="require client certificates signed by these CAs")
     start.set_defaults(func=cmd_start)
 
     deploy = sub.add_parser("deploy", help="deploy a config file to the running instance; apps not in it are deleted")

@@ -2,16 +2,21 @@
 
 from shoal.runtime.context import ReplicaContext
 from shoal.serve.api import (
+    RunTarget,
     delete,
     get_app_handle,
     get_deployment_handle,
     get_http_url,
     get_replica_context,
     run,
+    run_many,
     shutdown,
+    shutdown_async,
     start,
     status,
 )
+from shoal.serve.api import _run as _run  # Ray's internal entries, in dir(ray.serve) too
+from shoal.serve.api import _run_many as _run_many
 from shoal.serve.batching import batch
 from shoal.serve.config import HTTPOptions
 from shoal.serve.deployment import Application, Deployment, deployment
@@ -22,6 +27,7 @@ __all__ = [
     "Deployment",
     "HTTPOptions",
     "ReplicaContext",
+    "RunTarget",
     "batch",
     "delete",
     "deployment",
@@ -31,7 +37,9 @@ __all__ = [
     "get_replica_context",
     "ingress",
     "run",
+    "run_many",
     "shutdown",
+    "shutdown_async",
     "start",
     "status",
 ]

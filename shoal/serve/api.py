@@ -7,9 +7,12 @@ dies with this process.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from shoal.controller import launch, rundir
@@ -29,6 +32,7 @@ logger = logging.getLogger("shoal.serve")
 
 _WAIT_ROUND_S = 2.0  # one wait_app call waits at most this long in the supervisor
 _WAIT_REPLY_GRACE_S = 5.0  # ... and its answer must arrive this much later, or the driver looks
+_ROUTED_WAIT_S = 30.0  # run_many: how long the driver waits to learn the new apps' routes
 _lock = threading.RLock()
 _instance: launch.Instance | None = None
 _local: LocalRuntime | None = None
@@ -153,6 +157,127 @@ def run(
     if blocking:
         _block_until_interrupted()
     return handle
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """One application for ``serve.run_many`` (Ray's ``RunTarget``)."""
+
+    target: Application
+    name: str = "default"
+    route_prefix: str | None = "/"
+    logging_config: Any = None
+    external_scaler_enabled: bool = False
+
+
+def run_many(
+    targets: Sequence[RunTarget],
+    blocking: bool = False,
+    wait_for_ingress_deployment_creation: bool = True,
+    wait_for_applications_running: bool = True,
+    _local_testing_mode: bool = False,
+    controller_options: Any = None,
+) -> list[DeploymentHandle[Any]]:
+    """Deploy several applications in one step and return handles to their ingress deployments
+    (Ray's ``serve.run_many``). Every target is validated and built before anything is deployed;
+    the supervisor checks them all (route prefixes included) before it changes anything, so
+    either every application is deployed or none is. ``wait_for_applications_running``: wait
+    until each is RUNNING (RuntimeError naming those that failed); otherwise return once the
+    supervisor holds them and, with ``wait_for_ingress_deployment_creation``, this process knows
+    their ingress deployments (calls through the handles then queue until replicas run).
+    ``blocking`` then waits for Ctrl-C.
+    """
+    handles = _run_many(
+        targets,
+        wait_for_ingress_deployment_creation=wait_for_ingress_deployment_creation,
+        wait_for_applications_running=wait_for_applications_running,
+        _local_testing_mode=_local_testing_mode,
+        controller_options=controller_options,
+    )
+    if blocking:
+        _block_until_interrupted()
+    return handles
+
+
+def _run_many(
+    targets: Sequence[RunTarget],
+    wait_for_ingress_deployment_creation: bool = True,
+    wait_for_applications_running: bool = True,
+    _local_testing_mode: bool = False,
+    controller_options: Any = None,
+) -> list[DeploymentHandle[Any]]:
+    """``run_many`` without ``blocking`` (Ray's internal entry, also behind ``_run``)."""
+    if not targets:
+        raise ValueError("No applications provided.")
+    for t in targets:
+        if not t.name:
+            raise RayServeException("Application name must a non-empty string.")
+        if not isinstance(t.target, Application):
+            raise TypeError("`serve.run` expects an `Application` returned by `Deployment.bind()`.")
+        validate_route_prefix(t.route_prefix)
+        # Applied by serve.run's own path only; refused here rather than dropped.
+        for option, value, default in (("logging_config", t.logging_config, None),
+                                       ("external_scaler_enabled", t.external_scaler_enabled, False)):
+            if value != default:
+                raise ValueError(
+                    f"RunTarget.{option} is not supported by serve.run_many in shoal; deploy "
+                    f"application '{t.name}' with serve.run(..., {option}=...) instead."
+                )
+    if controller_options is not None:
+        raise ValueError(
+            "controller_options is not supported by serve.run_many in shoal; pass it to serve.start()."
+        )
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names):
+        raise RayServeException(f"Application names must be unique; got {names}.")
+    if _local_testing_mode:
+        return [_run_local(t.target, t.name) for t in targets]
+    built = [(t, *_build.build(t.target, t.name)) for t in targets]
+    specs = [_build.to_spec(deployments, ingress, t.name, t.route_prefix) for t, deployments, ingress in built]
+    rt = _runtime()
+    assert rt is not None
+    rt.call_sync("deploy_many", {"declarative": False}, (wire.pack(specs),))
+    if wait_for_ingress_deployment_creation or wait_for_applications_running:
+        # The supervisor holds the apps now; wait until this process routes to them too, so the
+        # handles returned work at once (a call to a deployment unknown to the router fails).
+        ingresses = [(t.name, ingress) for t, _, ingress in built]
+
+        def routed(snapshot: wire.Snapshot) -> bool:
+            return all(snapshot.deployment(app, name) is not None for app, name in ingresses)
+
+        asyncio.run_coroutine_threadsafe(rt.wait_snapshot(routed, _ROUTED_WAIT_S), rt.loop).result()
+    if wait_for_applications_running:
+        failures = []
+        for t in targets:
+            reply = _wait_app(rt, t.name)
+            if not reply.get("exists"):
+                failures.append(f"Application '{t.name}' was deleted while it was being deployed.")
+            elif reply["status"] == "DEPLOY_FAILED":
+                failures.append(f"Deploying application '{t.name}' failed:\n{reply['message']}")
+        if failures:
+            raise RuntimeError("\n".join(failures))
+    return [DeploymentHandle(ingress, t.name) for t, _, ingress in built]
+
+
+def _run(
+    target: Application,
+    *,
+    _blocking: bool = True,
+    name: str = "default",
+    route_prefix: str | None = "/",
+    logging_config: Any = None,
+    _local_testing_mode: bool = False,
+    external_scaler_enabled: bool = False,
+    controller_options: Any = None,
+) -> DeploymentHandle[Any]:
+    """Ray's internal ``serve._run``: ``_blocking=False`` returns once the application is
+    deployed, without waiting for it to be RUNNING."""
+    return _run_many(
+        [RunTarget(target, name, route_prefix, logging_config, external_scaler_enabled)],
+        wait_for_applications_running=_blocking,
+        _local_testing_mode=_local_testing_mode,
+        controller_options=controller_options,
+    )[0]
 
 
 def deploy_specs(specs: list[dict[str, Any]], *, declarative: bool, wait: bool, start: bool = False) -> None:
@@ -292,6 +417,12 @@ def shutdown() -> None:
         if _instance is not None:
             _instance.wait_stopped(timeout_s=90)
         _instance = None
+
+
+async def shutdown_async() -> None:
+    """``shutdown``, awaitable (Ray's alpha ``serve.shutdown_async``): it runs in a worker
+    thread, so the caller's event loop keeps running while the instance drains."""
+    await asyncio.to_thread(shutdown)
 
 
 def _stop_private_instance_at_exit() -> None:

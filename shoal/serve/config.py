@@ -346,6 +346,12 @@ class HTTPOptions(_Strict):
     ``max_header_count`` headers gets 431; a head not received in full within
     ``request_header_timeout_s`` closes the connection, as does ``keep_alive_timeout_s`` of
     idleness between requests; over ``max_connections`` open connections, requests get 503.
+
+    HTTPS: ``ssl_keyfile`` and ``ssl_certfile`` (both, or neither) make the proxy serve TLS, with
+    ``ssl_keyfile_password`` decrypting an encrypted key; ``ssl_ca_certs`` (as Ray documents it:
+    "for verifying client certificates") makes the proxy require a client certificate signed by
+    one of those CAs. A missing file, a key that does not match or decrypt, or a password or CA
+    file without a key and certificate is an error at start naming the option.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)

@@ -8,6 +8,8 @@ from shoal.runtime.errors import (
     ReplicaUnavailableError,
     RequestCancelledError,
     ShoalConnectionError,
+    TaskCancelledError,
+    gRPCStatusError,
 )
 
 __all__ = [
@@ -18,4 +20,6 @@ __all__ = [
     "ReplicaUnavailableError",
     "RequestCancelledError",
     "ShoalConnectionError",
+    "TaskCancelledError",
+    "gRPCStatusError",
 ]

@@ -2,7 +2,8 @@
 deployment class.
 
 The app, or a function of no arguments that builds it (called inside each replica, for apps that
-cannot be pickled), is attached to the class; each replica runs the whole app, with its lifespan.
+cannot be pickled), or the class's own ``__serve_build_asgi_app__``, is attached to the class
+(``serve.ingress(app)()`` makes an empty class for it); each replica runs the whole app, with its lifespan.
 FastAPI routes written as methods of the class get the replica's instance as ``self``.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from starlette.datastructures import State
 
-from shoal.runtime.asgi import INGRESS_ATTR
+from shoal.runtime.asgi import BUILD_ASGI_APP_METHOD, INGRESS_ATTR
 
 
 def _reduce_state(state: State) -> tuple[Any, ...]:
@@ -42,21 +43,36 @@ def _resolve_annotations(cls: type) -> None:
                 pass
 
 
-def ingress(app: Any = None) -> Callable[[type], type]:
-    """Class decorator; put ``@serve.deployment`` above it."""
-    if app is None:
-        raise ValueError(
-            "`@serve.ingress()` needs an ASGI app or a function that builds one, e.g. "
-            "`@serve.ingress(fastapi_app)`."
-        )
+def ingress(app: Any = None) -> Callable[..., type]:
+    """Class decorator; put ``@serve.deployment`` above it (Ray's ``serve.ingress``).
 
-    def decorate(cls: Any) -> type:
+    ``app``: an ASGI app (FastAPI, Starlette, any ASGI callable) or a function that builds one
+    inside each replica. ``serve.ingress(app)()``, with no class, makes a class with an empty
+    constructor (taking any arguments) for ``serve.deployment(...)``. With no ``app`` the class
+    must define ``__serve_build_asgi_app__``, called in each replica after the constructor (it
+    may be async), which returns the app.
+    """
+
+    def decorate(cls: Any = None) -> type:
+        if cls is None:
+
+            class ASGIIngressDeployment:
+                def __init__(self, *args: Any, **kwargs: Any) -> None:
+                    self.args = args
+                    self.kwargs = kwargs
+
+            cls = ASGIIngressDeployment
         if not inspect.isclass(cls):
             raise ValueError("@serve.ingress must be used with a class.")
-        if "__call__" in cls.__dict__:
+        if any("__call__" in vars(k) for k in cls.__mro__[:-1]):  # its own or an inherited one, as in Ray
             raise ValueError("Classes passed to @serve.ingress may not have __call__ method.")
+        if app is None and not hasattr(cls, BUILD_ASGI_APP_METHOD):
+            raise ValueError(
+                "serve.ingress() called without an app argument requires "
+                f"{cls.__name__} to define `{BUILD_ASGI_APP_METHOD}`."
+            )
         _resolve_annotations(cls)
-        setattr(cls, INGRESS_ATTR, app)
+        setattr(cls, INGRESS_ATTR, BUILD_ASGI_APP_METHOD if app is None else app)
         return cls
 
     return decorate
