@@ -46,6 +46,9 @@ class ReplicaControl:
         elif reply.kind in wire.TERMINAL_KINDS:
             call.resolve(RayServeException(f"the replica answered {reply.kind.name} to {call.header.method}"))
 
+    def on_model_ids(self, conn: ReplicaConn) -> None:
+        """Multiplexed model ids on a reply: not the supervisor's concern."""
+
     def on_death(self, conn: ReplicaConn) -> None:
         conn.fail_all(lambda call: ReplicaDiedError(f"replica {conn.replica_id} exited during {call.header.method}"))
 
