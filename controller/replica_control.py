@@ -1,4 +1,5 @@
-"""ReplicaControl: the supervisor's own calls to one replica (health checks, reconfiguration).
+"""ReplicaControl: the supervisor's own calls to one replica (health checks, reconfiguration,
+routing stats).
 
 They travel like any request (``wire`` REQUEST frames on a DEALER connection), to internal
 method names that a replica runs outside ``max_ongoing_requests``, so a busy replica still
@@ -12,11 +13,11 @@ from typing import Any
 
 from shoal.runtime import wire
 from shoal.runtime.errors import RayServeException, ReplicaDiedError
-from shoal.runtime.replica import HEALTH_METHOD, METRICS_METHOD, RECONFIGURE_METHOD
+from shoal.runtime.replica import HEALTH_METHOD, METRICS_METHOD, RECONFIGURE_METHOD, ROUTING_STATS_METHOD
 from shoal.runtime.reply import Reply, ReplySink
 from shoal.runtime.router import Call, ReplicaConn
 
-__all__ = ["HEALTH_METHOD", "METRICS_METHOD", "RECONFIGURE_METHOD", "ReplicaControl"]
+__all__ = ["HEALTH_METHOD", "METRICS_METHOD", "RECONFIGURE_METHOD", "ROUTING_STATS_METHOD", "ReplicaControl"]
 
 
 class ReplicaControl:
