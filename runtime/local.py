@@ -55,7 +55,9 @@ class LocalRouter:
 
     async def _run(self, call: Call) -> None:
         header = call.header
-        token = set_request(RequestContext(request_id=header.request_id, app_name=self.app_name))
+        token = set_request(RequestContext(
+            request_id=header.request_id, app_name=self.app_name, multiplexed_model_id=header.multiplexed_model_id,
+        ))
         try:
             async with self._slots:
                 args, kwargs = wire.loads_args(header.enc, call.payload)
