@@ -359,6 +359,11 @@ class Router:
             else:
                 self._pump()
 
+    def wake_routing(self) -> None:
+        """End a custom request router's backoffs now (a slot may have freed up)."""
+        if self.routing is not None:
+            self.routing.wake()
+
     def _tell_policy(self, conn: ReplicaConn, call: Call, reply: Reply) -> None:
         policy, running = self.policy, conn.running
         if policy is None or running is None:
