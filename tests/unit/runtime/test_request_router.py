@@ -341,3 +341,60 @@ def test_the_builtin_router_sends_a_model_where_replies_or_snapshots_say_it_is()
         b.close()
 
     run(main)
+
+
+# -- what travels: snapshots, replies, reports ---------------------------------------------------------
+
+
+def test_router_specs_model_ids_and_routing_stats_round_trip_through_a_snapshot() -> None:
+    entry = wire.DeploymentEntry(
+        replicas=(wire.ReplicaAddress("app#D#a", 3, "ipc://a"),),
+        router=wire.RouterSpec(b"pickled class", {"k": [1, "x"]}, 0.01, 3.0, 0.2),
+        model_ids={"app#D#a": wire.ModelIds(4, ("m1", "m2"))},
+        routing_stats={"app#D#a": (int(wire.Encoding.PICKLE), b"\x80stats")},
+    )
+    snapshot = wire.Snapshot(7, {"app#D": entry})
+    assert wire.Snapshot.from_wire(wire.unpack(wire.pack(snapshot.to_wire()))) == snapshot
+    assert wire.RouterSpec(wire.DEFAULT_ROUTER).is_default and not entry.router.is_default
+    old = {key: value for key, value in snapshot.to_wire()["deployments"]["app#D"].items()
+           if key not in ("router", "model_ids", "routing_stats")}
+    assert wire.Snapshot.from_wire({"version": 1, "deployments": {"app#D": old}}).deployments["app#D"].router.is_default
+
+
+def test_model_ids_ride_on_replies_and_routing_info() -> None:
+    ids = wire.ModelIds(2, ("a", "b"))
+    [frame] = wire.encode(wire.reply(wire.Kind.RESULT, 1, 9, *wire.dumps("v"), q=3, model_ids=ids))
+    msg = wire.decode([frame])
+    assert wire.reply_model_ids(msg.meta) == ids
+    assert wire.ReplyHeader.from_meta(msg.meta).q == 3
+    assert wire.reply_model_ids(wire.decode(wire.encode(wire.reply(wire.Kind.RESULT, 1, 9, q=0))).meta) is None
+    assert wire.routing_info_model_ids(wire.routing_info(ids)) == ids
+    with pytest.raises(wire.ProtocolError):
+        wire.routing_info_model_ids({"mx": "nonsense"})
+
+
+def test_the_supervisor_polls_routing_stats_and_keeps_going_after_a_failure() -> None:
+    from shoal.controller.health import monitor_routing_stats
+
+    class FakeControl:
+        def __init__(self) -> None:
+            self.answers: list[Any] = [TimeoutError(), [0, b"first"], RuntimeError("boom"), [1, b"second"], None]
+            self.timeouts: list[float] = []
+
+        async def call(self, method: str, *args: Any, timeout_s: float) -> Any:
+            self.timeouts.append(timeout_s)
+            answer = self.answers.pop(0)
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+
+    async def main() -> None:
+        control, got = FakeControl(), []
+        await monitor_routing_stats(
+            control,  # type: ignore[arg-type]
+            period_s=lambda: 0.0, timeout_s=lambda: 7.5, on_stats=lambda enc, data: got.append((enc, data)), name="r",
+        )
+        assert got == [(0, b"first"), (1, b"second")]  # failures keep the previous stats
+        assert control.timeouts == [7.5] * 5  # and it stopped once the replica said it has none
+
+    run(main)
