@@ -1,4 +1,4 @@
-"""Request routers and multiplexed deployments for ``test_request_router.py`` (importable by
+"""Request routers and multiplexed deployments for ``test_request_routing.py`` (importable by
 path, as a config file names them)."""
 
 from __future__ import annotations
