@@ -13,7 +13,7 @@ import asyncio
 import threading
 from typing import Any
 
-from shoal.runtime import wire
+from shoal.runtime import request_router_report, wire
 from shoal.runtime.context import RequestContext, reset_request, set_request
 from shoal.runtime.errors import DeploymentUnavailableError, RequestCancelledError
 from shoal.runtime.inbox import LoopInbox
@@ -113,6 +113,8 @@ class LocalRuntime:
         async def destroy() -> None:
             for router in self.routers.values():
                 await router.aclose()
+            await request_router_report.shutdown()  # unloads multiplexed models
+            for router in self.routers.values():
                 await router.user.destroy()
 
         asyncio.run_coroutine_threadsafe(destroy(), self.loop).result(timeout=30)

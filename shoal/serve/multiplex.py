@@ -102,6 +102,7 @@ class _ModelMultiplexWrapper:
             await finalizer()
         else:
             await asyncio.get_running_loop().run_in_executor(None, finalizer)
+        _disarm(model)
 
     async def shutdown(self) -> None:
         """Unload every model (the replica is stopping)."""
@@ -110,6 +111,24 @@ class _ModelMultiplexWrapper:
                 await self.unload_model_lru()
             except Exception:
                 logger.exception("Failed to unload a model.")
+
+
+_DISARMED: dict[type, type] = {}
+
+
+def _disarm(model: Any) -> None:
+    """Keep the garbage collector from calling ``model.__del__`` a second time (an async one
+    would then never be awaited): the model becomes an instance of a subclass whose
+    ``__del__`` does nothing. Left as it is if its class cannot be swapped."""
+    cls = type(model)
+    try:
+        unloaded = _DISARMED.get(cls)
+        if unloaded is None:
+            namespace = {"__del__": lambda self: None, "__module__": cls.__module__, "__qualname__": cls.__qualname__}
+            unloaded = _DISARMED[cls] = type(cls.__name__, (cls,), namespace)
+        model.__class__ = unloaded
+    except Exception:
+        pass
 
 
 def _report() -> None:
