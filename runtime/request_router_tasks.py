@@ -119,6 +119,8 @@ class RoutingTasks:
 
     async def _run(self) -> None:
         task = asyncio.current_task()
+        restart_after_s = 0.0
+        call: Call | None = None
         try:
             while len(self._tasks) <= self._target():
                 call = self._next_to_route()
@@ -130,11 +132,14 @@ class RoutingTasks:
         except Exception:
             logger.exception("the request router of %s raised; its requests wait for the next routing task",
                              self.router.deployment_id)
+            restart_after_s = self.policy.max_backoff_s  # a router that keeps raising does not spin
+            if call is not None and _waiting(call):
+                self._to_route.appendleft(call)  # the next task routes it
         finally:
             if task is not None:
                 self._tasks.discard(task)
             if not self._closed and self.router.queue:
-                self.router.loop.call_soon(self._start_tasks)
+                self.router.loop.call_later(restart_after_s, self._start_tasks)
 
     def _next_to_route(self) -> Call | None:
         while self._to_route:

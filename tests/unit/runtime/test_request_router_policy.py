@@ -398,3 +398,33 @@ def test_the_supervisor_polls_routing_stats_and_keeps_going_after_a_failure() ->
         assert control.timeouts == [7.5] * 5  # and it stopped once the replica said it has none
 
     run(main)
+
+
+class RaisesOnce(RequestRouter):
+    calls = 0
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        RaisesOnce.calls += 1
+        if RaisesOnce.calls == 1:
+            raise RuntimeError("a bug in the router")
+        return [candidate_replicas]
+
+
+def test_a_router_that_raises_is_logged_and_its_call_routed_by_the_next_task() -> None:
+    async def main() -> None:
+        a = FakeReplica()
+        RaisesOnce.calls = 0
+        router = Router("app", "D", asyncio.get_running_loop(), clock=FakeClock())
+        router.update(_entry(("a", a), cls=RaisesOnce))
+        call, sink = _call("c1")
+        router.submit(call)
+        identity, msg = await a.next()  # after the restart delay (max_backoff_s), not at once
+        a.answer(identity, msg, wire.Kind.RESULT, "ok")
+        assert await sink.result() == "ok"
+        assert RaisesOnce.calls == 2
+        router.close()
+        a.close()
+
+    run(main)
