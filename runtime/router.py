@@ -8,7 +8,8 @@ process's runtime loop; every method runs on the loop thread.
   queue; over ``max_queued_requests`` waiting, it fails at once with ``BackPressureError``.
 - The replica enforces the limit across callers: a replica already at its limit answers REJECTED
   (nothing ran), the request goes back to the head of the queue and that replica is skipped for
-  a backoff period (25 ms doubling to 0.5 s, Ray's defaults).
+  a backoff period (``RequestRouterConfig``'s ``initial_backoff_s`` times ``backoff_multiplier``
+  per rejection, at most ``max_backoff_s``: 25 ms doubling to 0.5 s by default, Ray's).
 - Which replicas a request may go to is the deployment's request router's choice
   (``RequestRouterConfig``; ``request_router``). The built-in power-of-two-choices router is
   applied synchronously, in the call to ``submit`` or when a slot frees up; a multiplexed
