@@ -320,9 +320,12 @@ def reply(kind: Kind, incarnation: int, call_id: int, enc: Encoding | None = Non
           q: int = 0, model_ids: ModelIds | None = None) -> Message:
     """A reply of ``kind``; with ``enc``, it carries ``data`` (encoded that way). ``model_ids``:
     the multiplexed models the replica holds, riding on a terminal reply to a multiplexed call."""
+    if model_ids is None:
+        if enc is None:
+            return Message(kind, incarnation, call_id, {"q": q})
+        return Message(kind, incarnation, call_id, {"enc": int(enc), "q": q}, (data,))
     meta: dict[str, Any] = {"q": q} if enc is None else {"enc": int(enc), "q": q}
-    if model_ids is not None:
-        meta["mx"] = [model_ids.version, list(model_ids.ids)]
+    meta["mx"] = [model_ids.version, list(model_ids.ids)]
     return Message(kind, incarnation, call_id, meta, () if enc is None else (data,))
 
 
