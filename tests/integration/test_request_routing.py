@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,9 @@ def test_a_router_class_in_a_config_file_is_used(serve_instance: Any, tmp_path: 
     serve.delete("pinned_file")
 
 
-def test_a_router_class_that_does_not_import_is_refused_at_deploy(serve_instance: Any, tmp_path: Path) -> None:
+def test_a_router_class_that_does_not_import_is_refused_at_deploy(
+    serve_instance: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bad = Whoami.options(request_router_config={"request_router_class": "request_router_apps:NoSuchRouter"})
     with pytest.raises(ValueError, match="Deployment 'Whoami': request_router_class 'request_router_apps:NoSuchRouter' could not be imported"):
         serve.run(bad.bind(), name="refused")
@@ -90,6 +93,7 @@ def test_a_router_class_that_does_not_import_is_refused_at_deploy(serve_instance
     )
     from shoal import cli
 
+    monkeypatch.setattr(sys, "path", list(sys.path))  # `deploy` puts its --app-dir first
     assert cli.main(["deploy", str(path)]) == 1  # refused before it connects to anything
     assert not {"refused", "refused_file"} & set(serve.status().applications)
 
