@@ -77,7 +77,7 @@ def test_a_router_class_in_a_config_file_is_used(serve_instance: Any, tmp_path: 
 
 
 def test_a_router_class_that_does_not_import_is_refused_at_deploy(
-    serve_instance: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    serve_instance: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bad = Whoami.options(request_router_config={"request_router_class": "request_router_apps:NoSuchRouter"})
     with pytest.raises(ValueError, match="Deployment 'Whoami': request_router_class 'request_router_apps:NoSuchRouter' could not be imported"):
@@ -95,6 +95,7 @@ def test_a_router_class_that_does_not_import_is_refused_at_deploy(
 
     monkeypatch.setattr(sys, "path", list(sys.path))  # `deploy` puts its --app-dir first
     assert cli.main(["deploy", str(path)]) == 1  # refused before it connects to anything
+    assert "Deployment 'Whoami': request_router_class 'no_such_module_zz.Router' could not be imported" in capsys.readouterr().err
     assert not {"refused", "refused_file"} & set(serve.status().applications)
 
 
