@@ -187,8 +187,9 @@ def to_spec(
             ) from exc
         config = d.config.to_wire()
         custom = request_router_class(d.name, d.config)
-        if custom is not None:
-            config["request_router_config"]["request_router_class"] = _router_by_value(custom)
+        config["request_router_config"]["request_router_class"] = (
+            DEFAULT_REQUEST_ROUTER_PATH if custom is None else _router_by_value(custom)
+        )
         entries.append(
             {
                 "name": d.name,
