@@ -5,7 +5,8 @@ operation; each gets one REPLY with ``ok`` and either the answer or ``error`` (a
 user) and ``etype`` (the exception type to raise). Operations that wait (``listen``,
 ``wait_app``, ``delete``) run as tasks, so one slow client never blocks another.
 
-Workers send READY; their protocol version is checked by the controller. (A worker that fails
+Workers send READY; their protocol version is checked by the controller. They send
+ROUTING_INFO when the multiplexed models they hold change; it goes into the routing snapshot. (A worker that fails
 to start says why on its last-words pipe, not here: see ``WorkerProcess``.)
 
 Every frame must be signed with the instance's key (``wire.sign``), replies are too. A frame
@@ -82,8 +83,24 @@ class ControlServer:
             self._tasks.spawn(self._answer(identity, msg), name=f"operation {msg.meta.get('op', '')}")
         elif msg.kind == wire.Kind.READY:
             self.controller.on_ready(msg.meta["replica_id"], msg.incarnation, msg.meta)
+        elif msg.kind == wire.Kind.ROUTING_INFO:
+            self._on_routing_info(msg)
         else:
             logger.warning("control socket got an unexpected %s message", msg.kind.name)
+
+    def _on_routing_info(self, msg: wire.Message) -> None:
+        """A replica's multiplexed model ids: into the next snapshot, if it is a replica we run."""
+        replica_id = msg.meta.get("replica_id")
+        try:
+            model_ids = wire.routing_info_model_ids(msg.meta)
+        except wire.ProtocolError as exc:
+            logger.warning("dropped routing info from replica %s: %s", replica_id, exc)
+            return
+        if not isinstance(replica_id, str) or self.controller.find_replica(replica_id, msg.incarnation) is None:
+            return
+        snapshots = self.controller.snapshots
+        if snapshots.record_model_ids(replica_id, model_ids):
+            snapshots.publish(self.controller.apps.values())
 
     async def _answer(self, identity: bytes, msg: wire.Message) -> None:
         op = msg.meta.get("op", "")

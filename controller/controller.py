@@ -227,6 +227,11 @@ class Controller:
         observe.replica_exited(state, replica, code, time.monotonic(), stopping=self._stopping)
         self.reconcile()
 
+    def routing_stats(self, replica: Replica, stats: tuple[int, bytes]) -> None:
+        """A replica's ``record_routing_stats()`` (encoded): into the next snapshot."""
+        self.snapshots.record_routing_stats(replica.replica_id, stats)
+        self.snapshots.publish(self.apps.values())
+
     def replica_unhealthy(self, state: DeploymentState, replica: Replica, error: str) -> None:
         if observe.replica_unhealthy(state, replica, error):
             self.reconcile()

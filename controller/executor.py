@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from shoal.controller import actor_options, observe, rundir
 from shoal.controller.gpus import GpuPool
-from shoal.controller.health import monitor_health
+from shoal.controller.health import monitor_health, monitor_routing_stats
 from shoal.controller.process import WorkerProcess
 from shoal.controller.replica_control import RECONFIGURE_METHOD, ReplicaControl
 from shoal.controller.state import DeploymentState, Replica
@@ -47,6 +47,8 @@ class ReplicaEvents(Protocol):
 
     def replica_unhealthy(self, state: DeploymentState, replica: Replica, error: str) -> None: ...
 
+    def routing_stats(self, replica: Replica, stats: tuple[int, bytes]) -> None: ...
+
     def reconcile(self) -> None: ...
 
 
@@ -57,14 +59,22 @@ class _Handles:
     process: WorkerProcess
     control: ReplicaControl | None = None
     health: asyncio.Task[None] | None = None
+    stats: asyncio.Task[None] | None = None
 
     def detach(self) -> None:
         if self.health is not None:
             self.health.cancel()  # the TaskSet holds it until it has ended
             self.health = None
+        if self.stats is not None:
+            self.stats.cancel()
+            self.stats = None
         if self.control is not None:
             self.control.close()
             self.control = None
+
+
+def _router_config(state: DeploymentState) -> dict[str, Any]:
+    return state.config.get("request_router_config") or {}
 
 
 class Executor:
@@ -195,6 +205,16 @@ class Executor:
                 name=f"replica {replica.replica_id} (pid {meta.get('pid', replica.pid)})",
             ),
             name=f"health {replica.replica_id}",
+        )
+        handles.stats = self._tasks.spawn(
+            monitor_routing_stats(
+                handles.control,
+                period_s=lambda: float(_router_config(state).get("request_routing_stats_period_s", 10.0)),
+                timeout_s=lambda: float(_router_config(state).get("request_routing_stats_timeout_s", 30.0)),
+                on_stats=lambda enc, data: self._events.routing_stats(replica, (enc, data)),
+                name=replica.replica_id,
+            ),
+            name=f"routing stats {replica.replica_id}",
         )
         return True
 

@@ -1,4 +1,5 @@
-"""ReplicaControl: the supervisor's own calls to one replica (health checks, reconfiguration).
+"""ReplicaControl: the supervisor's own calls to one replica (health checks, reconfiguration,
+routing stats).
 
 They travel like any request (``wire`` REQUEST frames on a DEALER connection), to internal
 method names that a replica runs outside ``max_ongoing_requests``, so a busy replica still
@@ -12,11 +13,11 @@ from typing import Any
 
 from shoal.runtime import wire
 from shoal.runtime.errors import RayServeException, ReplicaDiedError
-from shoal.runtime.replica import HEALTH_METHOD, METRICS_METHOD, RECONFIGURE_METHOD
+from shoal.runtime.replica import HEALTH_METHOD, METRICS_METHOD, RECONFIGURE_METHOD, ROUTING_STATS_METHOD
 from shoal.runtime.reply import Reply, ReplySink
 from shoal.runtime.router import Call, ReplicaConn
 
-__all__ = ["HEALTH_METHOD", "METRICS_METHOD", "RECONFIGURE_METHOD", "ReplicaControl"]
+__all__ = ["HEALTH_METHOD", "METRICS_METHOD", "RECONFIGURE_METHOD", "ROUTING_STATS_METHOD", "ReplicaControl"]
 
 
 class ReplicaControl:
@@ -45,6 +46,9 @@ class ReplicaControl:
             call.deliver(reply)
         elif reply.kind in wire.TERMINAL_KINDS:
             call.resolve(RayServeException(f"the replica answered {reply.kind.name} to {call.header.method}"))
+
+    def on_model_ids(self, conn: ReplicaConn) -> None:
+        """Multiplexed model ids on a reply: not the supervisor's concern."""
 
     def on_death(self, conn: ReplicaConn) -> None:
         conn.fail_all(lambda call: ReplicaDiedError(f"replica {conn.replica_id} exited during {call.header.method}"))

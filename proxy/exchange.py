@@ -307,12 +307,26 @@ def submit(
     payload = wire.pack([wire_scope(scope, headers, options.root_path, route.prefix), first])
     replies = ReplySink()
     header = wire.request_header(
-        HTTP_METHOD, request_id, wire.Encoding.MSGPACK, stream=True, route=route.prefix, http=True
+        HTTP_METHOD, request_id, wire.Encoding.MSGPACK, stream=True, mx=multiplexed_model_id(headers),
+        route=route.prefix, http=True,
     )
     call = Call(header, payload, replies)
     router = runtime.router(route.app_name, route.ingress)
     router.submit(call)
     return router, call, replies
+
+
+_MULTIPLEXED_MODEL_ID_HEADER = b"serve_multiplexed_model_id"
+
+
+def multiplexed_model_id(headers: list[Any]) -> str:
+    """The ``serve_multiplexed_model_id`` header's value ("" if absent); the name is matched
+    case-insensitively with ``-`` and ``_`` interchangeable, as Ray's proxy does."""
+    size = len(_MULTIPLEXED_MODEL_ID_HEADER)
+    for name, value in headers:
+        if len(name) == size and bytes(name).lower().replace(b"-", b"_") == _MULTIPLEXED_MODEL_ID_HEADER:
+            return bytes(value).decode("latin-1")
+    return ""
 
 
 def clamp_timeout(value: bytes, server_s: float | None) -> float | None:

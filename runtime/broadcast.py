@@ -63,6 +63,9 @@ class _Fanout:
             return
         conn.send(call)
 
+    def on_model_ids(self, conn: ReplicaConn) -> None:
+        """Multiplexed model ids on a reply: a broadcast routes nothing by them."""
+
     def on_death(self, conn: ReplicaConn) -> None:
         conn.fail_all(lambda call: self._died(conn, call))
 

@@ -13,7 +13,7 @@ import asyncio
 import threading
 from typing import Any
 
-from shoal.runtime import wire
+from shoal.runtime import request_router_report, wire
 from shoal.runtime.context import RequestContext, reset_request, set_request
 from shoal.runtime.errors import DeploymentUnavailableError, RequestCancelledError
 from shoal.runtime.inbox import LoopInbox
@@ -55,7 +55,9 @@ class LocalRouter:
 
     async def _run(self, call: Call) -> None:
         header = call.header
-        token = set_request(RequestContext(request_id=header.request_id, app_name=self.app_name))
+        token = set_request(RequestContext(
+            request_id=header.request_id, app_name=self.app_name, multiplexed_model_id=header.multiplexed_model_id,
+        ))
         try:
             async with self._slots:
                 args, kwargs = wire.loads_args(header.enc, call.payload)
@@ -111,6 +113,8 @@ class LocalRuntime:
         async def destroy() -> None:
             for router in self.routers.values():
                 await router.aclose()
+            await request_router_report.shutdown()  # unloads multiplexed models
+            for router in self.routers.values():
                 await router.user.destroy()
 
         asyncio.run_coroutine_threadsafe(destroy(), self.loop).result(timeout=30)

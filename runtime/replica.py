@@ -32,7 +32,7 @@ import traceback
 from collections.abc import MutableMapping
 from typing import Any
 
-from shoal.runtime import wire
+from shoal.runtime import request_router_report, wire
 from shoal.runtime.asgi import HTTP_METHOD, HttpHandler, normalize_message, scope_from_wire, to_messages
 from shoal.runtime.context import RequestContext, get_replica_context, in_replica, reset_request, set_request
 from shoal.runtime.errors import RemoteError, ReplicaUnavailableError
@@ -47,9 +47,10 @@ logger = logging.getLogger("shoal.replica")
 HEALTH_METHOD = "__shoal_check_health__"
 RECONFIGURE_METHOD = "__shoal_reconfigure__"
 METRICS_METHOD = "__shoal_metrics__"  # -> requests running on the replica, this call excluded
+ROUTING_STATS_METHOD = "__shoal_routing_stats__"  # -> [enc, data] of record_routing_stats(), or None
 # The supervisor's calls, the only ones outside max_ongoing_requests (HTTP requests, whose method
 # name is also reserved, count like any other).
-_INTERNAL_METHODS = frozenset((HEALTH_METHOD, RECONFIGURE_METHOD, METRICS_METHOD))
+_INTERNAL_METHODS = frozenset((HEALTH_METHOD, RECONFIGURE_METHOD, METRICS_METHOD, ROUTING_STATS_METHOD))
 
 
 _INTERNAL_DIRS = tuple(
@@ -223,7 +224,8 @@ class ReplicaWorker:
             self._responding.discard(key)
         # Free the slot before replying, so the caller's next request is never rejected for it.
         self._release(key)
-        self._send(identity, wire.reply(kind, self.incarnation, call_id, enc, data, self.ongoing))
+        model_ids = request_router_report.current() if header.multiplexed_model_id else None
+        self._send(identity, wire.reply(kind, self.incarnation, call_id, enc, data, self.ongoing, model_ids))
         access.end(kind.name)
 
     def _cancelled_reply(self, key: tuple[bytes, int], request_id: str, http: bool | None) -> wire.Message:
@@ -261,6 +263,8 @@ class ReplicaWorker:
         if method == RECONFIGURE_METHOD:
             await self.reconfigure(args[0])
             return wire.Kind.RESULT, *self._encode(None)
+        if method == ROUTING_STATS_METHOD:
+            return wire.Kind.RESULT, *self._encode(await self.routing_stats())
         if header.stream:
             async for item in self.user.stream(method, args, kwargs):
                 self._send(identity, wire.reply(wire.Kind.STREAM_ITEM, self.incarnation, msg.call_id, *self._encode(item)))
@@ -334,6 +338,19 @@ class ReplicaWorker:
         assert self.channel is not None
         if not self.channel.send_message(msg, identity):
             logger.debug("caller of call %d is gone; reply dropped", msg.call_id)
+
+    async def routing_stats(self) -> list[Any] | None:
+        """The user's ``record_routing_stats()`` (sync or async), encoded for the supervisor to
+        pass on without decoding it: ``[enc, data]``; None if the deployment has no such method.
+        TypeError if it returns something other than a dict."""
+        method = getattr(self.user.instance, "record_routing_stats", None)
+        if method is None or not callable(method):
+            return None
+        stats = await self.user.invoke(method, (), {})
+        if not isinstance(stats, dict):
+            raise TypeError(f"record_routing_stats must return a dict, got {type(stats).__name__}.")
+        enc, data = wire.dumps(stats)
+        return [int(enc), data]
 
     async def reconfigure(self, update: dict[str, Any]) -> None:
         """Apply option changes that need no restart: ``max_ongoing_requests``, ``world_size``,

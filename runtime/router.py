@@ -8,7 +8,17 @@ process's runtime loop; every method runs on the loop thread.
   queue; over ``max_queued_requests`` waiting, it fails at once with ``BackPressureError``.
 - The replica enforces the limit across callers: a replica already at its limit answers REJECTED
   (nothing ran), the request goes back to the head of the queue and that replica is skipped for
-  a backoff period (25 ms doubling to 0.5 s, Ray's defaults).
+  a backoff period (``RequestRouterConfig``'s ``initial_backoff_s`` times ``backoff_multiplier``
+  per rejection, at most ``max_backoff_s``: 25 ms doubling to 0.5 s by default, Ray's).
+- Which replicas a request may go to is the deployment's request router's choice
+  (``RequestRouterConfig``; ``request_router``). The built-in power-of-two-choices router is
+  applied synchronously, in the call to ``submit`` or when a slot frees up; a multiplexed
+  request prefers the replicas holding its model (``PowerOfTwoChoicesRequestRouter.choose_now``).
+  A custom router's ``choose_replicas`` runs in routing tasks (``request_router_tasks``); the
+  REJECTED protocol, the queue bound, cancellation and deaths are the same for both.
+- The multiplexed models each replica holds come from the snapshots, and from the replica's
+  replies to multiplexed calls (newest version wins), so the caller that made a replica load a
+  model sends the next request for it there without waiting for the controller.
 - Replica sets come from the controller's snapshots. A replica that leaves the snapshot while
   draining keeps its requests until they finish. A replica whose socket closes (its process
   exited) fails the requests it has not answered with ``ReplicaDiedError`` as soon as the
@@ -20,17 +30,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import zmq
 
 from shoal.runtime import p2c, transport, wire
+from shoal.runtime.context import ReplicaID
 from shoal.runtime.errors import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -39,11 +51,17 @@ from shoal.runtime.errors import (
     RequestCancelledError,
 )
 from shoal.runtime.reply import END, PULL, Reply, Sink, decode_reply
+from shoal.runtime.request_router import (
+    DeploymentHandleSource,
+    PowerOfTwoChoicesRequestRouter,
+    RequestRouter,
+    RunningReplica,
+    router_class,
+)
+from shoal.runtime.request_router_tasks import RoutingTasks
 
 logger = logging.getLogger("shoal.router")
 
-_INITIAL_BACKOFF_S = 0.025
-_MAX_BACKOFF_S = 0.5
 _REPORT_TTL_S = 1.0
 
 Clock = Callable[[], float]
@@ -60,6 +78,7 @@ class Call:
     conn: ReplicaConn | None = None
     cancelled: bool = False
     resolved: bool = False
+    pending: Any = None  # its PendingRequest, when a custom request router routes it
 
     @property
     def request_id(self) -> str:
@@ -123,6 +142,9 @@ class ConnOwner(Protocol):
         """The replica's socket closed (it exited): every reply it sent has been delivered; the
         calls left in ``conn.calls`` will never be answered."""
 
+    def on_model_ids(self, conn: ReplicaConn) -> None:
+        """A reply told a newer ``conn.model_ids``."""
+
 
 class ReplicaConn:
     """One DEALER connection from this process to one replica incarnation.
@@ -143,6 +165,8 @@ class ReplicaConn:
         self.skip_until = 0.0
         self.calls: dict[int, Call] = {}  # sent, no terminal reply yet
         self.dead = False
+        self.model_ids = _NO_MODELS  # the multiplexed models the replica holds, newest known
+        self.running: RunningReplica | None = None  # how request routers see it
         self._clock = clock
         self._ids = itertools.count(1)
         sock = transport.make_socket(zmq.DEALER)
@@ -193,6 +217,11 @@ class ReplicaConn:
             del self.calls[msg.call_id]
             self.reported_q = reply.q
             self.reported_at = self._clock()
+            if call.header.multiplexed_model_id:
+                model_ids = wire.reply_model_ids(msg.meta)
+                if model_ids is not None and model_ids.version > self.model_ids.version:
+                    self.model_ids = model_ids
+                    self.owner.on_model_ids(self)
         self.owner.on_reply(self, call, reply)
 
     def _on_disconnect(self) -> None:
@@ -201,11 +230,19 @@ class ReplicaConn:
             self.owner.on_death(self)
 
 
+_NO_MODELS = wire.ModelIds()
+
+
+def _model_ids_of(conn: ReplicaConn) -> tuple[str, ...]:
+    return conn.model_ids.ids
+
+
 class Router:
     """The calls of this process to one deployment; every method runs on ``loop``'s thread.
 
-    ``clock`` (seconds, monotonic) times REJECTED backoffs and replica reports; tests pass a
-    fake one.
+    ``clock`` (seconds, monotonic) times REJECTED backoffs and replica reports, and ``sleep``
+    a custom request router's backoffs; tests pass fake ones. ``handle_source`` tells request
+    routers who routes (the proxy, a replica, a driver).
     """
 
     def __init__(
@@ -215,6 +252,8 @@ class Router:
         loop: asyncio.AbstractEventLoop,
         on_queued: Callable[[Router], None] | None = None,
         clock: Clock = time.monotonic,
+        sleep: Callable[[float], Coroutine[Any, Any, None]] = asyncio.sleep,
+        handle_source: DeploymentHandleSource = DeploymentHandleSource.UNKNOWN,
     ) -> None:
         self.app_name = app_name
         self._on_queued = on_queued  # called when a request waits here (autoscaling signal)
@@ -229,9 +268,15 @@ class Router:
         self._clock = clock
         self._dropped: set[ReplicaConn] = set()  # gone from the snapshot, awaiting their death
         self._rng = random.Random()
-        self._backoff_s = _INITIAL_BACKOFF_S
+        self._sleep = sleep
+        self._handle_source = handle_source
+        self._spec = wire.RouterSpec()
+        self._backoff_s = self._spec.initial_backoff_s
         self._retry: asyncio.TimerHandle | None = None
         self._load_of = self._load  # bound once: _choose runs per request
+        self.routing: RoutingTasks | None = None  # routes the calls when the router is custom
+        self.policy: RequestRouter | None = None
+        self._router_error: str | None = None  # why the custom request router could not be made
 
     @property
     def deployment_id(self) -> str:
@@ -246,8 +291,8 @@ class Router:
         if self.unavailable_reason is not None:
             call.resolve(DeploymentUnavailableError(self.deployment_id, self.unavailable_reason))
             return
-        if not self.queue:
-            conn = self._choose()
+        if not self.queue and self.routing is None:
+            conn = self._choose(call.header.multiplexed_model_id)
             if conn is not None:
                 conn.send(call)
                 return
@@ -263,6 +308,8 @@ class Router:
             )
             return
         self.queue.append(call)
+        if self.routing is not None:
+            self.routing.add(call)
         if self.autoscaling and self._on_queued is not None:
             self._on_queued(self)
 
@@ -289,19 +336,50 @@ class Router:
 
     def on_reply(self, conn: ReplicaConn, call: Call, reply: Reply) -> None:
         kind = reply.kind
+        routing = self.routing
         if kind == wire.Kind.REJECTED:
             call.conn = None
             if not call.cancelled:
-                conn.skip_until = self._clock() + self._backoff_s
-                self.queue.appendleft(call)
-                self._schedule_retry(self._backoff_s)
-                self._backoff_s = min(self._backoff_s * 2, _MAX_BACKOFF_S)
+                if routing is not None:
+                    self.queue.appendleft(call)
+                    routing.add(call, front=True)
+                else:
+                    spec = self._spec
+                    conn.skip_until = self._clock() + self._backoff_s
+                    self.queue.appendleft(call)
+                    self._schedule_retry(self._backoff_s)
+                    self._backoff_s = min(self._backoff_s * spec.backoff_multiplier, spec.max_backoff_s)
         else:
             if kind == wire.Kind.RESULT:
-                self._backoff_s = _INITIAL_BACKOFF_S
+                self._backoff_s = self._spec.initial_backoff_s
             call.deliver(reply)
         if kind in wire.TERMINAL_KINDS:
-            self._pump()
+            if routing is not None:
+                self._tell_policy(conn, call, reply)
+                routing.wake()
+            else:
+                self._pump()
+
+    def wake_routing(self) -> None:
+        """End a custom request router's backoffs now (a slot may have freed up)."""
+        if self.routing is not None:
+            self.routing.wake()
+
+    def _tell_policy(self, conn: ReplicaConn, call: Call, reply: Reply) -> None:
+        policy, running = self.policy, conn.running
+        if policy is None or running is None:
+            return
+        try:
+            policy.on_new_queue_len_info(running.replica_id, reply.q)
+            if reply.kind != wire.Kind.REJECTED and call.pending is not None:
+                policy.on_request_completed(running.replica_id, call.pending.metadata.internal_request_id)
+        except Exception:
+            logger.exception("the request router of %s raised in a callback", self.deployment_id)
+
+    def on_model_ids(self, conn: ReplicaConn) -> None:
+        if self.routing is not None and conn.running is not None:
+            conn.running._update(self.entry.max_ongoing_requests, conn.model_ids.ids, self.entry.routing_stats.get(conn.replica_id))
+            self.routing.replicas_changed(list(self.replicas.values()))
 
     def on_death(self, conn: ReplicaConn) -> None:
         """The replica's socket closed: its calls fail now (none is re-sent: it may have run).
@@ -315,11 +393,18 @@ class Router:
             )
 
         conn.fail_all(died)
+        if self.policy is not None and conn.running is not None:
+            try:
+                self.policy.on_replica_actor_died(conn.running.replica_id)
+            except Exception:
+                logger.exception("the request router of %s raised in on_replica_actor_died", self.deployment_id)
         if conn in self._dropped:
             self._dropped.discard(conn)
             conn.close()
 
-    def _choose(self) -> ReplicaConn | None:
+    def _choose(self, multiplexed_model_id: str = "") -> ReplicaConn | None:
+        """The built-in router's choice among the replicas with room for one more request from
+        this caller (not dead, not skipped after a REJECTED), or None."""
         limit = self.entry.max_ongoing_requests
         now = 0.0
         candidates = []
@@ -332,6 +417,10 @@ class Router:
                     continue
                 conn.skip_until = 0.0
             candidates.append(conn)
+        if multiplexed_model_id:
+            return PowerOfTwoChoicesRequestRouter.choose_now(
+                candidates, multiplexed_model_id, _model_ids_of, self._load_of, self._rng
+            )
         return p2c.choose(candidates, self._load_of, self._rng)
 
     def _load(self, conn: ReplicaConn) -> int:
@@ -342,15 +431,19 @@ class Router:
         return conn.in_flight
 
     def _pump(self) -> None:
-        while self.queue:
-            conn = self._choose()
+        queue = self.queue
+        while queue:
+            head = queue[0]
+            if head.cancelled:
+                queue.popleft()
+                continue
+            conn = self._choose(head.header.multiplexed_model_id)
             if conn is None:
                 if self.replicas and not self._retry:
                     self._schedule_retry(self._backoff_s)
                 return
-            call = self.queue.popleft()
-            if not call.cancelled:
-                conn.send(call)
+            queue.popleft()
+            conn.send(head)
 
     def _schedule_retry(self, delay_s: float) -> None:
         if self._retry is None:
@@ -358,7 +451,8 @@ class Router:
 
     def _on_retry(self) -> None:
         self._retry = None
-        self._pump()
+        if self.routing is None:
+            self._pump()
 
     # -- replica sets ---------------------------------------------------------------------------
 
@@ -371,13 +465,69 @@ class Router:
             self.entry = entry
             self.autoscaling = entry.autoscaling
             failed = entry.failed_reason
-            self.unavailable_reason = f"because it failed to deploy: {failed}" if failed else None
             self._set_replicas(entry.replicas, entry.draining)
+            if entry.router != self._spec:
+                self._set_router(entry.router)
+            self.unavailable_reason = f"because it failed to deploy: {failed}" if failed else self._router_error
         if self.unavailable_reason is not None:
             queued, self.queue = self.queue, collections.deque()
             for call in queued:
                 call.resolve(DeploymentUnavailableError(self.deployment_id, self.unavailable_reason))
-        self._pump()
+        if self.routing is not None:
+            self._update_running()
+            self.routing.replicas_changed(list(self.replicas.values()))
+        else:
+            self._pump()
+
+    def _set_router(self, spec: wire.RouterSpec) -> None:
+        """Route with the request router ``spec`` names from now on: the built-in one in
+        ``_choose``, a custom one in routing tasks. A class that cannot be loaded here makes the
+        deployment's calls fail with the reason."""
+        self._spec = spec
+        self._backoff_s = spec.initial_backoff_s
+        self._router_error = None
+        if self.routing is not None:
+            self.routing.close()
+            self.routing, self.policy = None, None
+        if spec.is_default:
+            return
+        try:
+            from shoal.serve.config import DeploymentID
+
+            cls = router_class(spec.request_router_class)
+            policy = cls(
+                deployment_id=DeploymentID(self.deployment_name, self.app_name),
+                handle_source=self._handle_source,
+                get_curr_time_s=time.time,
+                initial_backoff_s=spec.initial_backoff_s,
+                backoff_multiplier=spec.backoff_multiplier,
+                max_backoff_s=spec.max_backoff_s,
+            )
+            policy.initialize_state(**spec.request_router_kwargs)
+        except Exception as exc:
+            logger.exception("the request router of %s could not be created", self.deployment_id)
+            self._router_error = f"because its request router could not be created: {type(exc).__name__}: {exc}"
+            return
+        self.policy = policy
+        self.routing = RoutingTasks(self, policy, self._sleep)
+        self._update_running()
+        for call in self.queue:
+            self.routing.add(call)
+
+    def _update_running(self) -> None:
+        """Bring each replica's ``RunningReplica`` up to date with the entry."""
+        entry = self.entry
+        for conn in self.replicas.values():
+            snapshot_ids = entry.model_ids.get(conn.replica_id)
+            if snapshot_ids is not None and snapshot_ids.version > conn.model_ids.version:
+                conn.model_ids = snapshot_ids
+            if conn.running is None:
+                unique_id = conn.replica_id.rsplit("#", 1)[-1]
+                conn.running = RunningReplica(
+                    ReplicaID(unique_id, self.deployment_name, self.app_name), entry.max_ongoing_requests,
+                    functools.partial(self._load, conn), conn,
+                )
+            conn.running._update(entry.max_ongoing_requests, conn.model_ids.ids, entry.routing_stats.get(conn.replica_id))
 
     def _set_replicas(
         self, running: tuple[wire.ReplicaAddress, ...], draining: tuple[wire.ReplicaAddress, ...]
@@ -394,15 +544,20 @@ class Router:
         for rid in list(self.draining):
             if rid not in draining_ids and rid not in running_ids:
                 self._drop(self.draining.pop(rid))
+        model_ids = self.entry.model_ids
         for address in running:
             current = self.replicas.get(address.replica_id)
             if current is not None and current.incarnation != address.incarnation:
                 self._drop(self.replicas.pop(address.replica_id))
                 current = None
             if current is None:
-                self.replicas[address.replica_id] = ReplicaConn(
+                current = self.replicas[address.replica_id] = ReplicaConn(
                     self, address.replica_id, address.incarnation, address.endpoint, self.loop, self._clock
                 )
+            if model_ids:
+                known = model_ids.get(address.replica_id)
+                if known is not None and known.version > current.model_ids.version:
+                    current.model_ids = known
 
     def _drop(self, conn: ReplicaConn) -> None:
         """Forget a replica the snapshot no longer lists: it has exited or is exiting. Replies it
@@ -420,6 +575,8 @@ class Router:
     def close(self) -> None:
         if self._retry is not None:
             self._retry.cancel()
+        if self.routing is not None:
+            self.routing.close()
         for conn in [*self.replicas.values(), *self.draining.values(), *self._dropped]:
             conn.fail_all(lambda call: RequestCancelledError(call.request_id))
             conn.close()

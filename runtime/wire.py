@@ -63,6 +63,7 @@ class Kind(enum.IntEnum):
     PULL = 10  # not terminal: an HTTP request's app wants the next body chunk (a RECEIVE)
     # control plane (client or worker <-> supervisor)
     READY = 20  # worker -> supervisor, meta carries pid, protocol, endpoint
+    ROUTING_INFO = 24  # worker -> supervisor: the multiplexed model ids it holds (``routing_info``)
     CALL = 22  # client -> supervisor: meta["op"] names the operation
     REPLY = 23  # supervisor -> client: the answer to a CALL
 
@@ -316,11 +317,49 @@ def request(incarnation: int, call_id: int, header: RequestHeader, payload: byte
 
 
 def reply(kind: Kind, incarnation: int, call_id: int, enc: Encoding | None = None, data: bytes = b"",
-          q: int = 0) -> Message:
-    """A reply of ``kind``; with ``enc``, it carries ``data`` (encoded that way)."""
-    if enc is None:
-        return Message(kind, incarnation, call_id, {"q": q})
-    return Message(kind, incarnation, call_id, {"enc": int(enc), "q": q}, (data,))
+          q: int = 0, model_ids: ModelIds | None = None) -> Message:
+    """A reply of ``kind``; with ``enc``, it carries ``data`` (encoded that way). ``model_ids``:
+    the multiplexed models the replica holds, riding on a terminal reply to a multiplexed call."""
+    if model_ids is None:
+        if enc is None:
+            return Message(kind, incarnation, call_id, {"q": q})
+        return Message(kind, incarnation, call_id, {"enc": int(enc), "q": q}, (data,))
+    meta: dict[str, Any] = {"q": q} if enc is None else {"enc": int(enc), "q": q}
+    meta["mx"] = [model_ids.version, list(model_ids.ids)]
+    return Message(kind, incarnation, call_id, meta, () if enc is None else (data,))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIds:
+    """The multiplexed model ids a replica holds (loaded or loading); ``version`` grows with
+    every change, so a router keeps the newest of what replies and snapshots tell it."""
+
+    version: int = 0
+    ids: tuple[str, ...] = ()
+
+
+def reply_model_ids(meta: Mapping[str, Any]) -> ModelIds | None:
+    """The ``ModelIds`` a reply carries, if any."""
+    value = meta.get("mx")
+    return _model_ids(value) if value is not None else None
+
+
+def _model_ids(value: Any) -> ModelIds:
+    version, ids = value
+    return ModelIds(int(version), tuple(str(i) for i in ids))
+
+
+def routing_info(model_ids: ModelIds) -> dict[str, Any]:
+    """The meta of a ROUTING_INFO message (the worker adds who it is, as for READY)."""
+    return {"mx": [model_ids.version, list(model_ids.ids)]}
+
+
+def routing_info_model_ids(meta: Mapping[str, Any]) -> ModelIds:
+    """The ``ModelIds`` of a ROUTING_INFO message; ProtocolError if malformed."""
+    try:
+        return _model_ids(meta["mx"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"bad routing info: {exc!r}") from exc
 
 
 # -- the controller's routing snapshot -----------------------------------------------------------
@@ -336,9 +375,34 @@ class ReplicaAddress:
 
 
 @dataclass(frozen=True, slots=True)
+class RouterSpec:
+    """Which request router the callers of a deployment use (``RequestRouterConfig``).
+
+    ``request_router_class`` is the built-in router's import path (``DEFAULT_ROUTER``), or a
+    custom class cloudpickled by value at deploy (bytes; decoded only by processes of the same
+    user, never by the supervisor's routing code).
+    """
+
+    request_router_class: str | bytes = ""
+    request_router_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    initial_backoff_s: float = 0.025
+    backoff_multiplier: float = 2.0
+    max_backoff_s: float = 0.5
+
+    @property
+    def is_default(self) -> bool:
+        return not self.request_router_class or self.request_router_class == DEFAULT_ROUTER
+
+
+DEFAULT_ROUTER = "shoal.runtime.request_router:PowerOfTwoChoicesRequestRouter"
+
+
+@dataclass(frozen=True, slots=True)
 class DeploymentEntry:
     """What a router needs to know about one deployment. ``draining`` replicas take no new
-    requests but keep their calls; ``failed_reason`` set means every call fails at once."""
+    requests but keep their calls; ``failed_reason`` set means every call fails at once.
+    ``model_ids`` and ``routing_stats`` are by replica id: the multiplexed models each holds,
+    and the last ``record_routing_stats()`` of each, encoded (``dumps``: enc, data)."""
 
     replicas: tuple[ReplicaAddress, ...] = ()
     draining: tuple[ReplicaAddress, ...] = ()
@@ -348,6 +412,9 @@ class DeploymentEntry:
     backpressure_retry_after_s: float | None = None
     autoscaling: bool = False
     failed_reason: str | None = None
+    router: RouterSpec = field(default_factory=RouterSpec)
+    model_ids: Mapping[str, ModelIds] = field(default_factory=dict)
+    routing_stats: Mapping[str, tuple[int, bytes]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,7 +470,25 @@ def _entry_to_wire(entry: DeploymentEntry) -> dict[str, Any]:
         "backpressure": backpressure,
         "autoscaling": entry.autoscaling,
         "failed_reason": entry.failed_reason,
+        "router": _router_to_wire(entry.router),
+        "model_ids": {rid: [m.version, list(m.ids)] for rid, m in entry.model_ids.items()},
+        "routing_stats": {rid: [enc, data] for rid, (enc, data) in entry.routing_stats.items()},
     }
+
+
+def _router_to_wire(spec: RouterSpec) -> dict[str, Any]:
+    return {
+        "class": spec.request_router_class,
+        "kwargs": dict(spec.request_router_kwargs),
+        "backoff": [spec.initial_backoff_s, spec.backoff_multiplier, spec.max_backoff_s],
+    }
+
+
+def _router_from_wire(data: Mapping[str, Any] | None) -> RouterSpec:
+    if not data:
+        return RouterSpec()
+    initial, multiplier, maximum = data.get("backoff") or (0.025, 2.0, 0.5)
+    return RouterSpec(data.get("class") or "", dict(data.get("kwargs") or {}), float(initial), float(multiplier), float(maximum))
 
 
 def _entry_from_wire(data: Mapping[str, Any]) -> DeploymentEntry:
@@ -417,6 +502,9 @@ def _entry_from_wire(data: Mapping[str, Any]) -> DeploymentEntry:
         backpressure.get("retry_after_s"),
         bool(data.get("autoscaling", False)),
         data.get("failed_reason"),
+        _router_from_wire(data.get("router")),
+        {str(rid): _model_ids(m) for rid, m in (data.get("model_ids") or {}).items()},
+        {str(rid): (int(enc), bytes(d)) for rid, (enc, d) in (data.get("routing_stats") or {}).items()},
     )
 
 

@@ -173,6 +173,8 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
         [frame] = wire.encode(wire.Message(kind, incarnation, 0, meta))
         control.send([wire.sign(frame, transport.read_key(spec["control_endpoint"]))])
 
+    _report_model_ids(loop, report)
+
     config = spec["config"]
     replica_sock = transport.make_socket(zmq.ROUTER)
     worker: ReplicaWorker | None = None
@@ -226,6 +228,9 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
         await worker.cancel_all()
     try:
         await worker.http.shutdown()
+        from shoal.runtime import request_router_report
+
+        await request_router_report.shutdown()  # unloads multiplexed models
         await worker.user.destroy()
     except Exception:
         logging.getLogger("shoal.replica").exception("__del__ raised during shutdown")
@@ -235,6 +240,29 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
     control.close()
     transport.terminate_context()
     return 0
+
+
+def _report_model_ids(loop: asyncio.AbstractEventLoop, report: Any) -> None:
+    """Push the multiplexed models this replica holds to the supervisor (ROUTING_INFO, signed
+    like READY) whenever they change: once per loop iteration however many changes it saw."""
+    from shoal.runtime import request_router_report, wire
+
+    scheduled = False
+
+    def flush() -> None:
+        nonlocal scheduled
+        scheduled = False
+        model_ids = request_router_report.current()
+        if model_ids is not None:
+            report(wire.Kind.ROUTING_INFO, wire.routing_info(model_ids))
+
+    def changed(_model_ids: wire.ModelIds) -> None:
+        nonlocal scheduled
+        if not scheduled:
+            scheduled = True
+            loop.call_soon_threadsafe(flush)
+
+    request_router_report.set_listener(changed)
 
 
 class PassFd:

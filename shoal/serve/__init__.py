@@ -21,6 +21,7 @@ from shoal.serve.batching import batch
 from shoal.serve.config import HTTPOptions
 from shoal.serve.deployment import Application, Deployment, deployment
 from shoal.serve.ingress import ingress
+from shoal.serve.multiplex import get_multiplexed_model_id, multiplexed
 
 __all__ = [
     "Application",
@@ -34,8 +35,10 @@ __all__ = [
     "get_app_handle",
     "get_deployment_handle",
     "get_http_url",
+    "get_multiplexed_model_id",
     "get_replica_context",
     "ingress",
+    "multiplexed",
     "run",
     "run_many",
     "shutdown",

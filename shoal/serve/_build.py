@@ -4,6 +4,12 @@ Walks the ``.bind()`` arguments of the ingress (also inside lists, tuples, dicts
 Applications; each distinct Application becomes one deployment and is replaced in its parent's
 arguments by a ``DeploymentHandle`` to it. The same Application bound twice is deployed once;
 two different ones with the same name are renamed ``Name_1``, ``Name_2``, ... (Ray does the same).
+
+A deployment's request router class (``request_router_config.request_router_class``, an import
+path or the class) is loaded here, where the app's code is importable: one that does not import
+or is not a ``RequestRouter`` is a ValueError naming it, before anything is deployed. A custom
+class travels in the spec cloudpickled by value (as Ray's does), so the proxy and the handles of
+other processes can use it without importing its module.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 import cloudpickle
 
 from shoal.runtime.handle import DeploymentHandle
+from shoal.runtime.request_router import RequestRouter, router_class
 from shoal.serve._deployment_config import DeploymentConfig
 from shoal.serve.config import DEFAULT_REQUEST_ROUTER_PATH
 from shoal.serve.deployment import Application, Deployment
@@ -36,15 +43,37 @@ class BuiltDeployment:
     config: DeploymentConfig
 
 
-def _refuse_custom_router(name: str, config: DeploymentConfig) -> None:
-    """Routing is power of two choices (``shoal.runtime.router.Router``); another router class
-    would be ignored, so it is refused."""
-    router_class = config.request_router_config.request_router_class
-    if router_class != DEFAULT_REQUEST_ROUTER_PATH:
-        raise ValueError(
-            f"Deployment '{name}': request_router_config.request_router_class={router_class!r} is not "
-            f"supported; shoal routes every deployment with power of two choices. Remove the option."
-        )
+def request_router_class(name: str, config: DeploymentConfig) -> type[RequestRouter] | None:
+    """The custom request router class of deployment ``name`` (None: the built-in one);
+    ValueError naming the deployment and the class if it does not import or is not a
+    ``RequestRouter`` subclass."""
+    value = config.request_router_config.request_router_class
+    if value == DEFAULT_REQUEST_ROUTER_PATH:
+        return None
+    try:
+        if isinstance(value, str):
+            cls = router_class(value)
+        elif isinstance(value, type) and issubclass(value, RequestRouter):
+            cls = value
+        else:
+            raise ValueError(f"request_router_class {value!r} is not a subclass of RequestRouter.")
+    except ValueError as exc:
+        raise ValueError(f"Deployment '{name}': {exc}") from None
+    return None if cls.__module__ == "shoal.runtime.request_router" and cls.__name__ == "PowerOfTwoChoicesRequestRouter" else cls
+
+
+def _router_by_value(cls: type[RequestRouter]) -> bytes:
+    """``cls`` cloudpickled by value (its module's code travels with it), unless shoal defines it."""
+    module = sys.modules.get(cls.__module__)
+    if module is None or cls.__module__.split(".")[0] == "shoal" or cls.__module__ == "__main__":
+        data: bytes = cloudpickle.dumps(cls)
+        return data
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        data = cloudpickle.dumps(cls)
+        return data
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
 
 
 def build(app: Application, app_name: str, runtime: Any = None) -> tuple[list[BuiltDeployment], str]:
@@ -70,7 +99,7 @@ def build(app: Application, app_name: str, runtime: Any = None) -> tuple[list[Bu
                     suffix += 1
                 logger.warning("two deployments are named '%s'; renaming one to '%s_%d'", name, name, suffix)
                 name = f"{name}_{suffix}"
-            _refuse_custom_router(name, dep.config)
+            request_router_class(name, dep.config)
             taken.add(name)
             names[key] = name
             args = tuple(replace(a) for a in dep.init_args)
@@ -156,11 +185,16 @@ def to_spec(
                 f"The definition or the constructor arguments of deployment '{d.name}' cannot be "
                 f"serialized: {exc}"
             ) from exc
+        config = d.config.to_wire()
+        custom = request_router_class(d.name, d.config)
+        config["request_router_config"]["request_router_class"] = (
+            DEFAULT_REQUEST_ROUTER_PATH if custom is None else _router_by_value(custom)
+        )
         entries.append(
             {
                 "name": d.name,
                 "definition": definition,
-                "config": d.config.to_wire(),
+                "config": config,
                 "code_hash": code_hash(d.func_or_class),
             }
         )

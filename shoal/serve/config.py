@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 DEFAULT_AUTOSCALING_POLICY_PATH = "shoal.serve.autoscaling_policy:default_autoscaling_policy"
-DEFAULT_REQUEST_ROUTER_PATH = "shoal.runtime.router:Router"  # power of two choices
+DEFAULT_REQUEST_ROUTER_PATH = "shoal.runtime.request_router:PowerOfTwoChoicesRequestRouter"
 DEFAULT_TARGET_ONGOING_REQUESTS = 2.0
 
 

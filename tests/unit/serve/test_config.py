@@ -225,7 +225,7 @@ def test_backpressure_config() -> None:
 
 def test_request_router_config_defaults() -> None:
     config = RequestRouterConfig()
-    assert config.request_router_class == "shoal.runtime.router:Router"
+    assert config.request_router_class == "shoal.runtime.request_router:PowerOfTwoChoicesRequestRouter"
     assert config.request_router_kwargs == {}
     assert (config.request_routing_stats_period_s, config.request_routing_stats_timeout_s) == (
         10,
@@ -331,14 +331,16 @@ def test_gang_scheduling_config() -> None:
         GangSchedulingConfig()  # type: ignore[call-arg]
 
 
-def test_a_custom_request_router_is_refused_not_ignored() -> None:
+def test_a_request_router_class_that_does_not_import_is_refused_naming_it() -> None:
     from shoal import serve
     from shoal.serve import _build
 
-    @serve.deployment(request_router_config={"request_router_class": "m:Router"})
+    @serve.deployment(request_router_config={"request_router_class": "no_such_module_x:Router"})
     def f() -> int:
         return 1
 
-    with pytest.raises(ValueError, match="request_router_class='m:Router' is not supported"):
+    with pytest.raises(ValueError, match="Deployment 'f': request_router_class 'no_such_module_x:Router' could not be imported"):
         _build.build(f.bind(), "app")
+    with pytest.raises(ValueError, match="'json:JSONDecoder' is not a subclass of RequestRouter"):
+        _build.build(f.options(request_router_config={"request_router_class": "json:JSONDecoder"}).bind(), "app")
     _build.build(f.options(request_router_config={}).bind(), "app")  # the default deploys
