@@ -130,30 +130,11 @@ def run(
     ``logging_config`` applies to every deployment of the app that sets none itself (default:
     ``serve.start``'s).
     """
-    if not isinstance(target, Application):
-        raise TypeError("`serve.run` expects an `Application` returned by `Deployment.bind()`.")
-    if not name:
-        raise RayServeException("Application name must a non-empty string.")
-    validate_route_prefix(route_prefix)
-    app_logging = app_options(logging_config, external_scaler_enabled, controller_options)
-    if _local_testing_mode:
-        if app_logging or _instance_logging_config:
-            install_local_logging(name, app_logging or _instance_logging_config or {})
-        return _run_local(target, name)
-    deployments, ingress = _build.build(target, name)
-    spec = _build.to_spec(deployments, ingress, name, route_prefix)
-    spec["logging_config"] = app_logging or _instance_logging_config
-    if _instance_logging_config is not None:
-        spec["instance_logging_config"] = _instance_logging_config
-    rt = _runtime()
-    assert rt is not None
-    rt.call_sync("deploy", {"name": name}, (wire.pack(spec),))
-    reply = _wait_app(rt, name)
-    if not reply.get("exists"):
-        raise RuntimeError(f"Application '{name}' was deleted while it was being deployed.")
-    if reply["status"] == "DEPLOY_FAILED":
-        raise RuntimeError(f"Deploying application '{name}' failed:\n{reply['message']}")
-    handle: DeploymentHandle[Any] = DeploymentHandle(ingress, name)
+    handle = _run_many(
+        [RunTarget(target, name, route_prefix, logging_config, external_scaler_enabled)],
+        _local_testing_mode=_local_testing_mode,
+        controller_options=controller_options,
+    )[0]
     if blocking:
         _block_until_interrupted()
     return handle
@@ -209,31 +190,34 @@ def _run_many(
     """``run_many`` without ``blocking`` (Ray's internal entry, also behind ``_run``)."""
     if not targets:
         raise ValueError("No applications provided.")
+    app_logging: dict[str, dict[str, Any] | None] = {}
     for t in targets:
         if not t.name:
             raise RayServeException("Application name must a non-empty string.")
         if not isinstance(t.target, Application):
             raise TypeError("`serve.run` expects an `Application` returned by `Deployment.bind()`.")
         validate_route_prefix(t.route_prefix)
-        # Applied by serve.run's own path only; refused here rather than dropped.
-        for option, value, default in (("logging_config", t.logging_config, None),
-                                       ("external_scaler_enabled", t.external_scaler_enabled, False)):
-            if value != default:
-                raise ValueError(
-                    f"RunTarget.{option} is not supported by serve.run_many in shoal; deploy "
-                    f"application '{t.name}' with serve.run(..., {option}=...) instead."
-                )
-    if controller_options is not None:
-        raise ValueError(
-            "controller_options is not supported by serve.run_many in shoal; pass it to serve.start()."
-        )
+        app_logging[t.name] = app_options(t.logging_config, t.external_scaler_enabled, controller_options)
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
         raise RayServeException(f"Application names must be unique; got {names}.")
     if _local_testing_mode:
-        return [_run_local(t.target, t.name) for t in targets]
+        handles = []
+        for t in targets:
+            local_logging = app_logging[t.name] or _instance_logging_config
+            if local_logging:
+                install_local_logging(t.name, local_logging)
+            handles.append(_run_local(t.target, t.name))
+        return handles
     built = [(t, *_build.build(t.target, t.name)) for t in targets]
-    specs = [_build.to_spec(deployments, ingress, t.name, t.route_prefix) for t, deployments, ingress in built]
+    specs = []
+    for t, deployments, ingress in built:
+        spec = _build.to_spec(deployments, ingress, t.name, t.route_prefix)
+        # A deployment's own logging_config wins over the app's, which wins over serve.start's.
+        spec["logging_config"] = app_logging[t.name] or _instance_logging_config
+        if _instance_logging_config is not None:
+            spec["instance_logging_config"] = _instance_logging_config
+        specs.append(spec)
     rt = _runtime()
     assert rt is not None
     rt.call_sync("deploy_many", {"declarative": False}, (wire.pack(specs),))
@@ -353,6 +337,7 @@ def _run_local(target: Application, name: str) -> DeploymentHandle[Any]:
         local = _local
     deployments, ingress = _build.build(target, name, runtime=local)
     for d in deployments:
+        _warn_local_actor_options(d.name, d.config.ray_actor_options or {})
         user = UserCallable(
             deployment_name=d.name,
             func_or_class=d.func_or_class,
@@ -362,6 +347,17 @@ def _run_local(target: Application, name: str) -> DeploymentHandle[Any]:
         )
         local.add(name, d.name, user, d.config.user_config, d.config.max_ongoing_requests)
     return DeploymentHandle(ingress, name, _runtime=local)
+
+
+def _warn_local_actor_options(deployment_name: str, options: dict[str, Any]) -> None:
+    """Local testing mode runs a deployment in this process: no devices, environment or memory
+    limit can be given to it, so the ``ray_actor_options`` that would are named in a warning."""
+    ignored = sorted(key for key, value in options.items() if key != "num_cpus" and value)
+    if ignored:
+        logger.warning(
+            "Deployment '%s': ray_actor_options %s have no effect in local testing mode (the "
+            "deployment runs in this process).", deployment_name, ignored,
+        )
 
 
 def _block_until_interrupted() -> None:

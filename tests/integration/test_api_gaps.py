@@ -172,8 +172,8 @@ def test_run_many_is_all_or_nothing(apps: list[str]) -> None:
             serve.RunTarget(Echo.bind("y"), name="clash_y", route_prefix="/clash"),
         ])
     assert not {"clash_x", "clash_y"} & set(serve.status().applications)
-    with pytest.raises(ValueError, match=r"RunTarget\.logging_config"):
-        serve.run_many([serve.RunTarget(Echo.bind("z"), name="z", logging_config={"log_level": "DEBUG"})])
+    with pytest.raises(ValueError, match="external_scaler_enabled"):
+        serve.run_many([serve.RunTarget(Echo.bind("z"), name="z", external_scaler_enabled=True)])
     with pytest.raises(TypeError, match="expects an `Application`"):
         serve.run_many([serve.RunTarget(Echo, name="z")])  # type: ignore[arg-type]
 

@@ -253,10 +253,12 @@ def test_t05_blocked_event_loop_is_declared_unhealthy_and_replaced(http_app: Any
 def test_t07_per_replica_memory_limit() -> None:
     """T07 needs a per-replica memory limit to enforce."""
     pytest.skip(
-        "T07: neither Ray Serve nor shoal has a per-replica memory limit: Ray's `ray_actor_options"
-        "['memory']` only reserves logical resources for scheduling (it is not enforced), and OOM "
-        "kills come from Ray's node-wide memory monitor, which shoal does not have; shoal accepts "
-        "`memory` and ignores it. There is no limit to cross, so nothing to test here."
+        "T07: shoal enforces `ray_actor_options['memory']` as the replica's RLIMIT_DATA, so an "
+        "allocation past it raises MemoryError in that request (a 500 / re-raised error) and the "
+        "replica keeps serving (tests/integration/test_placement.py::"
+        "test_memory_is_a_limit_on_the_replica_process). Killing and replacing a replica that "
+        "crosses its limit (the plan's T07) is not built: neither Ray Serve nor shoal has a "
+        "per-replica OOM kill (Ray's memory monitor is node-wide)."
     )
 
 
