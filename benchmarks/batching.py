@@ -38,22 +38,20 @@ import os
 import sys
 
 # benchmarks/http.py would shadow the standard library's http package for a script run from here.
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != os.path.dirname(os.path.realpath(__file__))]
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE] + [_HERE]  # _common, last
 
 import argparse
 import asyncio
 import datetime
 import json
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import time
 from typing import Any
 
-DEFAULT_RAY_PYTHON = "/work/ray-venv/bin/python"
-HOST = "127.0.0.1"
+from _common import DEFAULT_RAY_PYTHON, HOST, free_port, ray_python, run_json_child
+
 MAX_BATCH_SIZE = 32
 BATCH_BASE_S = 0.002
 BATCH_PER_ITEM_S = 0.00005
@@ -202,12 +200,6 @@ async def load(phase: str, target: Any, serve_handle: Any, args: argparse.Namesp
     return results["measure"]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def run_framework(args: argparse.Namespace) -> dict[str, Any]:
     serve = import_serve(args.framework)
     report: dict[str, Any] = {
@@ -241,47 +233,12 @@ def run_framework(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------- orchestrator
 
 
-def ray_python(args: argparse.Namespace) -> str | None:
-    if args.no_ray:
-        return None
-    path = args.ray_python or os.environ.get("SHOAL_BENCH_RAY_PYTHON")
-    if path:
-        return path
-    return DEFAULT_RAY_PYTHON if os.path.exists(DEFAULT_RAY_PYTHON) else None
-
-
-def kill_tree(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM the child's process group, then SIGKILL whatever is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=5)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def run_child(python: str, framework: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one framework once in a fresh process; return its report or an error."""
     cmd = [python, os.path.abspath(__file__), "--framework", framework, "--json", "--phases", ",".join(args.phases)]
     for name in CHILD_OPTIONS:
         cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)  # Ray must start its own local instance
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=args.timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc)
-        return {"error": f"timed out after {args.timeout_s:.0f} s"}
-    for line in reversed(out.splitlines()):
-        if line.startswith("{"):
-            return dict(json.loads(line))
-    tail = "\n    ".join(err.strip().splitlines()[-8:])
-    return {"error": f"exit {proc.returncode}, no JSON line; stderr tail:\n    {tail}"}
+    return run_json_child(cmd, args.timeout_s)
 
 
 def median_report(runs: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -36,21 +36,21 @@ import os
 import sys
 
 # benchmarks/http.py would shadow the standard library's http package for a script run from here.
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != os.path.dirname(os.path.realpath(__file__))]
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE] + [_HERE]  # _common, last
 
 import argparse
 import datetime
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any
 
-DEFAULT_RAY_PYTHON = "/work/ray-venv/bin/python"
+from _common import DEFAULT_RAY_PYTHON, ray_python, run_json_child
+
 VARIANTS = ("sync", "async")
 # Options the orchestrator passes on to each child process.
 CHILD_OPTIONS = (
@@ -192,29 +192,6 @@ def run_framework(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------- orchestrator
 
 
-def ray_python(args: argparse.Namespace) -> str | None:
-    if args.no_ray:
-        return None
-    path = args.ray_python or os.environ.get("SHOAL_BENCH_RAY_PYTHON")
-    if path:
-        return path
-    return DEFAULT_RAY_PYTHON if os.path.exists(DEFAULT_RAY_PYTHON) else None
-
-
-def kill_tree(proc: subprocess.Popen[str]) -> None:
-    """SIGTERM the child's process group, then SIGKILL whatever is left."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=5)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def run_child(python: str, framework: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one framework once in a fresh process; return its report or an error."""
     cmd = [python, os.path.abspath(__file__), "--framework", framework, "--json"]
@@ -223,26 +200,7 @@ def run_child(python: str, framework: str, args: argparse.Namespace) -> dict[str
         if value is not None:
             value = ",".join(value) if name == "variants" else value
             cmd += ["--" + name.replace("_", "-"), str(value)]
-    env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)  # Ray must start its own local instance
-    proc = subprocess.Popen(
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=args.timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc)
-        return {"error": f"timed out after {args.timeout_s:.0f} s"}
-    for line in reversed(out.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    tail = "\n    ".join(err.strip().splitlines()[-8:])
-    return {"error": f"exit {proc.returncode}, no JSON line; stderr tail:\n    {tail}"}
+    return run_json_child(cmd, args.timeout_s)
 
 
 def median_report(runs: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -50,7 +50,7 @@ import os
 import sys
 
 _HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE] + [_HERE]  # _common, last
 
 import argparse
 import asyncio
@@ -72,9 +72,9 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-DEFAULT_RAY_PYTHON = "/work/ray-venv/bin/python"
+from _common import DEFAULT_RAY_PYTHON, HOST, free_port, ray_python
+
 TARGETS = ("shoal", "bare", "ray")
-HOST = "127.0.0.1"
 BODY = b"hello"
 ANNOUNCE = "SHOAL_BENCH_SERVER "  # prefix of the child's one line to the orchestrator
 REFERENCE = (
@@ -127,12 +127,6 @@ def on_stdin_eof(action: Callable[[], None]) -> None:
         action()
 
     threading.Thread(target=watch, daemon=True, name="stdin-eof").start()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def serve_framework(framework: str, max_ongoing_requests: int | None) -> int:
@@ -374,13 +368,6 @@ def run_asyncio_client(url: str, connections: int, duration_s: float) -> dict[st
 
 
 # ----------------------------------------------------------------- orchestrator
-
-
-def ray_python(args: argparse.Namespace) -> str | None:
-    path = args.ray_python or os.environ.get("SHOAL_BENCH_RAY_PYTHON")
-    if path:
-        return path
-    return DEFAULT_RAY_PYTHON if os.path.exists(DEFAULT_RAY_PYTHON) else None
 
 
 def ray_importable(python: str) -> str | None:

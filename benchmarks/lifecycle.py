@@ -25,14 +25,14 @@ import os
 import sys
 
 # benchmarks/http.py would shadow the standard library's http package for a script run from here.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE] + [_HERE]  # _common, last
 
 import argparse
 import asyncio
 import datetime
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -42,19 +42,13 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from _common import free_port, ray_python
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RAY_PYTHON = "/work/ray-venv/bin/python"
 MIB = 1024 * 1024
 
 # The same example app, spelled for Ray.
 RAY_APP = (ROOT / "examples" / "hello.py").read_text().replace("from shoal", "from ray")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_200(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> float:
@@ -189,14 +183,14 @@ def main() -> int:
     parser.add_argument("--ray-python", default=os.environ.get("SHOAL_BENCH_RAY_PYTHON"))
     parser.add_argument("--no-ray", action="store_true")
     args = parser.parse_args()
-    ray_python = None if args.no_ray else (args.ray_python or (DEFAULT_RAY_PYTHON if Path(DEFAULT_RAY_PYTHON).exists() else None))
+    ray_interpreter = ray_python(args)
 
     results: dict[str, list[dict[str, Any]]] = {"shoal": [], "ray": []}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.runs):
             results["shoal"].append(start_run("shoal", sys.executable, Path(tmp)))
-            if ray_python:
-                results["ray"].append(start_run("ray", ray_python, Path(tmp)))
+            if ray_interpreter:
+                results["ray"].append(start_run("ray", ray_interpreter, Path(tmp)))
     scaling = scaling_figures(args.runs)
 
     def med(framework: str, key: str) -> float | None:

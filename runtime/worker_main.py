@@ -49,7 +49,8 @@ def bootstrap(spec_bytes: bytes, output: Any) -> dict[str, Any]:
     """The start of every shoal child process; returns its decoded spec.
 
     Points stdout/stderr at ``output``, leaves the terminal's process group, ignores SIGINT
-    (the supervisor owns Ctrl-C) and dies with the supervisor.
+    (the supervisor owns Ctrl-C), dies with the supervisor, and puts the spec's ``sys_path``
+    first on ``sys.path``.
     """
     out_fd = output.detach()
     os.dup2(out_fd, 1)
@@ -65,10 +66,15 @@ def bootstrap(spec_bytes: bytes, output: Any) -> dict[str, Any]:
     spec: dict[str, Any] = wire.unpack(spec_bytes)
     set_process_name(spec.get("process_name", "shoal-worker"))
     _die_with_parent(spec["parent_pid"])
-    for entry in reversed(spec.get("sys_path", [])):
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
+    sys.path[:] = merged_sys_path(spec.get("sys_path", []), sys.path)
     return spec
+
+
+def merged_sys_path(deployer: list[str], own: list[str]) -> list[str]:
+    """The deploying process's path in its own order, then this process's entries it lacks: an
+    entry the deployer had after the standard library stays after it here, so a directory
+    holding, say, an ``http.py`` cannot shadow a standard module in the worker."""
+    return list(dict.fromkeys([*deployer, *own]))
 
 
 def watch_lifeline(loop: asyncio.AbstractEventLoop, lifeline_fd: int, on_eof: Any = None) -> None:

@@ -158,3 +158,13 @@ def test_drain_rejects_new_requests_and_waits_for_ongoing_ones() -> None:
         await _close(worker, caller)
 
     run(main)
+
+
+def test_a_worker_keeps_the_deployers_sys_path_order() -> None:
+    from shoal.runtime.worker_main import merged_sys_path
+
+    stdlib = "/usr/lib/python3.11"
+    deployer = ["/app", stdlib, "/app/benchmarks"]  # the last one holds an http.py
+    merged = merged_sys_path(deployer, ["/worker", stdlib, "/site-packages"])
+    assert merged == ["/app", stdlib, "/app/benchmarks", "/worker", "/site-packages"]
+    assert merged.index(stdlib) < merged.index("/app/benchmarks")
