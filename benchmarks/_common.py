@@ -13,6 +13,8 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+from collections.abc import Callable
 from typing import Any
 
 DEFAULT_RAY_PYTHON = "/work/ray-venv/bin/python"
@@ -67,3 +69,57 @@ def run_json_child(cmd: list[str], timeout_s: float) -> dict[str, Any]:
             return dict(json.loads(line))
     tail = "\n    ".join(err.strip().splitlines()[-8:])
     return {"error": f"exit {proc.returncode}, no JSON line; stderr tail:\n    {tail}"}
+
+
+def import_serve(framework: str) -> Any:
+    """Return the ``serve`` module of the framework; the only place they differ."""
+    if framework == "ray":
+        from ray import serve
+    else:
+        from shoal import serve
+    return serve
+
+
+def framework_version(framework: str) -> str:
+    if framework == "ray":
+        import ray
+
+        return str(ray.__version__)
+    from importlib import metadata
+
+    try:
+        return metadata.version("shoal")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+Report = dict[str, Any]
+
+
+def run_each_framework(
+    args: argparse.Namespace,
+    run_child: Callable[[str, str, argparse.Namespace], Report],
+    median_report: Callable[[list[Report]], Report | None],
+) -> tuple[dict[str, Report | None], bool]:
+    """Run shoal (this interpreter) and Ray (if ``ray_python`` finds it) ``args.runs`` times
+    each, every run in a fresh process (``run_child``); return the median report per framework
+    and whether any run failed."""
+    pythons = {"shoal": sys.executable}
+    ray_py = ray_python(args)
+    if ray_py:
+        pythons["ray"] = ray_py
+    else:
+        print("no Ray interpreter (--ray-python, $SHOAL_BENCH_RAY_PYTHON); shoal only")
+    results: dict[str, Report | None] = {}
+    failed = False
+    for framework, python in pythons.items():
+        runs = []
+        for k in range(args.runs):
+            print(f"{framework} run {k + 1}/{args.runs} ({python}) ...", flush=True)
+            report = run_child(python, framework, args)
+            if "error" in report:
+                failed = True
+                print(f"  failed: {report['error']}")
+            runs.append(report)
+        results[framework] = median_report(runs)
+    return results, failed

@@ -49,7 +49,7 @@ import sys
 import time
 from typing import Any
 
-from _common import DEFAULT_RAY_PYTHON, ray_python, run_json_child
+from _common import DEFAULT_RAY_PYTHON, framework_version, import_serve, run_each_framework, run_json_child
 
 VARIANTS = ("sync", "async")
 # Options the orchestrator passes on to each child process.
@@ -67,28 +67,6 @@ METRICS = (
 
 
 # ---------------------------------------------------------------- one framework
-
-
-def import_serve(framework: str) -> Any:
-    """Return the ``serve`` module of the framework; the only place they differ."""
-    if framework == "ray":
-        from ray import serve
-    else:
-        from shoal import serve
-    return serve
-
-
-def framework_version(framework: str) -> str:
-    if framework == "ray":
-        import ray
-
-        return str(ray.__version__)
-    from importlib import metadata
-
-    try:
-        return metadata.version("shoal")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def build_deployments(serve: Any, max_ongoing_requests: int | None) -> dict[str, Any]:
@@ -269,24 +247,7 @@ def print_table(
 
 
 def orchestrate(args: argparse.Namespace) -> int:
-    pythons = {"shoal": sys.executable}
-    ray_py = ray_python(args)
-    if ray_py:
-        pythons["ray"] = ray_py
-    else:
-        print("no Ray interpreter (--ray-python, $SHOAL_BENCH_RAY_PYTHON); shoal only")
-    results: dict[str, dict[str, Any] | None] = {}
-    failed = False
-    for framework, python in pythons.items():
-        runs = []
-        for k in range(args.runs):
-            print(f"{framework} run {k + 1}/{args.runs} ({python}) ...", flush=True)
-            report = run_child(python, framework, args)
-            if "error" in report:
-                failed = True
-                print(f"  failed: {report['error']}")
-            runs.append(report)
-        results[framework] = median_report(runs)
+    results, failed = run_each_framework(args, run_child, median_report)
     print_table(results, args)
     return 1 if failed else 0
 
