@@ -49,7 +49,6 @@ class ControlServer:
         self._tasks = TaskSet()
         self._ops: dict[str, Callable[[dict[str, Any], tuple[bytes, ...]], Awaitable[dict[str, Any]]]] = {
             "ping": self._ping,
-            "deploy": self._deploy,
             "deploy_many": self._deploy_many,
             "configs": self._configs,
             "wait_app": self._wait_app,
@@ -124,10 +123,6 @@ class ControlServer:
 
     async def _ping(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
         return dict(self._info)
-
-    async def _deploy(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
-        self.controller.deploy_app(wire.unpack(payload[0]))
-        return {}
 
     async def _deploy_many(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
         self.controller.deploy_apps(wire.unpack(payload[0]), declarative=bool(meta.get("declarative")))

@@ -112,14 +112,6 @@ class Controller:
             for spec in specs
         ]
 
-    def deploy_app(self, spec: dict[str, Any]) -> None:
-        """Create or replace an application (``spec`` as built by ``shoal.serve._build``)."""
-        self._check_running()
-        check_route_prefixes(self.apps, [spec], declarative=False)
-        self._check_actor_options([spec])
-        self._apply(spec)
-        self._save()
-
     def _check_actor_options(self, specs: list[dict[str, Any]]) -> None:
         """ControllerError for ``ray_actor_options`` shoal cannot honour; warnings logged once."""
         for spec in specs:

@@ -254,7 +254,7 @@ def test_forged_control_calls_get_no_effect_and_no_answer(
     def deploy_frame(label: str) -> bytes:
         deployments, ingress = _build.build(touch_marker.bind(Marker(markers / label)), f"forged_{label}")
         spec = _build.to_spec(deployments, ingress, f"forged_{label}", None)
-        return call_frame("deploy", 7, wire.pack(spec), name=f"forged_{label}", tag=TAG)
+        return call_frame("deploy_many", 7, wire.pack([spec]), tag=TAG)
 
     shutdown = call_frame("shutdown", 8, tag=TAG)
     signed = wire.sign(deploy_frame("tampered"), key)
