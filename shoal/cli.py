@@ -1,4 +1,4 @@
-"""The ``shoal`` command: run, start, deploy, status, config, build, shutdown.
+"""The ``shoal`` command: run, start, deploy, status, config, build, logs, shutdown.
 
 Every command has ``--help``; errors print one ``shoal: ...`` line saying what was wrong and
 exit 1.
@@ -275,6 +275,35 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+_FOLLOW_INTERVAL_S = 0.25
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from shoal.controller import launch, logfiles, rundir
+    from shoal.runtime.errors import ShoalConnectionError
+
+    running = launch.find_running()
+    if running is None:
+        dead = launch.crashed(rundir.base_dir() / "default")
+        raise ShoalConnectionError(dead or "No shoal instance is running; start one with `shoal start` or `shoal run`.")
+    tail = logfiles.Tail(running.run_dir / rundir.LOGS, args.app, args.deployment, args.replica)
+    stop = threading.Event()
+    if args.follow:
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while True:
+            lines = tail.poll()
+            if lines:
+                print("\n".join(lines), flush=True)
+            if not args.follow or stop.wait(_FOLLOW_INTERVAL_S):
+                return 0
+    except KeyboardInterrupt:  # Ctrl-C ends --follow
+        return 0
+    except BrokenPipeError:  # piped into `head`: stop quietly (and flush nothing at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
 def cmd_shutdown(args: argparse.Namespace) -> int:
     from shoal.serve import api
 
@@ -354,6 +383,13 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--app-dir", "-d", default=".", help="directory prepended to sys.path (default: .)")
     build.add_argument("--output-path", "-o", help="file to write (default: stdout)")
     build.set_defaults(func=cmd_build)
+
+    logs = sub.add_parser("logs", help="the instance's log lines (replicas, proxy, supervisor) merged in time order")
+    logs.add_argument("--app", "-a", help="only this application's replicas")
+    logs.add_argument("--deployment", help="only this deployment's replicas")
+    logs.add_argument("--replica", help="only this replica (its id, or the part after the last '#')")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until Ctrl-C")
+    logs.set_defaults(func=cmd_logs)
 
     shutdown = sub.add_parser("shutdown", help="stop the running instance and its applications")
     shutdown.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
