@@ -24,6 +24,9 @@ see ``install_replica_logging``) decides:
   echoes stderr to consoles, and a private instance's console is its driver's stdout;
 - ``additional_log_standard_attrs``: extra ``LogRecord`` attributes (``name``, ``funcName``, ...)
   added to every line (before the message in TEXT, as keys in JSON).
+
+Log files rotate by size (``runtime/rotation.py``) with the limits in the replica's spec, which
+the supervisor reads once from Ray's ``RAY_ROTATION_MAX_BYTES`` / ``RAY_ROTATION_BACKUP_COUNT``.
 """
 
 from __future__ import annotations
