@@ -36,6 +36,7 @@ from shoal.controller.state import AppState, DeploymentState, Replica
 from shoal.controller.status import render_status
 from shoal.controller.tasks import TaskSet, supervise
 from shoal.runtime import wire
+from shoal.runtime.rotation import RotationLimits
 from shoal.serve.schema import ApplicationStatus
 
 if TYPE_CHECKING:
@@ -47,9 +48,13 @@ logger = logging.getLogger("shoal.controller")
 
 
 class Controller:
-    def __init__(self, run_dir: Path, *, echo: Callable[[str], None], gpus: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, run_dir: Path, *, echo: Callable[[str], None], gpus: tuple[str, ...] = (),
+        log_rotation: RotationLimits | None = None,
+    ) -> None:
         """Must be made on the running loop: it starts the autoscaling task. ``gpus``: the
-        machine's GPU device ids."""
+        machine's GPU device ids; ``log_rotation``: the replica log files' size limits (None:
+        from ``RAY_ROTATION_*``, see ``runtime/rotation.py``)."""
         self.apps: dict[str, AppState] = {}
         self._run_dir = run_dir
         self._specs: dict[str, dict[str, Any]] = {}  # what was deployed, saved (``applied``)
@@ -62,7 +67,10 @@ class Controller:
         self._stopping = False
         self._timer: asyncio.TimerHandle | None = None
         self._tasks = TaskSet()
-        self._executor = Executor(run_dir, events=self, tasks=self._tasks, unroute=self._unroute, echo=echo, gpus=gpus)
+        self._executor = Executor(
+            run_dir, events=self, tasks=self._tasks, unroute=self._unroute, echo=echo, gpus=gpus,
+            log_rotation=log_rotation,
+        )
         poller = scaling.AutoscalePoller(self._deployments, self._executor.control, self.reconcile, time.monotonic)
         self._autoscale_task = supervise("autoscaling", poller.run)
 

@@ -31,6 +31,7 @@ from shoal.controller.state import DeploymentState, Replica
 from shoal.controller.tasks import TaskSet
 from shoal.runtime import wire
 from shoal.runtime.logs import replica_prefix
+from shoal.runtime.rotation import RotatingLineFile, RotationLimits, limits_from_env
 from shoal.serve.schema import ReplicaState
 
 logger = logging.getLogger("shoal.controller")
@@ -87,9 +88,12 @@ class Executor:
         unroute: Callable[[float], Awaitable[None]],
         echo: Callable[[str], None],
         gpus: tuple[str, ...] = (),
+        log_rotation: RotationLimits | None = None,
     ) -> None:
         """``unroute(timeout_s)`` publishes the replica sets and waits (bounded) until every
-        router applied them; ``gpus``: the machine's GPU device ids."""
+        router applied them; ``gpus``: the machine's GPU device ids; ``log_rotation``: the size
+        limits of every replica log file (None: Ray's ``RAY_ROTATION_*`` variables, read once
+        here, see ``runtime/rotation.py``), passed to each replica in its spec."""
         self.gpus = GpuPool(gpus)
         self._run_dir = run_dir
         self._events = events
@@ -97,6 +101,7 @@ class Executor:
         self._unroute = unroute
         self._echo = echo
         self._logs = rundir.ensure_private_dir(run_dir / rundir.LOGS)
+        self._log_rotation = limits_from_env() if log_rotation is None else log_rotation
         self._incarnations = itertools.count(1)
         self._handles: dict[str, _Handles] = {}
 
@@ -134,6 +139,7 @@ class Executor:
                 "memory_limit_bytes": actor_options.memory_limit_bytes(options),
                 "logging_config": state.config.get("logging_config"),  # merged in deploy.apply_spec
                 "logs_dir": str(self._logs),  # the replica writes its access lines there
+                "log_rotation": self._log_rotation.to_spec(),  # for every log file it writes
             }
         )
         replica = Replica(
@@ -141,11 +147,11 @@ class Executor:
             rank=rank, world_size=state.target, gpus=devices,
         )
         log_path = self._logs / f"replica_{state.app}_{state.name}_{replica_id.rsplit('#', 1)[-1]}.log"
-        log_file = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - closed at exit
+        log_file = RotatingLineFile(log_path, self._log_rotation)  # closed at exit; shared with the replica
         prefix = replica_prefix(state.app, state.name, replica_id, 0)
 
         def on_output(line: str) -> None:
-            log_file.write(line + "\n")
+            log_file.write(line)
             self._echo(f"{prefix} {line}")
 
         def on_last_words(data: bytes) -> None:

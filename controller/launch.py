@@ -130,7 +130,11 @@ def start_supervisor(
         life_r, life_w = os.pipe()
         pass_fds.append(life_r)
         cmd += ["--lifeline-fd", str(life_r)]
-    log = None if private else open(rundir.ensure_private_dir(run_dir / rundir.LOGS) / "supervisor.log", "ab")  # noqa: SIM115
+    log = None
+    if not private:  # the file itself, until the supervisor takes its output over to rotate it
+        log_path = rundir.ensure_private_dir(run_dir / rundir.LOGS) / "supervisor.log"
+        log = open(log_path, "ab")  # noqa: SIM115
+        cmd += ["--log-file", str(log_path)]
     try:
         proc = subprocess.Popen(
             cmd,

@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,13 @@ from shoal.controller.control import ControlServer
 from shoal.controller.controller import Controller
 from shoal.controller.listener import HTTPListener
 from shoal.controller.proxy import ProxySupervisor, check_tls_options
+from shoal.controller.supervisor_log import OutputCapture
 from shoal.runtime import transport
+from shoal.runtime.rotation import LogRotationConfigError, RotationLimits, limits_from_env
 from shoal.runtime.worker_main import set_process_name, watch_lifeline
 
 logger = logging.getLogger("shoal.supervisor")
+_LOG_DRAIN_TIMEOUT_S = 5.0  # at exit, bound on writing the last lines to supervisor.log
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class SupervisorConfig:
     ready_fd: int | None = None
     http_options: dict[str, Any] | None = None  # None: no HTTP proxy
     gpus: tuple[str, ...] | None = None  # declared GPU device ids; None: detect them
+    log_rotation: RotationLimits = field(default_factory=RotationLimits)  # every log file's size limits (Ray's RAY_ROTATION_*)
 
 
 def _echo(line: str) -> None:
@@ -82,7 +86,7 @@ async def serve(config: SupervisorConfig) -> int:
         watch_lifeline(loop, config.lifeline_fd, stop.set)
 
     devices = gpus.detect_gpus(config.gpus)
-    controller = Controller(run_dir, echo=_echo, gpus=devices)
+    controller = Controller(run_dir, echo=_echo, gpus=devices, log_rotation=config.log_rotation)
     endpoint = rundir.control_endpoint(run_dir)
     info: dict[str, Any] = {
         "pid": os.getpid(), "control": endpoint, "run_dir": str(run_dir), "http_url": None, "gpus": list(devices),
@@ -165,15 +169,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, help="write one JSON readiness line to this fd")
     parser.add_argument("--http-options", type=json.loads, help="HTTPOptions as JSON; omit for no proxy")
     parser.add_argument("--gpus", type=_gpu_ids, help="GPUs: a count, device ids (0,2) or a JSON list of ids; omit to detect")
+    parser.add_argument("--log-file", type=Path, help="write stdout and stderr to this size-rotating file")
     args = parser.parse_args(argv)
+    try:
+        rotation = limits_from_env()  # read once here; replicas get them in their spec
+    except LogRotationConfigError as exc:
+        _report_ready(args.ready_fd, {"error": str(exc)})
+        return 2
+    capture = OutputCapture(args.log_file, rotation) if args.log_file is not None else None
     logging.basicConfig(level=logging.INFO, format="(shoal supervisor) %(levelname)s %(message)s")
     set_process_name("shoal")
     import uvloop
 
-    config = SupervisorConfig(args.run_dir, args.lifeline_fd, args.ready_fd, args.http_options, args.gpus)
+    config = SupervisorConfig(args.run_dir, args.lifeline_fd, args.ready_fd, args.http_options, args.gpus, rotation)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(serve(config))
     except rundir.UnsafeRunDirError as exc:
         print(f"shoal: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if capture is not None:
+            capture.close(_LOG_DRAIN_TIMEOUT_S)

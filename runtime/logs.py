@@ -24,6 +24,9 @@ see ``install_replica_logging``) decides:
   echoes stderr to consoles, and a private instance's console is its driver's stdout;
 - ``additional_log_standard_attrs``: extra ``LogRecord`` attributes (``name``, ``funcName``, ...)
   added to every line (before the message in TEXT, as keys in JSON).
+
+Log files rotate by size (``runtime/rotation.py``) with the limits in the replica's spec, which
+the supervisor reads once from Ray's ``RAY_ROTATION_MAX_BYTES`` / ``RAY_ROTATION_BACKUP_COUNT``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from shoal.runtime.context import current_request
+from shoal.runtime.rotation import RotatingLineHandler, RotationLimits, limits_from_env
 
 _FORMAT = "%(levelname)s %(asctime)s %(name)s %(request_id)s -- %(message)s"
 _ACCESS_LOG_ATTR = "serve_access_log"
@@ -112,11 +116,18 @@ class _OnlyAccessFilter(logging.Filter):
 
 
 def _handlers(
-    config: Mapping[str, Any], app: str, deployment: str, replica: str, default_logs_dir: str | None = None
+    config: Mapping[str, Any],
+    app: str,
+    deployment: str,
+    replica: str,
+    default_logs_dir: str | None = None,
+    rotation: RotationLimits | None = None,
 ) -> list[logging.Handler]:
     """stderr, without access lines (it is echoed to consoles and drivers' stdout), and the log
     file: under ``logs_dir`` with every line, else under ``default_logs_dir`` (the run
-    directory's, which the supervisor fills with the stderr lines) with the access lines."""
+    directory's, which the supervisor fills with the stderr lines) with the access lines. The
+    file rotates by size with ``rotation`` (None: Ray's defaults; see ``runtime/rotation.py``)."""
+    limits = rotation or RotationLimits()
     additional = tuple(config.get("additional_log_standard_attrs") or ())
     encoding = str(config.get("encoding", "TEXT")).upper()
     formatter = JSONFormatter(additional) if encoding == "JSON" else _text_formatter(additional)
@@ -128,12 +139,12 @@ def _handlers(
     logs_dir = config.get("logs_dir")
     if logs_dir:
         os.makedirs(logs_dir, exist_ok=True)
-        file = logging.FileHandler(os.path.join(logs_dir, name))
+        file: logging.Handler = RotatingLineHandler(os.path.join(logs_dir, name), limits)
         if not access:
             file.addFilter(_AccessLogFilter())
         handlers.append(file)
     elif default_logs_dir and access:
-        file = logging.FileHandler(os.path.join(default_logs_dir, name))
+        file = RotatingLineHandler(os.path.join(default_logs_dir, name), limits)
         file.addFilter(_OnlyAccessFilter())
         handlers.append(file)
     context = _ContextFilter(app, deployment, replica)
@@ -151,26 +162,30 @@ def install_replica_logging(
     logging_config: Mapping[str, Any] | None = None,
     app: str = "",
     default_logs_dir: str | None = None,
+    log_rotation: Mapping[str, Any] | None = None,
 ) -> None:
     """Route the root logger (and so ``logging.getLogger("ray.serve")``) to stderr and the log
     file (see ``_handlers``), formatted as ``logging_config`` (a ``LoggingConfig`` as a dict;
-    None: the defaults with ``level``) says. ``replica`` is the full replica id."""
+    None: the defaults with ``level``) says. ``replica`` is the full replica id;
+    ``log_rotation``: the size limits from the replica's spec (``RotationLimits.to_spec``)."""
     config = dict(logging_config or {})
     root = logging.getLogger()
     for handler in root.handlers:
         handler.close()
-    root.handlers[:] = _handlers(config, app, deployment, replica.rsplit("#", 1)[-1], default_logs_dir)
+    rotation = RotationLimits.from_spec(log_rotation)
+    root.handlers[:] = _handlers(config, app, deployment, replica.rsplit("#", 1)[-1], default_logs_dir, rotation)
     root.setLevel(config.get("log_level", level))
 
 
 def install_local_logging(app: str, logging_config: Mapping[str, Any]) -> None:
     """Local testing mode (deployments in the driver): the ``ray.serve`` logger, not the
     driver's root logger, takes ``logging_config`` (as Ray configures its ``local_test``
-    component); its file under ``logs_dir`` is ``replica_<app>_local_test_-.log``."""
+    component); its file under ``logs_dir`` is ``replica_<app>_local_test_-.log``, rotating with
+    the driver's ``RAY_ROTATION_*`` limits (there is no supervisor to pass them)."""
     logger = logging.getLogger(_ACCESS_LOGGER)
     for handler in logger.handlers:
         handler.close()
-    logger.handlers[:] = _handlers(logging_config, app, "local_test", "-")
+    logger.handlers[:] = _handlers(logging_config, app, "local_test", "-", rotation=limits_from_env())
     logger.propagate = False
     logger.setLevel(logging_config.get("log_level", "INFO"))
 

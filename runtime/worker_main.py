@@ -151,6 +151,7 @@ def _configure_logging(spec: dict[str, Any]) -> None:
     install_replica_logging(
         deployment=spec["deployment"], replica=spec["replica_id"], app=spec.get("app", ""),
         logging_config=spec.get("logging_config"), default_logs_dir=spec.get("logs_dir"),
+        log_rotation=spec.get("log_rotation"),
     )
 
 

@@ -1,0 +1,112 @@
+"""The size-rotating log writer: RotatingFileHandler's contract (rotate before reaching
+max_bytes, file.log.1 newest ... file.log.<backup_count> oldest, 0 means never), shared safely
+between writers, and Ray's RAY_ROTATION_* limits."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from shoal.runtime.rotation import (
+    DEFAULT_BACKUP_COUNT,
+    DEFAULT_MAX_BYTES,
+    LogRotationConfigError,
+    RotatingLineFile,
+    RotatingLineHandler,
+    RotationLimits,
+    limits_from_env,
+)
+
+_LINE = "x" * 9  # 10 bytes with the newline
+
+
+def _family(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir())
+
+
+def test_the_file_rotates_before_it_would_reach_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "file.log"
+    writer = RotatingLineFile(path, RotationLimits(max_bytes=35, backup_count=2))
+    for _ in range(3):
+        writer.write(_LINE)
+    assert _family(path) == ["file.log"] and path.stat().st_size == 30
+    writer.write("y" * 9)  # 30 + 10 >= 35: rotate first
+    assert _family(path) == ["file.log", "file.log.1"]
+    assert path.read_text() == "y" * 9 + "\n"
+    assert (tmp_path / "file.log.1").read_text() == (_LINE + "\n") * 3
+    writer.close()
+
+
+def test_only_backup_count_rotated_files_are_kept_newest_first(tmp_path: Path) -> None:
+    path = tmp_path / "file.log"
+    writer = RotatingLineFile(path, RotationLimits(max_bytes=10, backup_count=2))
+    for number in range(6):  # each line fills a file: every write after the first rotates
+        writer.write(f"line-{number}")
+    writer.close()
+    assert _family(path) == ["file.log", "file.log.1", "file.log.2"]
+    assert path.read_text() == "line-5\n"
+    assert (tmp_path / "file.log.1").read_text() == "line-4\n"
+    assert (tmp_path / "file.log.2").read_text() == "line-3\n"
+
+
+def test_a_line_longer_than_the_limit_is_written_whole(tmp_path: Path) -> None:
+    path = tmp_path / "file.log"
+    writer = RotatingLineFile(path, RotationLimits(max_bytes=10, backup_count=1))
+    writer.write("z" * 50)
+    writer.close()
+    assert _family(path) == ["file.log"] and path.read_text() == "z" * 50 + "\n"
+
+
+@pytest.mark.parametrize("limits", [RotationLimits(0, 3), RotationLimits(10, 0)])
+def test_zero_max_bytes_or_backup_count_never_rotates(tmp_path: Path, limits: RotationLimits) -> None:
+    path = tmp_path / "file.log"
+    writer = RotatingLineFile(path, limits)
+    for _ in range(5):
+        writer.write(_LINE)
+    writer.close()
+    assert _family(path) == ["file.log"] and path.stat().st_size == 50
+
+
+def test_writers_sharing_a_path_follow_each_others_rotations(tmp_path: Path) -> None:
+    path = tmp_path / "file.log"
+    limits = RotationLimits(max_bytes=25, backup_count=3)
+    first, second = RotatingLineFile(path, limits), RotatingLineFile(path, limits)
+    for number in range(8):
+        (first if number % 2 else second).write(f"line-{number:03d}")  # 9 bytes with the newline
+    first.close()
+    second.close()
+    kept = [(tmp_path / name).read_text() for name in ("file.log.3", "file.log.2", "file.log.1", "file.log")]
+    assert "".join(kept) == "".join(f"line-{number:03d}\n" for number in range(8))
+    assert all(len(text) < 25 for text in kept)
+
+
+def test_the_logging_handler_rotates_formatted_records(tmp_path: Path) -> None:
+    path = tmp_path / "replica.log"
+    handler = RotatingLineHandler(path, RotationLimits(max_bytes=20, backup_count=1))
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.Logger("rotation-test")
+    logger.addHandler(handler)
+    for number in range(3):
+        logger.warning("msg-%d", number)  # "WARNING msg-N\n": 14 bytes
+    handler.close()
+    assert _family(path) == ["replica.log", "replica.log.1"]
+    assert path.read_text() == "WARNING msg-2\n"
+    assert (tmp_path / "replica.log.1").read_text() == "WARNING msg-1\n"
+
+
+def test_limits_default_to_rays() -> None:
+    assert limits_from_env({}) == RotationLimits(512 * 1024 * 1024, 5)
+    assert (DEFAULT_MAX_BYTES, DEFAULT_BACKUP_COUNT) == (536870912, 5)
+    limits = limits_from_env({"RAY_ROTATION_MAX_BYTES": "4096", "RAY_ROTATION_BACKUP_COUNT": "0"})
+    assert limits == RotationLimits(4096, 0)
+    assert RotationLimits.from_spec(limits.to_spec()) == limits
+    assert RotationLimits.from_spec(None) == RotationLimits()
+
+
+@pytest.mark.parametrize("name", ["RAY_ROTATION_MAX_BYTES", "RAY_ROTATION_BACKUP_COUNT"])
+@pytest.mark.parametrize("value", ["-1", "lots", "1.5"])
+def test_a_bad_limit_is_refused_naming_the_variable(name: str, value: str) -> None:
+    with pytest.raises(LogRotationConfigError, match=f"{name} must be a non-negative integer, got '{value}'"):
+        limits_from_env({name: value})
