@@ -50,7 +50,6 @@ import bisect
 import dataclasses
 import decimal
 import functools
-import importlib
 import inspect
 import logging
 import math
@@ -59,6 +58,7 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
+from shoal.runtime.imports import import_attr
 from shoal.serve.autoscaling_policy import (
     _apply_scaling_factors,
     _ceil,
@@ -214,15 +214,11 @@ class MetricsWindow:
 
 
 def _import_attr(path: str) -> Any:
-    """Resolve ``"mod.sub:attr.inner"`` or ``"mod.sub.attr"``; ImportError names the path."""
-    module_name, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    """Resolve a policy's import path; ImportError names the path."""
     try:
-        obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
+        return import_attr(path)
+    except ImportError as exc:
         raise ImportError(f"Failed to import autoscaling policy {path!r}: {exc}") from exc
-    return obj
 
 
 def load_policy(policy: AutoscalingPolicy | str | Callable[..., Any]) -> PolicyFn:

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 from shoal.runtime import p2c, wire
 from shoal.runtime.context import ReplicaID
+from shoal.runtime.imports import import_attr
 
 __all__ = [
     "FIFOMixin",
@@ -564,23 +565,7 @@ def router_class(spec: str | bytes) -> type[RequestRouter]:
 def import_class(path: str) -> Any:
     """The attribute an import path (``module:attr`` or ``module.attr``) names; ValueError
     saying why if it does not import."""
-    import importlib
-
-    module_name, sep, attr = path.partition(":")
-    if not sep:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"request_router_class {path!r} is not an import path ('module:Class').")
     try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise ValueError(f"request_router_class {path!r} could not be imported: {type(exc).__name__}: {exc}") from exc
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ValueError(
-                f"request_router_class {path!r} could not be imported: module '{module_name}' has no attribute '{attr}'."
-            ) from None
-    return obj
+        return import_attr(path)
+    except ImportError as exc:
+        raise ValueError(f"request_router_class {path!r} could not be imported: {exc}") from exc

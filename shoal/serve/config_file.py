@@ -10,7 +10,6 @@ deployed, so a bad file changes nothing.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import typing
 from pathlib import Path
@@ -20,6 +19,7 @@ import pydantic
 import yaml
 
 from shoal.controller.actor_options import merge_runtime_envs
+from shoal.runtime import imports
 from shoal.serve import _build
 from shoal.serve.config import check_no_controller_env_vars
 from shoal.serve.deployment import Application
@@ -46,21 +46,11 @@ def load(path: str | Path) -> ServeDeploySchema:
 
 
 def import_attr(import_path: str) -> Any:
-    """``module.sub:attr`` or ``module.sub.attr``."""
-    if ":" in import_path:
-        module_name, _, attr = import_path.partition(":")
-    else:
-        module_name, _, attr = import_path.rpartition(".")
-    if not module_name or not attr:
-        raise ConfigError(f"'{import_path}' is not an import path; use 'module:attribute', e.g. 'app:app'.")
+    """``module.sub:attr`` or ``module.sub.attr``; ConfigError saying what failed."""
     try:
-        module = importlib.import_module(module_name)
+        return imports.import_attr(import_path)
     except ImportError as exc:
-        raise ConfigError(f"cannot import '{module_name}' for '{import_path}': {exc}") from exc
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ConfigError(f"module '{module_name}' has no attribute '{attr}' (import path '{import_path}')") from None
+        raise ConfigError(f"{exc} (import path '{import_path}')") from exc
 
 
 def application(import_path: str, args: dict[str, Any], where: str = "") -> Application:
