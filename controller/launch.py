@@ -44,6 +44,7 @@ class Instance:
     lifeline_fd: int | None = None
     pid: int | None = None  # the supervisor's, when this process started it
     http_url: str | None = None
+    metrics_url: str | None = None
 
     @property
     def private(self) -> bool:
@@ -160,7 +161,10 @@ def start_supervisor(
         if life_w is not None:
             os.close(life_w)
         raise (HTTPBindError if info.get("http_bind_failed") else RayServeException)(info["error"])
-    return Instance(run_dir, info["control"], proc if private else None, life_w, info["pid"], info.get("http_url"))
+    return Instance(
+        run_dir, info["control"], proc if private else None, life_w, info["pid"],
+        info.get("http_url"), info.get("metrics_url"),
+    )
 
 
 def _read_line(fd: int, timeout_s: float, proc: subprocess.Popen[bytes]) -> str:

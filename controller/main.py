@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -28,11 +29,13 @@ from shoal.controller import applied, gpus, rundir
 from shoal.controller.control import ControlServer
 from shoal.controller.controller import Controller
 from shoal.controller.listener import HTTPListener
+from shoal.controller.metrics_endpoint import MetricsEndpoint, MetricsFiles, instance_pids, retention_from_env
 from shoal.controller.proxy import ProxySupervisor, check_tls_options
 from shoal.controller.supervisor_log import OutputCapture
-from shoal.runtime import transport
+from shoal.runtime import metrics, transport
 from shoal.runtime.rotation import LogRotationConfigError, RotationLimits, limits_from_env
 from shoal.runtime.worker_main import set_process_name, watch_lifeline
+from shoal.serve.config import DEFAULT_METRICS_PORT
 
 logger = logging.getLogger("shoal.supervisor")
 _LOG_DRAIN_TIMEOUT_S = 5.0  # at exit, bound on writing the last lines to supervisor.log
@@ -91,6 +94,12 @@ async def serve(config: SupervisorConfig) -> int:
     info: dict[str, Any] = {
         "pid": os.getpid(), "control": endpoint, "run_dir": str(run_dir), "http_url": None, "gpus": list(devices),
     }
+    try:
+        metrics_endpoint = _start_metrics(run_dir, config.http_options, info)
+    except (OSError, ValueError) as exc:
+        _report_ready(config.ready_fd, {"error": str(exc)})
+        rundir.remove_sockets(run_dir)
+        return 2
     listener: HTTPListener | None = None
     if config.http_options is not None and config.http_options.get("host") is not None:
         try:
@@ -122,9 +131,39 @@ async def serve(config: SupervisorConfig) -> int:
         if listener is not None:
             listener.close()
         await server.aclose()
+        if metrics_endpoint is not None:
+            metrics_endpoint.close()
         rundir.remove_sockets(run_dir)
         transport.terminate_context()
     return 0
+
+
+def _start_metrics(run_dir: Path, http_options: dict[str, Any] | None, info: dict[str, Any]) -> MetricsEndpoint | None:
+    """Record this process's metrics, and its children's, into the run directory's files, and
+    serve them merged (``info["metrics_url"]``). None if metrics are off, or if the default port
+    is taken (with a warning); OSError if another port cannot be bound."""
+    options = http_options or {}
+    port = options.get("metrics_port", DEFAULT_METRICS_PORT)
+    info["metrics_url"] = None
+    if port is None:
+        return None
+    directory = run_dir / rundir.METRICS
+    shutil.rmtree(directory, ignore_errors=True)  # a new instance's counters start at zero
+    metrics.enable(directory)
+    files = MetricsFiles(directory, retention_s=retention_from_env(), live_pids=instance_pids)
+    host = options.get("host") or "127.0.0.1"
+    try:
+        endpoint = MetricsEndpoint(files, host, int(port))
+    except OSError as exc:
+        if port != DEFAULT_METRICS_PORT:
+            raise OSError(f"cannot serve metrics on {host}:{port} (http_options.metrics_port): {exc}") from exc
+        logger.warning(
+            "metrics are off: the default metrics port %s:%d is taken (%s); set http_options.metrics_port "
+            "(0 picks a free port)", host, port, exc.strerror or exc,
+        )
+        return None
+    info["metrics_url"] = endpoint.url
+    return endpoint
 
 
 def _abandon(run_dir: Path) -> None:

@@ -3,7 +3,7 @@
     $SHOAL_RUN_DIR or /tmp/shoal-<uid>/          base, 0700, owned by this user
         default/                                  the instance `shoal start` runs
         session_<pid>_<time>/                     a private instance started by serve.run
-            control.sock  supervisor.pid  instance.key  r<incarnation>.sock ...  logs/
+            control.sock  supervisor.pid  instance.key  r<incarnation>.sock ...  logs/  metrics/
 
 Every directory is created 0700 and checked to be exactly that: owned by this user, not a
 symlink, no access for group or others. A supervisor refuses to start on a directory that is
@@ -32,6 +32,7 @@ from shoal.runtime.wire import KEY_BYTES
 CONTROL_SOCKET = "control.sock"
 PID_FILE = "supervisor.pid"
 LOGS = "logs"
+METRICS = "metrics"  # every process's metric samples (runtime/metrics.py)
 _KEEP_SESSIONS = 10
 
 

@@ -67,6 +67,10 @@ def bootstrap(spec_bytes: bytes, output: Any) -> dict[str, Any]:
     set_process_name(spec.get("process_name", "shoal-worker"))
     _die_with_parent(spec["parent_pid"])
     sys.path[:] = merged_sys_path(spec.get("sys_path", []), sys.path)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # the instance exports metrics: record into its files
+        from shoal.runtime import metrics
+
+        metrics.enable_from_env()
     return spec
 
 

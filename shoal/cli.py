@@ -152,6 +152,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     options = HTTPOptions(
         host=args.http_host, port=args.http_port, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
         ssl_keyfile_password=args.ssl_keyfile_password, ssl_ca_certs=args.ssl_ca_certs,
+        metrics_port=args.metrics_port,
     ).model_dump()
     run_dir = rundir.instance_dir("default")
     restoring = launch.crashed(run_dir) is not None and (run_dir / applied.APPLIED_FILE).exists()
@@ -162,7 +163,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         f"shoal started (supervisor pid {instance.pid}).\n"
         f"Scripts you run deploy to it with serve.run(); other processes can name it with "
         f"SHOAL_ADDRESS={instance.run_dir}\n"
-        f"HTTP: {instance.http_url or 'off'}   stop it with: shoal shutdown"
+        f"HTTP: {instance.http_url or 'off'}   metrics: {instance.metrics_url or 'off'}   "
+        "stop it with: shoal shutdown"
     )
     return 0
 
@@ -192,6 +194,18 @@ def _warn_start_only_options(target: str) -> None:
         )
 
 
+def _metrics_port(value: str) -> int | None:
+    if value.lower() == "off":
+        return None
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number or 'off'") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0 to 65535)")
+    return port
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from shoal.controller import launch, rundir
     from shoal.runtime.errors import ShoalConnectionError
@@ -212,6 +226,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(status, sort_keys=False), end="")
     else:
         print(format_status(status))
+        print(f"metrics: {api.get_metrics_url() or 'off'}")
     return 0
 
 
@@ -355,6 +370,10 @@ def _parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start", help="start your default instance, detached")
     start.add_argument("--http-host", default="127.0.0.1", help="HTTP host (default: 127.0.0.1)")
     start.add_argument("--http-port", type=int, default=8000, help="HTTP port (default: 8000)")
+    start.add_argument(
+        "--metrics-port", type=_metrics_port, default=8080,
+        help="serve Prometheus metrics on this port (default: 8080; 0 picks a free one; 'off' serves none)",
+    )
     start.add_argument("--gpus", type=_gpus, help=_GPUS_HELP)
     start.add_argument("--ssl-keyfile", help="serve HTTPS: the private key file (with --ssl-certfile)")
     start.add_argument("--ssl-certfile", help="serve HTTPS: the certificate (chain) file (with --ssl-keyfile)")

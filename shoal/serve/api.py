@@ -113,6 +113,15 @@ def get_http_url() -> str | None:
     return rt.call_sync("ping")[0].get("http_url")
 
 
+def get_metrics_url() -> str | None:
+    """Where the instance serves Prometheus metrics (``http_options.metrics_port``; a shoal
+    extension), or None if it serves none."""
+    rt = _runtime(start=False)
+    if rt is None:
+        return None
+    return rt.call_sync("ping")[0].get("metrics_url")
+
+
 def run(
     target: Application,
     blocking: bool = False,

@@ -336,6 +336,9 @@ class DeploymentMode(str, Enum):
     EveryNode = "EveryNode"
 
 
+DEFAULT_METRICS_PORT = 8080  # Ray's default metrics export port
+
+
 class HTTPOptions(_Strict):
     """Options of the HTTP proxy.
 
@@ -352,6 +355,12 @@ class HTTPOptions(_Strict):
     "for verifying client certificates") makes the proxy require a client certificate signed by
     one of those CAs. A missing file, a key that does not match or decrypt, or a password or CA
     file without a key and certificate is an error at start naming the option.
+
+    Metrics (a shoal extension, as Ray's metrics export port): the instance serves Prometheus
+    metrics on ``metrics_port`` (default 8080; 0 picks a free one; None serves none), on ``host``
+    (127.0.0.1 when HTTP is off); ``serve.get_metrics_url()`` says where. If the default port is
+    taken, the instance starts without metrics and warns; any other port that cannot be bound is
+    an error at start.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -375,6 +384,7 @@ class HTTPOptions(_Strict):
     max_header_count: PositiveInt = 100
     request_header_timeout_s: PositiveFloat = 10.0
     max_connections: PositiveInt = 10_000
+    metrics_port: int | None = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
 
     @field_validator("middlewares")
     @classmethod

@@ -36,6 +36,7 @@ from pydantic import (
 )
 
 from shoal.serve.config import (
+    DEFAULT_METRICS_PORT,
     AutoscalingConfig,
     AutoscalingPolicy,
     BackpressureConfig,
@@ -553,6 +554,7 @@ class HTTPOptionsSchema(_Strict):
     max_header_count: PositiveInt = 100
     request_header_timeout_s: PositiveFloat = 10.0
     max_connections: PositiveInt = 10_000
+    metrics_port: int | None = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)  # None: no metrics endpoint
 
     @model_validator(mode="after")
     def _ssl_pair(self) -> HTTPOptionsSchema:
