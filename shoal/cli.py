@@ -225,16 +225,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(status, sort_keys=False), end="")
     else:
-        print(format_status(status))
-        print(f"metrics: {api.get_metrics_url() or 'off'}")
+        print(format_status(status, api.get_metrics_url()))
     return 0
 
 
-def format_status(status: dict[str, Any]) -> str:
-    """A readable table of applications, deployments and replicas."""
+def format_status(status: dict[str, Any], metrics_url: str | None = None) -> str:
+    """A readable table of applications, deployments and replicas, and where metrics are served."""
     if not status["applications"]:
         return "No applications are running."
-    lines = [f"proxy: {', '.join(f'{k} {v}' for k, v in status['proxies'].items()) or 'none'}", ""]
+    lines = [
+        f"proxy: {', '.join(f'{k} {v}' for k, v in status['proxies'].items()) or 'none'}",
+        f"metrics: {metrics_url or 'off'}",
+        "",
+    ]
     if status.get("target_capacity") is not None:  # a config file's: every target is scaled
         lines.insert(1, f"target capacity: {status['target_capacity']:g}%")
     rows = [("APPLICATION", "STATUS", "DEPLOYMENT", "STATUS", "REPLICAS", "RESTARTS", "PIDS")]

@@ -207,3 +207,29 @@ def served_url(cli: subprocess.Popen[str], timeout_s: float, readers: list[threa
         found = re.search(r"serving .* on (http://\S+)", line)
         if found:
             return found.group(1)
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str | None = None) -> Samples:
+    """The samples the instance's metrics endpoint serves now (default: ``serve.get_metrics_url()``),
+    keyed by (sample name, labels)."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = url or serve.get_metrics_url()
+    assert url, "the instance serves no metrics (http_options.metrics_port is None?)"
+    text = requests.get(url, timeout=10).text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample_value(samples: Samples, name: str, **labels: str) -> float | None:
+    """The sum of the samples called ``name`` whose labels include ``labels``; None if there is none."""
+    wanted = set(labels.items())
+    found = [value for (sample, have), value in samples.items() if sample == name and wanted <= have]
+    return sum(found) if found else None
