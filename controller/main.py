@@ -140,8 +140,9 @@ async def serve(config: SupervisorConfig) -> int:
 
 def _start_metrics(run_dir: Path, http_options: dict[str, Any] | None, info: dict[str, Any]) -> MetricsEndpoint | None:
     """Record this process's metrics, and its children's, into the run directory's files, and
-    serve them merged (``info["metrics_url"]``). None if metrics are off, or if the default port
-    is taken (with a warning); OSError if another port cannot be bound."""
+    serve them merged (``info["metrics_url"]``). None if metrics are off. If the default port is
+    taken (another instance has it), a free port is used; any other port that cannot be bound is
+    an OSError."""
     options = http_options or {}
     port = options.get("metrics_port", DEFAULT_METRICS_PORT)
     info["metrics_url"] = None
@@ -157,11 +158,8 @@ def _start_metrics(run_dir: Path, http_options: dict[str, Any] | None, info: dic
     except OSError as exc:
         if port != DEFAULT_METRICS_PORT:
             raise OSError(f"cannot serve metrics on {host}:{port} (http_options.metrics_port): {exc}") from exc
-        logger.warning(
-            "metrics are off: the default metrics port %s:%d is taken (%s); set http_options.metrics_port "
-            "(0 picks a free port)", host, port, exc.strerror or exc,
-        )
-        return None
+        endpoint = MetricsEndpoint(files, host, 0)
+        logger.debug("the default metrics port %d is taken; serving metrics on %s", port, endpoint.url)
     info["metrics_url"] = endpoint.url
     return endpoint
 

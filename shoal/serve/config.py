@@ -358,9 +358,9 @@ class HTTPOptions(_Strict):
 
     Metrics (a shoal extension, as Ray's metrics export port): the instance serves Prometheus
     metrics on ``metrics_port`` (default 8080; 0 picks a free one; None serves none), on ``host``
-    (127.0.0.1 when HTTP is off); ``serve.get_metrics_url()`` says where. If the default port is
-    taken, the instance starts without metrics and warns; any other port that cannot be bound is
-    an error at start.
+    (127.0.0.1 when HTTP is off); ``serve.get_metrics_url()`` and ``shoal status`` say where. If
+    the default port is taken (say, by another instance), a free port is used; any other port
+    that cannot be bound is an error at start.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
