@@ -7,7 +7,9 @@ What it measures: each target serves ``GET /`` -> ``hello`` (text/plain) from
   shoal's HTTP proxy;
 * bare: uvicorn (uvloop, httptools, access log off, one worker) serving a Starlette app whose
   handler returns ``PlainTextResponse("hello")``, the floor any proxy-plus-replica design pays;
-* ray: the same deployment as shoal under Ray Serve, when an interpreter with Ray is found.
+* ray: the same deployment as shoal under Ray Serve, when an interpreter with Ray is found;
+* shoal-metrics and shoal-quiet (asked for with ``--targets``): shoal with access logs off, and
+  with access logs and the metrics endpoint off, to price what the defaults cost.
 
 For every (target, connections) pair, connections 1, 16 and 64 by default, it runs
 ``wrk -t min(c, 2) -c c -d D --latency --timeout 10s`` after a 2 s warm-up and records
@@ -74,7 +76,13 @@ from typing import Any
 
 from _common import DEFAULT_RAY_PYTHON, HOST, free_port, ray_python
 
-TARGETS = ("shoal", "bare", "ray")
+TARGETS = ("shoal", "shoal-metrics", "shoal-quiet", "bare", "ray")
+# What the shoal variants turn off, to price metrics and access logs (shoal: both on, the defaults).
+SHOAL_VARIANTS = {
+    "shoal": {},
+    "shoal-metrics": {"logging_config": {"enable_access_log": False}},
+    "shoal-quiet": {"logging_config": {"enable_access_log": False}, "metrics_port": None},
+}
 BODY = b"hello"
 ANNOUNCE = "SHOAL_BENCH_SERVER "  # prefix of the child's one line to the orchestrator
 REFERENCE = (
@@ -137,10 +145,13 @@ def serve_framework(framework: str, max_ongoing_requests: int | None) -> int:
 
         port = free_port()  # Ray's proxy has no port 0; a tiny race, reported if it bites
         http_options: dict[str, Any] = {"host": HOST, "port": port}
+        start_options: dict[str, Any] = {}
     else:
         from shoal import serve
 
-        http_options = {"host": HOST, "port": 0}
+        variant = SHOAL_VARIANTS[framework]
+        http_options = {"host": HOST, "port": 0, "metrics_port": variant.get("metrics_port", 0)}
+        start_options = {"logging_config": variant["logging_config"]} if "logging_config" in variant else {}
 
     @serve.deployment
     class Hello:
@@ -151,7 +162,7 @@ def serve_framework(framework: str, max_ongoing_requests: int | None) -> int:
     if max_ongoing_requests is not None:
         options["max_ongoing_requests"] = max_ongoing_requests
     try:
-        serve.start(http_options=http_options)
+        serve.start(http_options=http_options, **start_options)
         serve.run(Hello.options(**options).bind(), name="hello", route_prefix="/")
         if framework == "ray":
             import ray
@@ -726,6 +737,15 @@ def checks(med: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
             f"64 conns: shoal is {pct:.0f}% of bare ({s64['requests_per_s']:,.0f} vs "
             f"{b64['requests_per_s']:,.0f} req/s; target >= 35%)"
         )
+    quiet64 = med.get("shoal-quiet", {}).get(64)
+    for variant, what in (("shoal-metrics", "metrics on, access logs off"), ("shoal", "metrics and access logs on")):
+        v64 = med.get(variant, {}).get(64)
+        if v64 and quiet64:
+            pct = 100 * v64["requests_per_s"] / quiet64["requests_per_s"]
+            lines.append(
+                f"64 conns: {variant} ({what}) is {pct:.0f}% of shoal-quiet (both off): "
+                f"{v64['requests_per_s']:,.0f} vs {quiet64['requests_per_s']:,.0f} req/s"
+            )
     s1 = med.get("shoal", {}).get(1)
     if s1 and s1["p50_ms"] is not None:
         lines.append(f"1 conn p50: {s1['p50_ms']:.2f} ms (target <= 0.6 ms)")
@@ -816,7 +836,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = p.add_argument
     # fmt: off
     add("--targets", default="shoal,bare,ray",
-        help="comma list of shoal,bare,ray (ray is skipped if no interpreter has it)")
+        help="comma list of shoal,bare,ray (ray is skipped if no interpreter has it); "
+        "shoal-metrics (access logs off) and shoal-quiet (access logs and metrics off) price "
+        "what shoal's default metrics and access logs cost")
     add("--connections", default="1,16,64", help="comma list of connection counts")
     add("--duration", type=float, default=10.0, help="seconds per measured run")
     add("--warmup", type=float, default=2.0, help="seconds of load before each measured run")
