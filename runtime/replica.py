@@ -244,10 +244,10 @@ class ReplicaWorker:
                 kind, enc, data = await self._call(identity, msg, header)
         except asyncio.CancelledError:
             self._release(key, internal)
-            self._send(identity, self._cancelled_reply(key, header.request_id, http=header.http))
-            access.end("CANCELLED")
             if route is not None:
                 self.metrics.finished(route, (time.perf_counter() - started_s) * 1000, "CancelledError")
+            self._send(identity, self._cancelled_reply(key, header.request_id, http=header.http))
+            access.end("CANCELLED")
             raise
         except Exception as exc:
             logger.exception("request %s to method '%s' raised", header.request_id, method)
@@ -257,14 +257,14 @@ class ReplicaWorker:
         finally:
             reset_request(token)
             self._responding.discard(key)
-        latency_ms = (time.perf_counter() - started_s) * 1000
-        # Free the slot before replying, so the caller's next request is never rejected for it.
+        # Free the slot before replying, so the caller's next request is never rejected for it;
+        # count the request before too, so a caller that got its reply sees it counted.
         self._release(key, internal)
+        if route is not None:
+            self.metrics.finished(route, (time.perf_counter() - started_s) * 1000, error_type)
         model_ids = request_router_report.current() if header.multiplexed_model_id else None
         self._send(identity, wire.reply(kind, self.incarnation, call_id, enc, data, self.ongoing, model_ids))
         access.end(kind.name)
-        if route is not None:
-            self.metrics.finished(route, latency_ms, error_type)
 
     def _cancelled_reply(self, key: tuple[bytes, int], request_id: str, http: bool | None) -> wire.Message:
         """CANCELLED; or, when the replica gives the request up at its shutdown deadline, an
