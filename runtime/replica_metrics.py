@@ -20,12 +20,18 @@ route prefix for HTTP, the caller's route for handle calls):
   are set every 10 s, as Ray's (``RAY_SERVE_REPLICA_*`` defaults).
 
 Requests rejected at once (``max_ongoing_requests`` reached, draining) count nowhere, as in Ray.
-Recording is a store into shared memory through label children bound once per route.
+
+Cost: a request adds its outcome to its route's tallies (plain ints and a bucket index found by
+bisection); the tallies and the ongoing count are written to the shared-memory samples once per
+loop iteration, however many requests ended in it (Ray buffers them for 100 ms,
+``RAY_SERVE_METRICS_EXPORT_INTERVAL_MS``). So a caller may scrape a moment before its request is
+counted, never long after.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections.abc import Callable
 from typing import Any
@@ -85,9 +91,13 @@ class RollingWindow:
 
 
 class RouteMetrics:
-    """The label children of one route, bound once; ``errors`` by exception type, as they come."""
+    """One route's label children, bound once (``errors`` by exception type, as they come), and
+    its tallies since they were last written."""
 
-    __slots__ = ("errors", "latency_ms", "max_latency_ms", "requests", "route")
+    __slots__ = (
+        "bucket_counts", "dirty", "errors", "failed", "latency_ms", "latency_sum_ms", "max_latency_ms",
+        "max_pending_ms", "ok", "requests", "route",
+    )
 
     def __init__(self, route: str, requests: Any, latency_ms: Any, max_latency_ms: RollingWindow) -> None:
         self.route = route
@@ -95,6 +105,12 @@ class RouteMetrics:
         self.latency_ms = latency_ms
         self.errors: dict[str, Any] = {}
         self.max_latency_ms = max_latency_ms
+        self.ok = 0
+        self.failed: dict[str, int] = {}
+        self.bucket_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)  # the last: +Inf
+        self.latency_sum_ms = 0.0
+        self.max_pending_ms = 0.0
+        self.dirty = False
 
 
 class ReplicaMetrics:
@@ -103,7 +119,8 @@ class ReplicaMetrics:
     ``count_start()`` once when the replica starts; ``route(r)`` before a request runs (bound
     once per route), ``finished(route, latency_ms, exception_type)`` when it ends;
     ``set_ongoing(n)`` when the number running changes; ``start_reporting()`` on the replica's
-    loop sets the windowed gauges every ``REPORT_INTERVAL_S`` until ``stop_reporting()``.
+    loop sets the windowed gauges every ``REPORT_INTERVAL_S`` until ``stop_reporting()``, and
+    from then on coalesces ``set_ongoing`` per loop iteration.
     """
 
     def __init__(
@@ -162,6 +179,10 @@ class ReplicaMetrics:
         self._user_time_ms = RollingWindow(UTILIZATION_WINDOW_S, UTILIZATION_NUM_BUCKETS, clock)
         self._routes: dict[str, RouteMetrics] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ongoing_now = 0
+        self._dirty: list[RouteMetrics] = []  # routes with tallies to write
+        self._write_pending = False
         self._ongoing.set(0)
 
     def count_start(self) -> None:
@@ -181,21 +202,59 @@ class ReplicaMetrics:
 
     def finished(self, route: RouteMetrics, latency_ms: float, exception_type: str | None) -> None:
         """One request ended: ``exception_type`` is the class name of what it raised, or None."""
-        route.latency_ms.observe(latency_ms)
-        route.max_latency_ms.add(latency_ms)
-        self._user_time_ms.add(latency_ms)
+        route.bucket_counts[bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1  # le: value <= bound
+        route.latency_sum_ms += latency_ms
+        if latency_ms > route.max_pending_ms:
+            route.max_pending_ms = latency_ms
         if exception_type is None:
-            route.requests.inc()
-            return
+            route.ok += 1
+        else:
+            route.failed[exception_type] = route.failed.get(exception_type, 0) + 1
+        if not route.dirty:
+            route.dirty = True
+            self._dirty.append(route)
+        self._schedule_write()
+
+    def set_ongoing(self, n: int) -> None:
+        self._ongoing_now = n
+        self._schedule_write()
+
+    def _schedule_write(self) -> None:
+        """Write at the end of this loop iteration (at once before ``start_reporting``)."""
+        if self._loop is None:
+            self.write()
+        elif not self._write_pending:
+            self._write_pending = True
+            self._loop.call_soon(self.write)
+
+    def write(self) -> None:
+        """Write the tallies and the ongoing count into the samples, and add them to the rolling
+        windows (of 1 s buckets and more: a loop iteration late is on time), now."""
+        self._write_pending = False
+        self._ongoing.set(self._ongoing_now)
+        dirty, self._dirty = self._dirty, []
+        for route in dirty:
+            route.dirty = False
+            route.max_latency_ms.add(route.max_pending_ms)
+            route.max_pending_ms = 0.0
+            self._user_time_ms.add(route.latency_sum_ms)
+            if route.ok:
+                route.requests.inc(route.ok)
+                route.ok = 0
+            if route.failed:
+                for exception_type, n in route.failed.items():
+                    self._error_child(route, exception_type).inc(n)
+                route.failed.clear()
+            _add_observations(route.latency_ms, route.bucket_counts, route.latency_sum_ms)
+            route.latency_sum_ms = 0.0
+
+    def _error_child(self, route: RouteMetrics, exception_type: str) -> Any:
         child = route.errors.get(exception_type)
         if child is None:
             child = route.errors[exception_type] = self._errors.bind(
                 {"route": route.route, "exception_type": exception_type}
             )
-        child.inc()
-
-    def set_ongoing(self, n: int) -> None:
-        self._ongoing.set(n)
+        return child
 
     def utilization_percent(self) -> float:
         capacity_ms = UTILIZATION_WINDOW_S * 1000 * self.max_ongoing_requests
@@ -208,7 +267,7 @@ class ReplicaMetrics:
         self._utilization.set(self.utilization_percent())
 
     def start_reporting(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        loop = loop or asyncio.get_running_loop()
+        loop = self._loop = loop or asyncio.get_running_loop()
 
         def tick() -> None:
             self._timer = loop.call_later(REPORT_INTERVAL_S, tick)
@@ -221,3 +280,17 @@ class ReplicaMetrics:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _add_observations(child: Any, bucket_counts: list[int], sum_ms: float) -> None:
+    """Add tallied observations to a prometheus-client histogram child, as that many
+    ``observe`` calls would (each adds 1 to its bucket, non-cumulative, and its value to the
+    sum), with one write per bucket touched; zeroes the tallies."""
+    observed = False
+    for i, n in enumerate(bucket_counts):
+        if n:
+            child._buckets[i].inc(n)
+            bucket_counts[i] = 0
+            observed = True
+    if observed:
+        child._sum.inc(sum_ms)

@@ -2,15 +2,16 @@
 per-request counters and latency, ongoing queries, replica starts, batching, multiplexing and
 users' own metrics, after real HTTP requests and handle calls.
 
-A replica counts a request before it replies, so what a caller got back is on the endpoint when
-it scrapes; the values asserted are exact. Batches wait far longer than any test
-(``batch_wait_timeout_s=60``), so each runs because it is full: no timing is involved.
+A replica writes what it counted once per loop iteration, right after its replies, so a test
+scrapes until its expectations hold (``settle``); the values expected are exact. Batches wait far
+longer than any test (``batch_wait_timeout_s=60``), so each runs because it is full: no timing is
+involved.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -42,6 +43,26 @@ def instance() -> Iterator[str]:
 
 def value(name: str, **labels: str) -> float | None:
     return sample_value(scrape(), name, **labels)
+
+
+def settle(check: Callable[[Any], None], timeout_s: float = 30) -> Any:
+    """Scrape until ``check(samples)`` passes and return those samples; after ``timeout_s``,
+    ``check``'s last AssertionError."""
+    failures: list[AssertionError] = []
+
+    def passes() -> Any:
+        samples = scrape()
+        try:
+            check(samples)
+        except AssertionError as exc:
+            failures[:] = [exc]
+            return None
+        return samples
+
+    try:
+        return wait_until(passes, timeout_s, "the expected samples")
+    except AssertionError:
+        raise failures[0] from None
 
 
 @serve.deployment
@@ -80,27 +101,29 @@ def test_requests_errors_and_latency_by_route_with_the_replica_tags(instance: st
     with pytest.raises(RuntimeError):
         list(handle.options(stream=True).stream.remote(-1))
 
-    samples = scrape()
     tags = {"deployment": "Echo", "replica": replica, "application": "rm_echo"}
 
-    def get(name: str, **labels: str) -> float | None:
-        return sample_value(samples, name, **tags, **labels)
+    def check(samples: Any) -> None:
+        def get(name: str, **labels: str) -> float | None:
+            return sample_value(samples, name, **tags, **labels)
 
-    requests, errors = "ray_serve_deployment_request_counter_total", "ray_serve_deployment_error_counter_total"
-    assert get(requests, route="/echo") == 3
-    assert get(errors, route="/echo", exception_type="ValueError") == 2  # answered with a 500
-    assert get(requests, route="") == 4  # whoami, two calls, one stream: the driver's handle calls
-    assert get(errors, route="", exception_type="KeyError") == 1
-    assert get(errors, route="", exception_type="RuntimeError") == 1
-    assert get(errors) == 4
-    latency = "ray_serve_deployment_processing_latency_ms"
-    assert get(f"{latency}_count", route="/echo") == 5
-    assert get(f"{latency}_count", route="") == 6
-    assert get(f"{latency}_bucket", route="", le="+Inf") == 6
-    assert get(f"{latency}_bucket", route="", le="600000.0") == 6  # Ray's buckets
-    assert get("ray_serve_replica_processing_queries") == 0
-    assert get("ray_serve_deployment_replica_starts_total") == 1
-    assert get("ray_serve_replica_utilization_percent") is not None
+        requests, errors = "ray_serve_deployment_request_counter_total", "ray_serve_deployment_error_counter_total"
+        assert get(requests, route="/echo") == 3
+        assert get(errors, route="/echo", exception_type="ValueError") == 2  # answered with a 500
+        assert get(requests, route="") == 4  # whoami, two calls, one stream: the driver's handle calls
+        assert get(errors, route="", exception_type="KeyError") == 1
+        assert get(errors, route="", exception_type="RuntimeError") == 1
+        assert get(errors) == 4
+        latency = "ray_serve_deployment_processing_latency_ms"
+        assert get(f"{latency}_count", route="/echo") == 5
+        assert get(f"{latency}_count", route="") == 6
+        assert get(f"{latency}_bucket", route="", le="+Inf") == 6
+        assert get(f"{latency}_bucket", route="", le="600000.0") == 6  # Ray's buckets
+        assert get("ray_serve_replica_processing_queries") == 0
+        assert get("ray_serve_deployment_replica_starts_total") == 1
+        assert get("ray_serve_replica_utilization_percent") is not None
+
+    settle(check)
     serve.delete("rm_echo")
 
 
@@ -119,10 +142,14 @@ def test_a_cancelled_request_is_an_error_of_type_cancelled_error(instance: str) 
     wait_until(lambda: value("ray_serve_replica_processing_queries", deployment="Hold") == 2, 30, "2 ongoing")
     for response in held:
         response.cancel()
-    errors = "ray_serve_deployment_error_counter_total"
-    wait_until(lambda: value(errors, deployment="Hold", exception_type="CancelledError") == 2, 30, "2 cancelled")
-    assert value("ray_serve_replica_processing_queries", deployment="Hold") == 0
-    assert value("ray_serve_deployment_request_counter_total", deployment="Hold") == 0
+
+    def check(samples: Any) -> None:
+        assert sample_value(samples, "ray_serve_deployment_error_counter_total", deployment="Hold",
+                            exception_type="CancelledError") == 2
+        assert sample_value(samples, "ray_serve_replica_processing_queries", deployment="Hold") == 0
+        assert sample_value(samples, "ray_serve_deployment_request_counter_total", deployment="Hold") == 0
+
+    settle(check)
     serve.delete("rm_hold")
 
 
@@ -144,7 +171,7 @@ def test_batching_metrics_for_full_batches_and_a_waiting_queue(instance: str) ->
     waiting = [handle.remote(i) for i in range(3)]  # not a full batch: they wait
     wait_until(lambda: value("ray_serve_batch_queue_length", **tags) == 3, 30, "3 callers waiting")
 
-    samples = scrape()
+    samples = scrape()  # written as they happened: batching records at once, in the replica's loop
 
     def get(name: str, **labels: str) -> float | None:
         return sample_value(samples, name, **tags, **labels)

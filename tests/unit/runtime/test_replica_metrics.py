@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
@@ -117,3 +118,25 @@ def test_the_ongoing_and_utilization_gauges_start_at_zero() -> None:
     assert child._value.get() == 0
     metrics.set_ongoing(3)
     assert child._value.get() == 3
+
+
+def test_on_a_loop_the_tallies_are_written_once_the_iteration_ends() -> None:
+    async def main() -> None:
+        metrics, deployment = make(Clock())
+        metrics.start_reporting()
+        api = metrics.route("/api")
+        counter = ("ray_serve_deployment_request_counter_total", frozenset({("route", "/api")}))
+        for latency_ms in (1.0, 2.0, 700.0):
+            metrics.finished(api, latency_ms, None)
+        metrics.set_ongoing(4)
+        assert exported(metrics, deployment)[counter] == 0
+        await asyncio.sleep(0)
+        got = exported(metrics, deployment)
+        assert got[counter] == 3
+        latency = "ray_serve_deployment_processing_latency_ms"
+        assert got[(f"{latency}_bucket", frozenset({("route", "/api"), ("le", "2.0")}))] == 2
+        assert got[(f"{latency}_sum", frozenset({("route", "/api")}))] == 703
+        assert metrics._ongoing._value.get() == 4
+        metrics.stop_reporting()
+
+    asyncio.run(main())
