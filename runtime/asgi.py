@@ -143,16 +143,19 @@ class HttpHandler:
         if self._lifespan is not None:
             await self._lifespan.shutdown()
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> Exception | None:
+        """Serve one request; returns the exception of a plain ``__call__`` that the response
+        answers (500, or the status of a BackPressureError/503), else None (an ASGI app's
+        exceptions propagate)."""
         if self.app is not None:
             if self._lifespan is not None and self._lifespan.state:
                 scope["state"] = dict(self._lifespan.state)
             await self.app(scope, receive, send)
-            return
+            return None
         if scope["type"] != "http":
             await send({"type": "websocket.close", "code": 1000})
-            return
-        result = await self._call_plain(scope, receive)
+            return None
+        result, answered = await self._call_plain(scope, receive)
         if isinstance(result, Response):
             try:
                 await result(scope, receive, send)
@@ -161,8 +164,9 @@ class HttpHandler:
         else:
             for message in result:
                 await send(message)
+        return answered
 
-    async def _call_plain(self, scope: Scope, receive: Receive) -> Response | list[Message]:
+    async def _call_plain(self, scope: Scope, receive: Receive) -> tuple[Response | list[Message], Exception | None]:
         if self._plain is None:
             fn, is_async = self.user.resolve("__call__")
             try:
@@ -176,13 +180,13 @@ class HttpHandler:
             result = await self.user.invoke(fn, args, {}, is_async)
         except BackPressureError as exc:
             headers = {"Retry-After": exc.retry_after_header} if exc.retry_after_header else None
-            return Response(exc.message, status_code=exc.status_code, headers=headers)
+            return Response(exc.message, status_code=exc.status_code, headers=headers), exc
         except DeploymentUnavailableError as exc:
-            return Response(exc.message, status_code=503)
-        except Exception:
+            return Response(exc.message, status_code=503), exc
+        except Exception as exc:
             logger.exception("HTTP request to deployment '%s' raised", self.user.deployment_name)
-            return Response("Internal Server Error", status_code=500)
-        return result if isinstance(result, Response) else to_messages(result)
+            return Response("Internal Server Error", status_code=500), exc
+        return (result if isinstance(result, Response) else to_messages(result)), None
 
 
 async def _close_body(response: Response) -> None:

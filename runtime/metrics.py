@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,7 +49,32 @@ STARTUP_BUCKETS_MS: tuple[float, ...] = (
     5, 20, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 20000, 30000, 60000, 120000, 240000,
 )
 
-_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")  # Prometheus's (and Ray's) metric name rule
+
+# One prometheus-client metric per (kind, name) in a process, shared by every ``Metric`` object
+# of that name: in multiprocess mode each prometheus-client value caches its count and writes it
+# back whole, so two objects counting one series would overwrite each other's increments.
+_shared: dict[tuple[str, str], Any] = {}
+_shared_lock = threading.Lock()
+
+
+class _Discarded:
+    """What ``bind`` returns for a metric whose name Prometheus cannot carry: records nothing."""
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def dec(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+_DISCARDED = _Discarded()
 
 
 def enable(directory: Path) -> None:
@@ -77,17 +104,31 @@ def enabled() -> bool:
 class Metric(ABC):
     """What Counter, Gauge and Histogram share: name and tag checks, default tags, label children.
 
-    Raises as Ray does: ValueError for an empty or malformed name or a missing tag value,
-    TypeError for tag keys that are not a tuple of str or tag values that are not str.
+    Behaves as Ray's ``ray.util.metrics.Metric``: ValueError for an empty name or a missing tag
+    value, TypeError for tag keys that are not a tuple of str or tag values that are not str; a
+    name Prometheus cannot carry is a UserWarning and the metric records nothing (Ray discards
+    it); a name with ``:`` is a FutureWarning (Ray will refuse it). Unlike Ray, a sample with a tag
+    key the metric does not have is a ValueError (a Prometheus series has fixed label names).
     """
 
     def __init__(self, name: str, description: str = "", tag_keys: tuple[str, ...] | None = None) -> None:
         if not name:
             raise ValueError("Empty name is not allowed. Please provide a metric name.")
-        if not _NAME.match(name):
-            raise ValueError(
-                f"Invalid metric name: {name!r}. Metric names must match the regex "
-                "[a-zA-Z_][a-zA-Z0-9_]* (letters, digits and underscores, not starting with a digit)."
+        self._discarded = not _NAME.match(name)
+        if self._discarded:
+            warnings.warn(
+                f"Invalid metric name: {name}. Metric will be discarded and data will not be collected "
+                "or published. Metric names can only contain letters, numbers, _, and :. Metric names "
+                "cannot start with numbers.",
+                UserWarning,
+                stacklevel=3,
+            )
+        elif ":" in name:
+            warnings.warn(
+                f"Metric name {name} contains a : character, which is no longer allowed. Please migrate "
+                "to the new metric name format. This will be an error in the future.",
+                FutureWarning,
+                stacklevel=3,
             )
         tag_keys = () if tag_keys is None else tag_keys
         if not isinstance(tag_keys, tuple):
@@ -110,8 +151,9 @@ class Metric(ABC):
             "tag_keys": self._tag_keys, "default_tags": dict(self._default_tags),
         }
 
-    def set_default_tags(self, default_tags: dict[str, str]) -> None:
-        """Tags used when a sample does not give them; replaces earlier defaults."""
+    def set_default_tags(self, default_tags: dict[str, str]) -> Metric:
+        """Tags used when a sample does not give them; replaces earlier defaults. Returns the
+        metric itself (as Ray's), so ``Counter(...).set_default_tags({...})`` is the metric."""
         for key, value in default_tags.items():
             if key not in self._tag_keys:
                 raise ValueError(f"Unrecognized tag key {key}.")
@@ -119,6 +161,7 @@ class Metric(ABC):
                 raise TypeError(f"Tag values must be str, got {type(value)}.")
         self._default_tags = dict(default_tags)
         self._children.clear()
+        return self
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled metrics are created again where they are unpickled (as Ray's are)."""
@@ -130,10 +173,26 @@ class Metric(ABC):
         values = self._values(final)
         child = self._children.get(values)
         if child is None:
-            prom = self._prom if self._prom is not None else self._create_prom()
+            if self._discarded:
+                return _DISCARDED
+            prom = self._prom if self._prom is not None else self._shared_prom()
             child = prom.labels(*values) if self._tag_keys else prom
             self._children[values] = child
         return child
+
+    def _shared_prom(self) -> Any:
+        """This process's prometheus-client metric of this kind and name, created if missing. A
+        metric of the same name but other label names (or buckets) gets one of its own."""
+        key = (type(self).__name__, self._name)
+        with _shared_lock:
+            prom = _shared.get(key)
+            if prom is None or not self._fits(prom):
+                prom = _shared[key] = self._create_prom()
+            self._prom = prom
+        return prom
+
+    def _fits(self, prom: Any) -> bool:
+        return tuple(prom._labelnames) == self._tag_keys
 
     def _values(self, tags: Mapping[str, str]) -> tuple[str, ...]:
         missing = [key for key in self._tag_keys if key not in tags]
@@ -148,7 +207,7 @@ class Metric(ABC):
 
     @abstractmethod
     def _create_prom(self) -> Any:
-        """Create (and keep in ``_prom``) the prometheus-client metric of this kind."""
+        """A new prometheus-client metric of this kind (``_shared_prom`` shares it)."""
 
     def _common(self) -> dict[str, Any]:
         return {
@@ -161,8 +220,7 @@ class Counter(Metric):
     """A monotonically increasing value; exported as ``ray_<name>_total``."""
 
     def _create_prom(self) -> Any:
-        self._prom = _PromCounter(**self._common())
-        return self._prom
+        return _PromCounter(**self._common())
 
     def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
         if not isinstance(value, (int, float)):
@@ -176,8 +234,7 @@ class Gauge(Metric):
     """A value that goes up and down; the last value set is exported."""
 
     def _create_prom(self) -> Any:
-        self._prom = _PromGauge(**self._common(), multiprocess_mode="livesum")
-        return self._prom
+        return _PromGauge(**self._common(), multiprocess_mode="livesum")
 
     def set(self, value: float | None, tags: dict[str, str] | None = None) -> None:
         if value is None:
@@ -217,8 +274,10 @@ class Histogram(Metric):
         return {**super().info, "boundaries": self.boundaries}
 
     def _create_prom(self) -> Any:
-        self._prom = _PromHistogram(**self._common(), buckets=sorted(self.boundaries))
-        return self._prom
+        return _PromHistogram(**self._common(), buckets=sorted(self.boundaries))
+
+    def _fits(self, prom: Any) -> bool:
+        return super()._fits(prom) and list(prom._upper_bounds[:-1]) == sorted(self.boundaries)
 
     def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
         if not isinstance(value, (int, float)):

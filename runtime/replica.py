@@ -19,6 +19,10 @@ Stopping: ``drain()`` makes new requests REJECTED and waits, up to a deadline, f
 ones to finish; ``cancel_all()`` then cancels the rest and answers each: an HTTP request whose
 response has not started gets a 503 saying the replica shut down, any other request an error
 (``ReplicaUnavailableError``), never a bare CANCELLED.
+
+Metrics (``replica_metrics``): every request that is not the supervisor's own is counted when
+it ends, by its route, with its latency and, if it raised (a user exception answered with a
+500 over HTTP included) or was cancelled, the exception's class name.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import concurrent.futures.thread
 import functools
 import logging
 import os
+import time
 import traceback
 from collections.abc import MutableMapping
 from typing import Any
@@ -37,6 +42,7 @@ from shoal.runtime.asgi import HTTP_METHOD, HttpHandler, normalize_message, scop
 from shoal.runtime.context import RequestContext, get_replica_context, in_replica, reset_request, set_request
 from shoal.runtime.errors import RemoteError, ReplicaUnavailableError
 from shoal.runtime.logs import AccessLog
+from shoal.runtime.replica_metrics import ReplicaMetrics
 from shoal.runtime.reply import ReplySink
 from shoal.runtime.transport import Channel
 from shoal.runtime.user_code import UserCallable
@@ -114,7 +120,10 @@ class ReplicaWorker:
         incarnation: int,
         max_ongoing_requests: int,
         app_name: str,
+        metrics: ReplicaMetrics | None = None,
     ) -> None:
+        """``metrics``: where this replica records (one is made for it if not given: the
+        replica's process makes it before the constructor runs, to count the start as Ray)."""
         self.user = user
         self.incarnation = incarnation
         self.max_ongoing_requests = max_ongoing_requests
@@ -130,6 +139,14 @@ class ReplicaWorker:
         self._stopping = False  # cancel_all: the requests still running are being given up
         self._idle = asyncio.Event()
         self._idle.set()
+        if metrics is None:
+            replica = get_replica_context().replica_tag if in_replica() else ""
+            metrics = ReplicaMetrics(
+                deployment=user.deployment_name, replica=replica, application=app_name,
+                max_ongoing_requests=max_ongoing_requests,
+            )
+        self.metrics = metrics
+        self._user_ongoing = 0  # requests running, the supervisor's own calls excluded
 
     @property
     def ongoing(self) -> int:
@@ -137,6 +154,7 @@ class ReplicaWorker:
 
     def attach(self, channel: Channel) -> None:
         self.channel = channel
+        self.metrics.start_reporting()
 
     def on_message(self, frames: list[bytes]) -> None:
         identity, rest = frames[0], frames[1:]
@@ -169,25 +187,36 @@ class ReplicaWorker:
             self._send(identity, wire.reply(wire.Kind.REJECTED, self.incarnation, msg.call_id, q=self.ongoing))
             return
         key = (identity, msg.call_id)
-        task = asyncio.get_running_loop().create_task(self._run(identity, msg, header))
+        task = asyncio.get_running_loop().create_task(self._run(identity, msg, header, internal))
         self._tasks[key] = task
         self._idle.clear()
-        task.add_done_callback(functools.partial(self._released, key))
+        if not internal:
+            self._user_ongoing += 1
+            self.metrics.set_ongoing(self._user_ongoing)
+        task.add_done_callback(functools.partial(self._released, key, internal))
 
-    def _released(self, key: tuple[bytes, int], _task: asyncio.Task[None]) -> None:
+    def _released(self, key: tuple[bytes, int], internal: bool, _task: asyncio.Task[None]) -> None:
         if key in self._tasks:
             # ``_run`` releases its key before it replies; still here, the task was cancelled
             # before its first step and ``_run`` never ran: answer for it.
-            self._release(key)
+            self._release(key, internal)
             self._send(key[0], self._cancelled_reply(key, "", http=None))
 
-    def _release(self, key: tuple[bytes, int]) -> None:
-        if self._tasks.pop(key, None) is not None and not self._tasks:
+    def _release(self, key: tuple[bytes, int], internal: bool) -> None:
+        if self._tasks.pop(key, None) is None:
+            return
+        if not self._tasks:
             self._idle.set()
+        if not internal:
+            self._user_ongoing -= 1
+            self.metrics.set_ongoing(self._user_ongoing)
 
-    async def _run(self, identity: bytes, msg: wire.Message, header: wire.RequestHeader) -> None:
+    async def _run(self, identity: bytes, msg: wire.Message, header: wire.RequestHeader, internal: bool) -> None:
         method = header.method
-        access = AccessLog(method, header.route, header.request_id, enabled=method not in _INTERNAL_METHODS)
+        access = AccessLog(method, header.route, header.request_id, enabled=not internal)
+        route = None if internal else self.metrics.route(header.route)
+        started_s = time.perf_counter()
+        error_type: str | None = None
         token = set_request(
             RequestContext(
                 request_id=header.request_id,
@@ -205,13 +234,18 @@ class ReplicaWorker:
                 # msgpack only: this came from an HTTP client through the proxy.
                 scope, first = wire.unpack(msg.payload[0])
                 access.http(scope)
-                final = access.final = await self._serve_http(identity, call_id, key, scope_from_wire(scope), first)
+                final, answered = await self._serve_http(identity, call_id, key, scope_from_wire(scope), first)
+                access.final = final
+                if answered is not None:  # the user's exception, answered with a 500
+                    error_type = type(answered).__name__
                 kind = wire.Kind.STREAM_END
                 enc, data = wire.dumps_plain(final) if final else (None, b"")
             else:
                 kind, enc, data = await self._call(identity, msg, header)
         except asyncio.CancelledError:
-            self._release(key)
+            self._release(key, internal)
+            if route is not None:
+                self.metrics.finished(route, (time.perf_counter() - started_s) * 1000, "CancelledError")
             self._send(identity, self._cancelled_reply(key, header.request_id, http=header.http))
             access.end("CANCELLED")
             raise
@@ -219,11 +253,15 @@ class ReplicaWorker:
             logger.exception("request %s to method '%s' raised", header.request_id, method)
             kind = wire.Kind.ERROR
             enc, data = encode_exception(exc, self.where, plain=header.http)
+            error_type = type(exc).__name__
         finally:
             reset_request(token)
             self._responding.discard(key)
-        # Free the slot before replying, so the caller's next request is never rejected for it.
-        self._release(key)
+        # Free the slot before replying, so the caller's next request is never rejected for it;
+        # count the request before too, so a caller that got its reply sees it counted.
+        self._release(key, internal)
+        if route is not None:
+            self.metrics.finished(route, (time.perf_counter() - started_s) * 1000, error_type)
         model_ids = request_router_report.current() if header.multiplexed_model_id else None
         self._send(identity, wire.reply(kind, self.incarnation, call_id, enc, data, self.ongoing, model_ids))
         access.end(kind.name)
@@ -274,9 +312,10 @@ class ReplicaWorker:
 
     async def _serve_http(
         self, identity: bytes, call_id: int, key: tuple[bytes, int], scope: dict[str, Any], first: dict[str, Any]
-    ) -> list[dict[str, Any]]:
+    ) -> tuple[list[dict[str, Any]], Exception | None]:
         """Run one HTTP or WebSocket request; returns the last batch of messages (maybe empty) to
-        ride on the STREAM_END reply (a plain response is then a single frame)."""
+        ride on the STREAM_END reply (a plain response is then a single frame), and the user's
+        exception if the response is the 500 (or 503) that answered it."""
         inbox = ReplySink()
         inbox.push(first)
         receive = inbox.next
@@ -308,13 +347,13 @@ class ReplicaWorker:
             self._send(identity, wire.reply(wire.Kind.STREAM_ITEM, self.incarnation, call_id, *wire.dumps_plain(batch)))
 
         try:
-            await self.http.handle(scope, receive, send)
+            answered = await self.http.handle(scope, receive, send)
         finally:
             self._receives.pop(key, None)
             self._credits.pop(key, None)
         if held_start is not None:
             final.insert(0, held_start)
-        return final
+        return final, answered
 
     async def _pull_body(self, identity: bytes, call_id: int, inbox: ReplySink) -> Any:
         """The app's ``receive`` while a request body streams in: each chunk handed to the app
@@ -358,6 +397,7 @@ class ReplicaWorker:
         raises, the error goes back to the supervisor, which keeps the old config)."""
         if "max_ongoing_requests" in update:
             self.max_ongoing_requests = int(update["max_ongoing_requests"])
+            self.metrics.max_ongoing_requests = self.max_ongoing_requests
             if in_replica():
                 get_replica_context().max_ongoing_requests = self.max_ongoing_requests
             self.user.resize(self.max_ongoing_requests)
@@ -377,6 +417,7 @@ class ReplicaWorker:
     async def drain(self, timeout_s: float) -> bool:
         """Stop taking requests and wait for ongoing ones; True if all finished in time."""
         self._draining = True
+        self.metrics.stop_reporting()
         try:
             async with asyncio.timeout(timeout_s):
                 await self._idle.wait()

@@ -165,6 +165,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
     from shoal.runtime import client, transport, wire
     from shoal.runtime.context import ReplicaContext, ReplicaID, set_replica_context
     from shoal.runtime.replica import ReplicaWorker
+    from shoal.runtime.replica_metrics import ReplicaMetrics
     from shoal.runtime.user_code import UserCallable
     from shoal.serve.schema import ReplicaRank
 
@@ -208,6 +209,11 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
             rank=ReplicaRank(rank=spec.get("rank", 0), node_rank=0, local_rank=spec.get("rank", 0)),
         )
         set_replica_context(replica_context)
+        metrics = ReplicaMetrics(
+            deployment=spec["deployment"], replica=replica_context.replica_tag, application=spec["app"],
+            max_ongoing_requests=config["max_ongoing_requests"],
+        )
+        metrics.count_start()  # before the constructor, as Ray counts it
         await user.construct(config.get("user_config"), rank=replica_context.rank)
         replica_context.servable_object = user.instance
         worker = ReplicaWorker(
@@ -215,6 +221,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
             incarnation=incarnation,
             max_ongoing_requests=config["max_ongoing_requests"],
             app_name=spec["app"],
+            metrics=metrics,
         )
         await worker.http.startup()
         worker.attach(transport.Channel(replica_sock, worker.on_message))

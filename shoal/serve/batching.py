@@ -34,6 +34,16 @@ Contract (Ray Serve 2.60's ``ray.serve.batching``):
   ``max_ongoing_requests`` is below ``max_batch_size * max_concurrent_batches``.
 
 Everything runs on the caller's event loop: no threads.
+
+Metrics (Ray's, each labelled ``function_name``, the decorated function's ``__name__``, plus the
+replica's ``deployment``/``replica``/``application`` inside a replica):
+``ray_serve_batch_queue_length`` (callers waiting in the queue, the batch being formed included,
+set whenever it changes), ``ray_serve_batch_wait_time_ms`` (per batch: from when it could start
+forming, a free slot and its first item, to when it was taken), and per batch part that runs
+(after the callers cancelled meanwhile are left out): ``ray_serve_actual_batch_size`` (its size,
+by ``batch_size_fn`` if given), ``ray_serve_batch_utilization_percent`` (that size over
+``max_batch_size``), ``ray_serve_batches_processed_total`` and ``ray_serve_batch_execution_time_ms``
+(the batch function's run, to its last item for a generator, failed runs included).
 """
 
 from __future__ import annotations
@@ -52,6 +62,8 @@ from typing import Any, TypeVar, overload
 from shoal.runtime import context
 from shoal.runtime.context import RequestContext
 from shoal.runtime.errors import RayServeException
+from shoal.runtime.metrics import LATENCY_BUCKETS_MS
+from shoal.serve import metrics as serve_metrics
 
 logger = logging.getLogger("shoal.serve")
 
@@ -111,6 +123,63 @@ def _validate_batch_size_fn(batch_size_fn: Any) -> None:
 def _replica_max_ongoing_requests() -> int | None:
     """The ``max_ongoing_requests`` of the replica this code runs in; None outside a replica."""
     return context.get_replica_context().max_ongoing_requests if context.in_replica() else None
+
+
+# -- metrics (Ray's names and buckets) ----------------------------------------------------------
+
+# Ray Serve 2.60's DEFAULT_BATCH_SIZE_BUCKETS and DEFAULT_BATCH_UTILIZATION_BUCKETS_PERCENT.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+BATCH_UTILIZATION_BUCKETS_PERCENT = (5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99, 100)
+
+_metric_set: _BatchMetricSet | None = None
+
+
+class _BatchMetricSet:
+    """The batching metrics of this process, made at the first queue (in a replica: with its tags)."""
+
+    def __init__(self) -> None:
+        keys = ("function_name",)
+        self.wait_time_ms = serve_metrics.Histogram(
+            "serve_batch_wait_time_ms", description="Time requests waited for batch to fill (in milliseconds).",
+            boundaries=LATENCY_BUCKETS_MS, tag_keys=keys,
+        )
+        self.execution_time_ms = serve_metrics.Histogram(
+            "serve_batch_execution_time_ms", description="Time to execute the batch function (in milliseconds).",
+            boundaries=LATENCY_BUCKETS_MS, tag_keys=keys,
+        )
+        self.queue_length = serve_metrics.Gauge(
+            "serve_batch_queue_length", description="Number of requests waiting in the batch queue.", tag_keys=keys,
+        )
+        self.utilization_percent = serve_metrics.Histogram(
+            "serve_batch_utilization_percent",
+            description="Batch utilization as percentage (actual_batch_size / max_batch_size * 100).",
+            boundaries=BATCH_UTILIZATION_BUCKETS_PERCENT, tag_keys=keys,
+        )
+        self.batch_size = serve_metrics.Histogram(
+            "serve_actual_batch_size", description="The actual number of requests in each batch.",
+            boundaries=BATCH_SIZE_BUCKETS, tag_keys=keys,
+        )
+        self.processed = serve_metrics.Counter(
+            "serve_batches_processed", description="Counter of batches executed.", tag_keys=keys,
+        )
+
+
+class _BatchMetrics:
+    """The label children of one function's batching metrics, bound once per queue."""
+
+    __slots__ = ("batch_size", "execution_time_ms", "processed", "queue_length", "utilization_percent", "wait_time_ms")
+
+    def __init__(self, function_name: str) -> None:
+        global _metric_set
+        if _metric_set is None:
+            _metric_set = _BatchMetricSet()
+        tags = {"function_name": function_name}
+        self.wait_time_ms = _metric_set.wait_time_ms.bind(tags)
+        self.execution_time_ms = _metric_set.execution_time_ms.bind(tags)
+        self.queue_length = _metric_set.queue_length.bind(tags)
+        self.utilization_percent = _metric_set.utilization_percent.bind(tags)
+        self.batch_size = _metric_set.batch_size.bind(tags)
+        self.processed = _metric_set.processed.bind(tags)
 
 
 # -- arguments ------------------------------------------------------------------------------------
@@ -191,12 +260,14 @@ class _BatchQueue:
         self._slots = asyncio.Semaphore(batcher.max_concurrent_batches)
         self._runner: asyncio.Task[None] | None = None
         self._batches: set[asyncio.Task[None]] = set()
+        self.metrics = _BatchMetrics(batcher.func.__name__)
 
     def __len__(self) -> int:
         return len(self._items)
 
     def put(self, pending: _Pending) -> None:
         self._items.append(pending)
+        self.metrics.queue_length.set(len(self._items))
         self._changed.set()
         if self._runner is None or self._runner.done():
             # A fresh context: the batches must not inherit the first caller's request context.
@@ -236,25 +307,33 @@ class _BatchQueue:
         else:
             return
         self._items.clear()
+        self.metrics.queue_length.set(0)
 
     def _live(self) -> bool:
         """Drop the items of callers that went away; True if any item still waits."""
         if any(p.future.done() for p in self._items):
             self._items = deque(p for p in self._items if not p.future.done())
+            self.metrics.queue_length.set(len(self._items))
         return bool(self._items)
 
     async def _form_batch(self) -> list[_Pending]:
         """Wait until the items at the head of the queue make a batch (full, or the oldest has
         waited ``batch_wait_timeout_s``) and take them; [] if every caller went away."""
+        forming_since = self.loop.time()
         while True:
             if not self._live():
                 return []
             count, full = self._fill()
             if count == 0:
+                self.metrics.queue_length.set(len(self._items))
                 continue  # head items were failed (too big on their own, or batch_size_fn raised)
             wait_s = self._items[0].arrived_at + self.batcher.batch_wait_timeout_s - self.loop.time()
             if full or wait_s <= 0:
-                return [self._items.popleft() for _ in range(count)]
+                batch = [self._items.popleft() for _ in range(count)]
+                self.metrics.queue_length.set(len(self._items))
+                now = self.loop.time()
+                self.metrics.wait_time_ms.observe((now - max(forming_since, batch[0].arrived_at)) * 1000)
+                return batch
             self._changed.clear()
             try:
                 async with asyncio.timeout(wait_s):
@@ -309,6 +388,8 @@ class _BatchQueue:
         batch = [p for p in batch if not p.future.done()]  # callers cancelled meanwhile
         if not batch:
             return
+        self._count_batch(batch)
+        started_s = self.loop.time()
         first = batch[0].request
         token = context.set_request(
             RequestContext(app_name=first.app_name, multiplexed_model_id=first.multiplexed_model_id)
@@ -337,6 +418,21 @@ class _BatchQueue:
         finally:
             _batch_request_contexts.reset(contexts_token)
             context.reset_request(token)
+            self.metrics.execution_time_ms.observe((self.loop.time() - started_s) * 1000)
+
+    def _count_batch(self, batch: list[_Pending]) -> None:
+        """Record a batch (part) about to run: its size (by ``batch_size_fn`` if given; its
+        length if that raises) and how full it is."""
+        size = len(batch)
+        size_fn = self.batcher.batch_size_fn
+        if size_fn is not None:
+            try:
+                size = size_fn([_first_item(p.call) for p in batch])
+            except Exception:
+                logger.exception("batch_size_fn raised while sizing a batch for metrics")
+        self.metrics.utilization_percent.observe(size / self.batcher.max_batch_size * 100)
+        self.metrics.batch_size.observe(size)
+        self.metrics.processed.inc()
 
     async def _stream(self, generator: Any, batch: list[_Pending]) -> None:
         """Feed each caller its items from a streaming batch function; each caller's future

@@ -69,9 +69,11 @@ class _ServeTags:
         self._user_default_tags: dict[str, str] = {}
         _metrics.Metric.set_default_tags(self, _serve_default_tags({}))  # type: ignore[arg-type]
 
-    def set_default_tags(self, default_tags: dict[str, str]) -> None:
+    def set_default_tags(self, default_tags: dict[str, str]) -> Any:
+        """The user's defaults plus this replica's tags; returns the metric (as Ray's)."""
         self._user_default_tags = dict(default_tags)
         _metrics.Metric.set_default_tags(self, _serve_default_tags(dict(default_tags)))  # type: ignore[arg-type]
+        return self
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _metrics._rebuild, (type(self), self._args, self._user_default_tags)

@@ -11,6 +11,16 @@ Loads and unloads happen one at a time, so concurrent requests for one model loa
 Every change of the models held (loading included) is reported to request routers
 (``shoal.runtime.request_router_report``), which then send requests for a model to a replica
 that holds it.
+
+Metrics (Ray's names; inside a replica labelled with its ``deployment``/``replica``/``application``):
+``ray_serve_multiplexed_get_model_requests_counter_total`` (every call with a valid model id),
+``ray_serve_multiplexed_models_load_counter_total`` (loads started, failed ones included) and
+``ray_serve_multiplexed_model_load_latency_ms`` (loads that succeeded),
+``ray_serve_multiplexed_models_unload_counter_total`` and
+``ray_serve_multiplexed_model_unload_latency_ms`` (``__del__`` included), and the gauges
+``ray_serve_num_multiplexed_models`` (models loaded in this process) and
+``ray_serve_registered_multiplexed_model_id`` {model_id} (1 while loaded, 0 once unloaded). Ray
+sets the two gauges every second; here they change when the models do.
 """
 
 from __future__ import annotations
@@ -20,12 +30,15 @@ import collections
 import functools
 import inspect
 import logging
+import time
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from shoal.runtime import request_router_report
 from shoal.runtime.context import current_request
+from shoal.runtime.metrics import LATENCY_BUCKETS_MS
+from shoal.serve import metrics as serve_metrics
 
 __all__ = ["get_multiplexed_model_id", "multiplexed"]
 
@@ -35,6 +48,54 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _WRAPPER_ATTR = "__serve_multiplex_wrapper"
 _holders: weakref.WeakSet[_ModelMultiplexWrapper] = weakref.WeakSet()  # every cache in this process
+
+
+class _MultiplexMetrics:
+    """This process's multiplexing metrics (made at the first cache; in a replica, with its tags)."""
+
+    def __init__(self) -> None:
+        # Ray Serve 2.60's MODEL_LOAD_LATENCY_BUCKETS_MS are its request latency buckets.
+        self.load_latency_ms = serve_metrics.Histogram(
+            "serve_multiplexed_model_load_latency_ms", description="The time it takes to load a model.",
+            boundaries=LATENCY_BUCKETS_MS,
+        ).bind()
+        self.unload_latency_ms = serve_metrics.Histogram(
+            "serve_multiplexed_model_unload_latency_ms", description="The time it takes to unload a model.",
+            boundaries=LATENCY_BUCKETS_MS,
+        ).bind()
+        self.num_models = serve_metrics.Gauge(
+            "serve_num_multiplexed_models", description="The number of models loaded on the current replica.",
+        ).bind()
+        self.registered_model = serve_metrics.Gauge(
+            "serve_registered_multiplexed_model_id", description="The model id registered on the current replica.",
+            tag_keys=("model_id",),
+        )
+        self.get_model_requests = serve_metrics.Counter(
+            "serve_multiplexed_get_model_requests_counter",
+            description="The counter for get model requests on the current replica.",
+        ).bind()
+        self.unloads = serve_metrics.Counter(
+            "serve_multiplexed_models_unload_counter",
+            description="The counter for unloaded models on the current replica.",
+        ).bind()
+        self.loads = serve_metrics.Counter(
+            "serve_multiplexed_models_load_counter", description="The counter for loaded models on the current replica.",
+        ).bind()
+
+    def held(self, model_id: str, loaded: bool) -> None:
+        """``model_id`` was loaded (or unloaded): set both gauges."""
+        self.registered_model.bind({"model_id": model_id}).set(1 if loaded else 0)
+        self.num_models.set(sum(len(h.models) for h in _holders))
+
+
+_metrics: _MultiplexMetrics | None = None
+
+
+def _process_metrics() -> _MultiplexMetrics:
+    global _metrics
+    if _metrics is None:
+        _metrics = _MultiplexMetrics()
+    return _metrics
 
 
 def get_multiplexed_model_id() -> str:
@@ -52,6 +113,7 @@ class _ModelMultiplexWrapper:
         self.max_num_models_per_replica = max_num_models_per_replica
         self._lock = asyncio.Lock()
         self._loading: set[str] = set()
+        self.metrics = _process_metrics()
         _holders.add(self)
         request_router_report.on_shutdown(shutdown_all)
 
@@ -64,6 +126,7 @@ class _ModelMultiplexWrapper:
             raise TypeError("The model ID must be a string.")
         if not model_id:
             raise ValueError("The model ID cannot be empty.")
+        self.metrics.get_model_requests.inc()
         if model_id in self.models:
             self.models.move_to_end(model_id)
             return self.models[model_id]
@@ -77,11 +140,15 @@ class _ModelMultiplexWrapper:
                 if 0 < self.max_num_models_per_replica <= len(self.models):
                     await self.unload_model_lru()
                 logger.debug("loading model '%s'", model_id)
+                self.metrics.loads.inc()
+                started_s = time.perf_counter()
                 if self._self_arg is None:
                     model = await self._load(model_id)
                 else:
                     model = await self._load(self._self_arg, model_id)
+                self.metrics.load_latency_ms.observe((time.perf_counter() - started_s) * 1000)
                 self.models[model_id] = model
+                self.metrics.held(model_id, loaded=True)
                 return model
         except Exception:
             logger.exception("Failed to load model '%s'.", model_id)
@@ -92,17 +159,22 @@ class _ModelMultiplexWrapper:
 
     async def unload_model_lru(self) -> None:
         """Unload the least recently used model, calling its ``__del__``."""
+        self.metrics.unloads.inc()
+        started_s = time.perf_counter()
         model_id, model = self.models.popitem(last=False)
         _report()
         logger.debug("unloading model '%s'", model_id)
-        finalizer = getattr(model, "__del__", None)
-        if finalizer is None:
-            return
-        if inspect.iscoroutinefunction(finalizer):
-            await finalizer()
-        else:
-            await asyncio.get_running_loop().run_in_executor(None, finalizer)
-        _disarm(model)
+        try:
+            finalizer = getattr(model, "__del__", None)
+            if finalizer is not None:
+                if inspect.iscoroutinefunction(finalizer):
+                    await finalizer()
+                else:
+                    await asyncio.get_running_loop().run_in_executor(None, finalizer)
+                _disarm(model)
+            self.metrics.unload_latency_ms.observe((time.perf_counter() - started_s) * 1000)
+        finally:
+            self.metrics.held(model_id, loaded=False)
 
     async def shutdown(self) -> None:
         """Unload every model (the replica is stopping)."""

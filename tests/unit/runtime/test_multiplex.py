@@ -127,3 +127,47 @@ def test_a_failed_load_is_not_cached_and_not_reported() -> None:
         assert await flaky.get_model("z") == "z"
 
     run(main)
+
+
+def test_metrics_count_requests_loads_failed_loads_and_unloads() -> None:
+    """Ray's semantics: every valid call is a get-model request; a load is counted when it
+    starts (a failed one too) and timed when it succeeds; an unload is counted and timed whether
+    or not the model has a ``__del__``."""
+    from shoal.serve import multiplex
+
+    class Loader:
+        @serve.multiplexed(max_num_models_per_replica=1)
+        async def get(self, model_id: str) -> object:
+            if model_id == "bad":
+                raise RuntimeError("cannot load")
+            return object()  # no __del__
+
+    def counts() -> dict[str, float]:
+        m = multiplex._process_metrics()
+        return {
+            "requests": m.get_model_requests._value.get(), "loads": m.loads._value.get(),
+            "unloads": m.unloads._value.get(),
+            "load_n": sum(b.get() for b in m.load_latency_ms._buckets),
+            "unload_n": sum(b.get() for b in m.unload_latency_ms._buckets),
+        }
+
+    async def main() -> None:
+        loader = Loader()
+        await loader.get("warm-up")  # makes the process's metrics
+        before = counts()
+        await loader.get("a")  # evicts warm-up
+        await loader.get("a")  # a hit
+        with pytest.raises(RuntimeError):
+            await loader.get("bad")  # evicts a, then fails
+        with pytest.raises(ValueError):
+            await loader.get("")  # not a request
+        after = counts()
+        assert {k: after[k] - before[k] for k in ("requests", "loads", "unloads", "load_n", "unload_n")} == {
+            "requests": 3, "loads": 2, "unloads": 2, "load_n": 1, "unload_n": 2,
+        }
+        m = multiplex._process_metrics()
+        assert m.registered_model.bind({"model_id": "a"})._value.get() == 0
+        assert m.num_models._value.get() == sum(len(h.models) for h in multiplex._holders)  # every cache here
+        await multiplex.shutdown_all()
+
+    run(main)

@@ -12,6 +12,7 @@ from inproc import run
 from shoal.runtime import transport, wire
 from shoal.runtime.asgi import HTTP_METHOD
 from shoal.runtime.replica import HEALTH_METHOD, ReplicaWorker
+from shoal.runtime.replica_metrics import ReplicaMetrics
 from shoal.runtime.user_code import UserCallable
 
 pytestmark = pytest.mark.timeout(60)
@@ -64,11 +65,11 @@ class Caller:
         return await self.replies.get()
 
 
-async def _worker(limit: int) -> tuple[ReplicaWorker, Caller, Any]:
+async def _worker(limit: int, metrics: ReplicaMetrics | None = None) -> tuple[ReplicaWorker, Caller, Any]:
     user = UserCallable(deployment_name="Held", func_or_class=Held, init_args=(), init_kwargs={},
                         max_ongoing_requests=limit)
     await user.construct()
-    worker = ReplicaWorker(user=user, incarnation=1, max_ongoing_requests=limit, app_name="app")
+    worker = ReplicaWorker(user=user, incarnation=1, max_ongoing_requests=limit, app_name="app", metrics=metrics)
     sock = transport.make_socket(zmq.ROUTER)
     sock.bind("inproc://worker")
     worker.attach(transport.Channel(sock, worker.on_message))
@@ -136,6 +137,45 @@ def test_a_user_exception_and_another_incarnation() -> None:
         stale = caller.send("hold", incarnation=0)  # addressed to a predecessor: never runs
         reply = await caller.reply()
         assert (reply.kind, reply.call_id, worker.ongoing) == (wire.Kind.REJECTED, stale, 0)
+        await _close(worker, caller)
+
+    run(main)
+
+
+def test_requests_are_counted_when_they_end_and_only_the_users_own() -> None:
+    """OK, raised and cancelled requests are counted by outcome; a rejected request and the
+    supervisor's health check are not; the ongoing gauge follows the user's requests only."""
+    metrics = ReplicaMetrics(deployment="HeldMetrics", replica="r", application="app", max_ongoing_requests=1)
+    ongoing = metrics._ongoing
+
+    def count(metric: Any, **labels: str) -> float:
+        return sum(
+            s.value for family in metric._prom.collect() for s in family.samples
+            if s.name.endswith("_total") and s.labels.get("deployment") == "HeldMetrics"
+            and labels.items() <= s.labels.items()
+        )
+
+    async def main() -> None:
+        worker, caller, instance = await _worker(limit=1, metrics=metrics)
+        first = caller.send("hold")
+        await instance.started.wait()
+        assert ongoing._value.get() == 1
+        caller.send("hold")  # over the limit: REJECTED, never counted
+        assert (await caller.reply()).kind == wire.Kind.REJECTED
+        caller.send(HEALTH_METHOD)
+        assert (await caller.reply()).kind == wire.Kind.RESULT
+        caller.cancel(first)
+        assert (await caller.reply()).kind == wire.Kind.CANCELLED
+        assert ongoing._value.get() == 0
+        caller.send("fail")
+        assert (await caller.reply()).kind == wire.Kind.ERROR
+        instance.release()
+        caller.send("hold")
+        assert (await caller.reply()).kind == wire.Kind.RESULT
+        assert count(metrics._requests) == 1
+        assert count(metrics._errors, exception_type="CancelledError") == 1
+        assert count(metrics._errors, exception_type="ValueError") == 1
+        assert ongoing._value.get() == 0
         await _close(worker, caller)
 
     run(main)

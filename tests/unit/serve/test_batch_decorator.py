@@ -676,3 +676,36 @@ def test_warns_when_max_ongoing_requests_cannot_fill_the_batches(
         assert run(w.handle(2)) == 2
         Wide.handle.set_max_batch_size(4)  # type: ignore[attr-defined]
     assert not [r for r in caplog.records if "max_ongoing_requests" in r.getMessage()]
+
+
+def test_batch_metrics_size_by_batch_size_fn_utilization_and_queue_length() -> None:
+    """Ray's semantics: a batch's size is ``batch_size_fn``'s (else its length), its utilization
+    that size over ``max_batch_size``; callers cancelled before it runs are left out of it; the
+    queue length follows the callers waiting."""
+
+    @serve.batch(max_batch_size=10, batch_wait_timeout_s=60, batch_size_fn=lambda items: sum(items))
+    async def weigh_metrics(items: list[int]) -> list[int]:
+        return items
+
+    def hist(child: Any) -> tuple[float, float]:
+        return sum(b.get() for b in child._buckets), child._sum.get()
+
+    async def main() -> None:
+        first = asyncio.ensure_future(weigh_metrics(3))
+        await settle()
+        queue = weigh_metrics._shoal_batcher._function_queue  # type: ignore[attr-defined]
+        m = queue.metrics
+        assert m.queue_length._value.get() == 1
+        gone = asyncio.ensure_future(weigh_metrics(3))
+        await settle()
+        assert m.queue_length._value.get() == 2
+        gone.cancel()
+        assert await asyncio.gather(first, weigh_metrics(3), weigh_metrics(4), return_exceptions=True) == [3, 3, 4]
+        assert m.queue_length._value.get() == 0
+        assert m.processed._value.get() == 1
+        assert hist(m.batch_size) == (1, 10)  # 3 + 3 + 4 (the cancelled caller left out)
+        assert hist(m.utilization_percent) == (1, 100)
+        assert hist(m.execution_time_ms)[0] == 1
+        assert hist(m.wait_time_ms)[0] == 1
+
+    run(main())
