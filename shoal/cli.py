@@ -68,6 +68,12 @@ def _specs_for(target: str, arguments: list[str], name: str, route_prefix: str) 
     return [config_file.app_spec(app, "application")], None
 
 
+def _say_progress(text: str, elapsed_s: float) -> None:
+    """A deploy's progress when stderr is not a terminal: a ``shoal: ...`` line per change (on a
+    terminal it is one line rewritten in place; see ``shoal.serve._progress_writer``)."""
+    print(f"shoal: {text}", file=sys.stderr, flush=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from shoal.controller import launch, rundir
 
@@ -115,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             starting.join()
     if starting is not None and not owned:
         raise RuntimeError("the shoal supervisor did not start; see the messages above")
-    api.deploy_specs(specs, declarative=True, wait=True)
+    api.deploy_specs(specs, declarative=True, wait=True, progress_lines=_say_progress)
     names = ", ".join(f"'{s['name']}' at {s.get('route_prefix') or '(no route)'}" for s in specs)
     print(f"shoal: serving {names} on {api.get_http_url()} (Ctrl-C stops)", flush=True)
 
@@ -128,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if path.startswith(app_dir) and module.__name__ != "__main__":
                     importlib.reload(module)
             fresh, _ = _specs_for(args.target, args.arguments, args.name, args.route_prefix)
-            api.deploy_specs(fresh, declarative=True, wait=True)
+            api.deploy_specs(fresh, declarative=True, wait=True, progress_lines=_say_progress)
             print("shoal: files changed; redeployed", flush=True)
         except Exception as exc:  # keep serving the old version
             print(f"shoal: redeploy failed, still serving the previous version: {exc}", file=sys.stderr, flush=True)
@@ -174,7 +180,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     sys.path.insert(0, os.path.abspath(args.app_dir))
     specs, _ = _specs_for(args.target, args.arguments, args.name, args.route_prefix)
-    api.deploy_specs(specs, declarative=True, wait=args.wait)
+    api.deploy_specs(specs, declarative=True, wait=args.wait, progress_lines=_say_progress)
     _warn_start_only_options(args.target)
     print("Sent deploy request successfully." + ("" if args.wait else " Watch it with `shoal status`."))
     return 0
