@@ -19,12 +19,19 @@ from typing import Any
 _DEFAULT_ADDRESS_HELP = "run directory of the instance (default: $SHOAL_ADDRESS, then your default instance)"
 
 
-def _wait_for_signal(reload_dir: Path | None = None, on_change: Any = None, process: Any = None) -> None:
-    """Block until SIGINT (Ctrl-C), SIGTERM or the exit of ``process`` (a Popen); with
-    ``reload_dir``, call ``on_change`` whenever a Python file under it changes."""
+def _stop_on_signals() -> threading.Event:
+    """An Event that SIGINT (Ctrl-C) and SIGTERM set from now on (instead of raising)."""
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def _wait_for_signal(
+    stop: threading.Event, reload_dir: Path | None = None, on_change: Any = None, process: Any = None
+) -> None:
+    """Block until ``stop`` is set (``_stop_on_signals``) or ``process`` (a Popen) exits; with
+    ``reload_dir``, call ``on_change`` whenever a Python file under it changes."""
     if process is not None:
         def watch() -> None:
             process.wait()
@@ -123,7 +130,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise RuntimeError("the shoal supervisor did not start; see the messages above")
     api.deploy_specs(specs, declarative=True, wait=True, progress_lines=_say_progress)
     names = ", ".join(f"'{s['name']}' at {s.get('route_prefix') or '(no route)'}" for s in specs)
-    print(f"shoal: serving {names} on {api.get_http_url()} (Ctrl-C stops)", flush=True)
+    url = api.get_http_url()
+    stop = _stop_on_signals()  # before the line that invites Ctrl-C: from now on it drains
+    print(f"shoal: serving {names} on {url} (Ctrl-C stops)", flush=True)
 
     def redeploy() -> None:
         try:
@@ -139,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except Exception as exc:  # keep serving the old version
             print(f"shoal: redeploy failed, still serving the previous version: {exc}", file=sys.stderr, flush=True)
 
-    _wait_for_signal(Path(app_dir) if args.reload else None, redeploy, owned[0].process if owned else None)
+    _wait_for_signal(stop, Path(app_dir) if args.reload else None, redeploy, owned[0].process if owned else None)
     print("shoal: draining and stopping", flush=True)
     api.shutdown()
     if owned:
