@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+_INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells use
 _DEFAULT_ADDRESS_HELP = "run directory of the instance (default: $SHOAL_ADDRESS, then your default instance)"
 
 
@@ -128,7 +129,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             starting.join()
     if starting is not None and not owned:
         raise RuntimeError("the shoal supervisor did not start; see the messages above")
-    api.deploy_specs(specs, declarative=True, wait=True, progress_lines=_say_progress)
+    try:
+        api.deploy_specs(specs, declarative=True, wait=True, progress_lines=_say_progress)
+    except KeyboardInterrupt:  # Ctrl-C while deploying: stop, as after serving
+        print("shoal: interrupted while deploying; stopping", file=sys.stderr, flush=True)
+        api.shutdown()
+        if owned:
+            owned[0].wait_stopped(timeout_s=60)
+        return _INTERRUPTED
     names = ", ".join(f"'{s['name']}' at {s.get('route_prefix') or '(no route)'}" for s in specs)
     url = api.get_http_url()
     stop = _stop_on_signals()  # before the line that invites Ctrl-C: from now on it drains
@@ -189,7 +197,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     sys.path.insert(0, os.path.abspath(args.app_dir))
     specs, _ = _specs_for(args.target, args.arguments, args.name, args.route_prefix)
-    api.deploy_specs(specs, declarative=True, wait=args.wait, progress_lines=_say_progress)
+    try:
+        api.deploy_specs(specs, declarative=True, wait=args.wait, progress_lines=_say_progress)
+    except KeyboardInterrupt:
+        print("shoal: interrupted; the instance goes on deploying (see `shoal status`)", file=sys.stderr)
+        return _INTERRUPTED
     _warn_start_only_options(args.target)
     print("Sent deploy request successfully." + ("" if args.wait else " Watch it with `shoal status`."))
     return 0

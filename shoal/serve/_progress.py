@@ -5,7 +5,8 @@ and the clock.
 ``controller.status.render_status`` builds) for the applications being deployed, and returns a
 ``Line``, for example::
 
-    deploying 'default' (5 s): Model 0/2 up, Ingress 1/1 up; constructor of Model still running (5 s)
+    deploying 'default' (2 s): Model 0/2 up, Ingress 0/1 up
+    deploying 'default': Model 0/2 up; constructor of Model still running (5 s)
 
 - An application counts until it is RUNNING or DEPLOY_FAILED (or gone); in it, a deployment
   counts as still starting until it is HEALTHY, and "up" counts its RUNNING replicas of the
@@ -18,6 +19,8 @@ and the clock.
   before); a constructor that failed and is retried after a backoff; old replicas still
   draining. (A shoal replica is RUNNING once its constructor returned: there is no separate
   first health check to wait for.)
+- The line's own clock (seconds since the deploy started) is left out once a reason says for
+  how long it has waited, so that the usual line fits 80 columns.
 - ``Line.key`` is the text without its clocks: a writer that prints a line per change (output
   that is not a terminal) prints when the key changes, not every second.
 
@@ -61,29 +64,32 @@ def _describe(status: Mapping[str, Any], apps: Sequence[str], started_s: float, 
         return ""
     counts: list[str] = []
     reasons: list[str] = []
+    timed = False  # a reason says for how long: the line needs no clock of its own
     for app_name, app in waiting:
         qualify = f"{app_name}/" if len(waiting) > 1 else ""
         for name, d in (app.get("deployments") or {}).items():
             if d.get("status") == "HEALTHY":
                 continue
             counts.append(f"{qualify}{name} {_up(d)}/{_target(d)} up")
-            reason = _reason(qualify + name, d, now_s, clocks) if explain else ""
+            reason, has_clock = _reason(qualify + name, d, now_s, clocks) if explain else ("", False)
             if reason:
                 reasons.append(reason)
+                timed = timed or has_clock
     names = ", ".join(f"'{name}'" for name, _ in waiting)
-    head = f"deploying {names}" + (f" ({_seconds(elapsed_s)})" if clocks else "")
+    head = f"deploying {names}" + (f" ({_seconds(elapsed_s)})" if clocks and not timed else "")
     head += ": " + ", ".join(counts) if counts else ""
     return "; ".join([head, *reasons])
 
 
-def _reason(name: str, d: Mapping[str, Any], now_s: float, clocks: bool) -> str:
-    """What deployment ``name`` waits on, from its report ``d``; "" if nothing is known."""
+def _reason(name: str, d: Mapping[str, Any], now_s: float, clocks: bool) -> tuple[str, bool]:
+    """What deployment ``name`` waits on, from its report ``d`` ("" if nothing is known), and
+    whether that says for how long."""
     if d.get("status") == "DEPLOY_FAILED":
-        return ""  # the deploy is about to end with its error
+        return "", False  # the deploy is about to end with its error
     if d.get("waiting_for_resources"):
-        return f"{name} waiting for a GPU ({_detail(d['waiting_for_resources'])})"
+        return f"{name} waiting for a GPU ({_detail(d['waiting_for_resources'])})", False
     if d.get("reconfiguring"):
-        return f"reconfigure of {name} still running"
+        return f"reconfigure of {name} still running", False
     starting = [r for r in _current(d) if r.get("state") == "STARTING"]
     replaced = _replaced(name, d) if d.get("status") == "UNHEALTHY" else ""
     failed = int(d.get("failed_starts") or 0)
@@ -96,14 +102,14 @@ def _reason(name: str, d: Mapping[str, Any], now_s: float, clocks: bool) -> str:
         details = ", ".join(counted + clock + attempts)
         constructors = "constructors" if len(starting) > 1 else "constructor"
         running = f"{constructors} of {name} still running" + (f" ({details})" if details else "")
-        return f"{replaced}, {running}" if replaced else running
+        return (f"{replaced}, {running}" if replaced else running), bool(clock)
     if replaced:
-        return replaced
+        return replaced, False
     if failed:
-        return f"constructor of {name} failed ({last_error or 'no error text'}); retrying"
+        return f"constructor of {name} failed ({last_error or 'no error text'}); retrying", False
     if any(r.get("state") == "STOPPING" for r in d.get("replicas") or []):
-        return f"old replicas of {name} still draining"
-    return ""
+        return f"old replicas of {name} still draining", False
+    return "", False
 
 
 def _replaced(name: str, d: Mapping[str, Any]) -> str:

@@ -141,7 +141,7 @@ def test_shoal_run_on_a_terminal_rewrites_one_line_naming_the_constructor(privat
         # constructor waits, and names it.
         line = out.wait_for(r"\r(deploying 'default' \(\d+ s\): [^\r\n]*)\x1b\[K")
         assert line.group(1).startswith("deploying 'default' ("), out.text
-        out.wait_for(rf"\rdeploying 'default' \(\d+ s\): Model 0/1 up; {CONSTRUCTOR} \(\d+ s\)\x1b\[K")
+        out.wait_for(rf"\rdeploying 'default': Model 0/1 up; {CONSTRUCTOR} \(\d+ s\)\x1b\[K")
         _release(gate)
         # The line is erased before the serving line; nothing of it ends up on its own line.
         out.wait_for(r"\r\x1b\[Kshoal: serving 'default' at / on http://\S+ \(Ctrl-C stops\)")
@@ -155,6 +155,27 @@ def test_shoal_run_on_a_terminal_rewrites_one_line_naming_the_constructor(privat
     assert "Traceback" not in out.text, out.text
 
 
+def test_ctrl_c_while_the_line_shows_erases_it_and_stops(private_run_dir: Path, gate: Path) -> None:
+    master, slave = pty.openpty()  # its size says 0 columns: the line is cut to 80
+    proc = subprocess.Popen(
+        [SHOAL, "run", "gated_app:app", f"gate={gate}", "--port", "0"], cwd=CLI_APPS, env=_env(private_run_dir),
+        stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, start_new_session=True,
+    )
+    os.close(slave)
+    out = Output(master)
+    try:
+        out.wait_for(rf"{CONSTRUCTOR} \(\d+ s\)\x1b\[K")
+        assert _stop(proc) == 130, out.text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
+    assert "\r\x1b[Kshoal: interrupted while deploying; stopping" in out.text, out.text
+    assert "Traceback" not in out.text, out.text
+    # (the private_run_dir fixture fails the test if any process of the instance is left)
+
+
 def test_shoal_run_off_a_terminal_prints_plain_lines(private_run_dir: Path, gate: Path) -> None:
     proc = subprocess.Popen(
         [SHOAL, "run", "gated_app:app", f"gate={gate}", "--port", "0"], cwd=CLI_APPS, env=_env(private_run_dir),
@@ -163,7 +184,7 @@ def test_shoal_run_off_a_terminal_prints_plain_lines(private_run_dir: Path, gate
     assert proc.stdout is not None and proc.stderr is not None
     stdout, stderr = Output(proc.stdout), Output(proc.stderr)
     try:
-        stderr.wait_for(rf"(?m)^shoal: deploying 'default' \(\d+ s\): Model 0/1 up; {CONSTRUCTOR} \(\d+ s\)\n")
+        stderr.wait_for(rf"(?m)^shoal: deploying 'default': Model 0/1 up; {CONSTRUCTOR} \(\d+ s\)\n")
         _release(gate)
         stdout.wait_for(r"(?m)^shoal: serving 'default' at / on http://\S+ \(Ctrl-C stops\)")
         assert _stop(proc) == 0, stderr.text
@@ -174,7 +195,7 @@ def test_shoal_run_off_a_terminal_prints_plain_lines(private_run_dir: Path, gate
         stdout.join()
         stderr.join()
     progress = [line for line in stderr.text.splitlines() if "deploying" in line]
-    assert progress and all(line.startswith("shoal: deploying 'default' (") for line in progress), stderr.text
+    assert progress and all(line.startswith("shoal: deploying 'default'") for line in progress), stderr.text
     assert len(progress) == len({re.sub(r"\d+ s", "", line) for line in progress})  # one per change
     assert "\r" not in stderr.text and "\x1b" not in stderr.text, stderr.text
     assert not stdout.text.startswith("shoal: deploying"), stdout.text  # progress goes to stderr
@@ -201,7 +222,7 @@ def test_serve_run_in_a_script_logs_progress_and_ready(private_run_dir: Path, ga
     assert proc.stdout is not None and proc.stderr is not None
     stdout, stderr = Output(proc.stdout), Output(proc.stderr)
     try:
-        stderr.wait_for(rf"INFO shoal.serve deploying 'default' \(\d+ s\): Model 0/1 up; {CONSTRUCTOR}")
+        stderr.wait_for(rf"INFO shoal.serve deploying 'default': Model 0/1 up; {CONSTRUCTOR}")
         _release(gate)
         stdout.wait_for("deployed")
         assert proc.wait(60) == 0, stderr.text
