@@ -413,7 +413,7 @@ def _parser() -> argparse.ArgumentParser:
 
     deploy = sub.add_parser("deploy", help="deploy a config file to the running instance; apps not in it are deleted")
     app_args(deploy)
-    deploy.add_argument("--wait", action="store_true", help="return once every application is RUNNING")
+    deploy.add_argument("--wait", action="store_true", help="return once every application is RUNNING, showing what it waits on")
     deploy.set_defaults(func=cmd_deploy)
 
     status = sub.add_parser("status", help="applications, deployments and replicas of the running instance")

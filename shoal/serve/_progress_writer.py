@@ -175,11 +175,11 @@ class Watch:
         while not self._stop.wait(self._interval_s):
             try:
                 status = self._fetch()
-            except Exception:
-                logger.debug("the progress line could not fetch the status", exc_info=True)
+                now_s = self._clock()
+                line = render(status, self._apps, self._started_s, now_s)
+            except Exception:  # no answer this time (or one it cannot read): try again
+                logger.debug("the progress line could not fetch or read the status", exc_info=True)
                 continue
-            now_s = self._clock()
-            line = render(status, self._apps, self._started_s, now_s)
             with self._lock:
                 if self._stop.is_set():
                     return

@@ -140,7 +140,9 @@ def run(
     """Deploy ``target`` as app ``name`` (replacing one of that name) and wait until it runs.
 
     Returns a handle to the ingress deployment. RuntimeError, with the constructor's traceback,
-    if the app becomes DEPLOY_FAILED. ``blocking=True`` then waits until Ctrl-C.
+    if the app becomes DEPLOY_FAILED. ``blocking=True`` then waits until Ctrl-C. While it waits,
+    a terminal on stderr shows one line of progress (which deployments still start, what they
+    wait on); off a terminal the ``shoal.serve`` logger says it (INFO; WARNING after 30 s).
     ``logging_config`` applies to every deployment of the app that sets none itself (default:
     ``serve.start``'s).
     """
