@@ -2,26 +2,44 @@
 replicas as plain dicts, in the shape ``ServeStatus.from_dict`` reads.
 
 A deployment whose replicas wait for GPUs says so in its message (as long as it has fewer
-replicas of its current version than its target)."""
+replicas of its current version than its target).
+
+Beyond what ``ServeStatus`` reads, each deployment carries what a deploy's progress line
+(``shoal.serve._progress``) needs: ``version`` (the one being deployed),
+``target_num_replicas``, ``failed_starts`` (of that version), ``reconfiguring`` (an in-place config
+update is running), ``waiting_for_resources`` (why a replica could not start, "" if nothing
+is missing); and each replica its ``start_time_s`` (wall-clock seconds, Ray's name)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from shoal.controller.state import AppState, DeploymentState
 
 
-def render_status(apps: Iterable[AppState], proxy_status: str | None, target_capacity: float | None = None) -> dict[str, Any]:
+def render_status(
+    apps: Iterable[AppState],
+    proxy_status: str | None,
+    target_capacity: float | None = None,
+    *,
+    wall_s: float | None = None,
+    monotonic_s: float | None = None,
+) -> dict[str, Any]:
     """``proxy_status`` is the proxy's status value, None without HTTP; ``target_capacity`` the
-    last config file's."""
+    last config file's. ``wall_s`` and ``monotonic_s`` (default: now) are the same instant on
+    both clocks: replicas' monotonic start times are reported on the wall clock."""
+    wall_offset_s = (time.time() if wall_s is None else wall_s) - (
+        time.monotonic() if monotonic_s is None else monotonic_s
+    )
     rendered = {
         app.name: {
             "status": app.status.value,
             "message": app.message,
             "last_deployed_time_s": app.deployed_at,
             "deployments": {
-                state.name: _deployment(state)
+                state.name: _deployment(state, wall_offset_s)
                 for state in app.deployments.values() if app.deleting or not state.deleting
             },
             "route_prefix": app.route_prefix,
@@ -33,7 +51,7 @@ def render_status(apps: Iterable[AppState], proxy_status: str | None, target_cap
     return {"proxies": proxies, "applications": rendered, "target_capacity": target_capacity}
 
 
-def _deployment(state: DeploymentState) -> dict[str, Any]:
+def _deployment(state: DeploymentState, wall_offset_s: float) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for r in state.replicas.values():
         counts[r.state.value] = counts.get(r.state.value, 0) + 1
@@ -43,14 +61,25 @@ def _deployment(state: DeploymentState) -> dict[str, Any]:
         "replica_states": counts,
         "message": _message(state),
         "replicas": [
-            {"replica_id": r.replica_id, "state": r.state.value, "pid": r.pid, "version": r.version}
+            {
+                "replica_id": r.replica_id, "state": r.state.value, "pid": r.pid, "version": r.version,
+                "start_time_s": r.started_at + wall_offset_s,
+            }
             for r in state.replicas.values()
         ],
         "restarts": state.restarts,
         "last_error": state.last_error,
+        "version": state.version,
+        "target_num_replicas": state.target,
+        "failed_starts": state.failed_starts,
+        "reconfiguring": state.reconfiguring > 0,
+        "waiting_for_resources": _waiting(state),
     }
 
 
 def _message(state: DeploymentState) -> str:
-    waiting = state.resources_wanted if len(state.live(state.version)) < state.target else ""
-    return "\n".join(m for m in (state.message, waiting) if m)
+    return "\n".join(m for m in (state.message, _waiting(state)) if m)
+
+
+def _waiting(state: DeploymentState) -> str:
+    return state.resources_wanted if len(state.live(state.version)) < state.target else ""

@@ -16,15 +16,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+_INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells use
 _DEFAULT_ADDRESS_HELP = "run directory of the instance (default: $SHOAL_ADDRESS, then your default instance)"
 
 
-def _wait_for_signal(reload_dir: Path | None = None, on_change: Any = None, process: Any = None) -> None:
-    """Block until SIGINT (Ctrl-C), SIGTERM or the exit of ``process`` (a Popen); with
-    ``reload_dir``, call ``on_change`` whenever a Python file under it changes."""
+def _stop_on_signals() -> threading.Event:
+    """An Event that SIGINT (Ctrl-C) and SIGTERM set from now on (instead of raising)."""
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def _wait_for_signal(
+    stop: threading.Event, reload_dir: Path | None = None, on_change: Any = None, process: Any = None
+) -> None:
+    """Block until ``stop`` is set (``_stop_on_signals``) or ``process`` (a Popen) exits; with
+    ``reload_dir``, call ``on_change`` whenever a Python file under it changes."""
     if process is not None:
         def watch() -> None:
             process.wait()
@@ -66,6 +74,12 @@ def _specs_for(target: str, arguments: list[str], name: str, route_prefix: str) 
         return config_file.build_specs(schema), schema.http_options.model_dump()
     app = ServeApplicationSchema(name=name, route_prefix=route_prefix, import_path=target, args=_key_values(arguments))
     return [config_file.app_spec(app, "application")], None
+
+
+def _say_progress(text: str, elapsed_s: float) -> None:
+    """A deploy's progress when stderr is not a terminal: a ``shoal: ...`` line per change (on a
+    terminal it is one line rewritten in place; see ``shoal.serve._progress_writer``)."""
+    print(f"shoal: {text}", file=sys.stderr, flush=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -115,9 +129,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             starting.join()
     if starting is not None and not owned:
         raise RuntimeError("the shoal supervisor did not start; see the messages above")
-    api.deploy_specs(specs, declarative=True, wait=True)
+    try:
+        api.deploy_specs(specs, declarative=True, wait=True, progress_lines=_say_progress)
+    except KeyboardInterrupt:  # Ctrl-C while deploying: stop, as after serving
+        print("shoal: interrupted while deploying; stopping", file=sys.stderr, flush=True)
+        api.shutdown()
+        if owned:
+            owned[0].wait_stopped(timeout_s=60)
+        return _INTERRUPTED
     names = ", ".join(f"'{s['name']}' at {s.get('route_prefix') or '(no route)'}" for s in specs)
-    print(f"shoal: serving {names} on {api.get_http_url()} (Ctrl-C stops)", flush=True)
+    url = api.get_http_url()
+    stop = _stop_on_signals()  # before the line that invites Ctrl-C: from now on it drains
+    print(f"shoal: serving {names} on {url} (Ctrl-C stops)", flush=True)
 
     def redeploy() -> None:
         try:
@@ -128,12 +151,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if path.startswith(app_dir) and module.__name__ != "__main__":
                     importlib.reload(module)
             fresh, _ = _specs_for(args.target, args.arguments, args.name, args.route_prefix)
-            api.deploy_specs(fresh, declarative=True, wait=True)
+            api.deploy_specs(fresh, declarative=True, wait=True, progress_lines=_say_progress)
             print("shoal: files changed; redeployed", flush=True)
         except Exception as exc:  # keep serving the old version
             print(f"shoal: redeploy failed, still serving the previous version: {exc}", file=sys.stderr, flush=True)
 
-    _wait_for_signal(Path(app_dir) if args.reload else None, redeploy, owned[0].process if owned else None)
+    _wait_for_signal(stop, Path(app_dir) if args.reload else None, redeploy, owned[0].process if owned else None)
     print("shoal: draining and stopping", flush=True)
     api.shutdown()
     if owned:
@@ -174,7 +197,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     sys.path.insert(0, os.path.abspath(args.app_dir))
     specs, _ = _specs_for(args.target, args.arguments, args.name, args.route_prefix)
-    api.deploy_specs(specs, declarative=True, wait=args.wait)
+    try:
+        api.deploy_specs(specs, declarative=True, wait=args.wait, progress_lines=_say_progress)
+    except KeyboardInterrupt:
+        print("shoal: interrupted; the instance goes on deploying (see `shoal status`)", file=sys.stderr)
+        return _INTERRUPTED
     _warn_start_only_options(args.target)
     print("Sent deploy request successfully." + ("" if args.wait else " Watch it with `shoal status`."))
     return 0
@@ -386,7 +413,7 @@ def _parser() -> argparse.ArgumentParser:
 
     deploy = sub.add_parser("deploy", help="deploy a config file to the running instance; apps not in it are deleted")
     app_args(deploy)
-    deploy.add_argument("--wait", action="store_true", help="return once every application is RUNNING")
+    deploy.add_argument("--wait", action="store_true", help="return once every application is RUNNING, showing what it waits on")
     deploy.set_defaults(func=cmd_deploy)
 
     status = sub.add_parser("status", help="applications, deployments and replicas of the running instance")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from shoal.runtime.logs import install_local_logging
 from shoal.runtime.user_code import UserCallable
 from shoal.serve import _build
 from shoal.serve._instance_options import app_options, instance_options
+from shoal.serve._progress_writer import Emit, Watch, display_for
 from shoal.serve.config import HTTPOptions
 from shoal.serve.deployment import Application
 from shoal.serve.schema import ServeStatus, validate_route_prefix
@@ -33,6 +36,8 @@ logger = logging.getLogger("shoal.serve")
 _WAIT_ROUND_S = 2.0  # one wait_app call waits at most this long in the supervisor
 _WAIT_REPLY_GRACE_S = 5.0  # ... and its answer must arrive this much later, or the driver looks
 _ROUTED_WAIT_S = 30.0  # run_many: how long the driver waits to learn the new apps' routes
+_STATUS_CALL_TIMEOUT_S = 5.0  # the progress line's status calls
+_SLOW_STARTUP_WARNING_S = 30.0  # Ray's RAY_SERVE_SLOW_STARTUP_WARNING_S default
 _lock = threading.RLock()
 _instance: launch.Instance | None = None
 _local: LocalRuntime | None = None
@@ -135,7 +140,9 @@ def run(
     """Deploy ``target`` as app ``name`` (replacing one of that name) and wait until it runs.
 
     Returns a handle to the ingress deployment. RuntimeError, with the constructor's traceback,
-    if the app becomes DEPLOY_FAILED. ``blocking=True`` then waits until Ctrl-C.
+    if the app becomes DEPLOY_FAILED. ``blocking=True`` then waits until Ctrl-C. While it waits,
+    a terminal on stderr shows one line of progress (which deployments still start, what they
+    wait on); off a terminal the ``shoal.serve`` logger says it (INFO; WARNING after 30 s).
     ``logging_config`` applies to every deployment of the app that sets none itself (default:
     ``serve.start``'s).
     """
@@ -230,6 +237,19 @@ def _run_many(
     rt = _runtime()
     assert rt is not None
     rt.call_sync("deploy_many", {"declarative": False}, (wire.pack(specs),))
+    with _progress(rt, names, _log_progress) if wait_for_applications_running else contextlib.nullcontext():
+        _wait_running(rt, built, wait_for_ingress_deployment_creation, wait_for_applications_running)
+    if wait_for_applications_running:
+        _log_ready(rt, targets)
+    return [DeploymentHandle(ingress, t.name) for t, _, ingress in built]
+
+
+def _wait_running(
+    rt: client.Runtime, built: list[tuple[RunTarget, Any, str]], wait_for_ingress_deployment_creation: bool,
+    wait_for_applications_running: bool,
+) -> None:
+    """``_run_many``'s waits, once the supervisor holds the apps ``built``."""
+    targets = [t for t, _, _ in built]
     if wait_for_ingress_deployment_creation or wait_for_applications_running:
         # The supervisor holds the apps now; wait until this process routes to them too, so the
         # handles returned work at once (a call to a deployment unknown to the router fails).
@@ -249,7 +269,6 @@ def _run_many(
                 failures.append(f"Deploying application '{t.name}' failed:\n{reply['message']}")
         if failures:
             raise RuntimeError("\n".join(failures))
-    return [DeploymentHandle(ingress, t.name) for t, _, ingress in built]
 
 
 def _run(
@@ -273,11 +292,16 @@ def _run(
     )[0]
 
 
-def deploy_specs(specs: list[dict[str, Any]], *, declarative: bool, wait: bool, start: bool = False) -> None:
+def deploy_specs(
+    specs: list[dict[str, Any]], *, declarative: bool, wait: bool, start: bool = False,
+    progress_lines: Emit | None = None,
+) -> None:
     """Deploy config-file applications (built by ``config_file.build_specs``) in one step.
 
     ``declarative``: applications not in ``specs`` are deleted. ``wait``: return once every app is
-    RUNNING (RuntimeError naming the ones that failed). ``start``: start an instance if none runs.
+    RUNNING (RuntimeError naming the ones that failed), showing the progress on stderr if it is a
+    terminal, else through ``progress_lines`` (default: the ``shoal.serve`` logger).
+    ``start``: start an instance if none runs.
     """
     rt = _runtime(start=start)
     if rt is None:
@@ -286,12 +310,45 @@ def deploy_specs(specs: list[dict[str, Any]], *, declarative: bool, wait: bool, 
     if not wait:
         return
     failures = []
-    for spec in specs:
-        reply = _wait_app(rt, spec["name"])
-        if reply.get("exists") and reply["status"] == "DEPLOY_FAILED":
-            failures.append(f"Application '{spec['name']}':\n{reply['message']}")
+    with _progress(rt, [spec["name"] for spec in specs], progress_lines or _log_progress):
+        for spec in specs:
+            reply = _wait_app(rt, spec["name"])
+            if reply.get("exists") and reply["status"] == "DEPLOY_FAILED":
+                failures.append(f"Application '{spec['name']}':\n{reply['message']}")
     if failures:
         raise RuntimeError("Deploying failed:\n" + "\n".join(failures))
+
+
+def _progress(rt: client.Runtime, apps: list[str], plain: Emit) -> Watch:
+    """Progress of deploying ``apps`` while the caller waits: one line rewritten in place when
+    stderr is a terminal, else lines through ``plain`` (see ``_progress_writer``)."""
+
+    def fetch() -> dict[str, Any]:
+        status: dict[str, Any] = rt.call_sync("status", timeout_s=_STATUS_CALL_TIMEOUT_S)[0]["status"]
+        return status
+
+    return Watch(fetch, apps, display_for(sys.stderr, plain))
+
+
+def _log_progress(text: str, elapsed_s: float) -> None:
+    """Progress off a terminal, from ``serve.run``: INFO lines of the ``shoal.serve`` logger
+    (silent unless the program configured logging), WARNING once the deploy has taken Ray's
+    slow-startup threshold (30 s), as Ray's controller warns of slow replicas."""
+    logger.log(logging.WARNING if elapsed_s >= _SLOW_STARTUP_WARNING_S else logging.INFO, "%s", text)
+
+
+def _log_ready(rt: client.Runtime, targets: Sequence[RunTarget]) -> None:
+    """Ray's INFO line per application deployed: "Application 'x' is ready at URL." (no extra
+    call unless the logger shows INFO)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    try:
+        url = (rt.call_sync("ping")[0].get("http_url") or "").rstrip("/")
+    except RayServeException:  # the deploy succeeded: only the URL is missing from the line
+        url = ""
+    for t in targets:
+        at = f" at {url}{t.route_prefix}" if url and t.route_prefix is not None else ""
+        logger.info("Application '%s' is ready%s.", t.name, at)
 
 
 def _wait_app(rt: client.Runtime, name: str) -> dict[str, Any]:
