@@ -106,13 +106,16 @@ class AutoscalePoller:
         control: Callable[[Replica], ReplicaCalls | None],
         on_change: Callable[[], None],
         clock: Callable[[], float],
+        after_tick: Callable[[], None] = lambda: None,
     ) -> None:
         """``deployments()``: every deployment now; ``control(replica)``: its connection, if it
-        runs; ``on_change()``: some target changed; ``clock()``: monotonic seconds."""
+        runs; ``on_change()``: some target changed; ``clock()``: monotonic seconds;
+        ``after_tick()``: a tick decided (the autoscaling gauges changed)."""
         self._deployments = deployments
         self._control = control
         self._on_change = on_change
         self._clock = clock
+        self._after_tick = after_tick
 
     async def run(self) -> None:
         while True:
@@ -126,6 +129,8 @@ class AutoscalePoller:
             await self._poll(state)
         if decide_all(states, self._clock()):
             self._on_change()
+        if states:
+            self._after_tick()
 
     async def _poll(self, state: DeploymentState) -> None:
         replicas = [(r, c) for r in state.running(state.version) if (c := self._control(r)) is not None]

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -208,6 +209,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
             rank=ReplicaRank(rank=spec.get("rank", 0), node_rank=0, local_rank=spec.get("rank", 0)),
         )
         set_replica_context(replica_context)
+        constructing = time.monotonic()
         await user.construct(config.get("user_config"), rank=replica_context.rank)
         replica_context.servable_object = user.instance
         worker = ReplicaWorker(
@@ -217,6 +219,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
             app_name=spec["app"],
         )
         await worker.http.startup()
+        initialization_s = time.monotonic() - constructing  # constructor, user_config, ASGI startup
         worker.attach(transport.Channel(replica_sock, worker.on_message))
     except Exception as exc:
         _leave_last_words(last_words_fd, "".join(traceback.format_exception(exc)))
@@ -227,7 +230,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
         return 1
 
     os.close(last_words_fd)
-    report(wire.Kind.READY, {"endpoint": spec["endpoint"]})
+    report(wire.Kind.READY, {"endpoint": spec["endpoint"], "initialization_s": initialization_s})
     await stop.wait()
 
     timeout_s = float(config.get("graceful_shutdown_timeout_s", 20.0))
