@@ -152,6 +152,7 @@ def _start_metrics(
     port = options.get("metrics_port", DEFAULT_METRICS_PORT)
     info["metrics_url"] = None
     if port is None:
+        metrics.disable()  # not even into a PROMETHEUS_MULTIPROC_DIR the supervisor inherited
         return None
     http_port = options.get("port") if options.get("host") is not None else None
     if port == http_port and port != 0:

@@ -126,13 +126,19 @@ def test_metrics_port_0_is_reported_by_get_metrics_url_and_shoal_status(instance
     assert f"metrics: {url}" in status.stdout.splitlines()
 
 
-def test_metrics_port_none_serves_nothing(instance: psutil.Process) -> None:
+def test_metrics_port_none_serves_nothing(
+    instance: psutil.Process, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users_dir = tmp_path / "users-own-multiproc-dir"  # a user's prometheus-client setting
+    users_dir.mkdir()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(users_dir))
     serve.start(http_options={"port": 0, "metrics_port": None})
     assert serve.get_metrics_url() is None
     handle = serve.run(Metered.bind(), name=APP, route_prefix=None)
     assert handle.remote().result(timeout_s=30) > 0  # the replica runs without recording anywhere
     run_dir = run_dir_of(supervisor_of(instance))
     assert not list(run_dir.glob("metrics/*.db"))
+    assert not list(users_dir.iterdir())
 
 
 def test_an_explicit_port_that_is_taken_is_an_error_naming_metrics_port(instance: psutil.Process) -> None:
