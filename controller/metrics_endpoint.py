@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -185,8 +186,8 @@ def retention_from_env() -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{RETENTION_ENV}={raw!r} is not a number of seconds") from None
-    if value < 0:
-        raise ValueError(f"{RETENTION_ENV}={raw!r} must be >= 0")
+    if not (0 <= value < math.inf):  # NaN would keep every dead process's files forever
+        raise ValueError(f"{RETENTION_ENV}={raw!r} must be a finite number of seconds >= 0")
     return value
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
-from shoal.controller.metrics_endpoint import MetricsFiles
+from shoal.controller.metrics_endpoint import RETENTION_ENV, MetricsFiles, retention_from_env
 
 RETENTION_S = 300.0
 REQUESTS = "ray_serve_num_http_requests"  # a proxy's counter: no replica label
@@ -233,3 +233,19 @@ def test_the_live_processes_are_read_after_the_files_are_listed(world: World) ->
     files = MetricsFiles(world.directory, retention_s=0.0, live_pids=live_pids, clock=lambda: world.now)
     files.sweep()
     assert "gauge_livesum_30.db" in world.names()
+
+
+@pytest.mark.parametrize("raw", ["-1", "nan", "inf", "soon"])
+def test_a_retention_that_is_not_a_finite_number_of_seconds_is_refused(
+    raw: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(RETENTION_ENV, raw)
+    with pytest.raises(ValueError, match=RETENTION_ENV):
+        retention_from_env()
+
+
+def test_the_retention_defaults_to_300_s_and_0_is_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(RETENTION_ENV, raising=False)
+    assert retention_from_env() == 300.0
+    monkeypatch.setenv(RETENTION_ENV, "0")
+    assert retention_from_env() == 0.0
