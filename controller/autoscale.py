@@ -377,6 +377,8 @@ class Autoscaler:
         self.app_policy: AppPolicy | None = None
         self.last_desired: int | None = None  # the last decision's (``decide_desired``), for metrics
         self.last_total_requests = 0.0
+        self.last_policy_execution_ms = 0.0  # timed by the caller (``controller/scaling.py``)
+        self.last_policy_scope = "deployment"  # or "application": an application-level policy decided
         self._routers: set[str] = set()
         self._policy: PolicyFn | None = None
         self.config = config

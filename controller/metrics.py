@@ -19,7 +19,8 @@ deleted deployment's series go with it):
   (``DEPLOYMENT_STATUS_CODES``, ``APPLICATION_STATUS_CODES``).
 - ``ray_serve_autoscaling_target_replicas``: the number of replicas the controller works toward
   (every deployment, as in Ray); ``_desired_replicas``, ``_total_requests`` and
-  ``_target_ongoing_requests``: the last autoscaling decision's (autoscaling deployments).
+  ``_target_ongoing_requests``, ``_policy_execution_time_ms`` {``policy_scope``}: the last
+  autoscaling decision's (autoscaling deployments).
 - ``ray_serve_controller_num_control_loops`` and ``_control_loop_duration_s``: shoal's
   controller has no periodic loop; one pass of ``Controller.reconcile`` (after every event)
   counts as one loop.
@@ -143,6 +144,11 @@ _GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
         "The configured target number of ongoing requests per replica.",
         _DEPLOYMENT_TAGS,
     ),
+    "serve_autoscaling_policy_execution_time_ms": (
+        "Time taken to execute the autoscaling policy in milliseconds. High values may indicate a slow or "
+        "complex policy.",
+        (*_DEPLOYMENT_TAGS, "policy_scope"),
+    ),
     "serve_controller_num_control_loops": (
         "The number of control loops performed by the controller. Increases monotonically over the "
         "controller's lifetime.",
@@ -198,6 +204,10 @@ class ControllerGauges:
                     yield (
                         "serve_autoscaling_target_ongoing_requests", labels,
                         float(autoscaler.config.get_target_ongoing_requests()),
+                    )
+                    yield (
+                        "serve_autoscaling_policy_execution_time_ms", (*labels, autoscaler.last_policy_scope),
+                        autoscaler.last_policy_execution_ms,
                     )
 
     def collect(self) -> Iterable[Any]:

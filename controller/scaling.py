@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -38,9 +39,13 @@ class ReplicaCalls(Protocol):
 
 def decide(state: DeploymentState, now: float) -> bool:
     """One autoscaling decision for ``state`` at ``now``; True if its target changed."""
-    if state.autoscaler is None or state.status == DeploymentStatus.DEPLOY_FAILED:
+    autoscaler = state.autoscaler
+    if autoscaler is None or state.status == DeploymentStatus.DEPLOY_FAILED:
         return False
-    target = state.autoscaler.target(now, len(state.running(state.version)), state.target)
+    started = time.perf_counter()
+    target = autoscaler.target(now, len(state.running(state.version)), state.target)
+    autoscaler.last_policy_execution_ms = (time.perf_counter() - started) * 1000
+    autoscaler.last_policy_scope = "deployment"
     return _set_target(state, target)
 
 
@@ -57,7 +62,11 @@ def decide_app(policy: AppPolicy, states: Iterable[DeploymentState], now: float)
         by_id[dep] = state
     if not members:
         return False
+    started = time.perf_counter()
     targets = policy.targets(members, now)
+    elapsed_ms = (time.perf_counter() - started) * 1000  # the application's policy, as Ray's times it
+    for autoscaler, _, _ in members.values():
+        autoscaler.last_policy_execution_ms, autoscaler.last_policy_scope = elapsed_ms, "application"
     return any([_set_target(by_id[dep], target) for dep, target in targets.items()])
 
 

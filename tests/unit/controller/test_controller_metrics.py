@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 from shoal.controller import metrics as controller_metrics
+from shoal.controller import scaling
 from shoal.controller.autoscale import Autoscaler, DecisionState, decide_desired
 from shoal.controller.health import monitor_health
 from shoal.controller.metrics import APPLICATION_STATUS_CODES, DEPLOYMENT_STATUS_CODES, ControllerGauges
@@ -85,13 +86,16 @@ def test_autoscaling_gauges_show_the_last_decision() -> None:
     gauges.publish([app])
     assert not any(name == "ray_serve_autoscaling_desired_replicas" for name, _ in collected(gauges))
     d.autoscaler.observe("r0", 6.0, now=0.0)
-    d.target = d.autoscaler.target(1.0, current_num_replicas=1, current_target=1)
+    assert scaling.decide(d, 1.0)
     gauges.publish([app])
     samples = {name: v for (name, _), v in collected(gauges).items()}
+    scopes = {dict(labels).get("policy_scope") for (name, labels) in collected(gauges)}
+    assert scopes == {None, "deployment"}
     assert samples["ray_serve_autoscaling_total_requests"] == 6.0
     assert samples["ray_serve_autoscaling_target_ongoing_requests"] == 2.0
     assert samples["ray_serve_autoscaling_desired_replicas"] == 3.0
     assert samples["ray_serve_autoscaling_target_replicas"] == 3.0
+    assert samples["ray_serve_autoscaling_policy_execution_time_ms"] >= 0
 
 
 def _ctx(config: AutoscalingConfig, *, current: int, target: int, total: float) -> AutoscalingContext:
