@@ -166,17 +166,6 @@ def test_the_default_port_taken_means_a_free_port(instance: psutil.Process) -> N
         assert httpx.get(url, timeout=10).status_code == 200
 
 
-def test_the_default_metrics_port_gives_way_to_the_http_port(instance: psutil.Process) -> None:
-    """HTTP on 8080 (Ray's metrics port's default) must not be taken by the metrics endpoint."""
-    try:
-        serve.start(http_options={"port": 8080})
-    except RayServeException as exc:
-        pytest.skip(f"port 8080 is in use on this machine: {exc}")  # nothing to check then
-    url = serve.get_metrics_url()
-    http_url = serve.get_http_url()
-    assert url is not None and http_url is not None and ":8080" in http_url and ":8080/" not in url
-
-
 def test_an_explicit_metrics_port_equal_to_the_http_port_is_refused(instance: psutil.Process) -> None:
     port = _free_port()
     with pytest.raises(RayServeException, match="metrics_port"):
