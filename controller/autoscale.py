@@ -81,6 +81,7 @@ __all__ = [
     "PolicyFn",
     "capacity_adjusted",
     "decide",
+    "decide_desired",
     "load_policy",
 ]
 
@@ -298,7 +299,22 @@ def decide(
     now: float,
     policy: PolicyFn | None = None,
 ) -> tuple[int, DecisionState]:
-    """One tick: return ``(num_replicas, next_state)`` for ``ctx`` (module docstring, steps 1-4).
+    """One tick: return ``(num_replicas, next_state)`` for ``ctx`` (:func:`decide_desired`)."""
+    result, _desired, next_state = decide_desired(ctx, config, state, now, policy)
+    return result, next_state
+
+
+def decide_desired(
+    ctx: AutoscalingContext,
+    config: AutoscalingConfig,
+    state: DecisionState,
+    now: float,
+    policy: PolicyFn | None = None,
+) -> tuple[int, int, DecisionState]:
+    """One tick: return ``(num_replicas, desired, next_state)`` for ``ctx`` (module docstring,
+    steps 1-4). ``desired`` is Ray's "raw decision": the policy's number after the scaling
+    factors and the delay, before the bounds (the cold-start number; the target while a move
+    waits out its delay or the bounds allow none; Ray's also shows a wish beyond the bounds).
 
     ``policy`` None means the default policy. Reads ``ctx.current_num_replicas``,
     ``target_num_replicas``, ``total_num_requests`` and the capacity-adjusted bounds; the
@@ -312,8 +328,8 @@ def decide(
         return min(max(n, low), high)
 
     if current == 0 and ctx.total_num_requests > 0:
-        result = clamp(_cold_start_replicas(config, target))
-        return result, DecisionState(policy_state=state.policy_state)
+        cold = _cold_start_replicas(config, target)
+        return clamp(cold), cold, DecisionState(policy_state=state.policy_state)
 
     ctx = dataclasses.replace(
         ctx, config=config, current_time=now, policy_state=dict(state.policy_state)
@@ -321,13 +337,15 @@ def decide(
     if policy is None or policy is replica_queue_length_autoscaling_policy:
         scaled, policy_state = replica_queue_length_autoscaling_policy(ctx)
     else:
-        desired, policy_state = _normalize(policy(ctx), state.policy_state)
-        scaled = _apply_scaling_factors(desired, current, config) if current else _ceil(desired)
-    result, direction, since = _delay(clamp(scaled), target, state, now, config)
-    result = clamp(result)
+        wanted, policy_state = _normalize(policy(ctx), state.policy_state)
+        scaled = _apply_scaling_factors(wanted, current, config) if current else _ceil(wanted)
+    delayed, direction, since = _delay(clamp(scaled), target, state, now, config)
+    move = max(1, scaled) if direction < 0 and target > 1 else scaled  # down from more than one stops at one
+    desired = target if delayed == target else move  # no move (yet), or the move before the bounds
+    result = clamp(delayed)
     if result != target:
         direction, since = 0, None  # applied: the next move starts a new streak
-    return result, DecisionState(direction, since, policy_state)
+    return result, desired, DecisionState(direction, since, policy_state)
 
 
 class Autoscaler:
@@ -357,6 +375,10 @@ class Autoscaler:
         self.target_capacity = target_capacity
         self.capacity_direction = capacity_direction
         self.app_policy: AppPolicy | None = None
+        self.last_desired: int | None = None  # the last decision's (``decide_desired``), for metrics
+        self.last_total_requests = 0.0
+        self.last_policy_execution_ms = 0.0  # timed by the caller (``controller/scaling.py``)
+        self.last_policy_scope = "deployment"  # or "application": an application-level policy decided
         self._routers: set[str] = set()
         self._policy: PolicyFn | None = None
         self.config = config
@@ -447,10 +469,11 @@ class Autoscaler:
         """
         ctx = self.context(now, current_num_replicas, current_target, running_replicas)
         try:
-            result, self.state = decide(ctx, self.config, self.state, now, policy or self._policy)
+            result, desired, self.state = decide_desired(ctx, self.config, self.state, now, policy or self._policy)
         except Exception:
             logger.exception("autoscaling policy of %s failed; target stays", self.deployment_id)
             return current_target
+        self.last_desired, self.last_total_requests = desired, ctx.total_num_requests
         if result > current_target:
             self.last_scale_up_time = now
         elif result < current_target:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoal.controller import actor_options, applied, observe, reconcile, scaling
+from shoal.controller import metrics as controller_metrics
 from shoal.controller.deploy import (
     ControllerError,
     apply_spec,
@@ -64,6 +65,8 @@ class Controller:
         self.target_capacity: float | None = None
         self._capacity_direction: str | None = None
         self.snapshots = Snapshots()
+        self.gauges = controller_metrics.ControllerGauges()  # served by the metrics endpoint, if on
+        self.process_exited: Callable[[int], None] = lambda pid: None  # a reaped child's pid (the metrics files)
         self._stopping = False
         self._timer: asyncio.TimerHandle | None = None
         self._tasks = TaskSet()
@@ -71,7 +74,10 @@ class Controller:
             run_dir, events=self, tasks=self._tasks, unroute=self._unroute, echo=echo, gpus=gpus,
             log_rotation=log_rotation,
         )
-        poller = scaling.AutoscalePoller(self._deployments, self._executor.control, self.reconcile, time.monotonic)
+        poller = scaling.AutoscalePoller(
+            self._deployments, self._executor.control, self.reconcile, time.monotonic,
+            after_tick=lambda: self.gauges.publish(self.apps.values()),
+        )
         self._autoscale_task = supervise("autoscaling", poller.run)
 
     @property
@@ -221,9 +227,17 @@ class Controller:
             return
         state, replica = found
         if self._executor.connect(state, replica, meta) and observe.replica_ready(replica, meta.get("pid")):
+            tags = controller_metrics.deployment_tags(state)
+            startup_ms = (time.monotonic() - replica.started_at) * 1000
+            controller_metrics.REPLICA_STARTUP_LATENCY_MS.observe(startup_ms, tags=tags)
+            initialization_s = meta.get("initialization_s")
+            if isinstance(initialization_s, (int, float)):
+                controller_metrics.REPLICA_INITIALIZATION_LATENCY_MS.observe(initialization_s * 1000, tags=tags)
             self.reconcile()
 
     def replica_exited(self, state: DeploymentState, replica: Replica, code: int) -> None:
+        if replica.pid is not None:
+            self.process_exited(replica.pid)
         observe.replica_exited(state, replica, code, time.monotonic(), stopping=self._stopping)
         self.reconcile()
 
@@ -239,7 +253,9 @@ class Controller:
     # -- reconciliation -------------------------------------------------------------------------
 
     def reconcile(self) -> None:
-        """Plan every deployment and carry the actions out; update statuses; publish."""
+        """Plan every deployment and carry the actions out; update statuses; publish. One pass
+        is one control loop (``controller/metrics.py``)."""
+        started = time.perf_counter()
         now = time.monotonic()
         wake_at: float | None = None
         for app in list(self.apps.values()):
@@ -261,6 +277,7 @@ class Controller:
         self.snapshots.publish(self.apps.values())
         if wake_at is not None:
             self._wake_at(wake_at - now)
+        self.gauges.control_loop(time.perf_counter() - started, self.apps.values())
 
     def _carry_out(self, state: DeploymentState, action: Action, now: float) -> float | None:
         """Do ``action`` for ``state``; returns when to plan again, if it says."""
@@ -312,3 +329,4 @@ class Controller:
             self._timer.cancel()
         self.apps.clear()
         self.snapshots.publish(())
+        self.gauges.publish(())

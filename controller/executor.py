@@ -17,12 +17,14 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from shoal.controller import actor_options, observe, rundir
+from shoal.controller import metrics as controller_metrics
 from shoal.controller.gpus import GpuPool
 from shoal.controller.health import monitor_health, monitor_routing_stats
 from shoal.controller.process import WorkerProcess
@@ -149,6 +151,7 @@ class Executor:
         log_path = self._logs / f"replica_{state.app}_{state.name}_{replica_id.rsplit('#', 1)[-1]}.log"
         log_file = RotatingLineFile(log_path, self._log_rotation)  # closed at exit; shared with the replica
         prefix = replica_prefix(state.app, state.name, replica_id, 0)
+        tags = controller_metrics.deployment_tags(state)
 
         def on_output(line: str) -> None:
             log_file.write(line)
@@ -161,6 +164,9 @@ class Executor:
                 replica.error = data.decode("utf-8", "replace")
 
         def on_exit(code: int) -> None:
+            if replica.stop_requested_at is not None:
+                shutdown_ms = (time.monotonic() - replica.stop_requested_at) * 1000
+                controller_metrics.REPLICA_SHUTDOWN_DURATION_MS.observe(shutdown_ms, tags=tags)
             log_file.close()
             self.gpus.release(replica_id)
             handles = self._handles.pop(replica_id, None)
@@ -202,6 +208,15 @@ class Executor:
         if replica.state != ReplicaState.STARTING:
             return False
         handles.control = ReplicaControl(replica.replica_id, replica.incarnation, replica.endpoint)
+        tags = controller_metrics.deployment_tags(state)
+        latency_ms = controller_metrics.HEALTH_CHECK_LATENCY_MS.bind(tags)
+        failures = controller_metrics.HEALTH_CHECK_FAILURES.bind(tags)
+
+        def on_checked(duration_ms: float, failed: bool) -> None:
+            latency_ms.observe(duration_ms)
+            if failed:
+                failures.inc()
+
         handles.health = self._tasks.spawn(
             monitor_health(
                 handles.control,
@@ -209,6 +224,7 @@ class Executor:
                 timeout_s=float(state.config.get("health_check_timeout_s", 30.0)),
                 on_unhealthy=lambda error: self._events.replica_unhealthy(state, replica, error),
                 name=f"replica {replica.replica_id} (pid {meta.get('pid', replica.pid)})",
+                on_checked=on_checked,
             ),
             name=f"health {replica.replica_id}",
         )
@@ -250,6 +266,7 @@ class Executor:
         if replica.state == ReplicaState.STOPPING:
             return None
         replica.state = ReplicaState.STOPPING
+        replica.stop_requested_at = time.monotonic()
         handles = self._handles.get(replica.replica_id)
         if handles is not None:
             handles.detach()
@@ -296,10 +313,15 @@ class Executor:
         try:
             controls = [c for c in map(self.control, state.running(state.version)) if c is not None]
             timeout_s = float(state.config.get("health_check_timeout_s", 30.0))
-            results = await asyncio.gather(
-                *(c.call(RECONFIGURE_METHOD, update, timeout_s=timeout_s) for c in controls),
-                return_exceptions=True,
-            )
+            latency_ms = controller_metrics.REPLICA_RECONFIGURE_LATENCY_MS.bind(controller_metrics.deployment_tags(state))
+
+            async def timed(control: ReplicaControl) -> Any:
+                started = time.monotonic()
+                result = await control.call(RECONFIGURE_METHOD, update, timeout_s=timeout_s)
+                latency_ms.observe((time.monotonic() - started) * 1000)  # completed reconfigures only, as Ray's
+                return result
+
+            results = await asyncio.gather(*(timed(c) for c in controls), return_exceptions=True)
             errors = [e for e in results if isinstance(e, BaseException)]
             if errors:
                 state.config = {**state.config, **previous}

@@ -1,6 +1,7 @@
 """Health checks and routing stats: what the supervisor asks each running replica, periodically.
 
-``monitor_health``: the replica's ``check_health`` every ``health_check_period_s``.
+``monitor_health``: the replica's ``check_health`` every ``health_check_period_s``; each
+check's duration in milliseconds and whether it failed go to ``on_checked`` (the metrics).
 
 A check that raises or does not answer within ``health_check_timeout_s`` counts as a failure
 (a replica whose event loop is blocked cannot answer, so it fails too); three failures in a row
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,10 +38,12 @@ async def monitor_health(
     timeout_s: float,
     on_unhealthy: Callable[[str], None],
     name: str,
+    on_checked: Callable[[float, bool], None] = lambda latency_ms, failed: None,
 ) -> None:
     failures = 0
     while True:
         await asyncio.sleep(period_s)
+        started = time.monotonic()
         try:
             await control.call(HEALTH_METHOD, timeout_s=timeout_s)
         except TimeoutError:
@@ -48,8 +52,10 @@ async def monitor_health(
             text = str(exc).strip()
             error = f"check_health raised: {text.splitlines()[0] if text else type(exc).__name__}"
         else:
+            on_checked((time.monotonic() - started) * 1000, False)
             failures = 0
             continue
+        on_checked((time.monotonic() - started) * 1000, True)
         failures += 1
         logger.warning("%s: health check failed (%d/%d): %s", name, failures, UNHEALTHY_THRESHOLD, error)
         if failures >= UNHEALTHY_THRESHOLD:

@@ -95,7 +95,7 @@ async def serve(config: SupervisorConfig) -> int:
         "pid": os.getpid(), "control": endpoint, "run_dir": str(run_dir), "http_url": None, "gpus": list(devices),
     }
     try:
-        metrics_endpoint = _start_metrics(run_dir, config.http_options, info)
+        metrics_endpoint = _start_metrics(run_dir, config.http_options, info, controller)
     except (OSError, ValueError) as exc:
         _report_ready(config.ready_fd, {"error": str(exc)})
         rundir.remove_sockets(run_dir)
@@ -114,7 +114,9 @@ async def serve(config: SupervisorConfig) -> int:
             _report_ready(config.ready_fd, {"error": str(exc), "http_bind_failed": True})
             rundir.remove_sockets(run_dir)
             return 2
-        controller.proxy = ProxySupervisor(config.http_options, endpoint, listener, echo=_echo)
+        controller.proxy = ProxySupervisor(
+            config.http_options, endpoint, listener, echo=_echo, on_process_exit=lambda pid: controller.process_exited(pid),
+        )
         info["http_url"] = controller.proxy.url
     server = ControlServer(endpoint, controller, on_shutdown=stop.set, info=info)
     if controller.proxy is not None:
@@ -138,28 +140,40 @@ async def serve(config: SupervisorConfig) -> int:
     return 0
 
 
-def _start_metrics(run_dir: Path, http_options: dict[str, Any] | None, info: dict[str, Any]) -> MetricsEndpoint | None:
+def _start_metrics(
+    run_dir: Path, http_options: dict[str, Any] | None, info: dict[str, Any], controller: Controller,
+) -> MetricsEndpoint | None:
     """Record this process's metrics, and its children's, into the run directory's files, and
-    serve them merged (``info["metrics_url"]``). None if metrics are off. If the default port is
-    taken (another instance has it), a free port is used; any other port that cannot be bound is
-    an OSError."""
+    serve them merged with the controller's gauges (``info["metrics_url"]``). None if metrics
+    are off. If the default port is taken (another instance has it, or this one's HTTP proxy),
+    a free port is used; any other port that cannot be bound is an OSError, and the HTTP port
+    is a ValueError."""
     options = http_options or {}
     port = options.get("metrics_port", DEFAULT_METRICS_PORT)
     info["metrics_url"] = None
     if port is None:
+        metrics.disable()  # not even into a PROMETHEUS_MULTIPROC_DIR the supervisor inherited
         return None
+    http_port = options.get("port") if options.get("host") is not None else None
+    if port == http_port and port != 0:
+        if port != DEFAULT_METRICS_PORT:
+            raise ValueError(f"http_options.metrics_port and http_options.port are both {port}; give metrics another port")
+        port = 0  # the HTTP proxy asked for the default metrics port: metrics take a free one
     directory = run_dir / rundir.METRICS
     shutil.rmtree(directory, ignore_errors=True)  # a new instance's counters start at zero
     metrics.enable(directory)
     files = MetricsFiles(directory, retention_s=retention_from_env(), live_pids=instance_pids)
     host = options.get("host") or "127.0.0.1"
+    collectors = (controller.gauges,)
     try:
-        endpoint = MetricsEndpoint(files, host, int(port))
+        endpoint = MetricsEndpoint(files, host, int(port), collectors=collectors)
     except OSError as exc:
         if port != DEFAULT_METRICS_PORT:
             raise OSError(f"cannot serve metrics on {host}:{port} (http_options.metrics_port): {exc}") from exc
-        endpoint = MetricsEndpoint(files, host, 0)
+        endpoint = MetricsEndpoint(files, host, 0, collectors=collectors)
         logger.debug("the default metrics port %d is taken; serving metrics on %s", port, endpoint.url)
+    controller.gauges.enabled = True
+    controller.process_exited = files.process_exited
     info["metrics_url"] = endpoint.url
     return endpoint
 

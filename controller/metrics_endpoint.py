@@ -7,7 +7,10 @@ touches a socket of the request path.
 
 Processes come and go, so before each merge (and every ``sweep_interval_s`` when nobody scrapes)
 ``MetricsFiles.sweep`` tidies the files of processes that are no longer alive (the supervisor
-and its descendants are the instance's processes):
+and its descendants are the instance's processes). When the supervisor reaps a child it calls
+``MetricsFiles.process_exited(pid)`` at once, which renames the child's files away from its pid:
+a new process that the kernel gives the same pid then starts from files of its own instead of
+adding to (and keeping alive) the dead one's.
 
 - their gauges go at once (prometheus-client's ``mark_process_dead``): a dead replica's queue
   length is not a current value;
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -32,6 +36,7 @@ import psutil
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 logger = logging.getLogger("shoal.supervisor")
 
@@ -39,12 +44,14 @@ RETENTION_ENV = "SHOAL_METRICS_DEAD_PROCESS_RETENTION_S"
 DEFAULT_RETENTION_S = 300.0  # a dead process's final counts stay for a few scrapes
 _SWEEP_INTERVAL_S = 30.0
 _ARCHIVE = "archive"
+_EXITED = "exited-"
 
 
-def _pid_of(path: Path) -> int | None:
-    """The pid a sample file belongs to (``counter_123.db``, ``gauge_livesum_123.db``), None for archives."""
+def _owner_of(path: Path) -> str | None:
+    """Whose a sample file is: a pid (``counter_123.db``, ``gauge_livesum_123.db``), an exited
+    process (``counter_exited-123-4.db``, see ``process_exited``), or None (``*_archive.db``)."""
     tail = path.stem.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else None
+    return tail if tail.isdigit() or tail.startswith(_EXITED) else None
 
 
 def _is_live_gauge(path: Path) -> bool:
@@ -70,34 +77,67 @@ class MetricsFiles:
         self.retention_s = retention_s
         self._live_pids = live_pids
         self._clock = clock
-        self._dead_since: dict[int, float] = {}
+        self._dead_since: dict[str, float] = {}  # by owner (``_owner_of``)
+        self._exits = 0
         self._lock = threading.Lock()
 
     def files(self) -> list[Path]:
         return sorted(self.directory.glob("*.db"))
 
+    def process_exited(self, pid: int) -> None:
+        """Process ``pid`` exited (reaped, so its pid may be reused from now on): its live gauges
+        go now, its other files are renamed for it alone and kept ``retention_s`` from now."""
+        with self._lock:
+            self._exits += 1
+            owner = f"{_EXITED}{pid}-{self._exits}"
+            found = False
+            for path in self.files():
+                if _owner_of(path) != str(pid):
+                    continue
+                if _is_live_gauge(path):
+                    path.unlink(missing_ok=True)
+                else:
+                    path.rename(path.with_name(f"{path.name[: -len(f'{pid}.db')]}{owner}.db"))
+                    found = True
+            if found:
+                self._dead_since[owner] = self._clock()
+
     def sweep(self) -> None:
         """Drop dead processes' gauges now, and their other files once ``retention_s`` has passed."""
         with self._lock:
-            now = self._clock()
-            alive = self._live_pids()
-            by_pid: dict[int, list[Path]] = {}
-            for path in self.files():
-                pid = _pid_of(path)
-                if pid is not None and pid not in alive:
-                    by_pid.setdefault(pid, []).append(path)
-            for pid in list(self._dead_since):
-                if pid not in by_pid:
-                    del self._dead_since[pid]  # tidied, or the pid lives again
-            for pid, paths in by_pid.items():
-                since = self._dead_since.setdefault(pid, now)
-                for path in paths:
-                    if _is_live_gauge(path):
-                        path.unlink(missing_ok=True)
-                if now - since >= self.retention_s:
-                    for path in paths:
-                        if path.exists():
-                            self._retire(path)
+            self._sweep()
+
+    def merged(self) -> Iterable[Any]:
+        """Sweep, then merge every file (``MultiProcessCollector.merge``). Both hold the lock, so
+        a merge never reads a file that a sweep is folding into the archive: it would count
+        those samples twice (and the next scrape would see the counter go backwards), or find
+        the file gone and fail."""
+        with self._lock:
+            self._sweep()
+            merged: Iterable[Any] = MultiProcessCollector.merge([str(path) for path in self.files()], accumulate=True)
+            return merged
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        paths = self.files()
+        alive = self._live_pids()  # after listing: a process that starts in between is not taken for dead
+        dead: dict[str, list[Path]] = {}
+        for path in paths:
+            owner = _owner_of(path)
+            if owner is not None and not (owner.isdigit() and int(owner) in alive):
+                dead.setdefault(owner, []).append(path)
+        for owner in list(self._dead_since):
+            if owner not in dead:
+                del self._dead_since[owner]  # tidied, or the pid lives again
+        for owner, dead_paths in dead.items():
+            since = self._dead_since.setdefault(owner, now)
+            for path in dead_paths:
+                if _is_live_gauge(path):
+                    path.unlink(missing_ok=True)
+            if now - since >= self.retention_s:
+                for path in dead_paths:
+                    if path.exists():
+                        self._retire(path)
 
     def _retire(self, path: Path) -> None:
         kind = path.name.split("_", 1)[0]
@@ -126,9 +166,7 @@ class InstanceCollector:
         self._files = files
 
     def collect(self) -> Iterable[Any]:
-        self._files.sweep()
-        merged: Iterable[Any] = MultiProcessCollector.merge([str(path) for path in self._files.files()], accumulate=True)
-        return merged
+        return self._files.merged()
 
 
 def instance_pids() -> set[int]:
@@ -148,17 +186,24 @@ def retention_from_env() -> float:
         value = float(raw)
     except ValueError:
         raise ValueError(f"{RETENTION_ENV}={raw!r} is not a number of seconds") from None
-    if value < 0:
-        raise ValueError(f"{RETENTION_ENV}={raw!r} must be >= 0")
+    if not (0 <= value < math.inf):  # NaN would keep every dead process's files forever
+        raise ValueError(f"{RETENTION_ENV}={raw!r} must be a finite number of seconds >= 0")
     return value
 
 
 class MetricsEndpoint:
     """Serves the merged exposition over HTTP from daemon threads of the supervisor."""
 
-    def __init__(self, files: MetricsFiles, host: str, port: int, *, sweep_interval_s: float = _SWEEP_INTERVAL_S) -> None:
+    def __init__(
+        self, files: MetricsFiles, host: str, port: int, *, sweep_interval_s: float = _SWEEP_INTERVAL_S,
+        collectors: Iterable[Collector] = (),
+    ) -> None:
+        """Serve ``files`` merged, and the samples of ``collectors`` (the controller's current
+        gauges); OSError if ``host:port`` cannot be bound."""
         registry = CollectorRegistry(auto_describe=False)
         registry.register(InstanceCollector(files))
+        for collector in collectors:
+            registry.register(collector)
         self._files = files
         self._server, self._thread = start_http_server(port, addr=host, registry=registry)  # raises OSError
         self.host = host

@@ -53,13 +53,16 @@ class ProxySupervisor:
         listener: HTTPListener,
         *,
         echo: Callable[[str], None],
+        on_process_exit: Callable[[int], None] = lambda pid: None,
     ) -> None:
+        """``on_process_exit(pid)``: a proxy process was reaped (the metrics files)."""
         self.options = http_options
         self.listener = listener
         # The listener's URL, with the scheme the proxy serves (https with ssl_keyfile/ssl_certfile).
         self.url = listener.url.replace("http://", "https://", 1) if tls.is_https(http_options) else listener.url
         self._control_endpoint = control_endpoint
         self._echo = echo
+        self._on_process_exit = on_process_exit
         self.process: WorkerProcess | None = None
         self.status = ProxyStatus.STARTING
         self.restarts = 0
@@ -129,6 +132,8 @@ class ProxySupervisor:
             logger.warning("the proxy did not apply routes version %d within %.0fs", version, timeout_s)
 
     def _on_exit(self, code: int) -> None:
+        if self.pid is not None:
+            self._on_process_exit(self.pid)
         self.applied_version = 0
         if self._startup_timer is not None:
             self._startup_timer.cancel()

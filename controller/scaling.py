@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -38,9 +39,13 @@ class ReplicaCalls(Protocol):
 
 def decide(state: DeploymentState, now: float) -> bool:
     """One autoscaling decision for ``state`` at ``now``; True if its target changed."""
-    if state.autoscaler is None or state.status == DeploymentStatus.DEPLOY_FAILED:
+    autoscaler = state.autoscaler
+    if autoscaler is None or state.status == DeploymentStatus.DEPLOY_FAILED:
         return False
-    target = state.autoscaler.target(now, len(state.running(state.version)), state.target)
+    started = time.perf_counter()
+    target = autoscaler.target(now, len(state.running(state.version)), state.target)
+    autoscaler.last_policy_execution_ms = (time.perf_counter() - started) * 1000
+    autoscaler.last_policy_scope = "deployment"
     return _set_target(state, target)
 
 
@@ -57,7 +62,11 @@ def decide_app(policy: AppPolicy, states: Iterable[DeploymentState], now: float)
         by_id[dep] = state
     if not members:
         return False
+    started = time.perf_counter()
     targets = policy.targets(members, now)
+    elapsed_ms = (time.perf_counter() - started) * 1000  # the application's policy, as Ray's times it
+    for autoscaler, _, _ in members.values():
+        autoscaler.last_policy_execution_ms, autoscaler.last_policy_scope = elapsed_ms, "application"
     return any([_set_target(by_id[dep], target) for dep, target in targets.items()])
 
 
@@ -106,13 +115,16 @@ class AutoscalePoller:
         control: Callable[[Replica], ReplicaCalls | None],
         on_change: Callable[[], None],
         clock: Callable[[], float],
+        after_tick: Callable[[], None] = lambda: None,
     ) -> None:
         """``deployments()``: every deployment now; ``control(replica)``: its connection, if it
-        runs; ``on_change()``: some target changed; ``clock()``: monotonic seconds."""
+        runs; ``on_change()``: some target changed; ``clock()``: monotonic seconds;
+        ``after_tick()``: a tick decided (the autoscaling gauges changed)."""
         self._deployments = deployments
         self._control = control
         self._on_change = on_change
         self._clock = clock
+        self._after_tick = after_tick
 
     async def run(self) -> None:
         while True:
@@ -126,6 +138,8 @@ class AutoscalePoller:
             await self._poll(state)
         if decide_all(states, self._clock()):
             self._on_change()
+        if states:
+            self._after_tick()
 
     async def _poll(self, state: DeploymentState) -> None:
         replicas = [(r, c) for r in state.running(state.version) if (c := self._control(r)) is not None]

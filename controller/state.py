@@ -44,6 +44,7 @@ class Replica:
     rank: int | None = None  # held from its start until its process exited (``ranks``)
     world_size: int = 0  # the deployment's target count, as this replica was last told it
     gpus: tuple[str, ...] = ()  # the devices it holds (its CUDA_VISIBLE_DEVICES)
+    stop_requested_at: float | None = None  # monotonic seconds: asked to stop, or killed
 
 
 @dataclass(eq=False)

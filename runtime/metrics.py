@@ -97,6 +97,14 @@ def enable_from_env() -> bool:
     return True
 
 
+def disable() -> None:
+    """Record in memory from now on, and let children started afterwards do the same: an
+    inherited ``PROMETHEUS_MULTIPROC_DIR`` (a user's own) is not an instance's to write into."""
+    os.environ.pop(DIR_ENV, None)
+    os.environ.pop(DIR_ENV.lower(), None)  # prometheus-client reads this older spelling too
+    _prom_values.ValueClass = _prom_values.MutexValue
+
+
 def enabled() -> bool:
     return bool(os.environ.get(DIR_ENV)) and _prom_values.ValueClass is not _prom_values.MutexValue
 

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -214,6 +215,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
             max_ongoing_requests=config["max_ongoing_requests"],
         )
         metrics.count_start()  # before the constructor, as Ray counts it
+        constructing = time.monotonic()
         await user.construct(config.get("user_config"), rank=replica_context.rank)
         replica_context.servable_object = user.instance
         worker = ReplicaWorker(
@@ -224,6 +226,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
             metrics=metrics,
         )
         await worker.http.startup()
+        initialization_s = time.monotonic() - constructing  # constructor, user_config, ASGI startup
         worker.attach(transport.Channel(replica_sock, worker.on_message))
     except Exception as exc:
         _leave_last_words(last_words_fd, "".join(traceback.format_exception(exc)))
@@ -234,7 +237,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
         return 1
 
     os.close(last_words_fd)
-    report(wire.Kind.READY, {"endpoint": spec["endpoint"]})
+    report(wire.Kind.READY, {"endpoint": spec["endpoint"], "initialization_s": initialization_s})
     await stop.wait()
 
     timeout_s = float(config.get("graceful_shutdown_timeout_s", 20.0))
