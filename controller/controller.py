@@ -250,6 +250,10 @@ class Controller:
         if observe.replica_unhealthy(state, replica, error):
             self.reconcile()
 
+    def metrics_changed(self) -> None:
+        """A counted fact of the records changed outside a control-loop pass (a failed check)."""
+        self.gauges.publish(self.apps.values())
+
     # -- reconciliation -------------------------------------------------------------------------
 
     def reconcile(self) -> None:

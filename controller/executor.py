@@ -50,6 +50,8 @@ class ReplicaEvents(Protocol):
 
     def replica_unhealthy(self, state: DeploymentState, replica: Replica, error: str) -> None: ...
 
+    def metrics_changed(self) -> None: ...
+
     def routing_stats(self, replica: Replica, stats: tuple[int, bytes]) -> None: ...
 
     def reconcile(self) -> None: ...
@@ -210,12 +212,12 @@ class Executor:
         handles.control = ReplicaControl(replica.replica_id, replica.incarnation, replica.endpoint)
         tags = controller_metrics.deployment_tags(state)
         latency_ms = controller_metrics.HEALTH_CHECK_LATENCY_MS.bind(tags)
-        failures = controller_metrics.HEALTH_CHECK_FAILURES.bind(tags)
 
         def on_checked(duration_ms: float, failed: bool) -> None:
             latency_ms.observe(duration_ms)
             if failed:
-                failures.inc()
+                replica.health_check_failures += 1
+                self._events.metrics_changed()
 
         handles.health = self._tasks.spawn(
             monitor_health(

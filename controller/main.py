@@ -172,6 +172,7 @@ def _start_metrics(
             raise OSError(f"cannot serve metrics on {host}:{port} (http_options.metrics_port): {exc}") from exc
         endpoint = MetricsEndpoint(files, host, 0, collectors=collectors)
         logger.debug("the default metrics port %d is taken; serving metrics on %s", port, endpoint.url)
+    controller.gauges.retention_s = files.retention_s
     controller.gauges.enabled = True
     controller.process_exited = files.process_exited
     info["metrics_url"] = endpoint.url

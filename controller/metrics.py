@@ -8,13 +8,16 @@ controller sees them happen):
 - ``ray_serve_replica_reconfigure_latency_ms``: an in-place config update of one replica.
 - ``ray_serve_replica_shutdown_duration_ms``: asked to stop (or killed) to its process's exit.
 - ``ray_serve_health_check_latency_ms``: one ``check_health`` call, answered or timed out.
-- ``ray_serve_health_check_failures_total``: checks that raised or timed out.
 
 Current values (``ControllerGauges``: computed from the controller's records after each
 control-loop pass and each autoscaling tick, served by the supervisor's metrics endpoint, so a
 deleted deployment's series go with it):
 
-- ``ray_serve_deployment_replica_healthy``: running replicas not failing their health checks.
+- ``ray_serve_deployment_replica_healthy`` {deployment, replica, application}: 1 for each running
+  replica, 0 once it fails its health checks (Ray's default, per-replica series).
+- ``ray_serve_health_check_failures_total`` {deployment, replica, application}: a replica's failed
+  checks (raised or timed out); a counter kept on the replica's record, so its series ends when
+  the replica is gone instead of staying in the supervisor's files forever.
 - ``ray_serve_deployment_status`` / ``ray_serve_application_status``: Ray's numeric encoding
   (``DEPLOYMENT_STATUS_CODES``, ``APPLICATION_STATUS_CODES``).
 - ``ray_serve_autoscaling_target_replicas``: the number of replicas the controller works toward
@@ -25,20 +28,22 @@ deleted deployment's series go with it):
   controller has no periodic loop; one pass of ``Controller.reconcile`` (after every event)
   counts as one loop.
 
-Labels are Ray's default low-cardinality ones: ``deployment`` and ``application`` (Ray adds
-``replica`` to the healthy gauge and the failure counter only with
-``RAY_SERVE_CONTROLLER_METRICS_INCLUDE_HIGH_CARDINALITY_TAGS``, which shoal does not offer).
+Labels are Ray's defaults: ``deployment`` and ``application``, plus ``replica`` on the healthy
+gauge and the failure counter (Ray's ``RAY_SERVE_CONTROLLER_METRICS_INCLUDE_HIGH_CARDINALITY_TAGS``
+defaults to on).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from shoal.runtime.metrics import LATENCY_BUCKETS_MS, PREFIX, STARTUP_BUCKETS_MS, Counter, Histogram
+from shoal.controller.metrics_endpoint import DEFAULT_RETENTION_S
+from shoal.runtime.metrics import LATENCY_BUCKETS_MS, PREFIX, STARTUP_BUCKETS_MS, Histogram
 from shoal.serve.schema import ApplicationStatus, DeploymentStatus, ReplicaState
 
 if TYPE_CHECKING:
@@ -94,29 +99,18 @@ HEALTH_CHECK_LATENCY_MS = Histogram(
     boundaries=LATENCY_BUCKETS_MS,
     tag_keys=_DEPLOYMENT_TAGS,
 )
-HEALTH_CHECK_FAILURES = Counter(
-    "serve_health_check_failures_total",
-    description="Count of failed health checks.",
-    tag_keys=_DEPLOYMENT_TAGS,
-)
 
 
 def deployment_tags(state: DeploymentState) -> dict[str, str]:
     return {"deployment": state.name, "application": state.app}
 
 
-def healthy_replicas(state: DeploymentState) -> int:
-    """Running replicas that are not failing their health checks (Ray's healthy count)."""
-    return sum(1 for r in state.replicas.values() if r.state == ReplicaState.RUNNING and not r.unhealthy)
+_REPLICA_TAGS = ("deployment", "replica", "application")
 
 
 # name, help, label names: the families ``ControllerGauges`` serves.
 _GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "serve_deployment_replica_healthy": (
-        "Tracks healthy replicas. When source tags are enabled, each replica series is 1 for healthy "
-        "and 0 for unhealthy; otherwise, the deployment/application series is the healthy replica count.",
-        _DEPLOYMENT_TAGS,
-    ),
+    "serve_deployment_replica_healthy": ("1 for a running replica that passes its health checks, else 0.", _REPLICA_TAGS),
     "serve_deployment_status": (
         "Numeric status of deployment. 0=UNKNOWN, 1=DEPLOY_FAILED, 2=UNHEALTHY, 3=UPDATING, "
         "4=UPSCALING, 5=DOWNSCALING, 6=HEALTHY.",
@@ -157,6 +151,7 @@ _GAUGES: dict[str, tuple[str, tuple[str, ...]]] = {
     "serve_controller_control_loop_duration_s": ("The duration of the last control loop.", ()),
 }
 
+_FAILURES = "serve_health_check_failures_total"  # a counter among the gauges
 _Row = tuple[str, tuple[str, ...], float]
 
 
@@ -169,12 +164,22 @@ class ControllerGauges:
     records. Nothing is computed while ``enabled`` is False (metrics are off).
     """
 
-    def __init__(self, actor_id: str | None = None) -> None:
+    def __init__(
+        self,
+        actor_id: str | None = None,
+        *,
+        retention_s: float = DEFAULT_RETENTION_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.enabled = False
         self._actor_id = actor_id or str(os.getpid())
         self._loops = 0
         self._last_loop_s = 0.0
         self._rows: tuple[_Row, ...] = ()
+        self.retention_s = retention_s
+        self._clock = clock
+        self._failures: dict[tuple[str, ...], float] = {}  # the live replicas' failure counts
+        self._gone: dict[tuple[str, ...], tuple[float, float]] = {}  # a gone replica's: (count, gone at)
 
     def control_loop(self, duration_s: float, apps: Iterable[AppState]) -> None:
         """One pass of the control loop took ``duration_s``; publish the gauges of ``apps``."""
@@ -185,7 +190,24 @@ class ControllerGauges:
     def publish(self, apps: Iterable[AppState]) -> None:
         if not self.enabled:
             return
-        self._rows = tuple(self._rows_of(apps))
+        rows = list(self._rows_of(apps))
+        self._keep_gone_failures(rows)
+        self._rows = tuple(rows)
+
+    def _keep_gone_failures(self, rows: list[_Row]) -> None:
+        """A replica that is gone keeps its failure count for ``retention_s`` (as a dead process's
+        sample files do), so its last failures are scraped before the series ends."""
+        now = self._clock()
+        failures = {labels: value for name, labels, value in rows if name == _FAILURES}
+        for labels, value in self._failures.items():
+            if labels not in failures and value > 0:  # (a count of 0 has nothing to tell)
+                self._gone[labels] = (value, now)
+        self._failures = failures
+        for labels, (value, gone_at) in list(self._gone.items()):
+            if labels in failures or now - gone_at >= self.retention_s:
+                del self._gone[labels]
+            else:
+                rows.append((_FAILURES, labels, value))
 
     def _rows_of(self, apps: Iterable[AppState]) -> Iterator[_Row]:
         yield "serve_controller_num_control_loops", (self._actor_id,), float(self._loops)
@@ -194,7 +216,11 @@ class ControllerGauges:
             yield "serve_application_status", (app.name,), float(APPLICATION_STATUS_CODES.get(app.status, 0))
             for state in app.deployments.values():
                 labels = (state.name, state.app)
-                yield "serve_deployment_replica_healthy", labels, float(healthy_replicas(state))
+                for replica in state.replicas.values():
+                    replica_labels = (state.name, replica.replica_id, state.app)
+                    yield "serve_health_check_failures_total", replica_labels, float(replica.health_check_failures)
+                    if replica.state == ReplicaState.RUNNING:
+                        yield "serve_deployment_replica_healthy", replica_labels, 0.0 if replica.unhealthy else 1.0
                 yield "serve_deployment_status", labels, float(DEPLOYMENT_STATUS_CODES.get(state.status, 0))
                 yield "serve_autoscaling_target_replicas", labels, float(state.target)
                 autoscaler = state.autoscaler
@@ -214,10 +240,11 @@ class ControllerGauges:
         rows = self._rows
         if not rows:
             return []
-        families = {
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             name: GaugeMetricFamily(PREFIX + name, documentation, labels=label_names)
             for name, (documentation, label_names) in _GAUGES.items()
         }
+        families[_FAILURES] = CounterMetricFamily(PREFIX + _FAILURES, "Count of failed health checks.", labels=_REPLICA_TAGS)
         for name, labels, value in rows:
             families[name].add_metric(labels, value)
         return [family for family in families.values() if family.samples]

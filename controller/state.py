@@ -45,6 +45,7 @@ class Replica:
     world_size: int = 0  # the deployment's target count, as this replica was last told it
     gpus: tuple[str, ...] = ()  # the devices it holds (its CUDA_VISIBLE_DEVICES)
     stop_requested_at: float | None = None  # monotonic seconds: asked to stop, or killed
+    health_check_failures: int = 0  # checks that raised or timed out (a metric)
 
 
 @dataclass(eq=False)

@@ -55,11 +55,17 @@ def test_gauges_describe_the_records_published_last() -> None:
     gauges.control_loop(0.25, [app])
     gauges.control_loop(0.5, [app])
     tags = frozenset({("deployment", "D"), ("application", "app")})
+
+    def of(replica_id: str) -> frozenset[tuple[str, str]]:
+        return tags | {("replica", replica_id)}
+
     assert collected(gauges) == {
         ("ray_serve_controller_num_control_loops", frozenset({("actor_id", "c1")})): 2.0,
         ("ray_serve_controller_control_loop_duration_s", frozenset()): 0.5,
         ("ray_serve_application_status", frozenset({("application", "app")})): 6.0,
-        ("ray_serve_deployment_replica_healthy", tags): 1.0,  # running, not failing its checks
+        ("ray_serve_deployment_replica_healthy", of("r0")): 1.0,  # running, not failing its checks
+        ("ray_serve_deployment_replica_healthy", of("r1")): 0.0,  # running, failing its checks
+        **{("ray_serve_health_check_failures_total", of(f"r{i}")): 0.0 for i in range(4)},
         ("ray_serve_deployment_status", tags): 2.0,
         ("ray_serve_autoscaling_target_replicas", tags): 4.0,
     }
@@ -158,6 +164,24 @@ def test_every_health_check_reports_its_duration_and_whether_it_failed() -> None
     assert len(unhealthy) == 1
 
 
-def test_deployment_tags_are_rays_low_cardinality_ones() -> None:
+def test_deployment_tags_are_rays() -> None:
     assert controller_metrics.deployment_tags(deployment("D")) == {"deployment": "D", "application": "app"}
-    assert controller_metrics.HEALTH_CHECK_FAILURES.info["tag_keys"] == ("deployment", "application")
+
+
+def test_a_gone_replicas_failures_stay_for_the_retention() -> None:
+    now = [0.0]
+    d = deployment("D", ReplicaState.RUNNING)
+    d.replicas["r0"].health_check_failures = 3
+    app = AppState("app", "/", "D", {"D": d}, status=ApplicationStatus.RUNNING)
+    gauges = ControllerGauges(actor_id="c1", retention_s=10.0, clock=lambda: now[0])
+    gauges.enabled = True
+    failures = ("ray_serve_health_check_failures_total", frozenset({("deployment", "D"), ("application", "app"), ("replica", "r0")}))
+    gauges.publish([app])
+    assert collected(gauges)[failures] == 3.0
+    del d.replicas["r0"]  # replaced: its record is gone
+    now[0] = 5.0
+    gauges.publish([app])
+    assert collected(gauges)[failures] == 3.0  # still scraped
+    now[0] = 15.0
+    gauges.publish([app])
+    assert failures not in collected(gauges)
