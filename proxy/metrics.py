@@ -52,26 +52,29 @@ CLIENT_CLOSED_STATUS = 499  # Ray's status for a client that disconnected before
 
 
 class RouteMetrics:
-    """The series of one (route, application, deployment): ``record`` one answered request."""
+    """The series of one (route, application, deployment): ``record`` one answered request.
+    Untimed ones (``timed=False``: requests refused before the app) have no latency series."""
 
-    __slots__ = ("_children", "_owner", "application", "deployment", "route")
+    __slots__ = ("_children", "_owner", "_timed", "application", "deployment", "route")
 
-    def __init__(self, owner: IngressMetrics, route: str, application: str, deployment: str) -> None:
+    def __init__(self, owner: IngressMetrics, route: str, application: str, deployment: str, *,
+                 timed: bool = True) -> None:
         self._owner = owner
+        self._timed = timed
         self.route = route
         self.application = application
         self.deployment = deployment
         self._children: dict[tuple[str, str, bool], tuple[Any, Any, tuple[Any, ...]]] = {}
 
-    def record(self, method: str, status_code: str, latency_ms: float | None, is_error: bool) -> None:
-        """One answered request; ``latency_ms`` None: not observed in the histogram."""
+    def record(self, method: str, status_code: str, latency_ms: float, is_error: bool) -> None:
+        """One answered request (``latency_ms`` is ignored if untimed)."""
         key = (method, status_code, is_error)
         children = self._children.get(key)
         if children is None:
             children = self._children[key] = self._bind(method, status_code, is_error)
         requests, latency, errors = children
         requests.inc()
-        if latency_ms is not None:
+        if latency is not None:
             latency.observe(latency_ms)
         for child in errors:
             child.inc()
@@ -84,7 +87,7 @@ class RouteMetrics:
             error_tags = {"route": self.route, "error_code": status_code, "method": method, "application": self.application}
             errors = (o.error_requests.bind(error_tags),
                       o.deployment_error_requests.bind({**error_tags, "deployment": self.deployment}))
-        return o.requests.bind(tags), o.latency_ms.bind(tags), errors
+        return o.requests.bind(tags), o.latency_ms.bind(tags) if self._timed else None, errors
 
 
 def is_http_error(status: int) -> bool:
@@ -128,6 +131,7 @@ class IngressMetrics:
         self.ongoing.set(0)
         self._routes: dict[str, RouteMetrics] = {}
         self._unrouted = RouteMetrics(self, "", "", "")
+        self._refused = RouteMetrics(self, "", "", "", timed=False)
 
     def for_route(self, route: str, application: str, deployment: str) -> RouteMetrics:
         """The series of requests matched to ``route`` (a prefix, or a system path)."""
@@ -142,4 +146,4 @@ class IngressMetrics:
 
     def refused(self, status: int, method: str) -> None:
         """A request the HTTP protocol refused before it reached the proxy's app."""
-        self._unrouted.record(method, str(status), None, is_http_error(status))
+        self._refused.record(method, str(status), 0.0, is_http_error(status))
