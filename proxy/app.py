@@ -93,26 +93,24 @@ class ProxyApp:
         if kind == "http":
             exchange = HttpExchange(self.runtime, self.options, route, scope, receive, send)
             self.exchanges.add(exchange)
-            ongoing = self.metrics.ongoing
-            ongoing.inc()
+            self.metrics.ongoing += 1
             try:
                 await exchange.run()
             finally:
                 self.exchanges.discard(exchange)
                 if not self.exchanges and self._idle is not None:
                     self._idle.set()
-                ongoing.dec()
+                self.metrics.ongoing -= 1
                 status = exchange.status or 500  # none: run() raised before answering (uvicorn sends 500)
                 self.metrics.for_route(route.prefix, route.app_name, route.ingress).record(
                     scope["method"], str(status), (time.perf_counter() - start_s) * 1000.0, is_http_error(status))
         elif kind == "websocket":
-            ongoing = self.metrics.ongoing
-            ongoing.inc()
+            self.metrics.ongoing += 1
             code, is_error = 500, True  # run() raised before the WebSocket ended
             try:
                 code, is_error = await self._websocket(scope, receive, send, route)
             finally:
-                ongoing.dec()
+                self.metrics.ongoing -= 1
                 self.metrics.for_route(route.prefix, route.app_name, route.ingress).record(
                     WEBSOCKET_METHOD, str(code), (time.perf_counter() - start_s) * 1000.0, is_error)
 

@@ -82,7 +82,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> in
     from shoal.proxy.app import ProxyApp, ProxyOptions
     from shoal.proxy.metrics import IngressMetrics
     from shoal.proxy.protocol import HeadLimits, LimitedHttpProtocol
-    from shoal.runtime import client, router_metrics, transport, wire
+    from shoal.runtime import client, metrics_batch, router_metrics, transport, wire
 
     loop = asyncio.get_running_loop()
     worker_main.watch_lifeline(loop, lifeline_fd)
@@ -91,6 +91,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> in
     router_metrics.set_actor_id(router_metrics.PROXY_ACTOR_ID)
     runtime = client.init_replica_runtime(spec["control_endpoint"], "", role="proxy")
     metrics = IngressMetrics(node_id=socket.gethostname(), node_ip_address=_listening_address(sock))
+    metrics_batch.register(loop, metrics.flush)
     app = ProxyApp(
         runtime,
         ProxyOptions(
@@ -147,6 +148,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> in
     try:
         await server.serve(sockets=[sock])
     finally:
+        metrics_batch.flush_now(loop)  # what the last interval recorded
         await client.shutdown_runtime()
         transport.terminate_context()
     return 0

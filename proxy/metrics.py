@@ -36,9 +36,10 @@ head over ``max_header_bytes``/``max_header_count``, 408 for a head not received
 error counters with ``route``, ``application`` and ``deployment`` "", not in the latency
 histogram. Ray's uvicorn answers those without telling Ray, so Ray does not count them.
 
-Cost per request: the children of a (route, method, status) are bound once; answering a request
-is one increment of the request counter, one histogram observation and, for the ongoing gauge,
-one increment and one decrement (two more increments on an error).
+Cost per request: a few Python int additions. The children of a (route, method, status) are
+bound once; counts, latencies (per bucket) and the number of ongoing requests are flushed into
+them every ``metrics_batch.FLUSH_INTERVAL_S`` (100 ms) by ``flush``, which the proxy runs
+periodically and once more before it exits.
 """
 
 from __future__ import annotations
@@ -46,16 +47,39 @@ from __future__ import annotations
 from typing import Any
 
 from shoal.runtime import metrics
+from shoal.runtime.metrics_batch import PendingHistogram
 
 WEBSOCKET_METHOD = "WS"
 CLIENT_CLOSED_STATUS = 499  # Ray's status for a client that disconnected before the response
+
+
+class _Outcome:
+    """The pending samples of one (route, method, status): requests, latencies, errors."""
+
+    __slots__ = ("errors", "latency", "n", "requests")
+
+    def __init__(self, requests: Any, latency: PendingHistogram | None, errors: tuple[Any, ...]) -> None:
+        self.n = 0
+        self.requests = requests
+        self.latency = latency
+        self.errors = errors
+
+    def flush(self) -> None:
+        n = self.n
+        if n:
+            self.n = 0
+            self.requests.inc(n)
+            for child in self.errors:
+                child.inc(n)
+        if self.latency is not None:
+            self.latency.flush()
 
 
 class RouteMetrics:
     """The series of one (route, application, deployment): ``record`` one answered request.
     Untimed ones (``timed=False``: requests refused before the app) have no latency series."""
 
-    __slots__ = ("_children", "_owner", "_timed", "application", "deployment", "route")
+    __slots__ = ("_outcomes", "_owner", "_timed", "application", "deployment", "route")
 
     def __init__(self, owner: IngressMetrics, route: str, application: str, deployment: str, *,
                  timed: bool = True) -> None:
@@ -64,22 +88,23 @@ class RouteMetrics:
         self.route = route
         self.application = application
         self.deployment = deployment
-        self._children: dict[tuple[str, str, bool], tuple[Any, Any, tuple[Any, ...]]] = {}
+        self._outcomes: dict[tuple[str, str, bool], _Outcome] = {}
 
     def record(self, method: str, status_code: str, latency_ms: float, is_error: bool) -> None:
         """One answered request (``latency_ms`` is ignored if untimed)."""
         key = (method, status_code, is_error)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = self._bind(method, status_code, is_error)
-        requests, latency, errors = children
-        requests.inc()
-        if latency is not None:
-            latency.observe(latency_ms)
-        for child in errors:
-            child.inc()
+        outcome = self._outcomes.get(key)
+        if outcome is None:
+            outcome = self._outcomes[key] = self._bind(method, status_code, is_error)
+        outcome.n += 1
+        if outcome.latency is not None:
+            outcome.latency.observe(latency_ms)
 
-    def _bind(self, method: str, status_code: str, is_error: bool) -> tuple[Any, Any, tuple[Any, ...]]:
+    def flush(self) -> None:
+        for outcome in self._outcomes.values():
+            outcome.flush()
+
+    def _bind(self, method: str, status_code: str, is_error: bool) -> _Outcome:
         o = self._owner
         tags = {"route": self.route, "method": method, "application": self.application, "status_code": status_code}
         errors: tuple[Any, ...] = ()
@@ -87,7 +112,8 @@ class RouteMetrics:
             error_tags = {"route": self.route, "error_code": status_code, "method": method, "application": self.application}
             errors = (o.error_requests.bind(error_tags),
                       o.deployment_error_requests.bind({**error_tags, "deployment": self.deployment}))
-        return o.requests.bind(tags), o.latency_ms.bind(tags) if self._timed else None, errors
+        latency = PendingHistogram(o.latency_ms.bind(tags), o.latency_ms.boundaries) if self._timed else None
+        return _Outcome(o.requests.bind(tags), latency, errors)
 
 
 def is_http_error(status: int) -> bool:
@@ -101,7 +127,9 @@ def is_websocket_error(code: int) -> bool:
 
 
 class IngressMetrics:
-    """The proxy's ingress series (one per proxy process); ``for_route`` gives a route's."""
+    """The proxy's ingress series (one per proxy process). The proxy keeps ``ongoing`` (requests
+    to applications being answered) and records each answered request in ``for_route``'s
+    series; ``flush`` pushes both out (loop thread only)."""
 
     def __init__(self, node_id: str, node_ip_address: str) -> None:
         self.requests = metrics.Counter(
@@ -127,8 +155,10 @@ class IngressMetrics:
             "serve_num_ongoing_http_requests", description="The number of ongoing requests in this HTTP proxy.",
             tag_keys=("node_id", "node_ip_address"),
         )
-        self.ongoing = self.ongoing_requests.bind({"node_id": node_id, "node_ip_address": node_ip_address})
-        self.ongoing.set(0)
+        self.ongoing = 0
+        self._ongoing_gauge = self.ongoing_requests.bind({"node_id": node_id, "node_ip_address": node_ip_address})
+        self._ongoing_gauge.set(0)
+        self._ongoing_set = 0
         self._routes: dict[str, RouteMetrics] = {}
         self._unrouted = RouteMetrics(self, "", "", "")
         self._refused = RouteMetrics(self, "", "", "", timed=False)
@@ -137,13 +167,24 @@ class IngressMetrics:
         """The series of requests matched to ``route`` (a prefix, or a system path)."""
         found = self._routes.get(route)
         if found is None or found.application != application or found.deployment != deployment:
+            if found is not None:
+                found.flush()  # the route now serves another application
             found = self._routes[route] = RouteMetrics(self, route, application, deployment)
         return found
 
     def unrouted(self) -> RouteMetrics:
-        """The series of requests no route matched (404), and of requests refused before routing."""
+        """The series of requests no route matched (404)."""
         return self._unrouted
 
     def refused(self, status: int, method: str) -> None:
         """A request the HTTP protocol refused before it reached the proxy's app."""
         self._refused.record(method, str(status), 0.0, is_http_error(status))
+
+    def flush(self) -> None:
+        for route in self._routes.values():
+            route.flush()
+        self._unrouted.flush()
+        self._refused.flush()
+        if self.ongoing != self._ongoing_set:
+            self._ongoing_set = self.ongoing
+            self._ongoing_gauge.set(self.ongoing)

@@ -20,7 +20,7 @@ process's runtime loop; every method runs on the loop thread.
   replies to multiplexed calls (newest version wins), so the caller that made a replica load a
   model sends the next request for it there without waiting for the controller.
 - Metrics (``router_metrics``): each accepted request is counted per route; the queue and the
-  requests at replicas are sampled into gauges.
+  requests at replicas are sampled into gauges (every 100 ms, with the counts).
 - Replica sets come from the controller's snapshots. A replica that leaves the snapshot while
   draining keeps its requests until they finish. A replica whose socket closes (its process
   exited) fails the requests it has not answered with ``ReplicaDiedError`` as soon as the
@@ -280,7 +280,6 @@ class Router:
         self.policy: RequestRouter | None = None
         self._router_error: str | None = None  # why the custom request router could not be made
         self.metrics = router_metrics.RouterMetrics(self)
-        router_metrics.watch(self.metrics, loop)
 
     @property
     def handle_id(self) -> str:

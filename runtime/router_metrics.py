@@ -27,27 +27,23 @@ Label values:
 - ``route``: the route of the request the call is made for: the proxy's matched route prefix, or
   in a replica the route of the request it is handling ("" outside an HTTP request).
 
-Costs: the counters are children bound once per (router, route) or (handle, route); the two
-gauges are sampled from each router every ``SAMPLE_INTERVAL_S`` (Ray caches them for its
-``RAY_SERVE_METRICS_EXPORT_INTERVAL_MS``, 100 ms by default), only in processes that export
-metrics, so the request path does not touch them.
+Costs: a router's counts are Python ints flushed into their counters, and its two gauges
+sampled from its state, every ``metrics_batch.FLUSH_INTERVAL_S`` (100 ms; Ray caches them the
+same way for ``RAY_SERVE_METRICS_EXPORT_INTERVAL_MS``), only in processes that export metrics;
+so the request path adds an int. A handle's calls, made from any thread, go straight into the
+counter child bound once per (handle, route).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 from typing import TYPE_CHECKING, Any
 
-from shoal.runtime import context, metrics
+from shoal.runtime import context, metrics, metrics_batch
 
 if TYPE_CHECKING:
     from shoal.runtime.router import Router
 
-logger = logging.getLogger("shoal.router")
-
-SAMPLE_INTERVAL_S = 0.1
 DRIVER_ACTOR_ID = "DRIVER"  # Ray's get_current_actor_id() in a driver
 PROXY_ACTOR_ID = "proxy"
 
@@ -118,8 +114,9 @@ def count_handle_request(app_name: str, deployment_name: str, handle_id: str, ro
 
 
 class RouterMetrics:
-    """The series of one router: ``count(route)`` per accepted request; ``sample()`` sets the
-    two gauges from the router's state (``queued()`` and ``at_replicas()``)."""
+    """The series of one router (loop thread only): ``count(route)`` per accepted request,
+    ``count_handle_request(route)`` per call through the router as a handle (the proxy's);
+    ``flush()`` adds them to the counters and sets the two gauges from the router's state."""
 
     def __init__(self, router: Router) -> None:
         self._router = router
@@ -128,32 +125,38 @@ class RouterMetrics:
             "deployment": router.deployment_name, "application": router.app_name,
             "handle": self.handle_id, "actor_id": actor_id(),
         }
-        self._routes: dict[str, Any] = {}
-        self._handle_routes: dict[str, Any] = {}
+        self._routes: dict[str, metrics_batch.PendingCount] = {}
+        self._handle_routes: dict[str, metrics_batch.PendingCount] = {}
         self._queued = QUEUED_QUERIES.bind(self._tags)
         self._at_replicas = ONGOING_AT_REPLICAS.bind(self._tags)
         self._last = (0, 0)
         self._queued.set(0)
         self._at_replicas.set(0)
+        metrics_batch.register(router.loop, self.flush)
 
     def count(self, route: str) -> None:
-        child = self._routes.get(route)
-        if child is None:
-            child = self._routes[route] = ROUTER_REQUESTS.bind({**self._tags, "route": route})
-        child.inc()
+        pending = self._routes.get(route)
+        if pending is None:
+            pending = self._routes[route] = metrics_batch.PendingCount(
+                ROUTER_REQUESTS.bind({**self._tags, "route": route}))
+        pending.n += 1
 
     def count_handle_request(self, route: str) -> None:
         """A call through the handle this router is (the proxy's handle of an ingress)."""
-        child = self._handle_routes.get(route)
-        if child is None:
+        pending = self._handle_routes.get(route)
+        if pending is None:
             router = self._router
-            child = self._handle_routes[route] = HANDLE_REQUESTS.bind({
+            pending = self._handle_routes[route] = metrics_batch.PendingCount(HANDLE_REQUESTS.bind({
                 "handle": handle_tag(router.app_name, router.deployment_name, self.handle_id),
                 "deployment": router.deployment_name, "route": route, "application": router.app_name,
-            })
-        child.inc()
+            }))
+        pending.n += 1
 
-    def sample(self) -> None:
+    def flush(self) -> None:
+        for pending in self._routes.values():
+            pending.flush()
+        for pending in self._handle_routes.values():
+            pending.flush()
         router = self._router
         values = (len(router.queue), router.at_replicas())
         if values != self._last:
@@ -162,41 +165,9 @@ class RouterMetrics:
             self._at_replicas.set(values[1])
 
     def close(self) -> None:
-        """The router stopped: its gauges read 0 and it is no longer sampled."""
+        """The router stopped: what it counted is flushed, its gauges read 0."""
+        self.flush()
+        metrics_batch.unregister(self._router.loop, self.flush)
         self._last = (0, 0)
         self._queued.set(0)
         self._at_replicas.set(0)
-        _sampled.pop(self, None)
-
-
-# Routers sampled in this process; one task per loop samples them while there are any.
-_sampled: dict[RouterMetrics, asyncio.AbstractEventLoop] = {}
-_samplers: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
-
-
-def watch(router_metrics: RouterMetrics, loop: asyncio.AbstractEventLoop) -> None:
-    """Sample ``router_metrics`` on ``loop`` every ``SAMPLE_INTERVAL_S`` if this process exports
-    metrics (loop thread only)."""
-    if not metrics.enabled():
-        return
-    _sampled[router_metrics] = loop
-    task = _samplers.get(loop)
-    if task is None or task.done():
-        _samplers[loop] = loop.create_task(_sample_forever(loop), name="shoal-router-metrics")
-
-
-async def _sample_forever(loop: asyncio.AbstractEventLoop) -> None:
-    try:
-        while True:
-            await asyncio.sleep(SAMPLE_INTERVAL_S)
-            mine = [m for m, m_loop in _sampled.items() if m_loop is loop]
-            if not mine:
-                return
-            for router_metrics in mine:
-                try:
-                    router_metrics.sample()
-                except Exception:
-                    logger.exception("sampling the router metrics of %s failed", router_metrics._router.deployment_id)
-    finally:
-        if _samplers.get(loop) is asyncio.current_task():
-            del _samplers[loop]

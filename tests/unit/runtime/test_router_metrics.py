@@ -65,16 +65,17 @@ def test_accepted_requests_are_counted_per_route_and_backpressure_is_not() -> No
         with pytest.raises(BackPressureError):
             await s3.result()
         tags = {"deployment": deployment, "application": "app", "handle": router.handle_id, "actor_id": "DRIVER"}
+        router.metrics.flush()
         assert value(router_metrics.ROUTER_REQUESTS, **tags, route="/a") == 2
         assert value(router_metrics.ROUTER_REQUESTS, **tags, route="/b") is None
         # Sampled gauges: one request at the replica, one waiting here.
-        router.metrics.sample()
+        router.metrics.flush()
         assert value(router_metrics.QUEUED_QUERIES, **tags) == 1
         assert value(router_metrics.ONGOING_AT_REPLICAS, **tags) == 1
         identity, msg = await replica.next()
         replica.answer(identity, msg, wire.Kind.RESULT, 1)
         assert await s1.result() == 1
-        router.metrics.sample()  # the queued one went out when the slot freed up
+        router.metrics.flush()  # the queued one went out when the slot freed up
         assert (value(router_metrics.QUEUED_QUERIES, **tags), value(router_metrics.ONGOING_AT_REPLICAS, **tags)) == (0, 1)
         router.close()
         assert (value(router_metrics.QUEUED_QUERIES, **tags), value(router_metrics.ONGOING_AT_REPLICAS, **tags)) == (0, 0)
@@ -92,6 +93,7 @@ def test_a_request_to_an_unavailable_deployment_is_counted_as_ray_counts_it() ->
         router.submit(call)
         with pytest.raises(Exception, match="does not exist"):
             await sink.result()
+        router.metrics.flush()
         assert value(router_metrics.ROUTER_REQUESTS, deployment=deployment, route="/x") == 1
         router.close()
 
