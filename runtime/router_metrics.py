@@ -1,7 +1,8 @@
 """Router and handle metrics, under Ray Serve 2.60's names, labels and meaning.
 
-Recorded in whichever process holds the router or handle (the proxy, replicas that compose
-deployments, and a driver, which records in memory only):
+Recorded in whichever process holds the router or handle: the proxy and replicas that compose
+deployments export them; a driver exports nothing (its handle counts stay in its memory, its
+routers' counts are never flushed):
 
 - ``ray_serve_num_router_requests_total`` {deployment, route, application, handle, actor_id}:
   requests a router accepted (counted when submitted; a request refused by backpressure
@@ -26,6 +27,10 @@ Label values:
   proxy ``"proxy"``, any other process ``"DRIVER"``.
 - ``route``: the route of the request the call is made for: the proxy's matched route prefix, or
   in a replica the route of the request it is handling ("" outside an HTTP request).
+
+Ray also labels ``handle`` of the router series with the handle's source and tracks reserved
+slots and argument resolution latency (``serve_reserved_slots_active``,
+``serve_router_args_resolution_latency_ms``); shoal has neither (no two-phase routing).
 
 Costs: a router's counts are Python ints flushed into their counters, and its two gauges
 sampled from its state, every ``metrics_batch.FLUSH_INTERVAL_S`` (100 ms; Ray caches them the
