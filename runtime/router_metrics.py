@@ -28,9 +28,8 @@ Label values:
 - ``route``: the route of the request the call is made for: the proxy's matched route prefix, or
   in a replica the route of the request it is handling ("" outside an HTTP request).
 
-Ray also labels ``handle`` of the router series with the handle's source and tracks reserved
-slots and argument resolution latency (``serve_reserved_slots_active``,
-``serve_router_args_resolution_latency_ms``); shoal has neither (no two-phase routing).
+Ray's routers also export ``serve_reserved_slots_active`` (two-phase routing, which shoal
+refuses) and ``serve_router_args_resolution_latency_ms``; shoal records neither.
 
 Costs: a router's counts are Python ints flushed into their counters, and its two gauges
 sampled from its state, every ``metrics_batch.FLUSH_INTERVAL_S`` (100 ms; Ray caches them the
