@@ -239,3 +239,52 @@ def test_a_route_served_by_another_app_gets_new_series() -> None:
     assert metrics.for_route("/a", "one", "Ingress") is first
     second = metrics.for_route("/a", "two", "Ingress")
     assert second is not first and second.application == "two"
+
+
+class WebSocketClient:
+    """A WebSocket through the app that connects and then waits."""
+
+    def __init__(self, app: ProxyApp, path: str = "/app/ws") -> None:
+        self.scope = {"type": "websocket", "path": path, "raw_path": path.encode(), "query_string": b"",
+                      "headers": [], "http_version": "1.1", "scheme": "ws", "client": None, "server": None,
+                      "asgi": {"version": "3.0"}, "subprotocols": []}
+        self.app = app
+        self.sent: list[dict[str, Any]] = []
+        self._connected = False
+        self._never = asyncio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        if not self._connected:
+            self._connected = True
+            return {"type": "websocket.connect"}
+        await self._never.wait()
+        raise AssertionError("unreachable")
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+
+    async def run(self) -> None:
+        await self.app(self.scope, self.receive, self.send)
+
+
+def test_websockets_refused_or_unrouted_count_with_rays_statuses() -> None:
+    async def main() -> None:
+        replica = RawReplica()
+        runtime = FakeRuntime(_snapshot(replica.endpoint, limit=1, max_queued=0))
+        metrics = IngressMetrics("node", "127.0.0.1")
+        app = ProxyApp(runtime, ProxyOptions(), metrics)
+        holding = asyncio.get_running_loop().create_task(WebSocketClient(app).run())
+        await replica.next_request()  # it holds the one slot
+        refused = WebSocketClient(app)
+        await refused.run()
+        assert refused.sent == [{"type": "websocket.close", "code": 1013}]
+        unrouted = WebSocketClient(app, "/elsewhere")
+        await unrouted.run()
+        assert unrouted.sent == [{"type": "websocket.close", "code": 1008}]
+        assert metrics.ongoing == 1
+        runtime.close()  # the held one ends as cancelled
+        await holding
+        assert requests_by_status(metrics) == {("/app", "WS", "app", "503"): 2, ("", "WS", "", "404"): 1}
+        replica.channel.close()
+
+    run(main)
