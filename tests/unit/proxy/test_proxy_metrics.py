@@ -1,8 +1,8 @@
 """The proxy's ingress metrics: the status each outcome is counted with (Ray's), and the labels.
 
 ``ProxyApp`` is driven with ASGI calls and routes over real ``inproc://`` sockets to a raw fake
-replica that answers what the test tells it; the metrics are read from the app's own in-memory
-``IngressMetrics``.
+replica that answers what the test tells it; the metrics are read in memory, as what a test
+added to them (a process may share one series between all metric objects of a name).
 """
 
 from __future__ import annotations
@@ -90,14 +90,32 @@ def values(metric: Metric, suffix: str = "_total") -> dict[tuple[tuple[str, str]
     }
 
 
-def requests_by_status(metrics: IngressMetrics) -> dict[tuple[str, str, str, str], float]:
-    """(route, method, application, status_code) -> count, once what is pending is flushed."""
-    metrics.flush()
-    return {
-        (labels["route"], labels["method"], labels["application"], labels["status_code"]): count
-        for key, count in values(metrics.requests).items()
-        for labels in [dict(key)]
-    }
+class Recorded:
+    """What ``metrics`` records from now on (flushed when read)."""
+
+    def __init__(self, metrics: IngressMetrics) -> None:
+        self.metrics = metrics
+        self._before = self._now()
+
+    def _now(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+        m = self.metrics
+        m.flush()
+        return {"requests": values(m.requests), "errors": values(m.error_requests),
+                "deployment_errors": values(m.deployment_error_requests), "latency": values(m.latency_ms, "_count")}
+
+    def since(self, which: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """The samples of ``which`` (requests, errors, deployment_errors, latency) that grew, by how much."""
+        before = self._before[which]
+        now = self._now()[which]
+        return {key: value - before.get(key, 0) for key, value in now.items() if value != before.get(key, 0)}
+
+    def by_status(self) -> dict[tuple[str, str, str, str], float]:
+        """Requests added: (route, method, application, status_code) -> count."""
+        return {
+            (labels["route"], labels["method"], labels["application"], labels["status_code"]): count
+            for key, count in self.since("requests").items()
+            for labels in [dict(key)]
+        }
 
 
 OK = [{"type": "http.response.start", "status": 200, "headers": []}, {"type": "http.response.body", "body": b"ok"}]
@@ -138,6 +156,7 @@ def test_answered_unrouted_and_system_requests_are_counted_with_rays_labels() ->
         runtime = FakeRuntime(_snapshot(replica.endpoint))
         metrics = IngressMetrics("node", "127.0.0.1")
         app = ProxyApp(runtime, ProxyOptions(), metrics)
+        recorded = Recorded(metrics)
         answered = asyncio.get_running_loop().create_task(Client(app, "/app/x").run())
         identity, msg = await replica.next_request()
         assert metrics.ongoing == 1  # in flight
@@ -145,17 +164,17 @@ def test_answered_unrouted_and_system_requests_are_counted_with_rays_labels() ->
         await answered
         await Client(app, "/nowhere/at/all", method="POST").run()
         await Client(app, "/-/healthz").run()
-        assert requests_by_status(metrics) == {
+        assert recorded.by_status() == {
             ("/app", "GET", "app", "200"): 1, ("", "POST", "", "404"): 1, ("/-/healthz", "GET", "", "200"): 1,
         }
         assert metrics.ongoing == 0
         assert values(metrics.ongoing_requests, "") == {(("node_id", "node"), ("node_ip_address", "127.0.0.1")): 0}
-        latency = values(metrics.latency_ms, "_count")
+        latency = recorded.since("latency")
         assert latency[(("application", "app"), ("method", "GET"), ("route", "/app"), ("status_code", "200"))] == 1
-        assert values(metrics.error_requests) == {
+        assert recorded.since("errors") == {
             (("application", ""), ("error_code", "404"), ("method", "POST"), ("route", "")): 1,
         }
-        assert values(metrics.deployment_error_requests) == {
+        assert recorded.since("deployment_errors") == {
             (("application", ""), ("deployment", ""), ("error_code", "404"), ("method", "POST"), ("route", "")): 1,
         }
         runtime.close()
@@ -170,6 +189,7 @@ def test_each_failure_before_the_response_counts_with_its_status() -> None:
         runtime = FakeRuntime(_snapshot(replica.endpoint, limit=1, max_queued=0))
         metrics = IngressMetrics("node", "127.0.0.1")
         app = ProxyApp(runtime, ProxyOptions(max_request_body_bytes=10), metrics)
+        recorded = Recorded(metrics)
         # 499: the client leaves while its request runs (the replica is told to cancel it).
         leaving = Client(app)
         task = asyncio.get_running_loop().create_task(leaving.run())
@@ -183,13 +203,13 @@ def test_each_failure_before_the_response_counts_with_its_status() -> None:
         await Client(app, headers=[(b"content-length", b"11")]).run()
         # 400: a bad timeout header.
         await Client(app, headers=[(b"x-request-timeout-seconds", b"never")]).run()
-        assert requests_by_status(metrics) == {
+        assert recorded.by_status() == {
             ("/app", "GET", "app", "499"): 1, ("/app", "GET", "app", "503"): 1, ("/app", "GET", "app", "413"): 1,
             ("/app", "GET", "app", "400"): 1,
         }
-        errors = {dict(k)["error_code"]: v for k, v in values(metrics.deployment_error_requests).items()}
+        errors = {dict(k)["error_code"]: v for k, v in recorded.since("deployment_errors").items()}
         assert errors == {"499": 1, "503": 1, "413": 1, "400": 1}
-        assert all(dict(k)["deployment"] == "Ingress" for k in values(metrics.deployment_error_requests))
+        assert all(dict(k)["deployment"] == "Ingress" for k in recorded.since("deployment_errors"))
         runtime.close()
         replica.channel.close()
 
@@ -201,6 +221,7 @@ def test_a_timeout_counts_408_and_a_started_response_keeps_its_status() -> None:
         replica = RawReplica()
         runtime = FakeRuntime(_snapshot(replica.endpoint))
         metrics = IngressMetrics("node", "127.0.0.1")
+        recorded = Recorded(metrics)
         slow = Client(ProxyApp(runtime, ProxyOptions(request_timeout_s=0.05), metrics))
         await slow.run()  # the replica never answers
         assert slow.sent[0]["status"] == 408
@@ -213,7 +234,7 @@ def test_a_timeout_counts_408_and_a_started_response_keeps_its_status() -> None:
         await leaving.answered.wait()
         leaving.disconnect.set()
         await task
-        assert requests_by_status(metrics) == {("/app", "GET", "app", "408"): 1, ("/app", "GET", "app", "200"): 1}
+        assert recorded.by_status() == {("/app", "GET", "app", "408"): 1, ("/app", "GET", "app", "200"): 1}
         runtime.close()
         replica.channel.close()
 
@@ -222,10 +243,11 @@ def test_a_timeout_counts_408_and_a_started_response_keeps_its_status() -> None:
 
 def test_a_protocol_refusal_is_counted_without_route_or_latency() -> None:
     metrics = IngressMetrics("node", "127.0.0.1")
+    recorded = Recorded(metrics)
     metrics.refused(431, "")
     metrics.refused(431, "GET")
-    assert requests_by_status(metrics) == {("", "", "", "431"): 1, ("", "GET", "", "431"): 1}
-    assert values(metrics.latency_ms, "_count") == {}
+    assert recorded.by_status() == {("", "", "", "431"): 1, ("", "GET", "", "431"): 1}
+    assert not [k for k in values(metrics.latency_ms, "_count") if dict(k)["status_code"] == "431"]
 
 
 def test_error_rules_are_rays() -> None:
@@ -273,6 +295,7 @@ def test_websockets_refused_or_unrouted_count_with_rays_statuses() -> None:
         runtime = FakeRuntime(_snapshot(replica.endpoint, limit=1, max_queued=0))
         metrics = IngressMetrics("node", "127.0.0.1")
         app = ProxyApp(runtime, ProxyOptions(), metrics)
+        recorded = Recorded(metrics)
         holding = asyncio.get_running_loop().create_task(WebSocketClient(app).run())
         await replica.next_request()  # it holds the one slot
         refused = WebSocketClient(app)
@@ -284,7 +307,7 @@ def test_websockets_refused_or_unrouted_count_with_rays_statuses() -> None:
         assert metrics.ongoing == 1
         runtime.close()  # the held one ends as cancelled
         await holding
-        assert requests_by_status(metrics) == {("/app", "WS", "app", "503"): 2, ("", "WS", "", "404"): 1}
+        assert recorded.by_status() == {("/app", "WS", "app", "503"): 2, ("", "WS", "", "404"): 1}
         replica.channel.close()
 
     run(main)

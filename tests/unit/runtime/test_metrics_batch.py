@@ -18,8 +18,8 @@ def samples(metric: metrics.Metric) -> dict[tuple[str, tuple[tuple[str, str], ..
 
 def test_a_flushed_histogram_has_the_exposition_of_direct_observations() -> None:
     values = [0.0, 0.5, 1, 1.0001, 2, 49.9, 50, 300000, 600000, 600001, 1e9, 7.25]
-    direct = metrics.Histogram("direct", boundaries=metrics.LATENCY_BUCKETS_MS, tag_keys=("a",))
-    batched = metrics.Histogram("batched", boundaries=metrics.LATENCY_BUCKETS_MS, tag_keys=("a",))
+    direct = metrics.Histogram("batch_test_direct", boundaries=metrics.LATENCY_BUCKETS_MS, tag_keys=("a",))
+    batched = metrics.Histogram("batch_test_batched", boundaries=metrics.LATENCY_BUCKETS_MS, tag_keys=("a",))
     pending = PendingHistogram(batched.bind({"a": "x"}), batched.boundaries)
     for i, value in enumerate(values):
         direct.observe(value, tags={"a": "x"})
@@ -29,14 +29,14 @@ def test_a_flushed_histogram_has_the_exposition_of_direct_observations() -> None
     assert pending.n == len(values) - 6
     pending.flush()
     pending.flush()  # nothing pending: nothing changes
-    assert {(n.replace("ray_batched", "ray_direct"), labels): v
+    assert {(n.replace("ray_batch_test_batched", "ray_batch_test_direct"), labels): v
             for (n, labels), v in samples(batched).items()} == samples(direct)
 
 
 def test_a_pending_count_adds_its_events_once() -> None:
-    counter = metrics.Counter("pending_count")
+    counter = metrics.Counter("batch_test_pending_count")
     pending = PendingCount(counter.bind())
     pending.n += 3
     pending.flush()
     pending.flush()
-    assert samples(counter) == {("ray_pending_count_total", ()): 3}
+    assert samples(counter) == {("ray_batch_test_pending_count_total", ()): 3}
