@@ -81,6 +81,8 @@ def _snapshot(endpoint: str, limit: int = 5, max_queued: int = -1) -> wire.Snaps
 
 def values(metric: Metric, suffix: str = "_total") -> dict[tuple[tuple[str, str], ...], float]:
     """``metric``'s samples named with ``suffix``, keyed by their sorted labels."""
+    if metric._prom is None and hasattr(metric, "_shared_prom"):
+        metric._shared_prom()  # the process's series of this name, which may have samples already
     prom: Any = metric._prom
     if prom is None:
         return {}
@@ -168,7 +170,7 @@ def test_answered_unrouted_and_system_requests_are_counted_with_rays_labels() ->
             ("/app", "GET", "app", "200"): 1, ("", "POST", "", "404"): 1, ("/-/healthz", "GET", "", "200"): 1,
         }
         assert metrics.ongoing == 0
-        assert values(metrics.ongoing_requests, "") == {(("node_id", "node"), ("node_ip_address", "127.0.0.1")): 0}
+        assert values(metrics.ongoing_requests, "")[(("node_id", "node"), ("node_ip_address", "127.0.0.1"))] == 0
         latency = recorded.since("latency")
         assert latency[(("application", "app"), ("method", "GET"), ("route", "/app"), ("status_code", "200"))] == 1
         assert recorded.since("errors") == {
