@@ -6,6 +6,8 @@ is an ``HttpExchange`` (see ``exchange``: request ids, timeouts, streamed bodies
 WebSocket's messages are relayed both ways. ``/-/healthz`` and ``/-/routes`` are answered here,
 without touching a replica.
 
+Every request is counted in the ingress metrics (``proxy.metrics``) once it is answered.
+
 ``drain`` (SIGTERM): ``/-/healthz`` answers 503, the requests in flight get until the deadline to
 finish, and those still running then are answered 503 (or cut, if their response had started).
 """
@@ -15,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from shoal.proxy.exchange import (
     HttpExchange,
@@ -29,6 +33,7 @@ from shoal.proxy.exchange import (
     text_response,
     with_request_id,
 )
+from shoal.proxy.metrics import WEBSOCKET_METHOD, IngressMetrics, is_http_error, is_websocket_error
 from shoal.proxy.routes import Route, RoutingTable
 from shoal.runtime.api import CallRouter, RoutingRuntime
 from shoal.runtime.errors import BackPressureError, DeploymentUnavailableError, RequestCancelledError
@@ -37,20 +42,23 @@ from shoal.runtime.router import Call
 
 logger = logging.getLogger("shoal.proxy")
 
+T = TypeVar("T")
+
 __all__ = ["ProxyApp", "ProxyOptions"]
 
 _ABORT_WAIT_S = 1.0  # after the drain deadline, how long the 503s get to go out
 
 
 class ProxyApp:
-    def __init__(self, runtime: RoutingRuntime, options: ProxyOptions) -> None:
+    def __init__(self, runtime: RoutingRuntime, options: ProxyOptions, metrics: IngressMetrics | None = None) -> None:
         self.runtime = runtime
         self.options = options
+        self.metrics = metrics or IngressMetrics(node_id=socket.gethostname(), node_ip_address="127.0.0.1")
         self.table = RoutingTable()
         self.draining = False
         self.exchanges: set[HttpExchange] = set()  # HTTP requests being answered
         self._idle: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task[None]] = set()  # WebSocket forwarders
+        self._tasks: set[asyncio.Task[Any]] = set()  # WebSocket forwarders
 
     def _routes(self) -> RoutingTable:
         snapshot = self.runtime.snapshot
@@ -67,8 +75,11 @@ class ProxyApp:
         root = self.options.root_path
         if root and path.startswith(root):
             path = path[len(root):] or "/"
+        start_s = time.perf_counter()
         if kind == "http" and path in ("/-/healthz", "/-/routes"):
-            await self._system(path, send)
+            status = await self._system(path, send)
+            self.metrics.for_route(path, "", "").record(
+                scope["method"], str(status), (time.perf_counter() - start_s) * 1000.0, status != 200)
             return
         route = self._routes().match(path)
         if route is None:
@@ -76,18 +87,32 @@ class ProxyApp:
                 await send_all(send, text_response(404, f"Path '{path}' not found. Ping http://.../-/routes for available routes."))
             else:
                 await send({"type": "websocket.close", "code": 1008})
+            method = scope["method"] if kind == "http" else WEBSOCKET_METHOD
+            self.metrics.unrouted().record(method, "404", (time.perf_counter() - start_s) * 1000.0, True)
             return
         if kind == "http":
             exchange = HttpExchange(self.runtime, self.options, route, scope, receive, send)
             self.exchanges.add(exchange)
+            self.metrics.ongoing += 1
             try:
                 await exchange.run()
             finally:
                 self.exchanges.discard(exchange)
                 if not self.exchanges and self._idle is not None:
                     self._idle.set()
+                self.metrics.ongoing -= 1
+                status = exchange.status or 500  # none: run() raised before answering (uvicorn sends 500)
+                self.metrics.for_route(route.prefix, route.app_name, route.ingress).record(
+                    scope["method"], str(status), (time.perf_counter() - start_s) * 1000.0, is_http_error(status))
         elif kind == "websocket":
-            await self._websocket(scope, receive, send, route)
+            self.metrics.ongoing += 1
+            code, is_error = 500, True  # run() raised before the WebSocket ended
+            try:
+                code, is_error = await self._websocket(scope, receive, send, route)
+            finally:
+                self.metrics.ongoing -= 1
+                self.metrics.for_route(route.prefix, route.app_name, route.ingress).record(
+                    WEBSOCKET_METHOD, str(code), (time.perf_counter() - start_s) * 1000.0, is_error)
 
     async def drain(self, min_s: float, timeout_s: float) -> None:
         """Answer ``/-/healthz`` with 503 (so load balancers stop sending) for at least
@@ -116,28 +141,34 @@ class ProxyApp:
             return False
         return True
 
-    async def _system(self, path: str, send: Send) -> None:
+    async def _system(self, path: str, send: Send) -> int:
+        """Answer ``/-/healthz`` or ``/-/routes``; returns the status."""
         populated = self.runtime.snapshot.version > 0
         if self.draining or not populated:
             message = "This node is being drained." if self.draining else "Route table is not populated yet."
             body = message if path == "/-/healthz" else json.dumps(message)
             await send_all(send, text_response(503, body))
-        elif path == "/-/healthz":
+            return 503
+        if path == "/-/healthz":
             await send_all(send, text_response(200, "success"))
         else:
             data = json.dumps(self._routes().as_json()).encode()
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
             await send({"type": "http.response.body", "body": data})
+        return 200
 
     # -- WebSockets -----------------------------------------------------------------------------
 
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send, route: Route) -> tuple[int, bool]:
+        """Relay a WebSocket; returns its status and whether it counts as an error (Ray's
+        rules: see ``proxy.metrics``)."""
         given = next((v.decode("latin-1")[:128] for k, v in scope["headers"] if k == b"x-request-id"), "")
         request_id, headers = with_request_id(given, scope["headers"])
         first = await receive()  # websocket.connect
         router, call, replies = submit(self.runtime, self.options, route, scope, headers, request_id, first)
-        forwarder: asyncio.Task[None] | None = None
+        forwarder: asyncio.Task[int | None] | None = None
+        outcome: tuple[int, bool] | None = None
         try:
             while True:
                 batch = await replies.next()
@@ -146,33 +177,48 @@ class ProxyApp:
                 if forwarder is None:  # the replica runs the app: client messages can follow
                     forwarder = self._spawn(_forward(receive, router, call))
                 for message in batch:
+                    kind = message["type"]
+                    if kind == "websocket.close":
+                        code = message.get("code") or 1000
+                        outcome = outcome or (code, is_websocket_error(code))
+                    elif kind == "websocket.http.response.start":
+                        outcome = outcome or (message["status"], is_http_error(message["status"]))
                     await send(message)
         except (BackPressureError, DeploymentUnavailableError) as exc:
             logger.warning("websocket %s refused: %s", request_id, exc)
             await send({"type": "websocket.close", "code": 1013})
+            outcome = outcome or (exc.status_code if isinstance(exc, BackPressureError) else 503, True)
         except RequestCancelledError:
-            return
+            outcome = outcome or (503, True)
         finally:
             router.cancel(call)
             if forwarder is not None:
                 forwarder.cancel()
                 await asyncio.gather(forwarder, return_exceptions=True)
+        if outcome is None:  # Ray: the client's disconnect code, else 1000; an error either way
+            client_code = None
+            if forwarder is not None and forwarder.done() and not forwarder.cancelled() and forwarder.exception() is None:
+                client_code = forwarder.result()
+            outcome = (client_code or 1000, True)
+        return outcome
 
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """A task referenced until it ends."""
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        task: asyncio.Task[T] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
 
-async def _forward(receive: Receive, router: CallRouter, call: Call) -> None:
+async def _forward(receive: Receive, router: CallRouter, call: Call) -> int | None:
+    """Relay the client's messages; returns the code it disconnected with."""
     while True:
         message = await receive()
         router.send_receive(call, message)
         if message["type"] == "websocket.disconnect":
-            return
+            code: int | None = message.get("code", 1005)
+            return code
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

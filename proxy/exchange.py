@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from shoal.proxy.metrics import CLIENT_CLOSED_STATUS
 from shoal.proxy.routes import Route
 from shoal.runtime import wire
 from shoal.runtime.api import CallRouter, RoutingRuntime
@@ -40,7 +41,7 @@ from shoal.runtime.errors import (
 )
 from shoal.runtime.handle import new_request_id
 from shoal.runtime.reply import END, PULL, ReplySink
-from shoal.runtime.router import Call
+from shoal.runtime.router import Call, Router
 
 logger = logging.getLogger("shoal.proxy")
 
@@ -101,6 +102,7 @@ class HttpExchange:
         self.router: CallRouter | None = None
         self.call: Call | None = None
         self.started = False  # the response's status went out
+        self.status = 0  # the status answered (metrics); 499 if the client left first, 0 if none yet
         self.ended: _Ended | None = None
         self._id_header: Header = (b"x-request-id", b"")
 
@@ -115,6 +117,7 @@ class HttpExchange:
         self.end(_Ended.SHUTDOWN)
 
     async def _answer(self, status: int, body: str, extra: list[Header] | None = None) -> None:
+        self.status = status
         await send_all(self.send, text_response(status, body, [self._id_header, *(extra or [])]))
 
     async def run(self) -> None:
@@ -129,6 +132,7 @@ class HttpExchange:
             return
         first = await self.receive()
         if first["type"] == "http.disconnect":
+            self.status = CLIENT_CLOSED_STATUS
             return
         if self.ended is not None:  # aborted while the first chunk was on its way
             await self._cancelled(too_large)
@@ -175,6 +179,7 @@ class HttpExchange:
         """The call ended as cancelled: answer unless the client left."""
         why = self.ended
         if why is _Ended.CLIENT_GONE:
+            self.status = self.status or CLIENT_CLOSED_STATUS
             return
         self._cut_if_started()
         if why is _Ended.TOO_LARGE:
@@ -229,6 +234,7 @@ class HttpExchange:
                 if message["type"] == "http.response.start":
                     message["headers"].append(self._id_header)
                     self.started = True
+                    self.status = message["status"]
                 await self.send(message)  # waits while the client's socket is backed up
             taken += 1
             if taken >= wire.RESPONSE_WINDOW // 2:
@@ -312,6 +318,8 @@ def submit(
     )
     call = Call(header, payload, replies)
     router = runtime.router(route.app_name, route.ingress)
+    if isinstance(router, Router):  # the proxy's handle to the ingress is its router (router_metrics)
+        router.metrics.count_handle_request(route.prefix)
     router.submit(call)
     return router, call, replies
 

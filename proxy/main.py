@@ -67,19 +67,31 @@ def _connection_cap(max_connections: int) -> int:
     return max_connections
 
 
+def _listening_address(sock: socket.socket) -> str:
+    """The address the proxy listens on (the ``node_ip_address`` of its metrics)."""
+    try:
+        return str(sock.getsockname()[0])
+    except OSError:
+        return ""
+
+
 async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> int:
     import uvicorn
 
     from shoal.proxy import tls
     from shoal.proxy.app import ProxyApp, ProxyOptions
+    from shoal.proxy.metrics import IngressMetrics
     from shoal.proxy.protocol import HeadLimits, LimitedHttpProtocol
-    from shoal.runtime import client, transport, wire
+    from shoal.runtime import client, metrics_batch, router_metrics, transport, wire
 
     loop = asyncio.get_running_loop()
     worker_main.watch_lifeline(loop, lifeline_fd)
     sock = socket.socket(fileno=listener_fd)
     options = spec["http_options"]  # every HTTPOptions field, validated (see ProxySupervisor)
+    router_metrics.set_actor_id(router_metrics.PROXY_ACTOR_ID)
     runtime = client.init_replica_runtime(spec["control_endpoint"], "", role="proxy")
+    metrics = IngressMetrics(node_id=socket.gethostname(), node_ip_address=_listening_address(sock))
+    metrics_batch.register(loop, metrics.flush)
     app = ProxyApp(
         runtime,
         ProxyOptions(
@@ -87,6 +99,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> in
             request_timeout_s=options["request_timeout_s"],
             max_request_body_bytes=options["max_request_body_bytes"],
         ),
+        metrics,
     )
     tls_kwargs: dict[str, Any] = {}
     if tls.server_context(options) is not None:  # checked by the supervisor already; raises if not
@@ -97,7 +110,10 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> in
             "ssl_ca_certs": options["ssl_ca_certs"],
             "ssl_cert_reqs": ssl.CERT_REQUIRED if options["ssl_ca_certs"] else ssl.CERT_NONE,
         }
-    limits = HeadLimits(options["max_header_bytes"], options["max_header_count"], options["request_header_timeout_s"])
+    limits = HeadLimits(
+        options["max_header_bytes"], options["max_header_count"], options["request_header_timeout_s"],
+        on_refused=metrics.refused,
+    )
     config = uvicorn.Config(
         app,
         http=LimitedHttpProtocol.with_limits(limits),
@@ -132,6 +148,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> in
     try:
         await server.serve(sockets=[sock])
     finally:
+        metrics_batch.flush_now(loop)  # what the last interval recorded
         await client.shutdown_runtime()
         transport.terminate_context()
     return 0

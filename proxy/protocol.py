@@ -17,6 +17,9 @@ sends a request. This protocol adds, per connection:
   client as gone, so the app sees ``http.disconnect`` instead of the part of the body that came
   before the error (and a request already sent on is cancelled).
 
+Each refusal is reported to ``limits.on_refused`` (status, and the method if the request line
+was read, else ""): the proxy counts them in its metrics.
+
 Idle keep-alive connections are closed by uvicorn (``timeout_keep_alive``) and requests over
 uvicorn's ``limit_concurrency`` open connections get 503; ``proxy.main`` sets both.
 """
@@ -24,6 +27,7 @@ uvicorn's ``limit_concurrency`` open connections get 503; ``proxy.main`` sets bo
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,6 +41,7 @@ class HeadLimits:
     max_header_bytes: int = 64 * 1024
     max_header_count: int = 100
     request_header_timeout_s: float = 10.0
+    on_refused: Callable[[int, str], None] | None = None  # (status, method or "") of each refusal (metrics)
 
 
 def _refusal(status: bytes, reason: str) -> bytes:
@@ -51,6 +56,7 @@ _TOO_LARGE = _refusal(b"431 Request Header Fields Too Large", "Request header fi
 _TOO_MANY = _refusal(b"431 Request Header Fields Too Large", "Too many request header fields.")
 _TOO_SLOW = _refusal(b"408 Request Timeout", "The request head was not received in time.")
 _BAD_VERSION = _refusal(b"400 Bad Request", "Unsupported HTTP version.")
+_STATUS_OF = {_TOO_LARGE: 431, _TOO_MANY: 431, _TOO_SLOW: 408, _BAD_VERSION: 400}
 _VERSIONS = ("1.0", "1.1")
 
 
@@ -71,6 +77,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
+        self._line_seen = False  # the request line was parsed: the parser knows the method
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -98,6 +105,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().data_received(data)
 
     # -- parser callbacks -----------------------------------------------------------------------
+
+    def on_url(self, url: bytes) -> None:
+        self._line_seen = True
+        super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
@@ -129,6 +140,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_tail = b""
         self._header_count = 0
+        self._line_seen = False
 
     # -- refusals -------------------------------------------------------------------------------
 
@@ -138,8 +150,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         had left, so that it never reaches a replica with part of its body."""
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
-            cycle.disconnected = True
+            cycle.disconnected = True  # the proxy's app counts the request (its client left)
             cycle.message_event.set()
+        else:
+            self._count_refusal(400)
         super().send_400_response(msg)
 
     def _refuse(self, response: bytes) -> None:
@@ -149,7 +163,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             if self.cycle is None or self.cycle.response_complete:
                 self.transport.write(response)
+                self._count_refusal(_STATUS_OF[response])
             self.transport.close()
+
+    def _count_refusal(self, status: int) -> None:
+        on_refused = self.limits.on_refused
+        if on_refused is not None:
+            method = self.parser.get_method().decode("latin-1") if self._line_seen else ""
+            on_refused(status, method)
 
     def _arm_head_timer(self) -> None:
         self._disarm_head_timer()

@@ -7,6 +7,9 @@ awaiting task that is cancelled cancels the call it awaits, so cancellation casc
 of deployments. A ``DeploymentResponse`` passed as a top-level argument is awaited before the
 call is sent, and the callee receives its value.
 
+Each ``remote()`` call counts in ``ray_serve_handle_request_counter_total`` (see
+``router_metrics``), labelled with the handle's ``handle_id``.
+
 Handles pickle as (deployment, app, options) and find the runtime of the process that
 unpickles them, so they can be passed into other deployments.
 """
@@ -22,7 +25,7 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
-from shoal.runtime import wire
+from shoal.runtime import router_metrics, wire
 from shoal.runtime.api import RuntimeAPI
 from shoal.runtime.broadcast import DeploymentBroadcastResponse, fan_out
 from shoal.runtime.context import current_request
@@ -417,6 +420,7 @@ class DeploymentHandle(Generic[R]):
         )
         call = Call(header, payload, sink)
         key = (self.app_name, self.deployment_name)
+        router_metrics.count_handle_request(self.app_name, self.deployment_name, self.handle_id, parent.route)
         runtime = rt
 
         def submit() -> None:

@@ -19,6 +19,8 @@ process's runtime loop; every method runs on the loop thread.
 - The multiplexed models each replica holds come from the snapshots, and from the replica's
   replies to multiplexed calls (newest version wins), so the caller that made a replica load a
   model sends the next request for it there without waiting for the controller.
+- Metrics (``router_metrics``): each accepted request is counted per route; the queue and the
+  requests at replicas are sampled into gauges (every 100 ms, with the counts).
 - Replica sets come from the controller's snapshots. A replica that leaves the snapshot while
   draining keeps its requests until they finish. A replica whose socket closes (its process
   exited) fails the requests it has not answered with ``ReplicaDiedError`` as soon as the
@@ -41,7 +43,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from shoal.runtime import p2c, transport, wire
+from shoal.runtime import p2c, router_metrics, transport, wire
 from shoal.runtime.context import ReplicaID
 from shoal.runtime.errors import (
     BackPressureError,
@@ -277,6 +279,17 @@ class Router:
         self.routing: RoutingTasks | None = None  # routes the calls when the router is custom
         self.policy: RequestRouter | None = None
         self._router_error: str | None = None  # why the custom request router could not be made
+        self.metrics = router_metrics.RouterMetrics(self)
+
+    @property
+    def handle_id(self) -> str:
+        """This router's id in the ``handle`` label of its metrics."""
+        return self.metrics.handle_id
+
+    def at_replicas(self) -> int:
+        """Requests sent to replicas (running, draining or dropped) and not finished."""
+        conns = [*self.replicas.values(), *self.draining.values(), *self._dropped]
+        return sum(len(conn.calls) for conn in conns)
 
     @property
     def deployment_id(self) -> str:
@@ -289,11 +302,13 @@ class Router:
             call.resolve(RequestCancelledError(call.request_id))
             return
         if self.unavailable_reason is not None:
+            self.metrics.count(call.header.route)
             call.resolve(DeploymentUnavailableError(self.deployment_id, self.unavailable_reason))
             return
         if not self.queue and self.routing is None:
             conn = self._choose(call.header.multiplexed_model_id)
             if conn is not None:
+                self.metrics.count(call.header.route)
                 conn.send(call)
                 return
         entry = self.entry
@@ -307,6 +322,7 @@ class Router:
                 )
             )
             return
+        self.metrics.count(call.header.route)
         self.queue.append(call)
         if self.routing is not None:
             self.routing.add(call)
@@ -573,6 +589,7 @@ class Router:
         conn.close()
 
     def close(self) -> None:
+        self.metrics.close()
         if self._retry is not None:
             self._retry.cancel()
         if self.routing is not None:
