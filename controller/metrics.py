@@ -217,7 +217,7 @@ class ControllerGauges:
             for state in app.deployments.values():
                 labels = (state.name, state.app)
                 for replica in state.replicas.values():
-                    replica_labels = (state.name, replica.replica_id, state.app)
+                    replica_labels = (state.name, replica.replica_id.rsplit("#", 1)[-1], state.app)  # Ray's unique_id
                     yield "serve_health_check_failures_total", replica_labels, float(replica.health_check_failures)
                     if replica.state == ReplicaState.RUNNING:
                         yield "serve_deployment_replica_healthy", replica_labels, 0.0 if replica.unhealthy else 1.0
