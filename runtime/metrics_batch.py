@@ -65,6 +65,11 @@ class PendingHistogram:
         self._total = 0.0
         self.n = 0
 
+    @property
+    def pending_sum(self) -> float:
+        """The sum of the observations not flushed yet."""
+        return self._total
+
     def observe(self, value: float) -> None:
         self._counts[bisect.bisect_left(self._bounds, value)] += 1
         self._total += value

@@ -21,7 +21,7 @@ route prefix for HTTP, the caller's route for handle calls):
 
 Requests rejected at once (``max_ongoing_requests`` reached, draining) count nowhere, as in Ray.
 
-Cost: a request adds its outcome to its route's tallies (plain ints and a bucket index found by
+Cost: a request adds its outcome to its route's tallies (``metrics_batch``: plain ints and a bucket index found by
 bisection); the tallies and the ongoing count are written to the shared-memory samples once per
 loop iteration, however many requests ended in it (Ray buffers them for 100 ms,
 ``RAY_SERVE_METRICS_EXPORT_INTERVAL_MS``). So a caller may scrape a moment before its request is
@@ -31,12 +31,12 @@ counted, never long after.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import time
 from collections.abc import Callable
 from typing import Any
 
 from shoal.runtime.metrics import LATENCY_BUCKETS_MS, Counter, Gauge, Histogram
+from shoal.runtime.metrics_batch import PendingCount, PendingHistogram
 
 # Ray Serve 2.60's RAY_SERVE_REPLICA_MAX_PROCESSING_LATENCY_* and RAY_SERVE_REPLICA_UTILIZATION_*.
 MAX_LATENCY_WINDOW_S = 60.0
@@ -94,21 +94,15 @@ class RouteMetrics:
     """One route's label children, bound once (``errors`` by exception type, as they come), and
     its tallies since they were last written."""
 
-    __slots__ = (
-        "bucket_counts", "dirty", "errors", "failed", "latency_ms", "latency_sum_ms", "max_latency_ms",
-        "max_pending_ms", "ok", "requests", "route",
-    )
+    __slots__ = ("dirty", "errors", "failed", "latency_ms", "max_latency_ms", "max_pending_ms", "ok", "route")
 
     def __init__(self, route: str, requests: Any, latency_ms: Any, max_latency_ms: RollingWindow) -> None:
         self.route = route
-        self.requests = requests
-        self.latency_ms = latency_ms
+        self.ok = PendingCount(requests)
+        self.latency_ms = PendingHistogram(latency_ms, LATENCY_BUCKETS_MS)
         self.errors: dict[str, Any] = {}
         self.max_latency_ms = max_latency_ms
-        self.ok = 0
         self.failed: dict[str, int] = {}
-        self.bucket_counts = [0] * (len(LATENCY_BUCKETS_MS) + 1)  # the last: +Inf
-        self.latency_sum_ms = 0.0
         self.max_pending_ms = 0.0
         self.dirty = False
 
@@ -202,12 +196,11 @@ class ReplicaMetrics:
 
     def finished(self, route: RouteMetrics, latency_ms: float, exception_type: str | None) -> None:
         """One request ended: ``exception_type`` is the class name of what it raised, or None."""
-        route.bucket_counts[bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1  # le: value <= bound
-        route.latency_sum_ms += latency_ms
+        route.latency_ms.observe(latency_ms)
         if latency_ms > route.max_pending_ms:
             route.max_pending_ms = latency_ms
         if exception_type is None:
-            route.ok += 1
+            route.ok.n += 1
         else:
             route.failed[exception_type] = route.failed.get(exception_type, 0) + 1
         if not route.dirty:
@@ -237,16 +230,13 @@ class ReplicaMetrics:
             route.dirty = False
             route.max_latency_ms.add(route.max_pending_ms)
             route.max_pending_ms = 0.0
-            self._user_time_ms.add(route.latency_sum_ms)
-            if route.ok:
-                route.requests.inc(route.ok)
-                route.ok = 0
+            self._user_time_ms.add(route.latency_ms.pending_sum)
+            route.ok.flush()
             if route.failed:
                 for exception_type, n in route.failed.items():
                     self._error_child(route, exception_type).inc(n)
                 route.failed.clear()
-            _add_observations(route.latency_ms, route.bucket_counts, route.latency_sum_ms)
-            route.latency_sum_ms = 0.0
+            route.latency_ms.flush()
 
     def _error_child(self, route: RouteMetrics, exception_type: str) -> Any:
         child = route.errors.get(exception_type)
@@ -281,16 +271,3 @@ class ReplicaMetrics:
             self._timer.cancel()
             self._timer = None
 
-
-def _add_observations(child: Any, bucket_counts: list[int], sum_ms: float) -> None:
-    """Add tallied observations to a prometheus-client histogram child, as that many
-    ``observe`` calls would (each adds 1 to its bucket, non-cumulative, and its value to the
-    sum), with one write per bucket touched; zeroes the tallies."""
-    observed = False
-    for i, n in enumerate(bucket_counts):
-        if n:
-            child._buckets[i].inc(n)
-            bucket_counts[i] = 0
-            observed = True
-    if observed:
-        child._sum.inc(sum_ms)
