@@ -155,11 +155,16 @@ def test_an_explicit_port_that_is_taken_is_an_error_naming_metrics_port(instance
 def test_the_default_port_taken_means_a_free_port(instance: psutil.Process) -> None:
     with socket.socket() as blocker:
         blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            blocker.bind(("127.0.0.1", 8080))
+
+        def hold_8080() -> bool:  # other tests' instances take it now and then: wait our turn
+            try:
+                blocker.bind(("127.0.0.1", 8080))
+            except OSError:
+                return False
             blocker.listen()
-        except OSError:
-            pass  # something else holds it already: taken either way
+            return True
+
+        wait_until(hold_8080, 60, "this test holds port 8080")
         serve.start(http_options={"port": 0})  # metrics_port: the default, 8080
         url = serve.get_metrics_url()
         assert url is not None and ":8080/" not in url

@@ -405,11 +405,13 @@ def test_the_key_is_private_and_never_in_argv_or_environ(serve_instance: Any, he
 
 
 def test_only_the_http_port_listens_and_only_on_loopback(serve_instance: Any, hello: Any) -> None:
-    """T29 (part): the only TCP socket any shoal process listens on is the HTTP port on
-    127.0.0.1; every Unix socket is a named one inside the run directory (none abstract)."""
-    url = serve.get_http_url()
-    assert url is not None
+    """T29 (part): the only TCP sockets any shoal process listens on are the HTTP port and the
+    metrics port, on 127.0.0.1; every Unix socket is a named one inside the run directory (none
+    abstract)."""
+    url, metrics_url = serve.get_http_url(), serve.get_metrics_url()
+    assert url is not None and metrics_url is not None
     port = int(url.rsplit(":", 1)[1])
+    metrics_port = int(metrics_url.removesuffix("/metrics").rsplit(":", 1)[1])
     listening, unix_paths = set(), set()
     for proc in shoal_processes(serve_instance.supervisor):
         listening |= {(c.laddr.ip, c.laddr.port) for c in connections(proc, "inet") if c.status == psutil.CONN_LISTEN}
@@ -417,7 +419,7 @@ def test_only_the_http_port_listens_and_only_on_loopback(serve_instance: Any, he
     outside = sorted(p for p in unix_paths if p.startswith(("\0", "@")) or not p.startswith(str(serve_instance.run_dir)))
     figures = f"listening TCP={sorted(listening)} unix sockets={len(unix_paths)} outside the run dir or abstract={outside}"
     print(figures)
-    assert listening == {("127.0.0.1", port)}, figures
+    assert listening == {("127.0.0.1", port), ("127.0.0.1", metrics_port)}, figures
     assert outside == [], figures
 
 
