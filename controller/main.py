@@ -114,7 +114,10 @@ async def serve(config: SupervisorConfig) -> int:
             _report_ready(config.ready_fd, {"error": str(exc), "http_bind_failed": True})
             rundir.remove_sockets(run_dir)
             return 2
-        controller.proxy = ProxySupervisor(config.http_options, endpoint, listener, echo=_echo)
+        controller.proxy = ProxySupervisor(
+            config.http_options, endpoint, listener, echo=_echo,
+            logs_dir=str(run_dir / rundir.LOGS), log_rotation=config.log_rotation,
+        )
         info["http_url"] = controller.proxy.url
     server = ControlServer(endpoint, controller, on_shutdown=stop.set, info=info)
     if controller.proxy is not None:

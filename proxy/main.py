@@ -31,8 +31,36 @@ _RESERVED_FDS = 256  # descriptors kept for ZeroMQ sockets, pipes and logs, beyo
 
 def main(spec_bytes: bytes, output: Any, lifeline: Any, listener: Any) -> None:
     spec = worker_main.bootstrap(spec_bytes, output)
-    logging.basicConfig(level=spec.get("log_level", "INFO"), format="%(levelname)s %(asctime)s %(name)s -- %(message)s")
-    worker_main.run_until_complete(_serve(spec, lifeline.detach(), listener.detach()))
+    access_handlers = _configure_logging(spec)
+    worker_main.run_until_complete(_serve(spec, lifeline.detach(), listener.detach(), access_handlers))
+
+
+def _configure_logging(spec: dict[str, Any]) -> list[logging.Handler]:
+    """The proxy's logging as the instance's ``logging_config`` says (``install_proxy_logging``;
+    its file is written once per loop turn, see ``runtime/buffered_log.py``); returns the
+    handlers access lines go to (none: access lines are off)."""
+    from shoal.runtime.buffered_log import LoopBufferedHandler
+    from shoal.runtime.logs import install_proxy_logging
+
+    return install_proxy_logging(
+        host=str(spec["http_options"]["host"]),
+        logging_config=spec.get("logging_config") or {"log_level": spec.get("log_level", "INFO")},
+        default_logs_dir=spec.get("logs_dir"),
+        log_rotation=spec.get("log_rotation"),
+        file_factory=LoopBufferedHandler,
+    )
+
+
+def _bind_log_files(loop: asyncio.AbstractEventLoop) -> list[logging.Handler]:
+    """Let the proxy's buffered log files batch the lines logged on ``loop``; returns them."""
+    from shoal.runtime.buffered_log import LoopBufferedHandler
+
+    files: list[logging.Handler] = []
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, LoopBufferedHandler):
+            handler.bind(loop)
+            files.append(handler)
+    return files
 
 
 def _server_class() -> Any:
@@ -67,15 +95,17 @@ def _connection_cap(max_connections: int) -> int:
     return max_connections
 
 
-async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> int:
+async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int, access_handlers: list[logging.Handler]) -> int:
     import uvicorn
 
     from shoal.proxy import tls
+    from shoal.proxy.access import AccessLine, AccessLogMiddleware
     from shoal.proxy.app import ProxyApp, ProxyOptions
     from shoal.proxy.protocol import HeadLimits, LimitedHttpProtocol
     from shoal.runtime import client, transport, wire
 
     loop = asyncio.get_running_loop()
+    log_files = _bind_log_files(loop)
     worker_main.watch_lifeline(loop, lifeline_fd)
     sock = socket.socket(fileno=listener_fd)
     options = spec["http_options"]  # every HTTPOptions field, validated (see ProxySupervisor)
@@ -99,10 +129,11 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> in
         }
     limits = HeadLimits(options["max_header_bytes"], options["max_header_count"], options["request_header_timeout_s"])
     config = uvicorn.Config(
-        app,
+        AccessLogMiddleware(app, AccessLine(access_handlers)) if access_handlers else app,
         http=LimitedHttpProtocol.with_limits(limits),
         ws="websockets-sansio",
         lifespan="off",
+        log_config=None,  # uvicorn's loggers go through the proxy's (a dictConfig would close its files)
         access_log=False,
         log_level="warning",
         timeout_keep_alive=options["keep_alive_timeout_s"],
@@ -134,4 +165,6 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> in
     finally:
         await client.shutdown_runtime()
         transport.terminate_context()
+        for handler in log_files:
+            handler.flush()  # the process ends with os._exit
     return 0

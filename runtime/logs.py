@@ -36,7 +36,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from shoal.runtime.context import current_request
@@ -45,14 +45,16 @@ from shoal.runtime.rotation import RotatingLineHandler, RotationLimits, limits_f
 _FORMAT = "%(levelname)s %(asctime)s %(name)s %(request_id)s -- %(message)s"
 _ACCESS_LOG_ATTR = "serve_access_log"
 _ACCESS_LOGGER = "ray.serve"  # Ray's replica writes its access lines on its serve logger
+_CONTEXT_KEYS = ("deployment", "replica", "component_name", "component_id", "application", "route")
 
 
 class _ContextFilter(logging.Filter):
-    """Adds the replica's and the current request's facts to every record (filters nothing)."""
+    """Adds the process's facts (``replica_facts``, ``proxy_facts``) and the current request's
+    to every record (filters nothing)."""
 
-    def __init__(self, app: str, deployment: str, replica: str) -> None:
+    def __init__(self, facts: Mapping[str, str]) -> None:
         super().__init__()
-        self._facts = {"deployment": deployment, "replica": replica, "component_name": "replica", "application": app}
+        self._facts = dict(facts)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):  # an access line carries its own
@@ -72,7 +74,35 @@ class _AccessLogFilter(logging.Filter):
         return not getattr(record, _ACCESS_LOG_ATTR, False)
 
 
-class JSONFormatter(logging.Formatter):
+def replica_facts(app: str, deployment: str, replica: str) -> dict[str, str]:
+    """What every line of a replica says about it (Ray's keys)."""
+    return {"deployment": deployment, "replica": replica, "component_name": "replica", "application": app}
+
+
+def proxy_facts(host: str) -> dict[str, str]:
+    """What every line of the proxy says about it: Ray's proxy is ``component_name`` ``proxy``
+    with its node's address as ``component_id``."""
+    return {"component_name": "proxy", "component_id": host}
+
+
+class _Formatter(logging.Formatter):
+    """``logging.Formatter`` with ``asctime`` made once per second, not per record (the
+    ``strftime`` is most of a short line's formatting cost); the same text as the default."""
+
+    _cached_second = -1
+    _cached_asctime = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._cached_second:
+            self._cached_asctime = time.strftime(self.default_time_format, self.converter(record.created))
+            self._cached_second = second
+        return f"{self._cached_asctime},{int(record.msecs):03d}"  # default_msec_format
+
+
+class JSONFormatter(_Formatter):
     """One JSON object per line, with Ray Serve's keys (module docstring)."""
 
     def __init__(self, additional_attrs: tuple[str, ...] = ()) -> None:
@@ -92,7 +122,7 @@ class JSONFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             out["exc_text"] = record.exc_text
-        for key in ("deployment", "replica", "component_name", "application", "route"):
+        for key in _CONTEXT_KEYS:
             if hasattr(record, key):
                 out[key] = getattr(record, key)
         request_id = getattr(record, "request_id", "-")
@@ -105,7 +135,14 @@ class JSONFormatter(logging.Formatter):
 
 def _text_formatter(additional_attrs: tuple[str, ...]) -> logging.Formatter:
     extra = "".join(f"%({attr})s " for attr in additional_attrs)
-    return logging.Formatter(_FORMAT.replace("-- ", extra + "-- "))
+    return _Formatter(_FORMAT.replace("-- ", extra + "-- "))
+
+
+def formatter(config: Mapping[str, Any]) -> logging.Formatter:
+    """TEXT or JSON lines, as ``config`` (a ``LoggingConfig`` as a dict) says."""
+    additional = tuple(config.get("additional_log_standard_attrs") or ())
+    encoding = str(config.get("encoding", "TEXT")).upper()
+    return JSONFormatter(additional) if encoding == "JSON" else _text_formatter(additional)
 
 
 class _OnlyAccessFilter(logging.Filter):
@@ -115,41 +152,49 @@ class _OnlyAccessFilter(logging.Filter):
         return bool(getattr(record, _ACCESS_LOG_ATTR, False))
 
 
+FileFactory = Callable[[str, RotationLimits], logging.Handler]
+
+
+def _rotating_file(path: str, limits: RotationLimits) -> logging.Handler:
+    return RotatingLineHandler(path, limits, shared=False)
+
+
 def _handlers(
     config: Mapping[str, Any],
-    app: str,
-    deployment: str,
-    replica: str,
+    file_name: str,
+    facts: Mapping[str, str],
     default_logs_dir: str | None = None,
     rotation: RotationLimits | None = None,
+    file_factory: FileFactory = _rotating_file,
+    default_file_shared: bool = True,
 ) -> list[logging.Handler]:
     """stderr, without access lines (it is echoed to consoles and drivers' stdout), and the log
-    file: under ``logs_dir`` with every line, else under ``default_logs_dir`` (the run
-    directory's, which the supervisor fills with the stderr lines) with the access lines. The
-    file rotates by size with ``rotation`` (None: Ray's defaults; see ``runtime/rotation.py``)."""
+    file ``file_name``: under ``logs_dir`` with every line (this process its only writer: made
+    by ``file_factory``), else under ``default_logs_dir`` (the run directory's) with the access
+    lines; ``default_file_shared``: the supervisor writes the stderr lines to that file too (a
+    replica's), else it is made by ``file_factory`` (the proxy's). The file rotates by size
+    with ``rotation`` (None: Ray's defaults; see ``runtime/rotation.py``)."""
     limits = rotation or RotationLimits()
-    additional = tuple(config.get("additional_log_standard_attrs") or ())
-    encoding = str(config.get("encoding", "TEXT")).upper()
-    formatter = JSONFormatter(additional) if encoding == "JSON" else _text_formatter(additional)
+    line_format = formatter(config)
     access = config.get("enable_access_log", True) is not False
     stream = logging.StreamHandler(sys.stderr)
     stream.addFilter(_AccessLogFilter())
     handlers: list[logging.Handler] = [stream]
-    name = f"replica_{app}_{deployment}_{replica}.log"
     logs_dir = config.get("logs_dir")
     if logs_dir:
         os.makedirs(logs_dir, exist_ok=True)
-        file: logging.Handler = RotatingLineHandler(os.path.join(logs_dir, name), limits)
+        file = file_factory(os.path.join(logs_dir, file_name), limits)
         if not access:
             file.addFilter(_AccessLogFilter())
         handlers.append(file)
     elif default_logs_dir and access:
-        file = RotatingLineHandler(os.path.join(default_logs_dir, name), limits)
+        path = os.path.join(default_logs_dir, file_name)
+        file = RotatingLineHandler(path, limits) if default_file_shared else file_factory(path, limits)
         file.addFilter(_OnlyAccessFilter())
         handlers.append(file)
-    context = _ContextFilter(app, deployment, replica)
+    context = _ContextFilter(facts)
     for handler in handlers:
-        handler.setFormatter(formatter)
+        handler.setFormatter(line_format)
         handler.addFilter(context)
     return handlers
 
@@ -173,8 +218,46 @@ def install_replica_logging(
     for handler in root.handlers:
         handler.close()
     rotation = RotationLimits.from_spec(log_rotation)
-    root.handlers[:] = _handlers(config, app, deployment, replica.rsplit("#", 1)[-1], default_logs_dir, rotation)
+    short_id = replica.rsplit("#", 1)[-1]
+    root.handlers[:] = _handlers(
+        config, f"replica_{app}_{deployment}_{short_id}.log", replica_facts(app, deployment, short_id),
+        default_logs_dir, rotation,
+    )
     root.setLevel(config.get("log_level", level))
+
+
+def proxy_log_file_name(host: str) -> str:
+    """Ray's proxy log file name, ``proxy_<address>.log``."""
+    return f"proxy_{host}.log"
+
+
+def install_proxy_logging(
+    *,
+    host: str,
+    logging_config: Mapping[str, Any] | None,
+    default_logs_dir: str | None,
+    log_rotation: Mapping[str, Any] | None = None,
+    file_factory: FileFactory = _rotating_file,
+) -> list[logging.Handler]:
+    """The proxy's logging, as ``install_replica_logging`` sets a replica's up: the root logger
+    at ``log_level`` to stderr (which the supervisor echoes with ``(ProxyActor)``) and to
+    ``proxy_<host>.log`` (under ``logs_dir`` every line, else under ``default_logs_dir`` the
+    access lines), TEXT or JSON, with ``component_name`` ``proxy`` and ``component_id``
+    ``host``. Returns the handlers access lines go to (empty when ``enable_access_log`` is
+    False): the proxy writes its access lines straight to them (``AccessLine``)."""
+    config = dict(logging_config or {})
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.close()
+    rotation = RotationLimits.from_spec(log_rotation)
+    root.handlers[:] = _handlers(
+        config, proxy_log_file_name(host), proxy_facts(host), default_logs_dir, rotation, file_factory,
+        default_file_shared=False,
+    )
+    root.setLevel(config.get("log_level", "INFO"))
+    if config.get("enable_access_log", True) is False or not root.isEnabledFor(logging.INFO):
+        return []
+    return [h for h in root.handlers if not any(isinstance(f, _AccessLogFilter) for f in h.filters)]
 
 
 def install_local_logging(app: str, logging_config: Mapping[str, Any]) -> None:
@@ -185,7 +268,10 @@ def install_local_logging(app: str, logging_config: Mapping[str, Any]) -> None:
     logger = logging.getLogger(_ACCESS_LOGGER)
     for handler in logger.handlers:
         handler.close()
-    logger.handlers[:] = _handlers(logging_config, app, "local_test", "-", rotation=limits_from_env())
+    logger.handlers[:] = _handlers(
+        logging_config, f"replica_{app}_local_test_-.log", replica_facts(app, "local_test", "-"),
+        rotation=limits_from_env(),
+    )
     logger.propagate = False
     logger.setLevel(logging_config.get("log_level", "INFO"))
 
