@@ -249,13 +249,15 @@ def install_proxy_logging(
     root = logging.getLogger()
     for handler in root.handlers:
         handler.close()
+    root.setLevel(config.get("log_level", "INFO"))
+    if not root.isEnabledFor(logging.INFO):  # access lines are INFO: none, and no file for them
+        config["enable_access_log"] = False
     rotation = RotationLimits.from_spec(log_rotation)
     root.handlers[:] = _handlers(
         config, proxy_log_file_name(host), proxy_facts(host), default_logs_dir, rotation, file_factory,
         default_file_shared=False,
     )
-    root.setLevel(config.get("log_level", "INFO"))
-    if config.get("enable_access_log", True) is False or not root.isEnabledFor(logging.INFO):
+    if config.get("enable_access_log", True) is False:
         return []
     return [h for h in root.handlers if not any(isinstance(f, _AccessLogFilter) for f in h.filters)]
 
