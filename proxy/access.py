@@ -35,18 +35,30 @@ _FORMAT = "%s %s %s %.1fms"
 
 
 class AccessLine:
-    """Writes access lines to ``handlers``."""
+    """Writes access lines to ``handlers``. Make it on the thread that writes (the loop's): each
+    record is a copy of a template made here (thread, process, logger name ...), with the time
+    and the line's values set, which costs half of ``LogRecord()`` (no path or thread lookups)."""
 
-    __slots__ = ("_handlers",)
+    __slots__ = ("_handlers", "_logging_started_s", "_template")
 
     def __init__(self, handlers: Sequence[logging.Handler]) -> None:
         self._handlers = tuple(handlers)
+        template = logging.LogRecord(_LOGGER, logging.INFO, __file__, 0, _FORMAT, None, None)
+        template.serve_access_log = True
+        self._template = template.__dict__
+        self._logging_started_s = template.created - template.relativeCreated / 1000
 
     def write(self, method: str, route: str, status: int | str, latency_ms: float, request_id: str) -> None:
-        record = logging.LogRecord(_LOGGER, logging.INFO, __file__, 0, _FORMAT, (method, route, status, latency_ms), None)
+        record = logging.LogRecord.__new__(logging.LogRecord)
+        fields = record.__dict__
+        fields.update(self._template)
+        now_ns = time.time_ns()
+        record.created = now_ns / 1e9
+        record.msecs = (now_ns % 1_000_000_000) // 1_000_000 + 0.0
+        record.relativeCreated = (record.created - self._logging_started_s) * 1000
+        record.args = (method, route, status, latency_ms)
         record.request_id = request_id or "-"
         record.route = route
-        record.serve_access_log = True
         for handler in self._handlers:
             handler.handle(record)
 
