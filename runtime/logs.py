@@ -45,6 +45,7 @@ from shoal.runtime.rotation import RotatingLineHandler, RotationLimits, limits_f
 _FORMAT = "%(levelname)s %(asctime)s %(name)s %(request_id)s -- %(message)s"
 _ACCESS_LOG_ATTR = "serve_access_log"
 _ACCESS_LOGGER = "ray.serve"  # Ray's replica writes its access lines on its serve logger
+_access_logger = logging.getLogger(_ACCESS_LOGGER)
 _CONTEXT_KEYS = ("deployment", "replica", "component_name", "component_id", "application", "route")
 
 
@@ -283,7 +284,7 @@ def log_access(method: str, route: str, status: str | int, latency_ms: float, *,
     ``GET /api 200 3.1ms`` for HTTP and ``CALL __call__ OK 0.4ms`` for a handle call (status
     ``OK``, ``ERROR`` or ``CANCELLED``). Dropped when the replica's ``enable_access_log`` is
     False."""
-    logger = logging.getLogger(_ACCESS_LOGGER)
+    logger = _access_logger
     if logger.isEnabledFor(logging.INFO):
         # A record made directly: one per request, so no caller lookup (the line has none).
         record = logging.LogRecord(

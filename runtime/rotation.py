@@ -1,7 +1,8 @@
 """Log files that rotate by size, so a long-running instance cannot fill the disk.
 
 Every log file shoal writes goes through ``RotatingLineFile`` (the supervisor's copy of each
-replica's output) or ``RotatingLineHandler`` (a replica's ``logging`` file). Both follow the
+replica's output) or a ``logging`` handler on one (``RotatingLineHandler``, a replica's file;
+``LoopBufferedHandler``, the proxy's). Both follow the
 contract of Python's ``logging.handlers.RotatingFileHandler``: before a write that would make the
 file reach ``max_bytes``, ``file.log`` becomes ``file.log.1``, ``file.log.1`` becomes
 ``file.log.2`` ... and ``file.log.<backup_count>`` is dropped; ``max_bytes`` or ``backup_count``
@@ -10,8 +11,12 @@ file exceeds the limit by at most one line.
 
 Unlike ``RotatingFileHandler`` they may share a path with other writers of this module in other
 processes (the supervisor and a replica both append to the replica's file): a rotation is made
-under an exclusive ``flock`` on the file being rotated, and before each write a writer reopens the
-path if another writer has rotated it away.
+under an exclusive ``flock`` on the file being rotated, and before each write a shared writer
+``stat``s the path, which tells it both the file's size and whether another writer rotated it
+away (then it reopens the path). A writer alone on its path (``shared=False``: the proxy's file,
+a file under a ``logs_dir``) counts the bytes it writes instead and checks the path only once a
+second, so a write costs one system call, the ``write``; ``write_lines`` writes a batch of lines
+in one (``runtime/buffered_log.py``).
 
 The limits are Ray's, under Ray's names: ``RAY_ROTATION_MAX_BYTES`` (default 512 MiB,
 ``ray_constants.LOGGING_ROTATE_BYTES``) and ``RAY_ROTATION_BACKUP_COUNT`` (default 5,
