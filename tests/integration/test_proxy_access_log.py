@@ -28,6 +28,9 @@ from fastapi.responses import PlainTextResponse
 from helpers import wait_until
 
 from shoal import serve
+from shoal.serve import api as serve_api
+from shoal.serve import config_file
+from shoal.serve.schema import ServeDeploySchema
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -95,7 +98,7 @@ def talk(serve_instance: Any) -> Iterator[None]:
 
 
 def test_text_access_lines_for_http_and_websockets(serve_instance: Any, talk: None) -> None:
-    url = deploy(None)
+    url = deploy({"encoding": "TEXT"})  # the default; said, so the test does not depend on the others
     proxy_log = serve_instance.run_dir / "logs" / PROXY_FILE
     assert httpx.get(url + "/-/healthz", timeout=30).status_code == 200  # no access line
     assert get(url + "/talk/", "text-ok") == 200
@@ -153,6 +156,28 @@ def test_enable_access_log_false_silences_the_proxy_and_the_replicas(
     replica_lines = [line for path in replica_logs for line in lines(path)]
     assert any("handled off-1" in line for line in replica_lines)  # the replica served it, silently
     assert not any(" off-1 -- GET" in line for line in replica_lines)
+
+
+def test_a_config_files_global_logging_config_reaches_the_proxy(serve_instance: Any, tmp_path: Path) -> None:
+    config = {
+        "logging_config": {"encoding": "JSON", "logs_dir": str(tmp_path)},
+        "applications": [{"name": "cfg", "route_prefix": "/cfg", "import_path": "logging_app:app"}],
+    }
+    sys.path.insert(0, str(LOGS_APPS))
+    try:
+        serve_api.deploy_specs(config_file.build_specs(ServeDeploySchema.model_validate(config)), declarative=True, wait=True)
+        url = serve.get_http_url()
+        assert url is not None
+        assert get(url + "/cfg?say=x", "cfg-1") == 200
+        proxy_log = tmp_path / PROXY_FILE
+        line = wait_until(
+            lambda: next((x for x in lines(proxy_log) if '"cfg-1"' in x), None), 10, "the JSON line under logs_dir"
+        )
+        record = json.loads(line)
+        assert re.fullmatch(r"GET /cfg 200 \d+\.\dms", record["message"]) and record["component_name"] == "proxy"
+    finally:
+        sys.path.remove(str(LOGS_APPS))
+        serve.delete("cfg")
 
 
 @pytest.fixture
