@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -279,6 +280,37 @@ def install_local_logging(app: str, logging_config: Mapping[str, Any]) -> None:
     logger.setLevel(logging_config.get("log_level", "INFO"))
 
 
+_ACCESS_FORMAT = "%s %s %s %.1fms"
+_record_templates: dict[tuple[int, int], tuple[dict[str, Any], float]] = {}  # see access_record
+
+
+def access_record(
+    method: str, route: str, status: str | int, latency_ms: float, request_id: str | None = None,
+) -> logging.LogRecord:
+    """The ``LogRecord`` of one access line (``METHOD route status latency_ms``), carrying
+    ``request_id`` unless None (then the context filter adds the current request's). It is a
+    copy of a template made once per thread and process (thread, process and logger fields)
+    with the time and the line's values set: half the cost of ``LogRecord()``, which looks up
+    the caller's path, thread and process every time."""
+    key = (threading.get_ident(), os.getpid())
+    cached = _record_templates.get(key)
+    if cached is None:
+        made = logging.LogRecord(_ACCESS_LOGGER, logging.INFO, __file__, 0, _ACCESS_FORMAT, None, None)
+        setattr(made, _ACCESS_LOG_ATTR, True)
+        cached = _record_templates[key] = (dict(made.__dict__), made.created - made.relativeCreated / 1000)
+    template, logging_started_s = cached
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    record.__dict__.update(template)
+    now_ns = time.time_ns()
+    record.created = now_ns / 1e9
+    record.msecs = (now_ns % 1_000_000_000) // 1_000_000 + 0.0
+    record.relativeCreated = (record.created - logging_started_s) * 1000
+    record.args = (method, route, status, latency_ms)
+    if request_id is not None:
+        record.request_id = request_id
+    return record
+
+
 def log_access(method: str, route: str, status: str | int, latency_ms: float, *, request_id: str = "") -> None:
     """Write one access line as Ray's replica does: ``METHOD route status latency_ms``, e.g.
     ``GET /api 200 3.1ms`` for HTTP and ``CALL __call__ OK 0.4ms`` for a handle call (status
@@ -286,14 +318,7 @@ def log_access(method: str, route: str, status: str | int, latency_ms: float, *,
     False."""
     logger = _access_logger
     if logger.isEnabledFor(logging.INFO):
-        # A record made directly: one per request, so no caller lookup (the line has none).
-        record = logging.LogRecord(
-            _ACCESS_LOGGER, logging.INFO, __file__, 0, "%s %s %s %.1fms", (method, route, status, latency_ms), None
-        )
-        setattr(record, _ACCESS_LOG_ATTR, True)
-        if request_id:
-            record.request_id = request_id
-        logger.handle(record)
+        logger.handle(access_record(method, route, status, latency_ms, request_id or None))
 
 
 class AccessLog:
