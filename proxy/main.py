@@ -7,6 +7,10 @@ keep-alive deadline from ``http_options``) on it, over TLS when ``http_options``
 ``ssl_keyfile`` and ``ssl_certfile`` (``proxy.tls``), until SIGTERM, then drains: ``/-/healthz``
 answers 503 while the requests in flight finish; at ``graceful_shutdown_timeout_s`` those left
 are answered 503 (``ProxyApp.drain``).
+
+Logging follows the instance's global ``logging_config`` from the spec (``_configure_logging``):
+stderr (echoed by the supervisor) and ``<logs dir>/proxy_<host>.log``, written once per loop
+turn; with access lines on, the app is wrapped in ``AccessLogMiddleware`` (``proxy.access``).
 """
 
 from __future__ import annotations
