@@ -134,8 +134,9 @@ class ProxySupervisor:
         self.listener.proxy_up(self)
 
     def on_listen(self, version: int) -> None:
-        """The proxy asked for snapshots newer than ``version``: it has applied ``version``."""
-        if version > self.applied_version:
+        """The proxy asked for snapshots newer than ``version``: it has applied ``version``
+        (unless it is being replaced: then only its successor counts)."""
+        if self._replacing is None and version > self.applied_version:
             self.applied_version = version
             self._applied.set()
             self._applied = asyncio.Event()
@@ -157,6 +158,7 @@ class ProxySupervisor:
         self.logging_config = logging_config
         if self.process is None or self._stopping or self._replacing is not None:
             return  # the next start (or the replacement under way, once it stops) takes it
+        self.applied_version = 0  # serve.run waits for the successor (wait_applied)
         self._replacing = asyncio.get_running_loop().create_task(self._replace())
 
     async def _replace(self) -> None:

@@ -135,6 +135,22 @@ def test_json_access_lines_carry_rays_fields(serve_instance: Any, talk: None) ->
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}", record["asctime"])
 
 
+def test_a_global_change_alone_replaces_the_proxy_before_serve_run_returns(serve_instance: Any, talk: None) -> None:
+    """The deployment keeps its own logging_config, so only the proxy changes: once serve.run
+    returns, the new proxy serves (no 503 from the supervisor while it starts) and logs JSON."""
+    own = Talk.options(logging_config={"encoding": "TEXT"})
+    serve.start(logging_config={"encoding": "TEXT"})
+    serve.run(own.bind(), name="talk", route_prefix="/talk")
+    serve.start(logging_config={"encoding": "JSON"})
+    serve.run(own.bind(), name="talk", route_prefix="/talk")
+    url = serve.get_http_url()
+    assert url is not None
+    assert get(url + "/talk/", "swap-1") == 200
+    proxy_log = serve_instance.run_dir / "logs" / PROXY_FILE
+    line = wait_until(lambda: next((x for x in lines(proxy_log) if '"swap-1"' in x), None), 10, "the JSON line")
+    assert json.loads(line)["route"] == "/talk"
+
+
 def test_enable_access_log_false_silences_the_proxy_and_the_replicas(
     serve_instance: Any, talk: None, tmp_path: Path,
 ) -> None:
