@@ -20,17 +20,24 @@ and the ``x-request-id`` the proxy put on it, and writes the line when the app r
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from shoal.proxy.app import ProxyApp
 from shoal.proxy.exchange import Message, Receive, Scope, Send
+from shoal.runtime import logs
+from shoal.runtime.buffered_log import LoopBufferedHandler
 from shoal.runtime.logs import access_record
 
 _SYSTEM_PATHS = ("/-/healthz", "/-/routes")
 _CLIENT_GONE = 499
+_LOGGER = "ray.serve"  # the logger name access records carry (runtime/logs.access_record)
+_FILENAME = os.path.basename(logs.__file__)  # the file name access records carry
+_JSON = json.JSONEncoder(default=str)  # as runtime/logs.JSONFormatter encodes
 
 
 class AccessLine:
@@ -46,6 +53,57 @@ class AccessLine:
         record.route = route
         for handler in self._handlers:
             handler.handle(record)
+
+
+class FastAccessLine:
+    """``AccessLine`` for the common case, one buffered file and no
+    ``additional_log_standard_attrs`` (``access_line`` picks it): the line's text is made here,
+    the same as the ``logging`` formatter makes it (TEXT or JSON; a unit test compares them),
+    without a ``LogRecord``, filters or the formatter's calls, about a third of the cost."""
+
+    __slots__ = ("_file", "_host", "_json", "_pid", "_second", "_seconds_text")
+
+    def __init__(self, file: LoopBufferedHandler, *, encoding: str, host: str) -> None:
+        self._file = file
+        self._json = encoding.upper() == "JSON"
+        self._host = host
+        self._pid = os.getpid()
+        self._second = -1
+        self._seconds_text = ""
+
+    def _asctime(self) -> str:
+        now_ns = time.time_ns()
+        second = now_ns // 1_000_000_000
+        if second != self._second:
+            self._seconds_text = time.strftime(logging.Formatter.default_time_format, time.localtime(second))
+            self._second = second
+        return f"{self._seconds_text},{(now_ns // 1_000_000) % 1000:03d}"
+
+    def write(self, method: str, route: str, status: int | str, latency_ms: float, request_id: str) -> None:
+        message = f"{method} {route} {status} {latency_ms:.1f}ms"
+        if self._json:
+            fields: dict[str, object] = {
+                "asctime": self._asctime(), "levelname": "INFO", "message": message, "filename": _FILENAME,
+                "lineno": 0, "process": self._pid, "component_name": "proxy", "component_id": self._host,
+                "route": route,
+            }
+            if request_id and request_id != "-":
+                fields["request_id"] = request_id
+            text = _JSON.encode(fields)
+        else:
+            text = f"INFO {self._asctime()} {_LOGGER} {request_id or '-'} -- {message}"
+        self._file.write_line(text)
+
+
+def access_line(handlers: Sequence[logging.Handler], logging_config: Mapping[str, Any], host: str) -> AccessLine | FastAccessLine:
+    """The writer of the proxy's access lines to ``handlers`` (``install_proxy_logging``'s)."""
+    if (
+        len(handlers) == 1
+        and type(handlers[0]) is LoopBufferedHandler
+        and not logging_config.get("additional_log_standard_attrs")
+    ):
+        return FastAccessLine(handlers[0], encoding=str(logging_config.get("encoding", "TEXT")), host=host)
+    return AccessLine(handlers)
 
 
 class _Watch:
@@ -89,7 +147,7 @@ class AccessLogMiddleware:
     """The ASGI app the proxy serves when access lines are on: ``app`` with an access line per
     HTTP request and WebSocket session (module docstring)."""
 
-    def __init__(self, app: ProxyApp, line: AccessLine) -> None:
+    def __init__(self, app: ProxyApp, line: AccessLine | FastAccessLine) -> None:
         self.app = app
         self.line = line
 

@@ -48,11 +48,15 @@ def _configure_logging(spec: dict[str, Any]) -> list[logging.Handler]:
 
     return install_proxy_logging(
         host=str(spec["http_options"]["host"]),
-        logging_config=spec.get("logging_config") or {"log_level": spec.get("log_level", "INFO")},
+        logging_config=_logging_config(spec),
         default_logs_dir=spec.get("logs_dir"),
         log_rotation=spec.get("log_rotation"),
         file_factory=LoopBufferedHandler,
     )
+
+
+def _logging_config(spec: dict[str, Any]) -> dict[str, Any]:
+    return spec.get("logging_config") or {"log_level": spec.get("log_level", "INFO")}
 
 
 def _bind_log_files(loop: asyncio.AbstractEventLoop) -> list[logging.Handler]:
@@ -103,7 +107,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int, acces
     import uvicorn
 
     from shoal.proxy import tls
-    from shoal.proxy.access import AccessLine, AccessLogMiddleware
+    from shoal.proxy.access import AccessLogMiddleware, access_line
     from shoal.proxy.app import ProxyApp, ProxyOptions
     from shoal.proxy.protocol import HeadLimits, LimitedHttpProtocol
     from shoal.runtime import client, transport, wire
@@ -133,7 +137,9 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int, acces
         }
     limits = HeadLimits(options["max_header_bytes"], options["max_header_count"], options["request_header_timeout_s"])
     config = uvicorn.Config(
-        AccessLogMiddleware(app, AccessLine(access_handlers)) if access_handlers else app,
+        AccessLogMiddleware(app, access_line(access_handlers, _logging_config(spec), options["host"]))
+        if access_handlers
+        else app,
         http=LimitedHttpProtocol.with_limits(limits),
         ws="websockets-sansio",
         lifespan="off",

@@ -51,19 +51,32 @@ class LoopBufferedHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         # logging.Handler.handle holds self.lock around emit.
         try:
-            text = self.format(record)
-            loop = self._loop
-            if loop is not None and threading.get_ident() == self._loop_thread and not loop.is_closed():
-                if not self._buffer:
-                    loop.call_soon(self.flush)
-                self._buffer.append(text)
-                if len(self._buffer) >= self._max_buffered:
-                    self._write()
-            else:
-                self._buffer.append(text)
-                self._write()
+            self._add(self.format(record))
         except Exception:
             self.handleError(record)
+
+    def write_line(self, text: str) -> None:
+        """Write ``text``, a line already formatted as this handler's formatter would (the
+        proxy's access lines, see ``proxy.access``), as ``emit`` writes a record's."""
+        self.acquire()
+        try:
+            self._add(text)
+        except OSError:
+            pass  # as flush: a full or missing disk does not fail the request
+        finally:
+            self.release()
+
+    def _add(self, text: str) -> None:
+        loop = self._loop
+        if loop is not None and threading.get_ident() == self._loop_thread and not loop.is_closed():
+            if not self._buffer:
+                loop.call_soon(self.flush)
+            self._buffer.append(text)
+            if len(self._buffer) >= self._max_buffered:
+                self._write()
+        else:
+            self._buffer.append(text)
+            self._write()
 
     def _write(self) -> None:
         lines, self._buffer = self._buffer, []

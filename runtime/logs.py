@@ -47,6 +47,7 @@ _FORMAT = "%(levelname)s %(asctime)s %(name)s %(request_id)s -- %(message)s"
 _ACCESS_LOG_ATTR = "serve_access_log"
 _ACCESS_LOGGER = "ray.serve"  # Ray's replica writes its access lines on its serve logger
 _access_logger = logging.getLogger(_ACCESS_LOGGER)
+_JSON = json.JSONEncoder(default=str)  # json.dumps(..., default=str) without a new encoder per line
 _CONTEXT_KEYS = ("deployment", "replica", "component_name", "component_id", "application", "route")
 
 
@@ -132,7 +133,7 @@ class JSONFormatter(_Formatter):
             out["request_id"] = request_id
         for key in self._additional:
             out[key] = getattr(record, key, None)
-        return json.dumps(out, default=str)
+        return _JSON.encode(out)
 
 
 def _text_formatter(additional_attrs: tuple[str, ...]) -> logging.Formatter:

@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from shoal.proxy.access import AccessLine, AccessLogMiddleware, request_id
+from shoal.proxy.access import AccessLine, AccessLogMiddleware, FastAccessLine, access_line, request_id
 from shoal.proxy.routes import RoutingTable
 from shoal.runtime import logs
+from shoal.runtime.buffered_log import LoopBufferedHandler
 from shoal.runtime.wire import RouteEntry
 
 
@@ -144,3 +145,26 @@ def test_request_id_prefers_the_response_header() -> None:
     assert request_id([(b"x-request-id", b"answered")], [(b"x-request-id", b"given")]) == "answered"
     assert request_id([], [(b"x-request-id", b"given")]) == "given"
     assert request_id((), []) == ""
+
+
+@pytest.mark.parametrize("encoding", ["TEXT", "JSON"])
+def test_the_fast_line_is_the_formatters_line(tmp_path: Path, root: logging.Logger, encoding: str) -> None:
+    config = {"encoding": encoding}
+    handlers = logs.install_proxy_logging(
+        host="127.0.0.1", logging_config=config, default_logs_dir=str(tmp_path), file_factory=LoopBufferedHandler
+    )
+    fast = access_line(handlers, config, "127.0.0.1")
+    assert isinstance(fast, FastAccessLine)
+    assert isinstance(access_line(handlers, {**config, "additional_log_standard_attrs": ["name"]}, "h"), AccessLine)
+    for line in (AccessLine(handlers), fast):
+        line.write("GET", "/api", 200, 12.345, "rid-1")
+        line.write("WS", "/a\"b", 4001, 0.04, "")
+    for handler in handlers:
+        handler.flush()
+    written = (tmp_path / "proxy_127.0.0.1.log").read_text().splitlines()
+    stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}")
+    assert all(stamp.search(line) for line in written)
+    normalized = [stamp.sub("T", line) for line in written]
+    assert normalized[:2] == normalized[2:], written
+    if encoding == "JSON":
+        assert list(json.loads(written[0])) == list(json.loads(written[2]))  # the same keys in the same order
