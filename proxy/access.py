@@ -61,29 +61,19 @@ class FastAccessLine:
     the same as the ``logging`` formatter makes it (TEXT or JSON; a unit test compares them),
     without a ``LogRecord``, filters or the formatter's calls, about a third of the cost."""
 
-    __slots__ = ("_file", "_host", "_json", "_pid", "_second", "_seconds_text")
+    __slots__ = ("_file", "_host", "_json", "_pid")
 
     def __init__(self, file: LoopBufferedHandler, *, encoding: str, host: str) -> None:
         self._file = file
         self._json = encoding.upper() == "JSON"
         self._host = host
         self._pid = os.getpid()
-        self._second = -1
-        self._seconds_text = ""
-
-    def _asctime(self) -> str:
-        now_ns = time.time_ns()
-        second = now_ns // 1_000_000_000
-        if second != self._second:
-            self._seconds_text = time.strftime(logging.Formatter.default_time_format, time.localtime(second))
-            self._second = second
-        return f"{self._seconds_text},{(now_ns // 1_000_000) % 1000:03d}"
 
     def write(self, method: str, route: str, status: int | str, latency_ms: float, request_id: str) -> None:
         message = f"{method} {route} {status} {latency_ms:.1f}ms"
         if self._json:
             fields: dict[str, object] = {
-                "asctime": self._asctime(), "levelname": "INFO", "message": message, "filename": _FILENAME,
+                "asctime": logs.asctime_now(), "levelname": "INFO", "message": message, "filename": _FILENAME,
                 "lineno": 0, "process": self._pid, "component_name": "proxy", "component_id": self._host,
                 "route": route,
             }
@@ -91,7 +81,7 @@ class FastAccessLine:
                 fields["request_id"] = request_id
             text = _JSON.encode(fields)
         else:
-            text = f"INFO {self._asctime()} {_LOGGER} {request_id or '-'} -- {message}"
+            text = f"INFO {logs.asctime_now()} {_LOGGER} {request_id or '-'} -- {message}"
         self._file.write_line(text)
 
 

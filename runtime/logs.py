@@ -47,6 +47,7 @@ _FORMAT = "%(levelname)s %(asctime)s %(name)s %(request_id)s -- %(message)s"
 _ACCESS_LOG_ATTR = "serve_access_log"
 _ACCESS_LOGGER = "ray.serve"  # Ray's replica writes its access lines on its serve logger
 _access_logger = logging.getLogger(_ACCESS_LOGGER)
+_ray_logger = logging.getLogger("ray")
 _JSON = json.JSONEncoder(default=str)  # json.dumps(..., default=str) without a new encoder per line
 _CONTEXT_KEYS = ("deployment", "replica", "component_name", "component_id", "application", "route")
 
@@ -103,6 +104,21 @@ class _Formatter(logging.Formatter):
             self._cached_asctime = time.strftime(self.default_time_format, self.converter(record.created))
             self._cached_second = second
         return f"{self._cached_asctime},{int(record.msecs):03d}"  # default_msec_format
+
+
+_asctime_cache: tuple[int, str] = (-1, "")  # (second, its text), replaced whole: safe across threads
+
+
+def asctime_now() -> str:
+    """The current time as ``_Formatter`` writes ``asctime`` (``2026-12-02 10:19:41,123``); the
+    part before the comma is made once per second."""
+    now_ns = time.time_ns()
+    second = now_ns // 1_000_000_000
+    cached_second, text = _asctime_cache
+    if second != cached_second:
+        text = time.strftime(logging.Formatter.default_time_format, time.localtime(second))
+        globals()["_asctime_cache"] = (second, text)
+    return f"{text},{(now_ns // 1_000_000) % 1000:03d}"
 
 
 class JSONFormatter(_Formatter):
@@ -216,17 +232,25 @@ def install_replica_logging(
     file (see ``_handlers``), formatted as ``logging_config`` (a ``LoggingConfig`` as a dict;
     None: the defaults with ``level``) says. ``replica`` is the full replica id;
     ``log_rotation``: the size limits from the replica's spec (``RotationLimits.to_spec``)."""
+    global _fast_access
     config = dict(logging_config or {})
     root = logging.getLogger()
     for handler in root.handlers:
         handler.close()
     rotation = RotationLimits.from_spec(log_rotation)
     short_id = replica.rsplit("#", 1)[-1]
-    root.handlers[:] = _handlers(
-        config, f"replica_{app}_{deployment}_{short_id}.log", replica_facts(app, deployment, short_id),
-        default_logs_dir, rotation,
-    )
+    facts = replica_facts(app, deployment, short_id)
+    root.handlers[:] = _handlers(config, f"replica_{app}_{deployment}_{short_id}.log", facts, default_logs_dir, rotation)
     root.setLevel(config.get("log_level", level))
+    _fast_access = None
+    files = [h for h in root.handlers if isinstance(h, RotatingLineHandler)]
+    if (
+        len(files) == 1
+        and not any(isinstance(f, _AccessLogFilter) for f in files[0].filters)  # access lines on
+        and not config.get("additional_log_standard_attrs")
+    ):
+        json_lines = str(config.get("encoding", "TEXT")).upper() == "JSON"
+        _fast_access = _FastAccessLines(files[0], root.handlers, json_lines=json_lines, facts=facts)
 
 
 def proxy_log_file_name(host: str) -> str:
@@ -312,6 +336,52 @@ def access_record(
     return record
 
 
+class _FastAccessLines:
+    """A replica's access lines made here as its formatter would make them (TEXT or JSON, no
+    ``additional_log_standard_attrs``; a unit test compares them) and written to its log file:
+    no ``LogRecord``, filters or formatter calls. ``install_replica_logging`` sets it up; it is
+    used only while the logging set-up is still the one it was made for (``usable``): a user
+    who adds a handler to the root, ``ray`` or ``ray.serve`` logger gets records again."""
+
+    __slots__ = ("_facts", "_file", "_installed", "_json", "_pid")
+
+    def __init__(self, file: RotatingLineHandler, installed: list[logging.Handler], *, json_lines: bool,
+                 facts: Mapping[str, str]) -> None:
+        self._file = file
+        self._installed = list(installed)
+        self._json = json_lines
+        self._facts = dict(facts)
+        self._pid = os.getpid()
+
+    def usable(self) -> bool:
+        return not _access_logger.handlers and not _ray_logger.handlers and logging.getLogger().handlers == self._installed
+
+    def write(self, method: str, route: str, status: str | int, latency_ms: float, request_id: str) -> None:
+        message = f"{method} {route} {status} {latency_ms:.1f}ms"
+        route_field = ""
+        if not request_id:  # as _ContextFilter: the current request's id and route
+            request = current_request()
+            request_id, route_field = request.request_id or "-", request.route
+        asctime = asctime_now()
+        if self._json:
+            fields: dict[str, Any] = {
+                "asctime": asctime, "levelname": "INFO", "message": message, "filename": _FILENAME,
+                "lineno": 0, "process": self._pid, **self._facts,
+            }
+            if route_field:
+                fields["route"] = route_field
+            if request_id != "-":
+                fields["request_id"] = request_id
+            text = _JSON.encode(fields)
+        else:
+            text = f"INFO {asctime} {_ACCESS_LOGGER} {request_id} -- {message}"
+        self._file.write_line(text)
+
+
+_fast_access: _FastAccessLines | None = None
+_FILENAME = os.path.basename(__file__)
+
+
 def log_access(method: str, route: str, status: str | int, latency_ms: float, *, request_id: str = "") -> None:
     """Write one access line as Ray's replica does: ``METHOD route status latency_ms``, e.g.
     ``GET /api 200 3.1ms`` for HTTP and ``CALL __call__ OK 0.4ms`` for a handle call (status
@@ -319,7 +389,11 @@ def log_access(method: str, route: str, status: str | int, latency_ms: float, *,
     False."""
     logger = _access_logger
     if logger.isEnabledFor(logging.INFO):
-        logger.handle(access_record(method, route, status, latency_ms, request_id or None))
+        fast = _fast_access
+        if fast is not None and fast.usable():
+            fast.write(method, route, status, latency_ms, request_id)
+        else:
+            logger.handle(access_record(method, route, status, latency_ms, request_id or None))
 
 
 class AccessLog:

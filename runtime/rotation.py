@@ -220,6 +220,15 @@ class RotatingLineHandler(logging.Handler):
         except Exception:
             self.handleError(record)
 
+    def write_line(self, text: str) -> None:
+        """Write ``text``, a line already formatted as this handler's formatter would (a
+        replica's access lines, see ``runtime/logs``), as ``emit`` writes a record's."""
+        try:
+            with self.lock or _NO_LOCK:
+                self._file.write(text)
+        except (OSError, ValueError):
+            pass  # a full or missing disk, or a closed file, does not fail the request
+
     def close(self) -> None:
         with self.lock or _NO_LOCK:
             self._file.close()
