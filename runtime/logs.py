@@ -27,6 +27,15 @@ see ``install_replica_logging``) decides:
 
 Log files rotate by size (``runtime/rotation.py``) with the limits in the replica's spec, which
 the supervisor reads once from Ray's ``RAY_ROTATION_MAX_BYTES`` / ``RAY_ROTATION_BACKUP_COUNT``.
+
+The proxy is set up the same way by ``install_proxy_logging`` from the instance's global
+``logging_config``: ``component_name`` ``proxy``, ``component_id`` its host, file
+``proxy_<host>.log``; its access lines are written by ``proxy.access``.
+
+Access lines are the hot path (one per request): ``access_record`` copies a record template
+instead of calling ``LogRecord()``, and while the logging set-up is the one installed here
+(no handler added by the user) a replica's access line is formatted directly, to the same text
+(``_FastAccessLines``).
 """
 
 from __future__ import annotations
