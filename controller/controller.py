@@ -144,8 +144,10 @@ class Controller:
 
     def _apply(self, spec: dict[str, Any]) -> None:
         instance_logging = spec.get("instance_logging_config")
-        if instance_logging:  # serve.start's or a config file's top level: the supervisor's too
+        if instance_logging:  # serve.start's or a config file's top level: the supervisor's and proxy's too
             logging.getLogger().setLevel(instance_logging.get("log_level", "INFO"))
+            if self.proxy is not None:
+                self.proxy.set_logging_config(instance_logging)
         app, updates = apply_spec(self.apps.get(spec["name"]), spec)
         for update in updates:
             self._executor.reconfigure(update.state, update.update, update.previous)

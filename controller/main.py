@@ -115,7 +115,9 @@ async def serve(config: SupervisorConfig) -> int:
             rundir.remove_sockets(run_dir)
             return 2
         controller.proxy = ProxySupervisor(
-            config.http_options, endpoint, listener, echo=_echo, on_process_exit=lambda pid: controller.process_exited(pid),
+            config.http_options, endpoint, listener, echo=_echo,
+            on_process_exit=lambda pid: controller.process_exited(pid),
+            logs_dir=str(run_dir / rundir.LOGS), log_rotation=config.log_rotation,
         )
         info["http_url"] = controller.proxy.url
     server = ControlServer(endpoint, controller, on_shutdown=stop.set, info=info)

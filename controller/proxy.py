@@ -10,6 +10,14 @@ proxy serves, connections get a 503 from the supervisor instead of waiting in th
 Several ``ProxySupervisor`` may share one listener: one dying leaves the others serving.
 The proxy's long-poll tells which snapshot version it has applied; ``wait_applied`` lets
 ``serve.run`` return only once the proxy routes to the new app.
+
+The proxy logs as the instance's global ``logging_config`` says (serve.start's, or a config
+file's top level, as the controller learns it with each deployed application): its log file is
+``<logs dir>/proxy_<host>.log`` (see ``runtime/logs.install_proxy_logging``), rotating with the
+instance's limits. A process reads its logging configuration once, at start, so
+``set_logging_config`` with a different configuration replaces the proxy: the running one
+finishes its requests in flight (no 503 window on ``/-/healthz``), then a new one starts with
+the new configuration; meanwhile the supervisor answers new connections 503.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from shoal.controller.process import WorkerProcess
 from shoal.proxy import main as proxy_main
 from shoal.proxy import tls
 from shoal.runtime import wire
+from shoal.runtime.rotation import RotationLimits
 from shoal.serve.config import HTTPOptions
 from shoal.serve.schema import ProxyStatus
 
@@ -54,9 +63,17 @@ class ProxySupervisor:
         *,
         echo: Callable[[str], None],
         on_process_exit: Callable[[int], None] = lambda pid: None,
+        logs_dir: str | None = None,
+        log_rotation: RotationLimits | None = None,
+        logging_config: dict[str, Any] | None = None,
     ) -> None:
-        """``on_process_exit(pid)``: a proxy process was reaped (the metrics files)."""
+        """``on_process_exit(pid)``: a proxy process was reaped (the metrics files).
+        ``logs_dir``: where the proxy's log file goes unless ``logging_config`` names a
+        ``logs_dir`` (the run directory's ``logs``); ``log_rotation``: that file's limits."""
         self.options = http_options
+        self.logs_dir = logs_dir
+        self.log_rotation = log_rotation or RotationLimits()
+        self.logging_config = logging_config
         self.listener = listener
         # The listener's URL, with the scheme the proxy serves (https with ssl_keyfile/ssl_certfile).
         self.url = listener.url.replace("http://", "https://", 1) if tls.is_https(http_options) else listener.url
@@ -72,6 +89,7 @@ class ProxySupervisor:
         self._backoff_s = _BACKOFF_INITIAL_S
         self._ready_at: float | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
+        self._replacing: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -85,6 +103,9 @@ class ProxySupervisor:
                 "parent_pid": os.getpid(),
                 "process_name": "shoal-proxy",
                 "log_level": "INFO",
+                "logging_config": self.logging_config,
+                "logs_dir": self.logs_dir,
+                "log_rotation": self.log_rotation.to_spec(),
             }
         )
         prefix = "(ProxyActor)"
@@ -116,8 +137,9 @@ class ProxySupervisor:
         self.listener.proxy_up(self)
 
     def on_listen(self, version: int) -> None:
-        """The proxy asked for snapshots newer than ``version``: it has applied ``version``."""
-        if version > self.applied_version:
+        """The proxy asked for snapshots newer than ``version``: it has applied ``version``
+        (unless it is being replaced: then only its successor counts)."""
+        if self._replacing is None and version > self.applied_version:
             self.applied_version = version
             self._applied.set()
             self._applied = asyncio.Event()
@@ -131,6 +153,34 @@ class ProxySupervisor:
         except TimeoutError:
             logger.warning("the proxy did not apply routes version %d within %.0fs", version, timeout_s)
 
+    def set_logging_config(self, logging_config: dict[str, Any] | None) -> None:
+        """Log as ``logging_config`` says from now on: a different one replaces the proxy
+        (module docstring); the same one changes nothing."""
+        if logging_config == self.logging_config:
+            return
+        self.logging_config = logging_config
+        if self.process is None or self._stopping or self._replacing is not None:
+            return  # the next start (or the replacement under way, once it stops) takes it
+        self.applied_version = 0  # serve.run waits for the successor (wait_applied)
+        self._replacing = asyncio.get_running_loop().create_task(self._replace())
+
+    async def _replace(self) -> None:
+        """Stop the running proxy (it finishes its requests in flight), then start another."""
+        try:
+            process = self.process
+            if process is None:
+                return
+            # One still starting may not handle SIGINT yet; SIGTERM drains with a 503 window.
+            quiet = self.status != ProxyStatus.STARTING
+            self.status = ProxyStatus.DRAINING
+            grace_s = float(self.options.get("graceful_shutdown_timeout_s") or 20.0) + 2.0
+            await process.stop(grace_s, signum=signal.SIGINT if quiet else signal.SIGTERM)
+            if not self._stopping and self.process is process:
+                self.listener.proxy_down(self)  # until the next one serves: 503 from the supervisor
+                self.start()  # with the latest logging_config
+        finally:
+            self._replacing = None
+
     def _on_exit(self, code: int) -> None:
         if self.pid is not None:
             self._on_process_exit(self.pid)
@@ -141,6 +191,8 @@ class ProxySupervisor:
         if self._stopping:
             self.status = ProxyStatus.DRAINED
             return
+        if self._replacing is not None:
+            return  # replaced on purpose (set_logging_config): _replace starts the next one
         self.listener.proxy_down(self)
         self.status = ProxyStatus.UNHEALTHY
         self.restarts += 1

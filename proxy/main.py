@@ -7,6 +7,10 @@ keep-alive deadline from ``http_options``) on it, over TLS when ``http_options``
 ``ssl_keyfile`` and ``ssl_certfile`` (``proxy.tls``), until SIGTERM, then drains: ``/-/healthz``
 answers 503 while the requests in flight finish; at ``graceful_shutdown_timeout_s`` those left
 are answered 503 (``ProxyApp.drain``).
+
+Logging follows the instance's global ``logging_config`` from the spec (``_configure_logging``):
+stderr (echoed by the supervisor) and ``<logs dir>/proxy_<host>.log``, written once per loop
+turn; with access lines on, the app is wrapped in ``AccessLogMiddleware`` (``proxy.access``).
 """
 
 from __future__ import annotations
@@ -31,8 +35,40 @@ _RESERVED_FDS = 256  # descriptors kept for ZeroMQ sockets, pipes and logs, beyo
 
 def main(spec_bytes: bytes, output: Any, lifeline: Any, listener: Any) -> None:
     spec = worker_main.bootstrap(spec_bytes, output)
-    logging.basicConfig(level=spec.get("log_level", "INFO"), format="%(levelname)s %(asctime)s %(name)s -- %(message)s")
-    worker_main.run_until_complete(_serve(spec, lifeline.detach(), listener.detach()))
+    access_handlers = _configure_logging(spec)
+    worker_main.run_until_complete(_serve(spec, lifeline.detach(), listener.detach(), access_handlers))
+
+
+def _configure_logging(spec: dict[str, Any]) -> list[logging.Handler]:
+    """The proxy's logging as the instance's ``logging_config`` says (``install_proxy_logging``;
+    its file is written once per loop turn, see ``runtime/buffered_log.py``); returns the
+    handlers access lines go to (none: access lines are off)."""
+    from shoal.runtime.buffered_log import LoopBufferedHandler
+    from shoal.runtime.logs import install_proxy_logging
+
+    return install_proxy_logging(
+        host=str(spec["http_options"]["host"]),
+        logging_config=_logging_config(spec),
+        default_logs_dir=spec.get("logs_dir"),
+        log_rotation=spec.get("log_rotation"),
+        file_factory=LoopBufferedHandler,
+    )
+
+
+def _logging_config(spec: dict[str, Any]) -> dict[str, Any]:
+    return spec.get("logging_config") or {"log_level": spec.get("log_level", "INFO")}
+
+
+def _bind_log_files(loop: asyncio.AbstractEventLoop) -> list[logging.Handler]:
+    """Let the proxy's buffered log files batch the lines logged on ``loop``; returns them."""
+    from shoal.runtime.buffered_log import LoopBufferedHandler
+
+    files: list[logging.Handler] = []
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, LoopBufferedHandler):
+            handler.bind(loop)
+            files.append(handler)
+    return files
 
 
 def _server_class() -> Any:
@@ -75,16 +111,18 @@ def _listening_address(sock: socket.socket) -> str:
         return ""
 
 
-async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> int:
+async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int, access_handlers: list[logging.Handler]) -> int:
     import uvicorn
 
     from shoal.proxy import tls
+    from shoal.proxy.access import AccessLogMiddleware, access_line
     from shoal.proxy.app import ProxyApp, ProxyOptions
     from shoal.proxy.metrics import IngressMetrics
     from shoal.proxy.protocol import HeadLimits, LimitedHttpProtocol
     from shoal.runtime import client, metrics_batch, router_metrics, transport, wire
 
     loop = asyncio.get_running_loop()
+    log_files = _bind_log_files(loop)
     worker_main.watch_lifeline(loop, lifeline_fd)
     sock = socket.socket(fileno=listener_fd)
     options = spec["http_options"]  # every HTTPOptions field, validated (see ProxySupervisor)
@@ -115,10 +153,13 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> in
         on_refused=metrics.refused,
     )
     config = uvicorn.Config(
-        app,
+        AccessLogMiddleware(app, access_line(access_handlers, _logging_config(spec), options["host"]))
+        if access_handlers
+        else app,
         http=LimitedHttpProtocol.with_limits(limits),
         ws="websockets-sansio",
         lifespan="off",
+        log_config=None,  # uvicorn's loggers go through the proxy's (a dictConfig would close its files)
         access_log=False,
         log_level="warning",
         timeout_keep_alive=options["keep_alive_timeout_s"],
@@ -151,4 +192,6 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int) -> in
         metrics_batch.flush_now(loop)  # what the last interval recorded
         await client.shutdown_runtime()
         transport.terminate_context()
+        for handler in log_files:
+            handler.flush()  # the process ends with os._exit
     return 0

@@ -27,6 +27,15 @@ see ``install_replica_logging``) decides:
 
 Log files rotate by size (``runtime/rotation.py``) with the limits in the replica's spec, which
 the supervisor reads once from Ray's ``RAY_ROTATION_MAX_BYTES`` / ``RAY_ROTATION_BACKUP_COUNT``.
+
+The proxy is set up the same way by ``install_proxy_logging`` from the instance's global
+``logging_config``: ``component_name`` ``proxy``, ``component_id`` its host, file
+``proxy_<host>.log``; its access lines are written by ``proxy.access``.
+
+Access lines are the hot path (one per request): ``access_record`` copies a record template
+instead of calling ``LogRecord()``, and while the logging set-up is the one installed here
+(no handler added by the user) a replica's access line is formatted directly, to the same text
+(``_FastAccessLines``).
 """
 
 from __future__ import annotations
@@ -35,8 +44,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from shoal.runtime.context import current_request
@@ -45,14 +55,19 @@ from shoal.runtime.rotation import RotatingLineHandler, RotationLimits, limits_f
 _FORMAT = "%(levelname)s %(asctime)s %(name)s %(request_id)s -- %(message)s"
 _ACCESS_LOG_ATTR = "serve_access_log"
 _ACCESS_LOGGER = "ray.serve"  # Ray's replica writes its access lines on its serve logger
+_access_logger = logging.getLogger(_ACCESS_LOGGER)
+_ray_logger = logging.getLogger("ray")
+_JSON = json.JSONEncoder(default=str)  # json.dumps(..., default=str) without a new encoder per line
+_CONTEXT_KEYS = ("deployment", "replica", "component_name", "component_id", "application", "route")
 
 
 class _ContextFilter(logging.Filter):
-    """Adds the replica's and the current request's facts to every record (filters nothing)."""
+    """Adds the process's facts (``replica_facts``, ``proxy_facts``) and the current request's
+    to every record (filters nothing)."""
 
-    def __init__(self, app: str, deployment: str, replica: str) -> None:
+    def __init__(self, facts: Mapping[str, str]) -> None:
         super().__init__()
-        self._facts = {"deployment": deployment, "replica": replica, "component_name": "replica", "application": app}
+        self._facts = dict(facts)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):  # an access line carries its own
@@ -72,7 +87,50 @@ class _AccessLogFilter(logging.Filter):
         return not getattr(record, _ACCESS_LOG_ATTR, False)
 
 
-class JSONFormatter(logging.Formatter):
+def replica_facts(app: str, deployment: str, replica: str) -> dict[str, str]:
+    """What every line of a replica says about it (Ray's keys)."""
+    return {"deployment": deployment, "replica": replica, "component_name": "replica", "application": app}
+
+
+def proxy_facts(host: str) -> dict[str, str]:
+    """What every line of the proxy says about it: Ray's proxy is ``component_name`` ``proxy``
+    with its node's address as ``component_id``."""
+    return {"component_name": "proxy", "component_id": host}
+
+
+class _Formatter(logging.Formatter):
+    """``logging.Formatter`` with ``asctime`` made once per second, not per record (the
+    ``strftime`` is most of a short line's formatting cost); the same text as the default."""
+
+    _cached_second = -1
+    _cached_asctime = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._cached_second:
+            self._cached_asctime = time.strftime(self.default_time_format, self.converter(record.created))
+            self._cached_second = second
+        return f"{self._cached_asctime},{int(record.msecs):03d}"  # default_msec_format
+
+
+_asctime_cache: tuple[int, str] = (-1, "")  # (second, its text), replaced whole: safe across threads
+
+
+def asctime_now() -> str:
+    """The current time as ``_Formatter`` writes ``asctime`` (``2026-12-02 10:19:41,123``); the
+    part before the comma is made once per second."""
+    now_ns = time.time_ns()
+    second = now_ns // 1_000_000_000
+    cached_second, text = _asctime_cache
+    if second != cached_second:
+        text = time.strftime(logging.Formatter.default_time_format, time.localtime(second))
+        globals()["_asctime_cache"] = (second, text)
+    return f"{text},{(now_ns // 1_000_000) % 1000:03d}"
+
+
+class JSONFormatter(_Formatter):
     """One JSON object per line, with Ray Serve's keys (module docstring)."""
 
     def __init__(self, additional_attrs: tuple[str, ...] = ()) -> None:
@@ -92,7 +150,7 @@ class JSONFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             out["exc_text"] = record.exc_text
-        for key in ("deployment", "replica", "component_name", "application", "route"):
+        for key in _CONTEXT_KEYS:
             if hasattr(record, key):
                 out[key] = getattr(record, key)
         request_id = getattr(record, "request_id", "-")
@@ -100,12 +158,19 @@ class JSONFormatter(logging.Formatter):
             out["request_id"] = request_id
         for key in self._additional:
             out[key] = getattr(record, key, None)
-        return json.dumps(out, default=str)
+        return _JSON.encode(out)
 
 
 def _text_formatter(additional_attrs: tuple[str, ...]) -> logging.Formatter:
     extra = "".join(f"%({attr})s " for attr in additional_attrs)
-    return logging.Formatter(_FORMAT.replace("-- ", extra + "-- "))
+    return _Formatter(_FORMAT.replace("-- ", extra + "-- "))
+
+
+def formatter(config: Mapping[str, Any]) -> logging.Formatter:
+    """TEXT or JSON lines, as ``config`` (a ``LoggingConfig`` as a dict) says."""
+    additional = tuple(config.get("additional_log_standard_attrs") or ())
+    encoding = str(config.get("encoding", "TEXT")).upper()
+    return JSONFormatter(additional) if encoding == "JSON" else _text_formatter(additional)
 
 
 class _OnlyAccessFilter(logging.Filter):
@@ -115,41 +180,49 @@ class _OnlyAccessFilter(logging.Filter):
         return bool(getattr(record, _ACCESS_LOG_ATTR, False))
 
 
+FileFactory = Callable[[str, RotationLimits], logging.Handler]
+
+
+def _rotating_file(path: str, limits: RotationLimits) -> logging.Handler:
+    return RotatingLineHandler(path, limits, shared=False)
+
+
 def _handlers(
     config: Mapping[str, Any],
-    app: str,
-    deployment: str,
-    replica: str,
+    file_name: str,
+    facts: Mapping[str, str],
     default_logs_dir: str | None = None,
     rotation: RotationLimits | None = None,
+    file_factory: FileFactory = _rotating_file,
+    default_file_shared: bool = True,
 ) -> list[logging.Handler]:
     """stderr, without access lines (it is echoed to consoles and drivers' stdout), and the log
-    file: under ``logs_dir`` with every line, else under ``default_logs_dir`` (the run
-    directory's, which the supervisor fills with the stderr lines) with the access lines. The
-    file rotates by size with ``rotation`` (None: Ray's defaults; see ``runtime/rotation.py``)."""
+    file ``file_name``: under ``logs_dir`` with every line (this process its only writer: made
+    by ``file_factory``), else under ``default_logs_dir`` (the run directory's) with the access
+    lines; ``default_file_shared``: the supervisor writes the stderr lines to that file too (a
+    replica's), else it is made by ``file_factory`` (the proxy's). The file rotates by size
+    with ``rotation`` (None: Ray's defaults; see ``runtime/rotation.py``)."""
     limits = rotation or RotationLimits()
-    additional = tuple(config.get("additional_log_standard_attrs") or ())
-    encoding = str(config.get("encoding", "TEXT")).upper()
-    formatter = JSONFormatter(additional) if encoding == "JSON" else _text_formatter(additional)
+    line_format = formatter(config)
     access = config.get("enable_access_log", True) is not False
     stream = logging.StreamHandler(sys.stderr)
     stream.addFilter(_AccessLogFilter())
     handlers: list[logging.Handler] = [stream]
-    name = f"replica_{app}_{deployment}_{replica}.log"
     logs_dir = config.get("logs_dir")
     if logs_dir:
         os.makedirs(logs_dir, exist_ok=True)
-        file: logging.Handler = RotatingLineHandler(os.path.join(logs_dir, name), limits)
+        file = file_factory(os.path.join(logs_dir, file_name), limits)
         if not access:
             file.addFilter(_AccessLogFilter())
         handlers.append(file)
     elif default_logs_dir and access:
-        file = RotatingLineHandler(os.path.join(default_logs_dir, name), limits)
+        path = os.path.join(default_logs_dir, file_name)
+        file = RotatingLineHandler(path, limits) if default_file_shared else file_factory(path, limits)
         file.addFilter(_OnlyAccessFilter())
         handlers.append(file)
-    context = _ContextFilter(app, deployment, replica)
+    context = _ContextFilter(facts)
     for handler in handlers:
-        handler.setFormatter(formatter)
+        handler.setFormatter(line_format)
         handler.addFilter(context)
     return handlers
 
@@ -168,13 +241,61 @@ def install_replica_logging(
     file (see ``_handlers``), formatted as ``logging_config`` (a ``LoggingConfig`` as a dict;
     None: the defaults with ``level``) says. ``replica`` is the full replica id;
     ``log_rotation``: the size limits from the replica's spec (``RotationLimits.to_spec``)."""
+    global _fast_access
     config = dict(logging_config or {})
     root = logging.getLogger()
     for handler in root.handlers:
         handler.close()
     rotation = RotationLimits.from_spec(log_rotation)
-    root.handlers[:] = _handlers(config, app, deployment, replica.rsplit("#", 1)[-1], default_logs_dir, rotation)
+    short_id = replica.rsplit("#", 1)[-1]
+    facts = replica_facts(app, deployment, short_id)
+    root.handlers[:] = _handlers(config, f"replica_{app}_{deployment}_{short_id}.log", facts, default_logs_dir, rotation)
     root.setLevel(config.get("log_level", level))
+    _fast_access = None
+    files = [h for h in root.handlers if isinstance(h, RotatingLineHandler)]
+    if (
+        len(files) == 1
+        and not any(isinstance(f, _AccessLogFilter) for f in files[0].filters)  # access lines on
+        and not config.get("additional_log_standard_attrs")
+    ):
+        json_lines = str(config.get("encoding", "TEXT")).upper() == "JSON"
+        _fast_access = _FastAccessLines(files[0], root.handlers, json_lines=json_lines, facts=facts)
+
+
+def proxy_log_file_name(host: str) -> str:
+    """Ray's proxy log file name, ``proxy_<address>.log``."""
+    return f"proxy_{host}.log"
+
+
+def install_proxy_logging(
+    *,
+    host: str,
+    logging_config: Mapping[str, Any] | None,
+    default_logs_dir: str | None,
+    log_rotation: Mapping[str, Any] | None = None,
+    file_factory: FileFactory = _rotating_file,
+) -> list[logging.Handler]:
+    """The proxy's logging, as ``install_replica_logging`` sets a replica's up: the root logger
+    at ``log_level`` to stderr (which the supervisor echoes with ``(ProxyActor)``) and to
+    ``proxy_<host>.log`` (under ``logs_dir`` every line, else under ``default_logs_dir`` the
+    access lines), TEXT or JSON, with ``component_name`` ``proxy`` and ``component_id``
+    ``host``. Returns the handlers access lines go to (empty when ``enable_access_log`` is
+    False): the proxy writes its access lines straight to them (``AccessLine``)."""
+    config = dict(logging_config or {})
+    root = logging.getLogger()
+    for handler in root.handlers:
+        handler.close()
+    root.setLevel(config.get("log_level", "INFO"))
+    if not root.isEnabledFor(logging.INFO):  # access lines are INFO: none, and no file for them
+        config["enable_access_log"] = False
+    rotation = RotationLimits.from_spec(log_rotation)
+    root.handlers[:] = _handlers(
+        config, proxy_log_file_name(host), proxy_facts(host), default_logs_dir, rotation, file_factory,
+        default_file_shared=False,
+    )
+    if config.get("enable_access_log", True) is False:
+        return []
+    return [h for h in root.handlers if not any(isinstance(f, _AccessLogFilter) for f in h.filters)]
 
 
 def install_local_logging(app: str, logging_config: Mapping[str, Any]) -> None:
@@ -185,9 +306,89 @@ def install_local_logging(app: str, logging_config: Mapping[str, Any]) -> None:
     logger = logging.getLogger(_ACCESS_LOGGER)
     for handler in logger.handlers:
         handler.close()
-    logger.handlers[:] = _handlers(logging_config, app, "local_test", "-", rotation=limits_from_env())
+    logger.handlers[:] = _handlers(
+        logging_config, f"replica_{app}_local_test_-.log", replica_facts(app, "local_test", "-"),
+        rotation=limits_from_env(),
+    )
     logger.propagate = False
     logger.setLevel(logging_config.get("log_level", "INFO"))
+
+
+_ACCESS_FORMAT = "%s %s %s %.1fms"
+_record_templates: dict[tuple[int, int], tuple[dict[str, Any], float]] = {}  # see access_record
+
+
+def access_record(
+    method: str, route: str, status: str | int, latency_ms: float, request_id: str | None = None,
+) -> logging.LogRecord:
+    """The ``LogRecord`` of one access line (``METHOD route status latency_ms``), carrying
+    ``request_id`` unless None (then the context filter adds the current request's). It is a
+    copy of a template made once per thread and process (thread, process and logger fields)
+    with the time and the line's values set: half the cost of ``LogRecord()``, which looks up
+    the caller's path, thread and process every time."""
+    key = (threading.get_ident(), os.getpid())
+    cached = _record_templates.get(key)
+    if cached is None:
+        made = logging.LogRecord(_ACCESS_LOGGER, logging.INFO, __file__, 0, _ACCESS_FORMAT, None, None)
+        setattr(made, _ACCESS_LOG_ATTR, True)
+        cached = _record_templates[key] = (dict(made.__dict__), made.created - made.relativeCreated / 1000)
+    template, logging_started_s = cached
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    record.__dict__.update(template)
+    now_ns = time.time_ns()
+    record.created = now_ns / 1e9
+    record.msecs = (now_ns % 1_000_000_000) // 1_000_000 + 0.0
+    record.relativeCreated = (record.created - logging_started_s) * 1000
+    record.args = (method, route, status, latency_ms)
+    if request_id is not None:
+        record.request_id = request_id
+    return record
+
+
+class _FastAccessLines:
+    """A replica's access lines made here as its formatter would make them (TEXT or JSON, no
+    ``additional_log_standard_attrs``; a unit test compares them) and written to its log file:
+    no ``LogRecord``, filters or formatter calls. ``install_replica_logging`` sets it up; it is
+    used only while the logging set-up is still the one it was made for (``usable``): a user
+    who adds a handler to the root, ``ray`` or ``ray.serve`` logger gets records again."""
+
+    __slots__ = ("_facts", "_file", "_installed", "_json", "_pid")
+
+    def __init__(self, file: RotatingLineHandler, installed: list[logging.Handler], *, json_lines: bool,
+                 facts: Mapping[str, str]) -> None:
+        self._file = file
+        self._installed = list(installed)
+        self._json = json_lines
+        self._facts = dict(facts)
+        self._pid = os.getpid()
+
+    def usable(self) -> bool:
+        return not _access_logger.handlers and not _ray_logger.handlers and logging.getLogger().handlers == self._installed
+
+    def write(self, method: str, route: str, status: str | int, latency_ms: float, request_id: str) -> None:
+        message = f"{method} {route} {status} {latency_ms:.1f}ms"
+        route_field = ""
+        if not request_id:  # as _ContextFilter: the current request's id and route
+            request = current_request()
+            request_id, route_field = request.request_id or "-", request.route
+        asctime = asctime_now()
+        if self._json:
+            fields: dict[str, Any] = {
+                "asctime": asctime, "levelname": "INFO", "message": message, "filename": _FILENAME,
+                "lineno": 0, "process": self._pid, **self._facts,
+            }
+            if route_field:
+                fields["route"] = route_field
+            if request_id != "-":
+                fields["request_id"] = request_id
+            text = _JSON.encode(fields)
+        else:
+            text = f"INFO {asctime} {_ACCESS_LOGGER} {request_id} -- {message}"
+        self._file.write_line(text)
+
+
+_fast_access: _FastAccessLines | None = None
+_FILENAME = os.path.basename(__file__)
 
 
 def log_access(method: str, route: str, status: str | int, latency_ms: float, *, request_id: str = "") -> None:
@@ -195,16 +396,13 @@ def log_access(method: str, route: str, status: str | int, latency_ms: float, *,
     ``GET /api 200 3.1ms`` for HTTP and ``CALL __call__ OK 0.4ms`` for a handle call (status
     ``OK``, ``ERROR`` or ``CANCELLED``). Dropped when the replica's ``enable_access_log`` is
     False."""
-    logger = logging.getLogger(_ACCESS_LOGGER)
+    logger = _access_logger
     if logger.isEnabledFor(logging.INFO):
-        # A record made directly: one per request, so no caller lookup (the line has none).
-        record = logging.LogRecord(
-            _ACCESS_LOGGER, logging.INFO, __file__, 0, "%s %s %s %.1fms", (method, route, status, latency_ms), None
-        )
-        setattr(record, _ACCESS_LOG_ATTR, True)
-        if request_id:
-            record.request_id = request_id
-        logger.handle(record)
+        fast = _fast_access
+        if fast is not None and fast.usable():
+            fast.write(method, route, status, latency_ms, request_id)
+        else:
+            logger.handle(access_record(method, route, status, latency_ms, request_id or None))
 
 
 class AccessLog:

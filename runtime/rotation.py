@@ -1,7 +1,8 @@
 """Log files that rotate by size, so a long-running instance cannot fill the disk.
 
 Every log file shoal writes goes through ``RotatingLineFile`` (the supervisor's copy of each
-replica's output) or ``RotatingLineHandler`` (a replica's ``logging`` file). Both follow the
+replica's output) or a ``logging`` handler on one (``RotatingLineHandler``, a replica's file;
+``LoopBufferedHandler``, the proxy's). Both follow the
 contract of Python's ``logging.handlers.RotatingFileHandler``: before a write that would make the
 file reach ``max_bytes``, ``file.log`` becomes ``file.log.1``, ``file.log.1`` becomes
 ``file.log.2`` ... and ``file.log.<backup_count>`` is dropped; ``max_bytes`` or ``backup_count``
@@ -10,8 +11,12 @@ file exceeds the limit by at most one line.
 
 Unlike ``RotatingFileHandler`` they may share a path with other writers of this module in other
 processes (the supervisor and a replica both append to the replica's file): a rotation is made
-under an exclusive ``flock`` on the file being rotated, and before each write a writer reopens the
-path if another writer has rotated it away.
+under an exclusive ``flock`` on the file being rotated, and before each write a shared writer
+``stat``s the path, which tells it both the file's size and whether another writer rotated it
+away (then it reopens the path). A writer alone on its path (``shared=False``: the proxy's file,
+a file under a ``logs_dir``) counts the bytes it writes instead and checks the path only once a
+second, so a write costs one system call, the ``write``; ``write_lines`` writes a batch of lines
+in one (``runtime/buffered_log.py``).
 
 The limits are Ray's, under Ray's names: ``RAY_ROTATION_MAX_BYTES`` (default 512 MiB,
 ``ray_constants.LOGGING_ROTATE_BYTES``) and ``RAY_ROTATION_BACKUP_COUNT`` (default 5,
@@ -25,7 +30,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +41,7 @@ DEFAULT_MAX_BYTES = 512 * 1024 * 1024  # Ray's LOGGING_ROTATE_BYTES
 DEFAULT_BACKUP_COUNT = 5  # Ray's LOGGING_ROTATE_BACKUP_COUNT
 MAX_BYTES_ENV = "RAY_ROTATION_MAX_BYTES"
 BACKUP_COUNT_ENV = "RAY_ROTATION_BACKUP_COUNT"
+_RECHECK_S = 1.0  # a writer alone on its path checks the path this often (see RotatingLineFile)
 
 
 class LogRotationConfigError(RayServeException, ValueError):
@@ -85,35 +92,61 @@ def limits_from_env(environ: Mapping[str, str] | None = None) -> RotationLimits:
 
 class RotatingLineFile:
     """Appends text to ``path`` (created if missing), rotating it by size as the module says.
-    ``write`` takes a whole record (one line, or several for a traceback) and adds the newline.
-    Not thread-safe: one writer object per thread (``RotatingLineHandler`` locks)."""
+    ``write`` takes a whole record (one line, or several for a traceback) and adds the newline;
+    ``write_lines`` writes many records with one ``write`` per run between rotations.
+    Not thread-safe: one writer object per thread (``RotatingLineHandler`` locks).
 
-    def __init__(self, path: str | os.PathLike[str], limits: RotationLimits) -> None:
+    What a write costs besides the ``write`` itself: a ``shared`` writer (the default: another
+    process may append to or rotate the same path) ``stat``s the path before every write, which
+    tells both whether another writer rotated the file away and how large it is. A writer that
+    is the only one on its path (``shared=False``) counts the bytes it writes instead, and
+    ``stat``s the path only every ``recheck_s`` (in case something else moved or truncated the
+    file), so its writes cost no extra system call."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], limits: RotationLimits, *, shared: bool = True,
+        recheck_s: float = _RECHECK_S, clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = os.fspath(path)
         self.limits = limits
-        self._fd = self._open()
+        self._shared = shared
+        self._recheck_s = recheck_s
+        self._clock = clock
+        self._rotating = limits.max_bytes > 0 and limits.backup_count > 0
+        self._fd = -1
+        self._inode = 0
+        self._size = 0  # of the path's file, as far as this writer knows
+        self._recheck_at = 0.0
+        self._open()
 
-    def _open(self) -> int:
-        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def _open(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        stat = os.fstat(fd)
+        self._fd, self._inode, self._size = fd, stat.st_ino, stat.st_size
+        self._recheck_at = self._clock() + self._recheck_s
 
-    def _reopen_if_moved(self) -> None:
-        """Another writer rotated the path away from our file: write to the path's file again."""
+    def _refresh(self) -> None:
+        """Learn the path's file and its size (one ``stat``): if another writer rotated it away
+        from our file, write to the path's file again."""
         try:
-            moved = os.stat(self.path).st_ino != os.fstat(self._fd).st_ino
+            stat: os.stat_result | None = os.stat(self.path)
         except FileNotFoundError:
-            moved = True
-        if moved:
+            stat = None
+        if stat is None or stat.st_ino != self._inode:
             os.close(self._fd)
-            self._fd = self._open()
+            self._open()
+        else:
+            self._size = stat.st_size
+            self._recheck_at = self._clock() + self._recheck_s
 
     def _rotate(self, incoming: int) -> None:
         """Rotate, under an exclusive lock on the current file, unless another writer did first
-        (then the path names a fresh file with room, which the next write reopens)."""
+        (then the path names a fresh file with room, which ``_refresh`` opens)."""
         fd = self._fd
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             try:
-                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                current = os.stat(self.path).st_ino == self._inode
             except FileNotFoundError:
                 current = False
             if current and os.fstat(fd).st_size + incoming >= self.limits.max_bytes:
@@ -124,21 +157,43 @@ class RotatingLineFile:
                 os.replace(self.path, f"{self.path}.1")
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
-        self._reopen_if_moved()
+        self._refresh()
 
-    def write(self, text: str) -> None:
-        data = (text + "\n").encode("utf-8", "replace")
+    def _check(self) -> None:
         if self._fd < 0:
             raise ValueError(f"write to closed log file {self.path}")
-        self._reopen_if_moved()
-        limits = self.limits
-        if limits.max_bytes > 0 and limits.backup_count > 0:
-            size = os.fstat(self._fd).st_size
-            if size > 0 and size + len(data) >= limits.max_bytes:
-                self._rotate(len(data))
+        if self._shared or self._clock() >= self._recheck_at:
+            self._refresh()
+
+    def _append(self, data: bytes) -> None:
+        """Write ``data`` (whole lines), rotating first if it would make the file reach the limit."""
+        if self._rotating and self._size > 0 and self._size + len(data) >= self.limits.max_bytes:
+            self._rotate(len(data))
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
+        self._size += len(data)
+
+    def write(self, text: str) -> None:
+        self._check()
+        self._append((text + "\n").encode("utf-8", "replace"))
+
+    def write_lines(self, texts: Iterable[str]) -> None:
+        """``write`` each of ``texts``, in as few system calls as the limits allow: the lines
+        that fit before the next rotation go out in one ``write``."""
+        self._check()
+        run: list[bytes] = []
+        run_bytes = 0
+        max_bytes = self.limits.max_bytes
+        for text in texts:
+            data = (text + "\n").encode("utf-8", "replace")
+            if run and self._rotating and self._size + run_bytes + len(data) >= max_bytes:
+                self._append(b"".join(run))  # the run fits; the next line rotates first
+                run, run_bytes = [], 0
+            run.append(data)
+            run_bytes += len(data)
+        if run:
+            self._append(b"".join(run))
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -149,9 +204,9 @@ class RotatingLineFile:
 class RotatingLineHandler(logging.Handler):
     """A ``logging`` handler writing each formatted record to a ``RotatingLineFile``."""
 
-    def __init__(self, path: str | os.PathLike[str], limits: RotationLimits) -> None:
+    def __init__(self, path: str | os.PathLike[str], limits: RotationLimits, *, shared: bool = True) -> None:
         super().__init__()
-        self._file = RotatingLineFile(path, limits)
+        self._file = RotatingLineFile(path, limits, shared=shared)
 
     @property
     def path(self) -> str:
@@ -164,6 +219,15 @@ class RotatingLineHandler(logging.Handler):
                 self._file.write(text)
         except Exception:
             self.handleError(record)
+
+    def write_line(self, text: str) -> None:
+        """Write ``text``, a line already formatted as this handler's formatter would (a
+        replica's access lines, see ``runtime/logs``), as ``emit`` writes a record's."""
+        try:
+            with self.lock or _NO_LOCK:
+                self._file.write(text)
+        except (OSError, ValueError):
+            pass  # a full or missing disk, or a closed file, does not fail the request
 
     def close(self) -> None:
         with self.lock or _NO_LOCK:

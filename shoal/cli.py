@@ -331,7 +331,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if running is None:
         dead = launch.crashed(rundir.base_dir() / "default")
         raise ShoalConnectionError(dead or "No shoal instance is running; start one with `shoal start` or `shoal run`.")
-    tail = logfiles.Tail(running.run_dir / rundir.LOGS, args.app, args.deployment, args.replica)
+    tail = logfiles.Tail(running.run_dir / rundir.LOGS, args.app, args.deployment, args.replica, proxy=args.proxy)
     stop = threading.Event()
     if args.follow:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -437,6 +437,7 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("--app", "-a", help="only this application's replicas")
     logs.add_argument("--deployment", help="only this deployment's replicas")
     logs.add_argument("--replica", help="only this replica (its id, or the part after the last '#')")
+    logs.add_argument("--proxy", action="store_true", help="only the HTTP proxy's lines (its access lines included)")
     logs.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until Ctrl-C")
     logs.set_defaults(func=cmd_logs)
 

@@ -118,3 +118,19 @@ def test_untimed_lines_keep_the_time_of_the_previous_poll(tmp_path: Path) -> Non
     lines, last = logfiles.keyed([_text("10:00:05,000", "x")], "(L)")
     follow, _ = logfiles.keyed(["continued"], "(L)", last)
     assert follow[0].at == lines[0].at == datetime(2026, 12, 2, 10, 0, 5)
+
+
+def test_the_proxys_file_is_labelled_merged_and_selected_by_proxy(tmp_path: Path) -> None:
+    proxy = classify(tmp_path / "proxy_127.0.0.1.log")
+    assert proxy.is_proxy and not proxy.is_replica and proxy.label() == "(ProxyActor)"
+    assert not proxy.matches("app", None, None) and proxy.matches(None, None, None, proxy=True)
+    _write(tmp_path / "proxy_127.0.0.1.log", _text("10:00:02,000", "GET / 200 1.0ms"))
+    _write(tmp_path / "replica_app_A_1.log", _text("10:00:01,000", "a"), _text("10:00:03,000", "b"))
+    _write(tmp_path / "supervisor.log", "(shoal supervisor) INFO s", "(ProxyActor) " + _text("10:00:04,000", "warned"))
+    merged = Tail(tmp_path).poll()
+    assert [line.rsplit("-- ", 1)[-1] for line in merged] == ["(shoal supervisor) INFO s", "a", "GET / 200 1.0ms", "b", "warned"]
+    assert merged[2] == "(ProxyActor) " + _text("10:00:02,000", "GET / 200 1.0ms")
+    only = Tail(tmp_path, proxy=True).poll()
+    assert [line.rsplit("-- ", 1)[-1] for line in only] == ["GET / 200 1.0ms", "warned"]
+    assert all(line.startswith("(ProxyActor) ") for line in only)
+    assert not any("ProxyActor" in line for line in Tail(tmp_path, app="app").poll())

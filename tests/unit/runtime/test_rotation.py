@@ -110,3 +110,50 @@ def test_limits_default_to_rays() -> None:
 def test_a_bad_limit_is_refused_naming_the_variable(name: str, value: str) -> None:
     with pytest.raises(LogRotationConfigError, match=f"{name} must be a non-negative integer, got '{value}'"):
         limits_from_env({name: value})
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def test_a_writer_alone_on_its_path_counts_its_bytes_and_rotates_on_them(tmp_path: Path) -> None:
+    path = tmp_path / "file.log"
+    writer = RotatingLineFile(path, RotationLimits(max_bytes=35, backup_count=2), shared=False, clock=FakeClock())
+    for number in range(4):
+        writer.write(f"line-{number:03d}")  # 9 bytes with the newline: the 4th would reach 36
+    writer.close()
+    assert _family(path) == ["file.log", "file.log.1"]
+    assert (tmp_path / "file.log.1").read_text() == "line-000\nline-001\nline-002\n"
+    assert path.read_text() == "line-003\n"
+
+
+def test_a_writer_alone_checks_its_path_every_recheck_s(tmp_path: Path) -> None:
+    """Something else moved the file away: the lone writer notices at its next check, not
+    before (it makes no system call but the write in between)."""
+    path = tmp_path / "file.log"
+    clock = FakeClock()
+    writer = RotatingLineFile(path, RotationLimits(), shared=False, recheck_s=1.0, clock=clock)
+    writer.write("one")
+    path.rename(tmp_path / "moved.log")
+    clock.now_s = 0.5
+    writer.write("two")  # still into the moved file
+    clock.now_s = 1.0
+    writer.write("three")  # checked: a new file at the path
+    writer.close()
+    assert (tmp_path / "moved.log").read_text() == "one\ntwo\n"
+    assert path.read_text() == "three\n"
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_write_lines_batches_and_still_rotates_before_the_limit(tmp_path: Path, shared: bool) -> None:
+    path = tmp_path / "file.log"
+    writer = RotatingLineFile(path, RotationLimits(max_bytes=25, backup_count=3), shared=shared)
+    writer.write_lines([f"line-{number:03d}" for number in range(5)])  # 9 bytes each: two per file
+    writer.write_lines([])
+    writer.close()
+    kept = [(tmp_path / name).read_text() for name in ("file.log.2", "file.log.1", "file.log")]
+    assert kept == ["line-000\nline-001\n", "line-002\nline-003\n", "line-004\n"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -160,3 +161,49 @@ def test_set_logging_config_replaces_a_deployments_config() -> None:
     assert (f.logging_config.log_level, f.logging_config.encoding) == ("DEBUG", "TEXT")
     app = f.bind()
     assert app.deployment.logging_config.log_level == "DEBUG"
+
+
+@pytest.mark.parametrize("encoding", ["TEXT", "JSON"])
+def test_the_replicas_fast_access_line_is_the_formatters_line(
+    stderr: io.StringIO, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, encoding: str,
+) -> None:
+    logs.install_replica_logging(
+        deployment="D", replica="app#D#abcd", app="app", logging_config={"encoding": encoding},
+        default_logs_dir=str(tmp_path),
+    )
+    assert logs._fast_access is not None and logs._fast_access.usable()
+    fast = logs._fast_access
+    token = set_request(RequestContext(request_id="ctx-rid", route="/r", app_name="app"))
+    try:
+        for slow in (True, False):
+            monkeypatch.setattr(logs, "_fast_access", None if slow else fast)
+            logs.log_access("GET", "/r", 200, 3.14159, request_id="rid-1")
+            logs.log_access("CALL", "__call__", "OK", 0.04)  # the current request's id and route
+    finally:
+        reset_request(token)
+    (path,) = tmp_path.glob("replica_app_D_abcd.log")
+    written = path.read_text().splitlines()
+    stamp = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}")
+    normalized = [stamp.sub("T", line) for line in written]
+    assert len(written) == 4 and normalized[:2] == normalized[2:], written
+    if encoding == "JSON":
+        assert list(json.loads(written[1])) == list(json.loads(written[3]))
+        assert json.loads(written[1])["route"] == "/r" and "route" not in json.loads(written[0])
+
+
+def test_a_handler_added_by_the_user_gets_access_records_again(stderr: io.StringIO, tmp_path: Path) -> None:
+    logs.install_replica_logging(deployment="D", replica="app#D#abcd", app="app", default_logs_dir=str(tmp_path))
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    keep = Keep()
+    logging.getLogger("ray.serve").addHandler(keep)
+    try:
+        logs.log_access("GET", "/r", 200, 1.0, request_id="rid-2")
+    finally:
+        logging.getLogger("ray.serve").removeHandler(keep)
+    assert [r.getMessage() for r in seen] == ["GET /r 200 1.0ms"]
+    assert "rid-2 -- GET /r 200 1.0ms" in next(tmp_path.glob("replica_*.log")).read_text()
