@@ -6,7 +6,9 @@ is an ``HttpExchange`` (see ``exchange``: request ids, timeouts, streamed bodies
 WebSocket's messages are relayed both ways. ``/-/healthz`` and ``/-/routes`` are answered here,
 without touching a replica.
 
-Every request is counted in the ingress metrics (``proxy.metrics``) once it is answered.
+Every request is counted in the ingress metrics (``proxy.metrics``) once it is answered, and
+gets an access line (``proxy.access``) when those are on; ``/-/healthz`` and ``/-/routes`` get
+none, as in Ray.
 
 ``drain`` (SIGTERM): ``/-/healthz`` answers 503, the requests in flight get until the deadline to
 finish, and those still running then are answered 503 (or cut, if their response had started).
@@ -22,6 +24,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from shoal.proxy.access import AccessWriter
 from shoal.proxy.exchange import (
     HttpExchange,
     ProxyOptions,
@@ -50,10 +53,17 @@ _ABORT_WAIT_S = 1.0  # after the drain deadline, how long the 503s get to go out
 
 
 class ProxyApp:
-    def __init__(self, runtime: RoutingRuntime, options: ProxyOptions, metrics: IngressMetrics | None = None) -> None:
+    def __init__(
+        self,
+        runtime: RoutingRuntime,
+        options: ProxyOptions,
+        metrics: IngressMetrics | None = None,
+        access: AccessWriter | None = None,
+    ) -> None:
         self.runtime = runtime
         self.options = options
         self.metrics = metrics or IngressMetrics(node_id=socket.gethostname(), node_ip_address="127.0.0.1")
+        self.access = access  # None: access lines are off
         self.table = RoutingTable()
         self.draining = False
         self.exchanges: set[HttpExchange] = set()  # HTTP requests being answered
@@ -88,7 +98,10 @@ class ProxyApp:
             else:
                 await send({"type": "websocket.close", "code": 1008})
             method = scope["method"] if kind == "http" else WEBSOCKET_METHOD
-            self.metrics.unrouted().record(method, "404", (time.perf_counter() - start_s) * 1000.0, True)
+            latency_ms = (time.perf_counter() - start_s) * 1000.0
+            self.metrics.unrouted().record(method, "404", latency_ms, True)
+            if self.access is not None:
+                self.access.write(method, "", 404, latency_ms, _given_request_id(scope))
             return
         if kind == "http":
             exchange = HttpExchange(self.runtime, self.options, route, scope, receive, send)
@@ -102,17 +115,23 @@ class ProxyApp:
                     self._idle.set()
                 self.metrics.ongoing -= 1
                 status = exchange.status or 500  # none: run() raised before answering (uvicorn sends 500)
+                latency_ms = (time.perf_counter() - start_s) * 1000.0
                 self.metrics.for_route(route.prefix, route.app_name, route.ingress).record(
-                    scope["method"], str(status), (time.perf_counter() - start_s) * 1000.0, is_http_error(status))
+                    scope["method"], str(status), latency_ms, is_http_error(status))
+                if self.access is not None:
+                    self.access.write(scope["method"], route.prefix, status, latency_ms, exchange.request_id)
         elif kind == "websocket":
             self.metrics.ongoing += 1
-            code, is_error = 500, True  # run() raised before the WebSocket ended
+            code, is_error, request_id = 500, True, ""  # run() raised before the WebSocket ended
             try:
-                code, is_error = await self._websocket(scope, receive, send, route)
+                code, is_error, request_id = await self._websocket(scope, receive, send, route)
             finally:
                 self.metrics.ongoing -= 1
+                latency_ms = (time.perf_counter() - start_s) * 1000.0
                 self.metrics.for_route(route.prefix, route.app_name, route.ingress).record(
-                    WEBSOCKET_METHOD, str(code), (time.perf_counter() - start_s) * 1000.0, is_error)
+                    WEBSOCKET_METHOD, str(code), latency_ms, is_error)
+                if self.access is not None:
+                    self.access.write(WEBSOCKET_METHOD, route.prefix, code, latency_ms, request_id)
 
     async def drain(self, min_s: float, timeout_s: float) -> None:
         """Answer ``/-/healthz`` with 503 (so load balancers stop sending) for at least
@@ -160,11 +179,10 @@ class ProxyApp:
 
     # -- WebSockets -----------------------------------------------------------------------------
 
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send, route: Route) -> tuple[int, bool]:
-        """Relay a WebSocket; returns its status and whether it counts as an error (Ray's
-        rules: see ``proxy.metrics``)."""
-        given = next((v.decode("latin-1")[:128] for k, v in scope["headers"] if k == b"x-request-id"), "")
-        request_id, headers = with_request_id(given, scope["headers"])
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send, route: Route) -> tuple[int, bool, str]:
+        """Relay a WebSocket; returns its status, whether it counts as an error (Ray's rules:
+        see ``proxy.metrics``) and its request id."""
+        request_id, headers = with_request_id(_given_request_id(scope), scope["headers"])
         first = await receive()  # websocket.connect
         router, call, replies = submit(self.runtime, self.options, route, scope, headers, request_id, first)
         forwarder: asyncio.Task[int | None] | None = None
@@ -200,7 +218,7 @@ class ProxyApp:
             if forwarder is not None and forwarder.done() and not forwarder.cancelled() and forwarder.exception() is None:
                 client_code = forwarder.result()
             outcome = (client_code or 1000, True)
-        return outcome
+        return (*outcome, request_id)
 
 
     def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
@@ -209,6 +227,11 @@ class ProxyApp:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _given_request_id(scope: Scope) -> str:
+    """The ``x-request-id`` the client sent (at most 128 characters), else ``""``."""
+    return next((v.decode("latin-1")[:128] for k, v in scope["headers"] if k == b"x-request-id"), "")
 
 
 async def _forward(receive: Receive, router: CallRouter, call: Call) -> int | None:

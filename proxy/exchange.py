@@ -103,6 +103,7 @@ class HttpExchange:
         self.call: Call | None = None
         self.started = False  # the response's status went out
         self.status = 0  # the status answered (metrics); 499 if the client left first, 0 if none yet
+        self.request_id = ""  # once the head is read (the access line)
         self.ended: _Ended | None = None
         self._id_header: Header = (b"x-request-id", b"")
 
@@ -122,6 +123,7 @@ class HttpExchange:
 
     async def run(self) -> None:
         request_id, headers, timeout_s, content_length, bad = self._read_head()
+        self.request_id = request_id
         cap = self.options.max_request_body_bytes
         too_large = f"Request body is larger than the limit of {cap} bytes."
         if bad is not None:

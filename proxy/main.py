@@ -10,7 +10,7 @@ are answered 503 (``ProxyApp.drain``).
 
 Logging follows the instance's global ``logging_config`` from the spec (``_configure_logging``):
 stderr (echoed by the supervisor) and ``<logs dir>/proxy_<host>.log``, written once per loop
-turn; with access lines on, the app is wrapped in ``AccessLogMiddleware`` (``proxy.access``).
+turn; with access lines on, the app writes them (``proxy.access``).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int, acces
     import uvicorn
 
     from shoal.proxy import tls
-    from shoal.proxy.access import AccessLogMiddleware, access_line
+    from shoal.proxy.access import access_line
     from shoal.proxy.app import ProxyApp, ProxyOptions
     from shoal.proxy.metrics import IngressMetrics
     from shoal.proxy.protocol import HeadLimits, LimitedHttpProtocol
@@ -138,6 +138,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int, acces
             max_request_body_bytes=options["max_request_body_bytes"],
         ),
         metrics,
+        access_line(access_handlers, _logging_config(spec), options["host"]) if access_handlers else None,
     )
     tls_kwargs: dict[str, Any] = {}
     if tls.server_context(options) is not None:  # checked by the supervisor already; raises if not
@@ -153,9 +154,7 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int, acces
         on_refused=metrics.refused,
     )
     config = uvicorn.Config(
-        AccessLogMiddleware(app, access_line(access_handlers, _logging_config(spec), options["host"]))
-        if access_handlers
-        else app,
+        app,
         http=LimitedHttpProtocol.with_limits(limits),
         ws="websockets-sansio",
         lifespan="off",

@@ -1,5 +1,5 @@
 """The proxy's access lines (proxy/access.py and runtime/logs.install_proxy_logging): ASGI calls
-driven directly through ``AccessLogMiddleware`` around a stand-in app; no process, no socket."""
+driven through ``ProxyApp`` to a raw fake replica over ``inproc://`` sockets; no process."""
 
 from __future__ import annotations
 
@@ -8,41 +8,19 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from inproc import run
+from test_proxy_metrics import Client, FakeRuntime, RawReplica, _snapshot
 
-from shoal.proxy.access import AccessLine, AccessLogMiddleware, FastAccessLine, access_line, request_id
-from shoal.proxy.routes import RoutingTable
-from shoal.runtime import logs
+from shoal.proxy.access import AccessLine, FastAccessLine, access_line
+from shoal.proxy.app import ProxyApp, ProxyOptions
+from shoal.proxy.metrics import IngressMetrics
+from shoal.runtime import logs, wire
 from shoal.runtime.buffered_log import LoopBufferedHandler
-from shoal.runtime.wire import RouteEntry
-
-
-class StandIn:
-    """Answers as told: ``status`` (None: sends nothing, as when the client left), or raises."""
-
-    def __init__(self, status: int | None = 200, fail: bool = False) -> None:
-        self.options = SimpleNamespace(root_path="")
-        self.table = RoutingTable(1, {"/api": RouteEntry("app", "Ingress")})
-        self.status = status
-        self.fail = fail
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket":
-            await receive()
-            await send({"type": "websocket.accept"})
-            await receive()  # the client's disconnect
-            return
-        if self.fail:
-            raise RuntimeError("boom")
-        if self.status is not None:
-            await send({"type": "http.response.start", "status": self.status,
-                        "headers": [(b"content-type", b"text/plain"), (b"x-request-id", b"rid-1")]})
-            await send({"type": "http.response.body", "body": b"ok"})
 
 
 @pytest.fixture
@@ -56,58 +34,52 @@ def root() -> Iterator[logging.Logger]:
     logger.setLevel(level)
 
 
-def _call(app: Any, line: AccessLine, scope: dict[str, Any], incoming: list[dict[str, Any]]) -> None:
-    messages = iter(incoming)
-
-    async def receive() -> dict[str, Any]:
-        return next(messages)
-
-    async def send(message: dict[str, Any]) -> None:
-        pass
-
-    async def main() -> None:
-        try:
-            await AccessLogMiddleware(app, line)(scope, receive, send)
-        except RuntimeError:
-            pass
-
-    asyncio.run(main())
-
-
-def _http(path: str, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
-    return {"type": "http", "method": "POST", "path": path, "headers": headers or []}
-
-
-def _lines(config: dict[str, Any], tmp_path: Path, root: logging.Logger, *calls: tuple[Any, dict[str, Any]]) -> list[str]:
+def _lines(config: dict[str, Any], tmp_path: Path, root: logging.Logger, drive: Callable[[ProxyApp], Awaitable[None]]) -> list[str]:
+    """The proxy log file's lines after ``drive`` sent requests through a ``ProxyApp`` writing
+    access lines as ``config`` says (its replica is the raw fake of ``test_proxy_metrics``)."""
     handlers = logs.install_proxy_logging(host="127.0.0.1", logging_config=config, default_logs_dir=str(tmp_path))
     stream = root.handlers[0]
     assert isinstance(stream, logging.StreamHandler)
     stream.setStream(io.StringIO())  # pytest owns sys.stderr
-    line = AccessLine(handlers)
-    for app, scope in calls:
-        incoming = [{"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1001}]
-        _call(app, line, scope, incoming if scope["type"] == "websocket" else [])
+
+    async def main() -> None:
+        replica = RawReplica()
+        runtime = FakeRuntime(_snapshot(replica.endpoint))
+        app = ProxyApp(runtime, ProxyOptions(), IngressMetrics("node", "127.0.0.1"), access_line(handlers, config, "127.0.0.1"))
+        replying = asyncio.get_running_loop().create_task(_answer_all(replica))
+        try:
+            await drive(app)
+        finally:
+            replying.cancel()
+            runtime.close()
+            replica.channel.close()
+
+    run(main)
     for handler in handlers:
         handler.flush()
     path = tmp_path / "proxy_127.0.0.1.log"
     return path.read_text().splitlines() if path.exists() else []
 
 
+async def _answer_all(replica: RawReplica) -> None:
+    """Answer every request 201."""
+    while True:
+        identity, msg = await replica.next_request()
+        replica.reply(identity, msg, wire.Kind.STREAM_END, [
+            {"type": "http.response.start", "status": 201, "headers": []},
+            {"type": "http.response.body", "body": b"ok"},
+        ])
+
+
 def test_text_lines_say_method_route_status_latency_and_request_id(tmp_path: Path, root: logging.Logger) -> None:
-    written = _lines(
-        {}, tmp_path, root,
-        (StandIn(201), _http("/api/items")),
-        (StandIn(None), _http("/api/x", [(b"x-request-id", b"given")])),  # the client left
-        (StandIn(fail=True), _http("/api")),
-        (StandIn(404), _http("/elsewhere")),
-        (StandIn(), _http("/-/healthz")),  # no line
-        (StandIn(), {"type": "websocket", "path": "/api/ws", "headers": []}),
-    )
+    async def drive(app: ProxyApp) -> None:
+        await Client(app, "/app/items", method="POST", headers=[(b"x-request-id", b"rid-1")]).run()
+        await Client(app, "/elsewhere", method="POST").run()  # no route: 404, no request id
+        await Client(app, "/-/healthz").run()  # no line
+
+    written = _lines({}, tmp_path, root, drive)
     stamp = r"INFO \d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ray\.serve"
-    expected = [
-        r"rid-1 -- POST /api 201", r"given -- POST /api 499", r"- -- POST /api 500", r"rid-1 -- POST  404",
-        r"- -- WS /api 1001",
-    ]
+    expected = [r"rid-1 -- POST /app 201", r"- -- POST  404"]
     assert len(written) == len(expected), written
     for line, pattern in zip(written, expected, strict=True):
         assert re.fullmatch(f"{stamp} {pattern} \\d+\\.\\dms", line), line
@@ -115,10 +87,14 @@ def test_text_lines_say_method_route_status_latency_and_request_id(tmp_path: Pat
 
 def test_json_lines_carry_rays_proxy_fields(tmp_path: Path, root: logging.Logger) -> None:
     config = {"encoding": "JSON", "additional_log_standard_attrs": ["name"]}
-    (line,) = _lines(config, tmp_path, root, (StandIn(), _http("/api/x")))
+
+    async def drive(app: ProxyApp) -> None:
+        await Client(app, "/app/x", method="POST", headers=[(b"x-request-id", b"rid-1")]).run()
+
+    (line,) = _lines(config, tmp_path, root, drive)
     record = json.loads(line)
-    assert re.fullmatch(r"POST /api 200 \d+\.\dms", record["message"])
-    assert (record["request_id"], record["route"], record["levelname"], record["name"]) == ("rid-1", "/api", "INFO", "ray.serve")
+    assert re.fullmatch(r"POST /app 201 \d+\.\dms", record["message"])
+    assert (record["request_id"], record["route"], record["levelname"], record["name"]) == ("rid-1", "/app", "INFO", "ray.serve")
     assert (record["component_name"], record["component_id"]) == ("proxy", "127.0.0.1")
 
 
@@ -139,12 +115,6 @@ def test_logs_dir_gets_every_proxy_line(tmp_path: Path, root: logging.Logger) ->
         handler.flush()
     (line,) = (tmp_path / "mine" / "proxy_h.log").read_text().splitlines()
     assert line.startswith("WARNING ") and line.endswith(" shoal.proxy - -- a warning")
-
-
-def test_request_id_prefers_the_response_header() -> None:
-    assert request_id([(b"x-request-id", b"answered")], [(b"x-request-id", b"given")]) == "answered"
-    assert request_id([], [(b"x-request-id", b"given")]) == "given"
-    assert request_id((), []) == ""
 
 
 @pytest.mark.parametrize("encoding", ["TEXT", "JSON"])
