@@ -14,41 +14,16 @@ from typing import Any
 import pytest
 import zmq
 from inproc import run
+from test_proxy_app import FakeRuntime  # the proxy's view of the runtime, with a fixed snapshot
 
 from shoal.proxy.app import ProxyApp, ProxyOptions
 from shoal.proxy.metrics import IngressMetrics, is_http_error, is_websocket_error
 from shoal.runtime import transport, wire
-from shoal.runtime.inbox import LoopInbox
 from shoal.runtime.metrics import Metric
-from shoal.runtime.router import Router
 
 pytestmark = pytest.mark.timeout(60)
 
 _names = itertools.count(1)
-
-
-class FakeRuntime:
-    """The part of ``client.Runtime`` the proxy uses, with a fixed snapshot."""
-
-    def __init__(self, snapshot: wire.Snapshot) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.inbox = LoopInbox(self.loop)
-        self.snapshot = snapshot
-        self.routers: dict[tuple[str, str], Router] = {}
-
-    def in_loop_thread(self) -> bool:
-        return True
-
-    def router(self, app_name: str, deployment_name: str) -> Router:
-        key = (app_name, deployment_name)
-        if key not in self.routers:
-            self.routers[key] = Router(app_name, deployment_name, self.loop)
-            self.routers[key].update(self.snapshot.deployment(app_name, deployment_name))
-        return self.routers[key]
-
-    def close(self) -> None:
-        for router in self.routers.values():
-            router.close()
 
 
 class RawReplica:
