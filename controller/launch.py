@@ -111,13 +111,19 @@ def crashed(run_dir: Path) -> str | None:
 
 
 def start_supervisor(
-    run_dir: Path, *, private: bool, http_options: dict[str, Any] | None, gpus: Sequence[str] | None = None
+    run_dir: Path,
+    *,
+    private: bool,
+    http_options: dict[str, Any] | None,
+    gpus: Sequence[str] | None = None,
+    logging_config: dict[str, Any] | None = None,
 ) -> Instance:
     """Start a supervisor on ``run_dir`` and wait for its readiness line.
 
     ``private``: tie it to this process with a lifeline; otherwise it is detached.
     ``http_options``: plain HTTPOptions values; None starts no HTTP proxy.
     ``gpus``: the GPU device ids it uses; None: it detects the machine's.
+    ``logging_config``: the instance's LoggingConfig (plain values), which its proxy starts with.
     """
     ready_r, ready_w = os.pipe()
     pass_fds = [ready_w]
@@ -126,6 +132,8 @@ def start_supervisor(
         cmd += ["--http-options", json.dumps(http_options)]
     if gpus is not None:
         cmd += ["--gpus", json.dumps(list(gpus))]
+    if logging_config is not None:
+        cmd += ["--logging-config", json.dumps(logging_config)]
     life_r = life_w = None
     if private:
         life_r, life_w = os.pipe()
@@ -186,18 +194,27 @@ def _read_line(fd: int, timeout_s: float, proc: subprocess.Popen[bytes]) -> str:
 
 
 def connect_or_start(
-    http_options: dict[str, Any] | None, *, http_required: bool = True, gpus: Sequence[str] | None = None
+    http_options: dict[str, Any] | None,
+    *,
+    http_required: bool = True,
+    gpus: Sequence[str] | None = None,
+    logging_config: dict[str, Any] | None = None,
 ) -> Instance:
-    """The running instance, or a new private one (with ``gpus``, see ``start_supervisor``). If
+    """The running instance, or a new private one (with ``gpus`` and ``logging_config``, see
+    ``start_supervisor``). If
     ``http_required`` is False and the HTTP port is taken, the private instance starts without
     HTTP (handles still work) and says so."""
     running = find_running()
     if running is not None:
         return running
     try:
-        return start_supervisor(rundir.new_session_dir(), private=True, http_options=http_options, gpus=gpus)
+        return start_supervisor(
+            rundir.new_session_dir(), private=True, http_options=http_options, gpus=gpus, logging_config=logging_config
+        )
     except HTTPBindError as exc:
         if http_required:
             raise
         logger.warning("%s Starting without HTTP; handles work.", exc)
-        return start_supervisor(rundir.new_session_dir(), private=True, http_options=None, gpus=gpus)
+        return start_supervisor(
+            rundir.new_session_dir(), private=True, http_options=None, gpus=gpus, logging_config=logging_config
+        )

@@ -49,6 +49,7 @@ class SupervisorConfig:
     http_options: dict[str, Any] | None = None  # None: no HTTP proxy
     gpus: tuple[str, ...] | None = None  # declared GPU device ids; None: detect them
     log_rotation: RotationLimits = field(default_factory=RotationLimits)  # every log file's size limits (Ray's RAY_ROTATION_*)
+    logging_config: dict[str, Any] | None = None  # the instance's (serve.start's, a config file's top level)
 
 
 def _echo(line: str) -> None:
@@ -118,6 +119,7 @@ async def serve(config: SupervisorConfig) -> int:
             config.http_options, endpoint, listener, echo=_echo,
             on_process_exit=lambda pid: controller.process_exited(pid),
             logs_dir=str(run_dir / rundir.LOGS), log_rotation=config.log_rotation,
+            logging_config=config.logging_config,  # the first deploy carries the same: no proxy restart
         )
         info["http_url"] = controller.proxy.url
     server = ControlServer(endpoint, controller, on_shutdown=stop.set, info=info)
@@ -224,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-options", type=json.loads, help="HTTPOptions as JSON; omit for no proxy")
     parser.add_argument("--gpus", type=_gpu_ids, help="GPUs: a count, device ids (0,2) or a JSON list of ids; omit to detect")
     parser.add_argument("--log-file", type=Path, help="write stdout and stderr to this size-rotating file")
+    parser.add_argument("--logging-config", type=json.loads, help="the instance's LoggingConfig as JSON (the proxy's)")
     args = parser.parse_args(argv)
     try:
         rotation = limits_from_env()  # read once here; replicas get them in their spec
@@ -235,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     set_process_name("shoal")
     import uvloop
 
-    config = SupervisorConfig(args.run_dir, args.lifeline_fd, args.ready_fd, args.http_options, args.gpus, rotation)
+    config = SupervisorConfig(
+        args.run_dir, args.lifeline_fd, args.ready_fd, args.http_options, args.gpus, rotation, args.logging_config,
+    )
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(serve(config))

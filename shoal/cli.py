@@ -89,11 +89,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     sys.path.insert(0, app_dir)
     config_path = args.target if _is_config_file(args.target) else None
     http: dict[str, Any] = {}
+    logging_config: dict[str, Any] | None = None  # the file's top level: the proxy starts with it
     if config_path is not None:
         import yaml
 
+        from shoal.serve._instance_options import logging_config_dict
+
         raw = yaml.safe_load(Path(config_path).read_text()) or {}
         http = dict(raw.get("http_options") or {})
+        try:
+            logging_config = logging_config_dict(raw.get("logging_config"))
+        except (ValueError, TypeError):
+            pass  # the file's validation below says what is wrong, naming the key
         if raw.get("proxy_location") == "Disabled":  # no HTTP proxy, as in Ray
             http["host"] = None
     if args.host is not None or "host" not in http:
@@ -108,7 +115,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if launch.find_running() is None:
         starting = threading.Thread(
             target=lambda: owned.append(
-                launch.start_supervisor(rundir.instance_dir("default"), private=True, http_options=http, gpus=args.gpus)
+                launch.start_supervisor(
+                    rundir.instance_dir("default"), private=True, http_options=http, gpus=args.gpus,
+                    logging_config=logging_config,
+                )
             )
         )
         starting.start()

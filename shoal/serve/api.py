@@ -60,7 +60,8 @@ def _runtime(start: bool = True, http_options: Any = None, gpus: tuple[str, ...]
         else:
             # serve.run alone starts HTTP on the default port if it can; serve.start insists.
             instance = launch.connect_or_start(
-                _http_options(http_options), http_required=http_options is not None, gpus=gpus
+                _http_options(http_options), http_required=http_options is not None, gpus=gpus,
+                logging_config=_instance_logging_config,
             )
         if instance is None:
             return None
