@@ -241,8 +241,9 @@ def install_replica_logging(
     file (see ``_handlers``), formatted as ``logging_config`` (a ``LoggingConfig`` as a dict;
     None: the defaults with ``level``) says. ``replica`` is the full replica id;
     ``log_rotation``: the size limits from the replica's spec (``RotationLimits.to_spec``)."""
-    global _fast_access
+    global _fast_access, _access_on
     config = dict(logging_config or {})
+    _access_on = config.get("enable_access_log", True) is not False
     root = logging.getLogger()
     for handler in root.handlers:
         handler.close()
@@ -389,6 +390,7 @@ class _FastAccessLines:
 
 _fast_access: _FastAccessLines | None = None
 _FILENAME = os.path.basename(__file__)
+_access_on = True  # the replica's logging_config allows access lines (else none is even made)
 
 
 def log_access(method: str, route: str, status: str | int, latency_ms: float, *, request_id: str = "") -> None:
@@ -397,7 +399,7 @@ def log_access(method: str, route: str, status: str | int, latency_ms: float, *,
     ``OK``, ``ERROR`` or ``CANCELLED``). Dropped when the replica's ``enable_access_log`` is
     False."""
     logger = _access_logger
-    if logger.isEnabledFor(logging.INFO):
+    if _access_on and logger.isEnabledFor(logging.INFO):
         fast = _fast_access
         if fast is not None and fast.usable():
             fast.write(method, route, status, latency_ms, request_id)
