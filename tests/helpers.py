@@ -209,6 +209,27 @@ def served_url(cli: subprocess.Popen[str], timeout_s: float, readers: list[threa
             return found.group(1)
 
 
+
+def shutdown_serve() -> None:
+    """``serve.shutdown()``, then wait until this process has no child left (killing any that
+    outlive the wait, so the next test starts clean) and fail if one had to be killed."""
+    serve.shutdown()
+    try:
+        wait_until(lambda: not live_children(), 15, "no child processes left after serve.shutdown()")
+    finally:
+        kill_all(live_children())
+
+
+def stop_cli(cli: subprocess.Popen[str], readers: list[threading.Thread]) -> None:
+    """Kill a CLI process the test started if it still runs, and close its output readers."""
+    if cli.poll() is None:
+        cli.kill()
+        cli.wait(10)
+    for thread in readers:
+        thread.join(10)
+    if cli.stdout is not None:
+        cli.stdout.close()
+
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 

@@ -9,6 +9,7 @@ for the FIFO to have a reader (``wait_until``, OS state)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -127,16 +128,29 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
     return proc.wait(60)
 
 
-def test_shoal_run_on_a_terminal_rewrites_one_line_naming_the_constructor(private_run_dir: Path, gate: Path) -> None:
+@contextlib.contextmanager
+def _run_on_a_terminal(run_dir: Path, gate: Path, columns: int = 0) -> Iterator[tuple[subprocess.Popen[bytes], Output]]:
+    """``shoal run`` of the gated app with a pseudo-terminal as its stdout and stderr
+    (``columns`` 0: the terminal reports no size); killed if the test leaves it running."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 200, 0, 0))  # 200 columns
+    if columns:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     proc = subprocess.Popen(
-        [SHOAL, "run", "gated_app:app", f"gate={gate}", "--port", "0"], cwd=CLI_APPS, env=_env(private_run_dir),
+        [SHOAL, "run", "gated_app:app", f"gate={gate}", "--port", "0"], cwd=CLI_APPS, env=_env(run_dir),
         stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, start_new_session=True,
     )
     os.close(slave)
-    out = Output(master)
     try:
+        yield proc, Output(master)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
+
+
+def test_shoal_run_on_a_terminal_rewrites_one_line_naming_the_constructor(private_run_dir: Path, gate: Path) -> None:
+    with _run_on_a_terminal(private_run_dir, gate, columns=200) as (proc, out):
         # The line is rewritten in place (carriage return ... erase to the end) while Model's
         # constructor waits, and names it.
         line = out.wait_for(r"\r(deploying 'default' \(\d+ s\): [^\r\n]*)\x1b\[K")
@@ -147,30 +161,13 @@ def test_shoal_run_on_a_terminal_rewrites_one_line_naming_the_constructor(privat
         out.wait_for(r"\r\x1b\[Kshoal: serving 'default' at / on http://\S+ \(Ctrl-C stops\)")
         assert "\ndeploying" not in out.text and "\r\ndeploying" not in out.text, out.text
         assert _stop(proc) == 0, out.text
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        os.close(master)
     assert "Traceback" not in out.text, out.text
 
 
 def test_ctrl_c_while_the_line_shows_erases_it_and_stops(private_run_dir: Path, gate: Path) -> None:
-    master, slave = pty.openpty()  # its size says 0 columns: the line is cut to 80
-    proc = subprocess.Popen(
-        [SHOAL, "run", "gated_app:app", f"gate={gate}", "--port", "0"], cwd=CLI_APPS, env=_env(private_run_dir),
-        stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, start_new_session=True,
-    )
-    os.close(slave)
-    out = Output(master)
-    try:
+    with _run_on_a_terminal(private_run_dir, gate) as (proc, out):  # 0 columns: the line is cut to 80
         out.wait_for(rf"{CONSTRUCTOR} \(\d+ s\)\x1b\[K")
         assert _stop(proc) == 130, out.text
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        os.close(master)
     assert "\r\x1b[Kshoal: interrupted while deploying; stopping" in out.text, out.text
     assert "Traceback" not in out.text, out.text
     # (the private_run_dir fixture fails the test if any process of the instance is left)

@@ -27,6 +27,8 @@ from helpers import (
     sample_value,
     scrape,
     served_url,
+    shutdown_serve,
+    stop_cli,
     supervisor_of,
     wait_until,
 )
@@ -69,17 +71,12 @@ class Sick:
         return "ok"
 
 
-def _shutdown() -> None:
-    serve.shutdown()
-    wait_until(lambda: not live_children(), 15, "no child processes left after serve.shutdown()")
-
-
 @pytest.fixture
 def instance() -> Iterator[psutil.Process]:
     """An instance of this test's own (started by the test), shut down after it."""
     assert not live_children(), "a previous test left processes behind"
     yield psutil.Process()
-    _shutdown()
+    shutdown_serve()
 
 
 def _counters_without_replica(samples: Samples) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -330,10 +327,4 @@ def test_a_config_files_metrics_port_is_served_by_shoal_run(tmp_path: Path, priv
         os.killpg(cli.pid, signal.SIGINT)
         assert cli.wait(60) == 0
     finally:
-        if cli.poll() is None:
-            cli.kill()
-            cli.wait(10)
-        for thread in readers:
-            thread.join(10)
-        if cli.stdout is not None:
-            cli.stdout.close()
+        stop_cli(cli, readers)

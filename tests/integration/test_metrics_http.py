@@ -16,7 +16,7 @@ import httpx
 import pytest
 import websockets
 from fastapi import FastAPI, WebSocket
-from helpers import Samples, live_children, sample_value, scrape, wait_until
+from helpers import Samples, live_children, sample_value, scrape, shutdown_serve, wait_until
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
@@ -33,8 +33,7 @@ def url() -> Iterator[str]:
     base = serve.get_http_url()
     assert base is not None
     yield base
-    serve.shutdown()
-    wait_until(lambda: not live_children(), 15, "no child processes after serve.shutdown()")
+    shutdown_serve()
 
 
 def settled(check: Any, timeout_s: float = 15) -> Samples:

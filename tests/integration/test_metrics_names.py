@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import Samples, kill_all, live_children, scrape, wait_until
+from helpers import Samples, live_children, scrape, shutdown_serve, wait_until
 from ray_serve_metrics import BY_NAME, RAY_VERSION, family_of
 from shoal_metrics_contract import REQUIRED
 from starlette.requests import Request
@@ -132,11 +132,7 @@ def samples() -> Iterator[Samples]:
             pass  # the tests say what is missing
         yield last[0]
     finally:
-        serve.shutdown()
-        try:
-            wait_until(lambda: not live_children(), 15, "no child processes left after serve.shutdown()")
-        finally:
-            kill_all(live_children())
+        shutdown_serve()
 
 
 def test_every_promised_name_is_exported(samples: Samples) -> None:

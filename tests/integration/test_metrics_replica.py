@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from helpers import live_children, sample_value, scrape, supervisor_of, wait_until
+from helpers import live_children, sample_value, scrape, shutdown_serve, supervisor_of, wait_until
 from starlette.requests import Request
 
 from shoal import serve
@@ -37,8 +37,7 @@ def instance() -> Iterator[str]:
     url = serve.get_http_url()
     assert url is not None and serve.get_metrics_url() is not None
     yield url
-    serve.shutdown()
-    wait_until(lambda: not live_children(), 15, "no child processes left after serve.shutdown()")
+    shutdown_serve()
 
 
 def value(name: str, **labels: str) -> float | None:

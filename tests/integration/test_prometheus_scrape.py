@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import requests
-from helpers import kill_all, live_children, wait_until
+from helpers import live_children, shutdown_serve, wait_until
 from ray_serve_metrics import family_of
 from starlette.requests import Request
 
@@ -72,11 +72,7 @@ def instance() -> Iterator[str]:
         assert url
         yield url
     finally:
-        serve.shutdown()
-        try:
-            wait_until(lambda: not live_children(), 15, "no child processes left after serve.shutdown()")
-        finally:
-            kill_all(live_children())
+        shutdown_serve()
 
 
 def _config(metrics_url: str) -> str:

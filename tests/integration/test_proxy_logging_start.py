@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from helpers import live_children, supervisor_of, wait_until
+from helpers import live_children, shutdown_serve, supervisor_of, wait_until
 
 from shoal import serve
 
@@ -33,8 +33,7 @@ class Hello:
 def instance() -> Iterator[None]:
     assert not live_children(), "a previous test left processes behind"
     yield
-    serve.shutdown()
-    wait_until(lambda: not live_children(), 15, "no child processes left after serve.shutdown()")
+    shutdown_serve()
 
 
 def _proxy_pid() -> int | None:

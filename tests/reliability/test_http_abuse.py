@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from helpers import live_children, processes_in_run_dir, served_url, supervisor_of, wait_until
+from helpers import live_children, processes_in_run_dir, served_url, stop_cli, supervisor_of, wait_until
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
@@ -414,13 +414,7 @@ def test_t11b_drain_answers_requests_that_never_finish(tmp_path: Path, private_r
         code = cli.wait(60)
         exited_after = time.monotonic() - signalled_at[0]
     finally:
-        if cli.poll() is None:
-            cli.kill()
-            cli.wait(10)
-        for thread in readers:
-            thread.join(10)
-        if cli.stdout is not None:
-            cli.stdout.close()
+        stop_cli(cli, readers)
     figures = (f"T11b {held} requests that never finish, graceful_shutdown_timeout_s=2: "
                f"{sorted({o for o, _ in outcomes})} after {min(t for _, t in outcomes):.2f}-"
                f"{max(t for _, t in outcomes):.2f}s; the instance exited {code} after {exited_after:.1f}s")
