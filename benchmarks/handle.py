@@ -9,24 +9,27 @@ argument (a ``def`` variant and an ``async def`` variant, deployed one at a time
   ``[r.result() for r in rs]``; reports calls per second, the median of
   ``--repeats`` rounds. A round still collecting after ``--fanout-deadline-s``
   stops there and counts what it collected (Ray at its default
-  ``max_ongoing_requests=5`` backs off and manages only tens of calls/s).
+  ``max_ongoing_requests=5`` backs off and manages only tens of calls/s);
+* floor: the same two measurements over a raw ZeroMQ DEALER -> ROUTER ``ipc://`` round trip of
+  an 8-byte message to an echo loop in another process (the physical floor under any handle).
 
-It prints figures and never asserts a threshold. The issue's reference on a
-2-core machine: Ray Serve 2.60 p50 2.8 ms, 360 calls/s fanned out; shoal's
-target p50 <= 400 us, >= 10,000 calls/s fanned out.
+It prints figures next to issue 11's targets (p50 async/sync <= 120/200 us, fan-out >= 25k/15k
+calls/s, measured on a faster machine) and never asserts them.
 
 Run it:
 
     python benchmarks/handle.py                      # compare: shoal, and ray if found
     python benchmarks/handle.py --runs 1 --max-ongoing-requests 100
+    python benchmarks/handle.py --no-ray --markdown          # the table as Markdown
     python benchmarks/handle.py --framework shoal --json     # one framework, one run
     /work/ray-venv/bin/python benchmarks/handle.py --framework ray --json
 
-Without ``--framework`` the script is an orchestrator: it runs each framework
-``--runs`` times, each in a fresh process (shoal with this interpreter, which
-needs shoal installed, e.g. ``pip install -e .``; Ray with ``--ray-python``,
-``$SHOAL_BENCH_RAY_PYTHON`` or ``/work/ray-venv/bin/python``), then prints the
-median of the runs in a table. Both frameworks run the same code: only the
+Without ``--framework`` the script is an orchestrator: it runs each framework and the
+floor ``--runs`` times (default 3), interleaved, each in a fresh process (shoal and the
+floor with this interpreter, which needs shoal installed, e.g. ``pip install -e .``; Ray
+with ``--ray-python``, ``$SHOAL_BENCH_RAY_PYTHON`` or ``/work/ray-venv/bin/python``, and
+says so when it skips Ray), then prints the machine, the versions and the median and
+spread (min-max) of the runs in one table. Both frameworks run the same code: only the
 ``serve`` import differs.
 """
 
@@ -40,16 +43,34 @@ _HERE = os.path.dirname(os.path.realpath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE] + [_HERE]  # _common, last
 
 import argparse
-import datetime
-import json
-import os
 import platform
 import statistics
-import sys
+import subprocess
+import tempfile
 import time
 from typing import Any
 
-from _common import DEFAULT_RAY_PYTHON, framework_version, import_serve, run_each_framework, run_json_child
+from _common import (
+    ISSUE11,
+    TARGET_HEADER,
+    Figures,
+    Report,
+    Spread,
+    add_framework_options,
+    cell,
+    check_runs,
+    child_command,
+    child_or_orchestrate,
+    comma_list,
+    find_ray,
+    framework_version,
+    import_serve,
+    progress,
+    ratio,
+    run_each,
+    run_json_child,
+    spreads,
+)
 
 VARIANTS = ("sync", "async")
 # Options the orchestrator passes on to each child process.
@@ -57,13 +78,20 @@ CHILD_OPTIONS = (
     "calls", "warmup", "fanout", "repeats", "fanout_deadline_s",
     "variants", "max_ongoing_requests",
 )  # fmt: skip
-# (key in a variant's result, label, True when higher is better)
+# (key in a variant's result, label)
 METRICS = (
-    ("p50_us", "p50 (us)", False),
-    ("p99_us", "p99 (us)", False),
-    ("mean_us", "mean (us)", False),
-    ("fanout_calls_per_s", "fan-out (calls/s)", True),
+    ("p50_us", "p50 (us)"),
+    ("p99_us", "p99 (us)"),
+    ("mean_us", "mean (us)"),
+    ("fanout_calls_per_s", "fan-out (calls/s)"),
 )
+TARGETS = {
+    ("sync", "p50_us"): ISSUE11["handle_p50_sync_us"],
+    ("async", "p50_us"): ISSUE11["handle_p50_async_us"],
+    ("sync", "fanout_calls_per_s"): ISSUE11["fanout_sync"],
+    ("async", "fanout_calls_per_s"): ISSUE11["fanout_async"],
+}
+FLOOR = "zmq"  # the raw ZeroMQ round trip, run as a third "framework"
 
 
 # ---------------------------------------------------------------- one framework
@@ -167,88 +195,139 @@ def run_framework(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+# ------------------------------------------------------------- the ZeroMQ floor
+
+
+class _ZmqReply:
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+
+    def result(self, timeout_s: float | None = None) -> int:
+        if timeout_s is not None and not self.sock.poll(timeout_s * 1000):
+            raise TimeoutError
+        return int.from_bytes(self.sock.recv(), "little")
+
+    def cancel(self) -> None:
+        pass
+
+
+class ZmqEcho:
+    """A DEALER to an echo ROUTER, shaped like a handle (``remote(i).result()``) so that
+    ``measure`` times the raw round trip exactly as it times a handle call."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+
+    def remote(self, i: int) -> _ZmqReply:
+        self.sock.send(i.to_bytes(8, "little"))
+        return _ZmqReply(self.sock)
+
+
+def zmq_echo(endpoint: str) -> int:
+    """Be the echo server: a ROUTER bound to ``endpoint`` returning every message to its sender,
+    until SIGTERM."""
+    import zmq
+
+    sock = zmq.Context().socket(zmq.ROUTER)
+    sock.linger = 0
+    sock.bind(endpoint)
+    print("ready", flush=True)
+    while True:
+        sock.send_multipart(sock.recv_multipart())
+
+
+def run_floor(args: argparse.Namespace) -> Figures:
+    import zmq
+
+    with tempfile.TemporaryDirectory(prefix="shoal-bench-zmq-") as scratch:
+        endpoint = f"ipc://{scratch}/echo"
+        server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--zmq-echo", endpoint],
+                                  stdout=subprocess.PIPE, text=True)
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        try:
+            assert server.stdout is not None
+            if server.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"the echo server exited {server.wait(10)} before it was ready")
+            sock.connect(endpoint)
+            figures = measure(ZmqEcho(sock), args)
+        finally:
+            sock.close()
+            ctx.term()
+            server.terminate()
+            server.wait(10)
+    return {
+        "framework": FLOOR,
+        "version": f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}",
+        "python": platform.python_version(),
+        "variants": dict.fromkeys(VARIANTS, figures),
+    }
+
+
 # ----------------------------------------------------------------- orchestrator
 
 
-def run_child(python: str, framework: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run one framework once in a fresh process; return its report or an error."""
-    cmd = [python, os.path.abspath(__file__), "--framework", framework, "--json"]
-    for name in CHILD_OPTIONS:
-        value = getattr(args, name)
-        if value is not None:
-            value = ",".join(value) if name == "variants" else value
-            cmd += ["--" + name.replace("_", "-"), str(value)]
-    return run_json_child(cmd, args.timeout_s)
-
-
-def median_report(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Median of each metric across the successful runs of one framework."""
-    good = [r for r in runs if "error" not in r]
-    if not good:
-        return None
-    merged = {k: good[0][k] for k in ("version", "python", "max_ongoing_requests")}
-    merged["runs"] = len(good)
-    merged["variants"] = {
-        variant: {
-            key: statistics.median(r["variants"][variant][key] for r in good)
-            for key, _, _ in METRICS
-        }
-        | {"truncated": any(r["variants"][variant]["fanout_truncated"] for r in good)}
-        for variant in good[0]["variants"]
+def variant_spreads(runs: list[Figures]) -> dict[str, dict[str, Spread]]:
+    """Per variant: median and spread of each metric over the runs."""
+    if not runs:
+        return {}
+    return {
+        variant: spreads([r["variants"][variant] for r in runs], [k for k, _ in METRICS])
+        for variant in runs[0]["variants"]
     }
-    return merged
 
 
-def print_table(
-    results: dict[str, dict[str, Any] | None], args: argparse.Namespace
-) -> None:
-    shoal, ray = results.get("shoal"), results.get("ray")
-    print()
-    print(f"date      {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(
-        f"nproc     {len(os.sched_getaffinity(0))}   loadavg {os.getloadavg()[0]:.2f}"
-    )
-    for name, rep in results.items():
-        if rep is not None:
-            print(
-                f"{name:<9} {rep['version']} on Python {rep['python']}, "
-                f"median of {rep['runs']} run(s)"
-            )
-    limit = args.max_ongoing_requests or "framework default"
-    print(
-        f"scenario  1 replica, max_ongoing_requests={limit}, {args.calls} sequential "
-        f"calls, fan-out {args.fanout} x {args.repeats} rounds"
-    )
-    print()
-    print(f"{'metric':<26}{'shoal':>12}{'ray':>12}{'shoal faster by':>18}")
+def truncated(runs: list[Figures], variant: str) -> bool:
+    return any(r["variants"].get(variant, {}).get("fanout_truncated") for r in runs)
+
+
+def fill_table(report: Report, results: dict[str, list[Figures]], args: argparse.Namespace) -> None:
+    med = {name: variant_spreads(runs) for name, runs in results.items()}
+    names = [n for n in ("shoal", "ray", FLOOR) if n in results]
+    labels = {"shoal": "shoal", "ray": "Ray Serve", FLOOR: "raw zmq (floor)"}
+    report.columns = ["metric", *(labels[n] for n in names), *(f"shoal / {labels[n]}" for n in names[1:]), TARGET_HEADER]
     for variant in args.variants:
-        for key, label, higher_is_better in METRICS:
-            a = shoal["variants"][variant][key] if shoal else None
-            b = ray["variants"][variant][key] if ray else None
-            ratio = "-"
-            if a and b:
-                ratio = f"{(a / b if higher_is_better else b / a):.1f}x"
-            cells = [f"{v:,.0f}" if v is not None else "-" for v in (a, b)]
-            if higher_is_better:  # mark a fan-out cut short by the deadline
-                for i, rep in enumerate((shoal, ray)):
-                    if rep and rep["variants"][variant]["truncated"]:
-                        cells[i] += "*"
-            print(f"{variant + ' ' + label:<26}{cells[0]:>12}{cells[1]:>12}{ratio:>18}")
-    reports = [rep for rep in (shoal, ray) if rep]
-    if any(v["truncated"] for rep in reports for v in rep["variants"].values()):
-        print(
+        for key, label in METRICS:
+            figures = {n: med[n].get(variant, {}).get(key) for n in names}
+            cells = []
+            for n in names:
+                text = cell(figures[n])
+                if key == "fanout_calls_per_s" and truncated(results[n], variant):
+                    text += "*"
+                cells.append(text)
+            ratios = [ratio(figures["shoal"], figures[n]) for n in names[1:]]
+            report.add_row(f"{variant} {label}", *cells, *ratios, TARGETS.get((variant, key), ""))
+    if any(truncated(runs, v) for runs in results.values() for v in args.variants):
+        report.notes.append(
             f"* a fan-out round hit --fanout-deadline-s={args.fanout_deadline_s:g}: "
             "rate over the calls collected by then"
         )
-    print(
-        "reference (issue): Ray 2.60 p50 2.8 ms, 360 calls/s fanned out; "
-        "shoal target p50 <= 400 us, >= 10,000 calls/s"
-    )
 
 
 def orchestrate(args: argparse.Namespace) -> int:
-    results, failed = run_each_framework(args, run_child, median_report)
-    print_table(results, args)
+    report = Report("handle round trip and fan-out", __file__, runs=args.runs)
+    ray = find_ray(args)
+    report.add_peer(ray)
+    pythons = {"shoal": sys.executable}
+    if ray.python:
+        pythons["ray"] = ray.python
+    else:
+        progress(f"skipping ray: {ray.skipped}")
+    pythons[FLOOR] = sys.executable
+
+    def run_child(python: str, framework: str) -> Figures:
+        return run_json_child(child_command(__file__, python, framework, args, CHILD_OPTIONS), args.timeout_s)
+
+    results, failed = run_each(pythons, args.runs, run_child)
+    limit = args.max_ongoing_requests or "framework default"
+    report.scenario = (
+        f"1 replica echoing its argument, max_ongoing_requests={limit}, {args.calls} sequential "
+        f"calls after {args.warmup} warm-up, fan-out {args.fanout} x {args.repeats} rounds (median); "
+        "floor: DEALER -> ROUTER over ipc, 8-byte message, echo in another process"
+    )
+    fill_table(report, results, args)
+    report.print(args.markdown)
     return 1 if failed else 0
 
 
@@ -256,12 +335,9 @@ def orchestrate(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     add = p.add_argument
     # fmt: off
-    add("--framework", choices=("shoal", "ray"),
-        help="run this one framework in-process (default: compare both)")
-    add("--json", action="store_true", help="one JSON line, not indented")
     add("--calls", type=int, default=2000, help="sequential round trips")
     add("--warmup", type=int, default=500, help="warm-up round trips")
     add("--fanout", type=int, default=5000, help="calls per fan-out round")
@@ -271,27 +347,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--variants", default="sync,async", help="comma list: sync,async")
     add("--max-ongoing-requests", type=int, default=None,
         help="deployment option (default: the framework's default)")
-    add("--runs", type=int, default=3, help="processes per framework")
-    add("--ray-python", help="interpreter with ray[serve] (default: "
-        f"$SHOAL_BENCH_RAY_PYTHON, else {DEFAULT_RAY_PYTHON} if present)")
-    add("--no-ray", action="store_true", help="measure shoal only")
-    add("--timeout-s", type=float, default=900.0, help="limit per child process")
+    add("--zmq-echo", help=argparse.SUPPRESS)  # internal: be the floor's echo server
     # fmt: on
+    add_framework_options(p, ("shoal", "ray", FLOOR), timeout_s=900.0)
     args = p.parse_args(argv)
-    args.variants = [v for v in args.variants.split(",") if v]
-    unknown = set(args.variants) - set(VARIANTS)
-    if unknown:
-        p.error(f"unknown variants: {', '.join(sorted(unknown))}")
+    args.variants = comma_list(p, args.variants, VARIANTS, "variants")
+    check_runs(p, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.framework is None:
-        return orchestrate(args)
-    report = run_framework(args)
-    print(json.dumps(report, indent=None if args.json else 2), flush=True)
-    return 0
+    if args.zmq_echo:
+        return zmq_echo(args.zmq_echo)
+    run = run_floor if args.framework == FLOOR else run_framework
+    return child_or_orchestrate(args, run, orchestrate)
 
 
 if __name__ == "__main__":
