@@ -192,22 +192,22 @@ def run_each(
     pythons: dict[str, str],
     runs: int,
     run_child: Callable[[str, str], Figures],
-) -> tuple[dict[str, list[Figures]], bool]:
+) -> tuple[dict[str, list[Figures]], dict[str, list[str]]]:
     """Run every target ``runs`` times, interleaved (round 1 of each, then round 2, ...), each
     run a fresh process from ``run_child(python, target)``; return the successful runs per
-    target and whether any run failed."""
+    target and the errors of the failed ones (for ``Report.add_failures``)."""
     results: dict[str, list[Figures]] = {name: [] for name in pythons}
-    failed = False
+    failures: dict[str, list[str]] = {}
     for k in range(runs):
         for name, python in pythons.items():
             progress(f"{name} run {k + 1}/{runs} ({python}) ...")
             figures = run_child(python, name)
             if "error" in figures:
-                failed = True
                 progress(f"  failed: {figures['error']}")
+                failures.setdefault(name, []).append(str(figures["error"]))
             else:
                 results[name].append(figures)
-    return results, failed
+    return results, failures
 
 
 # -------------------------------------------------------------------------------- the peer
@@ -391,6 +391,12 @@ class Report:
             self.add_fact(f"peer {peer.name}", peer.version)
         else:
             self.add_fact(f"skipped {peer.name}", peer.skipped)
+
+    def add_failures(self, failures: dict[str, list[str]]) -> None:
+        """A note per target with failed runs: how many, and the first error's first line."""
+        for name, errors in failures.items():
+            first = (errors[0].strip().splitlines() or ["?"])[0]
+            self.notes.append(f"{name}: {len(errors)} run(s) failed, left out of the figures; first error: {first}")
 
     def add_row(self, *cells: str) -> None:
         self.rows.append(list(cells))

@@ -319,7 +319,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     def run_child(python: str, framework: str) -> Figures:
         return run_json_child(child_command(__file__, python, framework, args, CHILD_OPTIONS), args.timeout_s)
 
-    results, failed = run_each(pythons, args.runs, run_child)
+    results, failures = run_each(pythons, args.runs, run_child)
     limit = args.max_ongoing_requests or "framework default"
     report.scenario = (
         f"1 replica echoing its argument, max_ongoing_requests={limit}, {args.calls} sequential "
@@ -327,8 +327,9 @@ def orchestrate(args: argparse.Namespace) -> int:
         "floor: DEALER -> ROUTER over ipc, 8-byte message, echo in another process"
     )
     fill_table(report, results, args)
+    report.add_failures(failures)
     report.print(args.markdown)
-    return 1 if failed else 0
+    return 1 if failures else 0
 
 
 # ---------------------------------------------------------------------- main

@@ -19,17 +19,18 @@ the distribution and counts them as timeouts; its default of 2 s would hide Ray'
 instead (one process, so it saturates well below wrk: its figures for the bare server are the
 client's limit, not the server's).
 
-It prints figures and never asserts a threshold. The issue's reference on a 2-core machine at
-64 connections: bare uvicorn about 27,000 req/s, Ray Serve 2.60 about 450 req/s, LitServe about
-1,200 req/s; shoal's target: at 64 connections at least 35% of the bare figure from the same
-run, and p50 at 1 connection at most 0.6 ms.
+It prints figures next to issue 11's targets (at 64 connections at least 0.50 of the bare
+figure from the same run, p50 at 1 connection at most 0.20 ms; measured on a faster machine)
+and never asserts them. ``--num-proxies N`` runs shoal with ``http_options.num_proxies=N``.
 
 Run it:
 
     python benchmarks/http.py                           # shoal, bare, and ray if found
     python benchmarks/http.py --targets shoal,bare --runs 1 --duration 5
     python benchmarks/http.py --connections 64 --max-ongoing-requests 100
+    python benchmarks/http.py --targets shoal,bare --num-proxies 2
     python benchmarks/http.py --json                     # one JSON line on stdout
+    python benchmarks/http.py --markdown                 # the table as Markdown
 
 The script is an orchestrator: each round (``--runs``, default 3) starts every target in a
 fresh process of its own (``--serve TARGET``, an internal mode: shoal and bare with this
@@ -37,7 +38,8 @@ interpreter, which needs shoal, uvicorn, uvloop and httptools; Ray with ``--ray-
 ``$SHOAL_BENCH_RAY_PYTHON`` or ``/work/ray-venv/bin/python``), polls its URL until it answers
 ``hello``, measures every connection count against it, then stops it, so the targets never
 share the two cores with each other's idle processes and the rounds spread each target over
-the whole run. The table shows the median of the rounds. Servers listen on free ports chosen
+the whole run. One table shows the machine, the versions, and the median and spread (min-max)
+of the rounds; a skipped peer is named with the reason. Progress goes to standard error. Servers listen on free ports chosen
 by the system (port 0); nothing assumes port 8000. On exit, Ctrl-C included, the servers are
 shut down (``serve.shutdown()``, uvicorn's graceful stop) and any process they left behind is
 killed.
@@ -56,7 +58,7 @@ sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
 
 import argparse
 import asyncio
-import datetime
+import dataclasses
 import json
 import platform
 import re
@@ -74,7 +76,24 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from _common import DEFAULT_RAY_PYTHON, HOST, free_port, ray_python
+from _common import (
+    HOST,
+    ISSUE11,
+    TARGET_HEADER,
+    Report,
+    add_common_options,
+    cell,
+    check_runs,
+    comma_list,
+    find_ray,
+    free_port,
+    load_average,
+    machine,
+    package_version,
+    progress,
+    ratio,
+    spreads,
+)
 
 TARGETS = ("shoal", "shoal-metrics", "shoal-quiet", "bare", "ray")
 # What the shoal variants turn off, to price metrics and access logs (shoal: both on, the defaults).
@@ -85,22 +104,9 @@ SHOAL_VARIANTS = {
 }
 BODY = b"hello"
 ANNOUNCE = "SHOAL_BENCH_SERVER "  # prefix of the child's one line to the orchestrator
-REFERENCE = (
-    "reference (issue, 2 cores, 64 conns): bare uvicorn ~27,000 req/s, Ray Serve 2.60 ~450, "
-    "LitServe ~1,200; shoal target >= 35% of bare, 1-conn p50 <= 0.6 ms"
-)
 
 
 # ------------------------------------------------------------------- server side
-
-
-def package_version(name: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def announce(info: dict[str, Any]) -> None:
@@ -137,7 +143,7 @@ def on_stdin_eof(action: Callable[[], None]) -> None:
     threading.Thread(target=watch, daemon=True, name="stdin-eof").start()
 
 
-def serve_framework(framework: str, max_ongoing_requests: int | None) -> int:
+def serve_framework(framework: str, max_ongoing_requests: int | None, num_proxies: int) -> int:
     """shoal or Ray Serve: deploy Hello on a free port, announce, wait for the stop signal."""
     stop = stop_event()
     if framework == "ray":
@@ -151,6 +157,8 @@ def serve_framework(framework: str, max_ongoing_requests: int | None) -> int:
 
         variant = SHOAL_VARIANTS[framework]
         http_options = {"host": HOST, "port": 0, "metrics_port": variant.get("metrics_port", 0)}
+        if num_proxies != 1:  # only then: a shoal without the option refuses the key by name
+            http_options["num_proxies"] = num_proxies
         start_options = {"logging_config": variant["logging_config"]} if "logging_config" in variant else {}
 
     @serve.deployment
@@ -381,19 +389,6 @@ def run_asyncio_client(url: str, connections: int, duration_s: float) -> dict[st
 # ----------------------------------------------------------------- orchestrator
 
 
-def ray_importable(python: str) -> str | None:
-    """None if ``python -c 'import ray.serve'`` works, else why not."""
-    try:
-        proc = subprocess.run(
-            [python, "-c", "import ray.serve"], capture_output=True, text=True, timeout=120
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return str(exc)
-    if proc.returncode != 0:
-        return (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-    return None
-
-
 def _proc_stat(pid: int) -> tuple[int, int] | None:
     """(parent pid, start time) of a live process, from /proc."""
     try:
@@ -434,6 +429,8 @@ class Server:
         cmd = [python, os.path.abspath(__file__), "--serve", target]
         if args.max_ongoing_requests is not None and target != "bare":
             cmd += ["--max-ongoing-requests", str(args.max_ongoing_requests)]
+        if args.num_proxies != 1 and target.startswith("shoal"):
+            cmd += ["--num-proxies", str(args.num_proxies)]
         env = dict(os.environ)
         env.pop("RAY_ADDRESS", None)  # Ray must start its own local instance
         env.pop("SHOAL_ADDRESS", None)  # shoal too: never a running (shared) instance
@@ -567,15 +564,11 @@ def measure(url: str, connections: int, args: argparse.Namespace) -> dict[str, A
     return run_asyncio_client(url, connections, args.duration) | {"client": "asyncio"}
 
 
-def log(args: argparse.Namespace, text: str) -> None:
-    print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
-
-
 def run_round(
     target: str, python: str, args: argparse.Namespace, scratch: str, k: int
 ) -> dict[str, Any]:
     """One fresh server for ``target``; every connection count against it."""
-    log(args, f"{target} round {k + 1}/{args.runs} ({python}) ...")
+    progress(f"{target} round {k + 1}/{args.runs} ({python}) ...")
     server = Server(target, python, args, scratch)
     report: dict[str, Any] = {"target": target, "round": k + 1, "results": {}}
     try:
@@ -583,7 +576,7 @@ def run_round(
         server.wait_ready(args.ready_timeout_s)
         report["info"] = server.info
         report["ready_s"] = time.perf_counter() - started
-        log(args, f"  ready in {report['ready_s']:.1f} s at {server.info['url']}")
+        progress(f"  ready in {report['ready_s']:.1f} s at {server.info['url']}")
         for c in args.connections:
             if args.warmup > 0:
                 warm = argparse.Namespace(**vars(args) | {"duration": args.warmup})
@@ -596,18 +589,17 @@ def run_round(
             errors = {k: v for k, v in result["socket_errors"].items() if v}
             if errors:
                 notes.append("socket errors " + ", ".join(f"{k} {v}" for k, v in errors.items()))
-            log(
-                args,
+            progress(
                 f"  {c:>3} conns: {result['requests_per_s']:>9,.0f} req/s  "
                 f"p50 {fmt_ms(result['p50_ms'])} ms  p99 {fmt_ms(result['p99_ms'])} ms"
                 + (f"  ({'; '.join(notes)})" if notes else ""),
             )
     except Exception as exc:
         report["error"] = str(exc)
-        log(args, f"  failed: {exc}")
+        progress(f"  failed: {exc}")
     except KeyboardInterrupt:
         report["interrupted"] = True
-        log(args, "  interrupted: stopping the server ...")
+        progress("  interrupted: stopping the server ...")
     finally:
         # A second Ctrl-C must not leave the server running: ignore it while stopping.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -617,10 +609,10 @@ def run_round(
         finally:
             signal.signal(signal.SIGINT, previous)
         report["stop_s"] = time.perf_counter() - started
-        log(args, f"  stopped in {report['stop_s']:.1f} s")
+        progress(f"  stopped in {report['stop_s']:.1f} s")
         if leftovers:
             report["leftover_pids_killed"] = leftovers
-            log(args, f"  {target} left {len(leftovers)} process(es) behind; killed them")
+            progress(f"  {target} left {len(leftovers)} process(es) behind; killed them")
     return report
 
 
@@ -629,20 +621,14 @@ def fmt_ms(v: float | None) -> str:
 
 
 def medians(rounds: list[dict[str, Any]], connections: list[int]) -> dict[int, dict[str, Any]]:
+    """Per connection count: median and spread of req/s, p50 and p99, and the error counts summed
+    over the rounds."""
     out: dict[int, dict[str, Any]] = {}
     for c in connections:
         runs = [r["results"][c] for r in rounds if c in r.get("results", {})]
         if not runs:
             continue
-
-        def med(key: str, runs: list[dict[str, Any]] = runs) -> float | None:
-            vals = [r[key] for r in runs if r[key] is not None]
-            return statistics.median(vals) if vals else None
-
-        out[c] = {
-            "requests_per_s": med("requests_per_s"),
-            "p50_ms": med("p50_ms"),
-            "p99_ms": med("p99_ms"),
+        out[c] = spreads(runs, ("requests_per_s", "p50_ms", "p99_ms")) | {
             "runs": len(runs),
             "non2xx": sum(r["non2xx"] for r in runs),
             "requests": sum(r["requests"] for r in runs),
@@ -660,105 +646,74 @@ def wrk_version() -> str:
     return m.group(1) if m else "unknown"
 
 
-def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
-    med = summary["medians"]
+# (key, label, cell format)
+FIGURES = (
+    ("requests_per_s", "req/s", "{:,.0f}"),
+    ("p50_ms", "p50 ms", "{:.2f}"),
+    ("p99_ms", "p99 ms", "{:.2f}"),
+)
+GOALS = {(64, "requests_per_s"): ISSUE11["http_64_vs_bare"], (1, "p50_ms"): ISSUE11["http_1_p50_ms"]}
+
+
+def fill_table(report: Report, med: dict[str, dict[int, dict[str, Any]]], args: argparse.Namespace) -> None:
+    """One row per (connections, figure); a column per target, then shoal / each peer."""
     cols = [t for t in TARGETS if t in args.targets]
-    print()
-    print(f"date      {summary['date']}")
-    print(f"nproc     {summary['nproc']}   loadavg {summary['loadavg']:.2f} (at the end)")
-    print(f"client    {summary['client_desc']}")
-    for t in cols:
-        info = summary["info"].get(t)
-        if info:
-            print(f"{t:<9} {info['version']} on Python {info['python']}")
-    limit = args.max_ongoing_requests or "framework default"
-    print(
-        f"scenario  GET / -> 'hello', 1 replica, max_ongoing_requests={limit}; "
-        f"{args.duration:g} s per run after {args.warmup:g} s warm-up; median of "
-        f"{args.runs} round(s), each a fresh server process"
-    )
-    print()
-    head = f"{'conns':>5}"
-    sub = f"{'':>5}"
-    for t in cols:
-        head += f" | {t:^26}"
-        sub += f" | {'req/s':>9} {'p50 ms':>7} {'p99 ms':>8}"
-    if "shoal" in cols and "bare" in cols:
-        head += f" | {'shoal/bare':>10}"
-        sub += f" | {'%':>10}"
-    if "shoal" in cols and "ray" in cols:
-        head += f" | {'shoal/ray':>9}"
-        sub += f" | {'x':>9}"
-    print(head)
-    print(sub)
-    print("-" * len(sub))
+    peers = [t for t in ("bare", "ray") if t in cols and "shoal" in cols]
+    report.columns = ["conns, figure", *cols, *(f"shoal / {p}" for p in peers), TARGET_HEADER]
     for c in args.connections:
-        row = f"{c:>5}"
-        for t in cols:
-            m = med.get(t, {}).get(c)
-            if m:
-                row += (
-                    f" | {m['requests_per_s']:>9,.0f} {fmt_ms(m['p50_ms']):>7} "
-                    f"{fmt_ms(m['p99_ms']):>8}"
-                )
-            else:
-                row += f" | {'-':>9} {'-':>7} {'-':>8}"
-        s = med.get("shoal", {}).get(c)
-        if "shoal" in cols and "bare" in cols:
-            b = med.get("bare", {}).get(c)
-            pct = f"{100 * s['requests_per_s'] / b['requests_per_s']:.0f}%" if s and b else "-"
-            row += f" | {pct:>10}"
-        if "shoal" in cols and "ray" in cols:
-            r = med.get("ray", {}).get(c)
-            x = f"{s['requests_per_s'] / r['requests_per_s']:.1f}x" if s and r else "-"
-            row += f" | {x:>9}"
-        print(row)
-    print()
+        for key, label, fmt in FIGURES:
+            figures = {t: med.get(t, {}).get(c, {}).get(key) for t in cols}
+            report.add_row(
+                f"{c} conns {label}",
+                *(cell(figures[t], fmt) for t in cols),
+                *(ratio(figures["shoal"], figures[p]) for p in peers),
+                GOALS.get((c, key), ""),
+            )
     for t in cols:
         for c, m in med.get(t, {}).items():
             if m["non2xx"] or m["socket_errors"]:
-                print(
+                report.notes.append(
                     f"note: {t} at {c} conns: {m['non2xx']} non-2xx/3xx responses and "
                     f"{m['socket_errors']} socket errors over {m['runs']} run(s) "
                     f"({m['requests']:,} requests)"
                 )
-    for line in summary["checks"]:
-        print(line)
-    print(REFERENCE)
-
-
-def checks(med: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
-    """The issue's two targets as plain statements; never asserted."""
-    lines = []
-    s64, b64 = med.get("shoal", {}).get(64), med.get("bare", {}).get(64)
-    if s64 and b64:
-        pct = 100 * s64["requests_per_s"] / b64["requests_per_s"]
-        lines.append(
-            f"64 conns: shoal is {pct:.0f}% of bare ({s64['requests_per_s']:,.0f} vs "
-            f"{b64['requests_per_s']:,.0f} req/s; target >= 35%)"
-        )
-    quiet64 = med.get("shoal-quiet", {}).get(64)
+    quiet = med.get("shoal-quiet", {}).get(64, {}).get("requests_per_s")
     for variant, what in (("shoal-metrics", "metrics on, access logs off"), ("shoal", "metrics and access logs on")):
-        v64 = med.get(variant, {}).get(64)
-        if v64 and quiet64:
-            pct = 100 * v64["requests_per_s"] / quiet64["requests_per_s"]
-            lines.append(
-                f"64 conns: {variant} ({what}) is {pct:.0f}% of shoal-quiet (both off): "
-                f"{v64['requests_per_s']:,.0f} vs {quiet64['requests_per_s']:,.0f} req/s"
+        v64 = med.get(variant, {}).get(64, {}).get("requests_per_s")
+        if v64 and quiet:
+            report.notes.append(
+                f"64 conns: {variant} ({what}) is {ratio(v64, quiet)} of shoal-quiet (both off): "
+                f"{v64.median:,.0f} vs {quiet.median:,.0f} req/s"
             )
-    s1 = med.get("shoal", {}).get(1)
-    if s1 and s1["p50_ms"] is not None:
-        lines.append(f"1 conn p50: {s1['p50_ms']:.2f} ms (target <= 0.6 ms)")
-    return lines
+
+
+def find_pythons(args: argparse.Namespace, report: Report) -> dict[str, str]:
+    """The interpreter of each target; Ray's from ``find_ray``, or a line saying why it is
+    skipped."""
+    pythons: dict[str, str] = {}
+    for t in args.targets:
+        if t != "ray":
+            pythons[t] = sys.executable
+            continue
+        ray = find_ray(args)
+        report.add_peer(ray)
+        if ray.python:
+            pythons[t] = ray.python
+        else:
+            progress(f"skipping ray: {ray.skipped}")
+    if "ray" not in args.targets:
+        report.add_fact("skipped ray", "not in --targets")
+    return pythons
 
 
 def orchestrate(args: argparse.Namespace) -> int:
+    report = Report("HTTP hello: shoal, bare uvicorn, Ray Serve", __file__, ("httptools",), args.runs)
     if args.client == "auto":
         args.client = "wrk" if shutil.which("wrk") else "asyncio"
         if args.client == "asyncio":
-            log(args, "wrk was not found on PATH: using the built-in asyncio client instead")
+            progress("wrk was not found on PATH: using the built-in asyncio client instead")
     elif args.client == "wrk" and not shutil.which("wrk"):
-        log(args, "wrk was not found on PATH (--client wrk)")
+        progress("wrk was not found on PATH (--client wrk)")
         return 2
     client_desc = (
         f"wrk {wrk_version()} -t min(c,2) --latency --timeout {args.wrk_timeout:g}s"
@@ -766,66 +721,62 @@ def orchestrate(args: argparse.Namespace) -> int:
         else "built-in asyncio HTTP/1.1 keep-alive client (wrk absent or not chosen; "
         "one process, so it saturates well below wrk)"
     )
-    pythons: dict[str, str] = {}
-    for t in args.targets:
-        if t != "ray":
-            pythons[t] = sys.executable
-            continue
-        py = ray_python(args)
-        why = "no Ray interpreter (--ray-python, $SHOAL_BENCH_RAY_PYTHON)" if not py else None
-        if py and not why:
-            why = ray_importable(py)
-            why = f"{py} cannot import ray.serve: {why}" if why else None
-        if why:
-            log(args, f"skipping ray: {why}")
-        else:
-            pythons[t] = py  # type: ignore[assignment]
+    if "bare" in args.targets:
+        report.add_fact("peer bare", "uvicorn + Starlette in one process, this interpreter (versions above)")
+    pythons = find_pythons(args, report)
     args.targets = [t for t in args.targets if t in pythons]
+    report.add_fact("client", client_desc)
 
     rounds: dict[str, list[dict[str, Any]]] = {t: [] for t in args.targets}
-    failed = False
+    failures: dict[str, list[str]] = {}
     scratch = tempfile.mkdtemp(prefix="shoal-bench-http-")
     try:
         for k in range(args.runs):
             for t in args.targets:
-                report = run_round(t, pythons[t], args, scratch, k)
-                failed |= "error" in report
-                rounds[t].append(report)
-                if report.get("interrupted"):
+                round_report = run_round(t, pythons[t], args, scratch, k)
+                if "error" in round_report:
+                    failures.setdefault(t, []).append(round_report["error"])
+                rounds[t].append(round_report)
+                if round_report.get("interrupted"):
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
-        log(args, "interrupted: servers stopped; partial results follow")
-        failed = True
+        progress("interrupted: servers stopped; partial results follow")
+        failures.setdefault("all", []).append("interrupted (Ctrl-C)")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
     med = {t: medians(rs, args.connections) for t, rs in rounds.items()}
-    info = {}
-    for t, rs in rounds.items():
-        for r in rs:
-            if "info" in r:
-                info[t] = r["info"]
-                break
-    summary = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "nproc": len(os.sched_getaffinity(0)),
-        "loadavg": os.getloadavg()[0],
-        "client": args.client,
-        "client_desc": client_desc,
-        "duration_s": args.duration,
-        "warmup_s": args.warmup,
-        "connections": args.connections,
-        "max_ongoing_requests": args.max_ongoing_requests,
-        "info": info,
-        "medians": med,
-        "checks": checks(med),
-        "rounds": rounds,
-    }
+    limit = args.max_ongoing_requests or "framework default"
+    proxies = f"; shoal http_options.num_proxies={args.num_proxies}" if args.num_proxies != 1 else ""
+    report.scenario = (
+        f"GET / -> 'hello', 1 replica, max_ongoing_requests={limit}{proxies}; "
+        f"{args.duration:g} s per run after {args.warmup:g} s warm-up; each round a fresh server "
+        "process per target, targets interleaved"
+    )
+    fill_table(report, med, args)
+    report.add_failures(failures)
     if args.json:
-        print(json.dumps(summary), flush=True)
+        info = {t: next((r["info"] for r in rs if "info" in r), None) for t, rs in rounds.items()}
+        summary = {
+            "date": report.started,
+            "machine": machine(),
+            "load_before": report.load_before,
+            "load_after": load_average(),
+            "client": args.client,
+            "client_desc": client_desc,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "connections": args.connections,
+            "max_ongoing_requests": args.max_ongoing_requests,
+            "num_proxies": args.num_proxies,
+            "info": info,
+            "medians": med,
+            "rounds": rounds,
+        }
+        print(json.dumps(summary, default=dataclasses.asdict), flush=True)
     else:
-        print_table(summary, args)
-    return 1 if failed else 0
+        report.print(args.markdown)
+    return 1 if failures else 0
 
 
 # ------------------------------------------------------------------------ main
@@ -842,7 +793,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--connections", default="1,16,64", help="comma list of connection counts")
     add("--duration", type=float, default=10.0, help="seconds per measured run")
     add("--warmup", type=float, default=2.0, help="seconds of load before each measured run")
-    add("--runs", type=int, default=3, help="rounds, each a fresh server per target (median)")
     add("--max-ongoing-requests", type=int, default=None,
         help="deployment option for shoal and ray (default: the framework's default)")
     add("--wrk-timeout", type=float, default=10.0,
@@ -852,19 +802,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="load generator (auto: wrk if on PATH, else the built-in asyncio client)")
     add("--json", action="store_true",
         help="print one JSON line on stdout (progress goes to stderr)")
-    add("--ray-python", help="interpreter with ray[serve] (default: "
-        f"$SHOAL_BENCH_RAY_PYTHON, else {DEFAULT_RAY_PYTHON} if present)")
     add("--ready-timeout-s", type=float, default=180.0,
         help="limit for a server to start and answer")
     add("--stop-timeout-s", type=float, default=60.0,
         help="limit for a server to shut down before it is killed")
+    add("--num-proxies", type=int, default=1,
+        help="shoal's http_options.num_proxies (passed only when not 1, so the script also runs "
+        "against a shoal without that option; Ray keeps its one proxy per node)")
     add("--serve", choices=TARGETS, help=argparse.SUPPRESS)  # internal: be one server
     # fmt: on
+    add_common_options(p)
     args = p.parse_args(argv)
-    args.targets = [t for t in args.targets.split(",") if t]
-    unknown = set(args.targets) - set(TARGETS)
-    if unknown:
-        p.error(f"unknown targets: {', '.join(sorted(unknown))}")
+    args.targets = comma_list(p, args.targets, TARGETS, "targets")
+    check_runs(p, args)
+    if args.num_proxies < 1:
+        p.error("--num-proxies needs at least 1")
     try:
         args.connections = [int(c) for c in args.connections.split(",") if c]
     except ValueError:
@@ -879,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve == "bare":
         return serve_bare()
     if args.serve:
-        return serve_framework(args.serve, args.max_ongoing_requests)
+        return serve_framework(args.serve, args.max_ongoing_requests, args.num_proxies)
     return orchestrate(args)
 
 
