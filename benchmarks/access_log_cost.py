@@ -3,11 +3,13 @@
 * ``RotatingLineFile.write``: a shared writer (``stat`` per write) and a lone one, next to a bare
   ``os.write`` of the same line;
 * a replica's access line (``runtime/logs.log_access`` into its run-directory file), TEXT and JSON;
-* the proxy's access line (``proxy.access``, written once per loop turn), and the whole
-  ``AccessLogMiddleware`` around a do-nothing ASGI app, next to that app alone.
+* the proxy's access line (``proxy.access``, written once per loop turn). (The proxy has no
+  access-log middleware any more: the line is written by the request path itself.)
 
-Run it: ``python benchmarks/access_log_cost.py [lines_per_round]``. It prints figures and asserts
-nothing. CPU time, not wall time, so a busy machine blurs the figures less.
+Run it: ``python benchmarks/access_log_cost.py [lines_per_round] [--runs 3] [--markdown]``. It
+prints one table (the machine, the versions, the median and spread (min-max) of ``--runs`` runs,
+each the best of 5 rounds) and asserts nothing. CPU time, not wall time, so a busy machine blurs
+the figures less.
 """
 
 from __future__ import annotations
@@ -17,23 +19,23 @@ import sys
 
 # benchmarks/http.py would shadow the standard library's http package for a script run from here.
 _HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE] + [_HERE]  # _common, last
 
+import argparse
 import asyncio
 import io
 import logging
 import tempfile
 import time
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
-from shoal.proxy.access import AccessLogMiddleware, access_line
-from shoal.proxy.routes import RoutingTable
+from _common import Figures, Report, add_common_options, cell, check_runs, spreads
+
+from shoal.proxy.access import access_line
 from shoal.runtime import logs
 from shoal.runtime.buffered_log import LoopBufferedHandler
 from shoal.runtime.rotation import RotatingLineFile, RotationLimits
-from shoal.runtime.wire import RouteEntry
 
 LINE = "INFO 2026-12-02 12:00:00,000 ray.serve 0123456789abcdef0123456789abcdef -- GET /api 200 1.2ms"
 REQUEST_ID = "0123456789abcdef0123456789abcdef"
@@ -49,35 +51,27 @@ def best_us(run: Callable[[], None], lines: int) -> float:
     return min(rounds)
 
 
-def files(directory: str, lines: int) -> None:
+def files(directory: str, lines: int, out: Figures) -> None:
     for shared in (True, False):
         writer = RotatingLineFile(os.path.join(directory, f"shared-{shared}.log"), RotationLimits(), shared=shared)
         cost = best_us(lambda w=writer: [w.write(LINE) for _ in range(lines)], lines)  # type: ignore[misc]
-        print(f"RotatingLineFile.write, {'shared' if shared else 'lone'} writer: {cost:.2f} us")
+        out[f"RotatingLineFile.write, {'shared' if shared else 'lone'} writer"] = cost
     fd = os.open(os.path.join(directory, "bare.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     data = (LINE + "\n").encode()
-    print(f"bare os.write: {best_us(lambda: [os.write(fd, data) for _ in range(lines)], lines):.2f} us")
+    out["bare os.write"] = best_us(lambda: [os.write(fd, data) for _ in range(lines)], lines)
+    os.close(fd)
 
 
-def replica(directory: str, lines: int) -> None:
+def replica(directory: str, lines: int, out: Figures) -> None:
     for encoding in ("TEXT", "JSON"):
         logs.install_replica_logging(deployment="D", replica="app#D#abcd", app="app",
                                      logging_config={"encoding": encoding}, default_logs_dir=directory)
         logging.getLogger().handlers[0].setStream(io.StringIO())  # type: ignore[attr-defined]
         cost = best_us(lambda: [logs.log_access("GET", "/api", 200, 1.23, request_id=REQUEST_ID) for _ in range(lines)], lines)
-        print(f"replica access line, {encoding}: {cost:.2f} us")
+        out[f"replica access line, {encoding}"] = cost
 
 
-class NoOpApp:
-    options = SimpleNamespace(root_path="")
-    table = RoutingTable(1, {"/api": RouteEntry("app", "Ingress")})
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [(b"x-request-id", REQUEST_ID.encode())]})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-
-async def proxy(directory: str, encoding: str, lines: int) -> None:
+async def proxy(directory: str, encoding: str, lines: int, out: Figures) -> None:
     config = {"encoding": encoding}
     handlers = logs.install_proxy_logging(host="127.0.0.1", logging_config=config, default_logs_dir=directory,
                                           file_factory=LoopBufferedHandler)
@@ -87,14 +81,6 @@ async def proxy(directory: str, encoding: str, lines: int) -> None:
         if isinstance(handler, LoopBufferedHandler):
             handler.bind(loop)
     line = access_line(handlers, config, "127.0.0.1")
-    scope = {"type": "http", "method": "GET", "path": "/api/x", "headers": []}
-
-    async def send(message: Any) -> None:
-        pass
-
-    async def receive() -> Any:
-        return {}
-
     async def drive(call: Callable[[], Any]) -> float:
         rounds = []
         for _ in range(5):
@@ -109,20 +95,33 @@ async def proxy(directory: str, encoding: str, lines: int) -> None:
     async def just_line() -> None:
         line.write("GET", "/api", 200, 1.23, REQUEST_ID)
 
-    bare, wrapped = NoOpApp(), AccessLogMiddleware(NoOpApp(), line)  # type: ignore[arg-type]
-    print(f"proxy access line, {encoding}: {await drive(just_line):.2f} us; "
-          f"no-op app {await drive(lambda: bare(scope, receive, send)):.2f} us, "
-          f"with AccessLogMiddleware {await drive(lambda: wrapped(scope, receive, send)):.2f} us")
+    out[f"proxy access line, {encoding}"] = await drive(just_line)
 
 
-def main() -> None:
-    lines = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000
-    with tempfile.TemporaryDirectory() as directory:
-        files(directory, lines)
-        replica(directory, lines)
-        for encoding in ("TEXT", "JSON"):
-            asyncio.run(proxy(directory, encoding, lines))
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("lines", type=int, nargs="?", default=50_000, help="lines per round")
+    add_common_options(parser, peer=False)
+    args = parser.parse_args()
+    check_runs(parser, args)
+    report = Report("access line cost", __file__, runs=args.runs)
+    runs: list[Figures] = []
+    for _ in range(args.runs):
+        figures: Figures = {}
+        with tempfile.TemporaryDirectory() as directory:
+            files(directory, args.lines, figures)
+            replica(directory, args.lines, figures)
+            for encoding in ("TEXT", "JSON"):
+                asyncio.run(proxy(directory, encoding, args.lines, figures))
+        runs.append(figures)
+    report.scenario = f"{args.lines:,} lines per round, CPU time of the writing thread, best of 5 rounds per run"
+    report.add_fact("peer", "none (no peer has these parts); the bare os.write row is the floor")
+    report.columns = ["what", "CPU us per line"]
+    for key, s in spreads(runs).items():
+        report.add_row(key, cell(s, "{:.2f}"))
+    report.print(args.markdown)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -6,9 +6,11 @@ each request: the route's bound children looked up, two ``perf_counter`` calls, 
 count changed twice (written once per loop iteration) and ``ReplicaMetrics.finished`` (latency
 histogram, rolling windows, request or error counter). Requests are simulated on an asyncio
 loop, ``--per-iteration`` of them per loop iteration (1: the worst case, an idle replica), against
-a baseline that only runs the loop. Prints CPU microseconds per request; asserts nothing.
+a baseline that only runs the loop. Prints CPU microseconds per request (one table: the machine,
+the versions, the median and spread (min-max) of ``--runs`` runs, each the best of 3 rounds);
+asserts nothing.
 
-    python benchmarks/replica_metrics_cost.py [--n 100000] [--per-iteration 1]
+    python benchmarks/replica_metrics_cost.py [--n 100000] [--per-iteration 1] [--runs 3] [--markdown]
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import time
 from pathlib import Path
 
 _HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]  # benchmarks/http.py shadows http
+# benchmarks/http.py would shadow the standard library's http package for a script run from here.
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE] + [_HERE]  # _common, last
+
+from _common import Report, add_common_options, cell, check_runs, spreads
 
 
 async def measure(n: int, per_iteration: int, error: str | None) -> float:
@@ -58,19 +63,30 @@ async def measure(n: int, per_iteration: int, error: str | None) -> float:
     return best
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--per-iteration", type=int, default=1)
+    add_common_options(parser, peer=False)
     args = parser.parse_args()
+    check_runs(parser, args)
+    report = Report("replica metrics cost", __file__, ("prometheus-client",), args.runs)
 
     from shoal.runtime import metrics
 
     metrics.enable(Path(tempfile.mkdtemp(prefix="shoal-metrics-bench-")))
-    for label, error in (("success", None), ("error", "ValueError")):
-        added_us = asyncio.run(measure(args.n, args.per_iteration, error))
-        print(f"{label}: {added_us:.2f} us per request ({args.per_iteration} per loop iteration, multiprocess mode)")
+    outcomes = (("success", None), ("error", "ValueError"))
+    runs = [{label: asyncio.run(measure(args.n, args.per_iteration, error)) for label, error in outcomes}
+            for _ in range(args.runs)]
+    report.scenario = (f"{args.n:,} simulated requests, {args.per_iteration} per loop iteration, "
+                       "prometheus-client multiprocess mode, CPU time minus a loop-only baseline")
+    report.add_fact("peer", "none (the baseline loop is subtracted)")
+    report.columns = ["request outcome", "CPU us added per request"]
+    for label, s in spreads(runs).items():
+        report.add_row(label, cell(s, "{:.2f}"))
+    report.print(args.markdown)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
