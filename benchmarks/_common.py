@@ -210,6 +210,24 @@ def run_each(
     return results, failures
 
 
+def run_each_framework(
+    args: argparse.Namespace,
+    run_child: Callable[[str, str, argparse.Namespace], Figures],
+    median_report: Callable[[list[Figures]], Figures | None],
+) -> tuple[dict[str, Figures | None], bool]:
+    """The older entry point, kept for scripts written against it: shoal and (when ``find_ray``
+    finds it) Ray, ``args.runs`` runs each through ``run_child(python, framework, args)``; the
+    ``median_report`` of the successful runs per framework, and whether any run failed."""
+    pythons = {"shoal": sys.executable}
+    ray = find_ray(args)
+    if ray.python:
+        pythons["ray"] = ray.python
+    else:
+        progress(f"skipping ray: {ray.skipped}")
+    results, failures = run_each(pythons, args.runs, lambda python, name: run_child(python, name, args))
+    return {name: median_report(runs) for name, runs in results.items()}, bool(failures)
+
+
 # -------------------------------------------------------------------------------- the peer
 
 
