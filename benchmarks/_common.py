@@ -218,12 +218,7 @@ def run_each_framework(
     """The older entry point, kept for scripts written against it: shoal and (when ``find_ray``
     finds it) Ray, ``args.runs`` runs each through ``run_child(python, framework, args)``; the
     ``median_report`` of the successful runs per framework, and whether any run failed."""
-    pythons = {"shoal": sys.executable}
-    ray = find_ray(args)
-    if ray.python:
-        pythons["ray"] = ray.python
-    else:
-        progress(f"skipping ray: {ray.skipped}")
+    pythons = shoal_and_ray(args, None)
     results, failures = run_each(pythons, args.runs, lambda python, name: run_child(python, name, args))
     return {name: median_report(runs) for name, runs in results.items()}, bool(failures)
 
@@ -276,6 +271,20 @@ def find_ray(args: argparse.Namespace) -> Peer:
         return Peer("ray", None, skipped=f"{python} cannot import ray.serve: {why}")
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     return Peer("ray", python, version=f"Ray Serve {found['ray']} on Python {found['python']} ({python})")
+
+
+def shoal_and_ray(args: argparse.Namespace, report: Report | None) -> dict[str, str]:
+    """The interpreters to run: shoal's (this one) and Ray's when ``find_ray`` finds it. The
+    report gets Ray's version line, or the line saying why it is skipped (also on stderr)."""
+    pythons = {"shoal": sys.executable}
+    ray = find_ray(args)
+    if report is not None:
+        report.add_peer(ray)
+    if ray.python:
+        pythons["ray"] = ray.python
+    else:
+        progress(f"skipping ray: {ray.skipped}")
+    return pythons
 
 
 # ----------------------------------------------------------------------- machine and versions
@@ -418,6 +427,17 @@ class Report:
 
     def add_row(self, *cells: str) -> None:
         self.rows.append(list(cells))
+
+    def add_rows(self, figures: dict[str, Spread], fmt: str) -> None:
+        """One row per figure: its name, then its ``cell``."""
+        for key, s in figures.items():
+            self.add_row(key, cell(s, fmt))
+
+    def finish(self, markdown: bool, failures: dict[str, list[str]]) -> int:
+        """Name the failed runs, print the report; the exit status (1 when any run failed)."""
+        self.add_failures(failures)
+        self.print(markdown)
+        return 1 if failures else 0
 
     def header(self) -> list[tuple[str, str]]:
         lines = [

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from _common import Figures, Report, add_common_options, cell, check_runs, spreads
+from _common import Figures, Report, add_common_options, check_runs, spreads
 
 from shoal.proxy.access import access_line
 from shoal.runtime import logs
@@ -117,10 +117,8 @@ def main() -> int:
     report.scenario = f"{args.lines:,} lines per round, CPU time of the writing thread, best of 5 rounds per run"
     report.add_fact("peer", "none (no peer has these parts); the bare os.write row is the floor")
     report.columns = ["what", "CPU us per line"]
-    for key, s in spreads(runs).items():
-        report.add_row(key, cell(s, "{:.2f}"))
-    report.print(args.markdown)
-    return 0
+    report.add_rows(spreads(runs), "{:.2f}")
+    return report.finish(args.markdown, {})
 
 
 if __name__ == "__main__":

@@ -61,14 +61,13 @@ from _common import (
     child_command,
     child_or_orchestrate,
     comma_list,
-    find_ray,
     framework_version,
     free_port,
     import_serve,
-    progress,
     ratio,
     run_each,
     run_json_child,
+    shoal_and_ray,
     spreads,
 )
 
@@ -256,13 +255,7 @@ def fill_table(report: Report, results: dict[str, list[Figures]], args: argparse
 
 def orchestrate(args: argparse.Namespace) -> int:
     report = Report("@serve.batch under concurrent callers", __file__, runs=args.runs)
-    ray = find_ray(args)
-    report.add_peer(ray)
-    pythons = {"shoal": sys.executable}
-    if ray.python:
-        pythons["ray"] = ray.python
-    else:
-        progress(f"skipping ray: {ray.skipped}")
+    pythons = shoal_and_ray(args, report)
 
     def run_child(python: str, framework: str) -> Figures:
         cmd = child_command(__file__, python, framework, args, ("phases", *CHILD_OPTIONS))
@@ -276,9 +269,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         f"{args.duration_s:g} s after {args.warmup_s:g} s warm-up"
     )
     fill_table(report, results, args)
-    report.add_failures(failures)
-    report.print(args.markdown)
-    return 1 if failures else 0
+    return report.finish(args.markdown, failures)
 
 
 # ---------------------------------------------------------------------- main

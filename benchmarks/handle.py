@@ -62,13 +62,12 @@ from _common import (
     child_command,
     child_or_orchestrate,
     comma_list,
-    find_ray,
     framework_version,
     import_serve,
-    progress,
     ratio,
     run_each,
     run_json_child,
+    shoal_and_ray,
     spreads,
 )
 
@@ -307,13 +306,7 @@ def fill_table(report: Report, results: dict[str, list[Figures]], args: argparse
 
 def orchestrate(args: argparse.Namespace) -> int:
     report = Report("handle round trip and fan-out", __file__, runs=args.runs)
-    ray = find_ray(args)
-    report.add_peer(ray)
-    pythons = {"shoal": sys.executable}
-    if ray.python:
-        pythons["ray"] = ray.python
-    else:
-        progress(f"skipping ray: {ray.skipped}")
+    pythons = shoal_and_ray(args, report)
     pythons[FLOOR] = sys.executable
 
     def run_child(python: str, framework: str) -> Figures:
@@ -327,9 +320,7 @@ def orchestrate(args: argparse.Namespace) -> int:
         "floor: DEALER -> ROUTER over ipc, 8-byte message, echo in another process"
     )
     fill_table(report, results, args)
-    report.add_failures(failures)
-    report.print(args.markdown)
-    return 1 if failures else 0
+    return report.finish(args.markdown, failures)
 
 
 # ---------------------------------------------------------------------- main

@@ -85,13 +85,13 @@ from _common import (
     cell,
     check_runs,
     comma_list,
-    find_ray,
     free_port,
     load_average,
     machine,
     package_version,
     progress,
     ratio,
+    shoal_and_ray,
     spreads,
 )
 
@@ -688,21 +688,13 @@ def fill_table(report: Report, med: dict[str, dict[int, dict[str, Any]]], args: 
 
 
 def find_pythons(args: argparse.Namespace, report: Report) -> dict[str, str]:
-    """The interpreter of each target; Ray's from ``find_ray``, or a line saying why it is
-    skipped."""
-    pythons: dict[str, str] = {}
-    for t in args.targets:
-        if t != "ray":
-            pythons[t] = sys.executable
-            continue
-        ray = find_ray(args)
-        report.add_peer(ray)
-        if ray.python:
-            pythons[t] = ray.python
-        else:
-            progress(f"skipping ray: {ray.skipped}")
+    """The interpreter of each target: this one, and Ray's from ``shoal_and_ray`` (which puts
+    its version, or why it is skipped, in the report)."""
+    pythons = {t: sys.executable for t in args.targets if t != "ray"}
     if "ray" not in args.targets:
         report.add_fact("skipped ray", "not in --targets")
+    elif ray := shoal_and_ray(args, report).get("ray"):
+        pythons["ray"] = ray
     return pythons
 
 

@@ -51,10 +51,10 @@ from _common import (
     add_common_options,
     cell,
     check_runs,
-    find_ray,
     free_port,
     progress,
     ratio,
+    shoal_and_ray,
     spreads,
 )
 
@@ -210,13 +210,7 @@ def main() -> int:
     args = parser.parse_args()
     check_runs(parser, args)
     report = Report("start, memory and scaling", __file__, ("psutil",), args.runs)
-    ray = find_ray(args)
-    report.add_peer(ray)
-    pythons = {"shoal": sys.executable}
-    if ray.python:
-        pythons["ray"] = ray.python
-    else:
-        progress(f"skipping ray: {ray.skipped}")
+    pythons = shoal_and_ray(args, report)
 
     results: dict[str, list[Figures]] = {name: [] for name in pythons}
     failures: dict[str, list[str]] = {}
@@ -244,9 +238,7 @@ def main() -> int:
         figures = {n: med[n].get(key) for n in names}
         report.add_row(label, *(cell(figures[n], fmt) for n in names),
                        *(ratio(figures["shoal"], figures[n]) for n in names[1:]), target)
-    report.add_failures(failures)
-    report.print(args.markdown)
-    return 1 if failures else 0
+    return report.finish(args.markdown, failures)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ _HERE = os.path.dirname(os.path.realpath(__file__))
 # benchmarks/http.py would shadow the standard library's http package for a script run from here.
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE] + [_HERE]  # _common, last
 
-from _common import Report, add_common_options, cell, check_runs, spreads
+from _common import Report, add_common_options, check_runs, spreads
 
 
 async def measure(n: int, per_iteration: int, error: str | None) -> float:
@@ -82,10 +82,8 @@ def main() -> int:
                        "prometheus-client multiprocess mode, CPU time minus a loop-only baseline")
     report.add_fact("peer", "none (the baseline loop is subtracted)")
     report.columns = ["request outcome", "CPU us added per request"]
-    for label, s in spreads(runs).items():
-        report.add_row(label, cell(s, "{:.2f}"))
-    report.print(args.markdown)
-    return 0
+    report.add_rows(spreads(runs), "{:.2f}")
+    return report.finish(args.markdown, {})
 
 
 if __name__ == "__main__":
