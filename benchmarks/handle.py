@@ -235,6 +235,12 @@ def zmq_echo(endpoint: str) -> int:
         sock.send_multipart(sock.recv_multipart())
 
 
+def zmq_version() -> str:
+    import zmq
+
+    return str(zmq.zmq_version())
+
+
 def run_floor(args: argparse.Namespace) -> Figures:
     import zmq
 
@@ -258,7 +264,7 @@ def run_floor(args: argparse.Namespace) -> Figures:
             server.wait(10)
     return {
         "framework": FLOOR,
-        "version": f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}",
+        "version": f"pyzmq {zmq.__version__}, libzmq {zmq_version()}",
         "python": platform.python_version(),
         "variants": dict.fromkeys(VARIANTS, figures),
     }
@@ -308,6 +314,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     report = Report("handle round trip and fan-out", __file__, runs=args.runs)
     pythons = shoal_and_ray(args, report)
     pythons[FLOOR] = sys.executable
+    report.add_fact("floor", f"raw zmq: DEALER -> ROUTER over ipc, 8-byte message, echo in another process, "
+                             f"libzmq {zmq_version()}")
 
     def run_child(python: str, framework: str) -> Figures:
         return run_json_child(child_command(__file__, python, framework, args, CHILD_OPTIONS), args.timeout_s)
@@ -316,8 +324,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     limit = args.max_ongoing_requests or "framework default"
     report.scenario = (
         f"1 replica echoing its argument, max_ongoing_requests={limit}, {args.calls} sequential "
-        f"calls after {args.warmup} warm-up, fan-out {args.fanout} x {args.repeats} rounds (median); "
-        "floor: DEALER -> ROUTER over ipc, 8-byte message, echo in another process"
+        f"calls after {args.warmup} warm-up, fan-out {args.fanout} x {args.repeats} rounds (median)"
     )
     fill_table(report, results, args)
     return report.finish(args.markdown, failures)
