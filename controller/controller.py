@@ -229,8 +229,9 @@ class Controller:
             return
         state, replica = found
         if self._executor.connect(state, replica, meta) and observe.replica_ready(replica, meta.get("pid")):
+            replica.ready_at = time.monotonic()
             tags = controller_metrics.deployment_tags(state)
-            startup_ms = (time.monotonic() - replica.started_at) * 1000
+            startup_ms = (replica.ready_at - replica.started_at) * 1000
             controller_metrics.REPLICA_STARTUP_LATENCY_MS.observe(startup_ms, tags=tags)
             initialization_s = meta.get("initialization_s")
             if isinstance(initialization_s, (int, float)):
@@ -280,6 +281,7 @@ class Controller:
             if app.deleting and not app.deployments:
                 del self.apps[app.name]
                 app.changed.set()
+        self._executor.warm(self._deployments())
         self.snapshots.publish(self.apps.values())
         if wake_at is not None:
             self._wake_at(wake_at - now)
