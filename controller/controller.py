@@ -212,7 +212,9 @@ class Controller:
 
     def status(self) -> dict[str, Any]:
         proxy_status = self.proxy.status.value if self.proxy is not None else None
-        return render_status(self.apps.values(), proxy_status, self.target_capacity)
+        rendered = render_status(self.apps.values(), proxy_status, self.target_capacity)
+        rendered["templates"] = self._executor.templates.describe_all()  # warm template processes
+        return rendered
 
     # -- what the replicas report ---------------------------------------------------------------
 

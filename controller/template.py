@@ -283,9 +283,13 @@ class Templates:
         if self._current.get(template.key) is template:
             del self._current[template.key]
 
-    def describe(self, key: str) -> dict[str, Any] | None:
-        template = self._current.get(key)
-        return template.describe() if template is not None else None
+    def describe_all(self) -> dict[str, list[dict[str, Any]]]:
+        """Every template process alive, by deployment key (a retired one until it stopped)."""
+        described: dict[str, list[dict[str, Any]]] = {}
+        for template in [*self._current.values(), *self._retired]:
+            if template.process is not None and template.process.exitcode is None:
+                described.setdefault(template.key, []).append({**template.describe(), "retiring": template.retiring})
+        return described
 
     def child_exited(self) -> None:
         """A replica exited: a retired template with none left may stop now."""
