@@ -265,6 +265,7 @@ class Controller:
         """Plan every deployment and carry the actions out; update statuses; publish. One pass
         is one control loop (``controller/metrics.py``)."""
         started = time.perf_counter()
+        self._executor.warm(self._deployments())  # templates for the versions it may start
         now = time.monotonic()
         wake_at: float | None = None
         for app in list(self.apps.values()):
@@ -283,7 +284,6 @@ class Controller:
             if app.deleting and not app.deployments:
                 del self.apps[app.name]
                 app.changed.set()
-        self._executor.warm(self._deployments())
         self.snapshots.publish(self.apps.values())
         if wake_at is not None:
             self._wake_at(wake_at - now)

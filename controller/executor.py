@@ -137,11 +137,16 @@ class Executor:
             "log_rotation": self._log_rotation.to_spec(),  # for every log file it writes
         }
 
-    def _template_spec(self, state: DeploymentState) -> bytes:
-        options = state.config.get("ray_actor_options") or {}
-        return wire.pack(
-            {**self._base_spec(state), "process_name": "shoal-template", "env": actor_options.environment(options, ())}
+    def _template_spec(self, states: list[DeploymentState]) -> bytes:
+        """The spec of a template for ``states`` (one application, one import environment)."""
+        options = states[0].config.get("ray_actor_options") or {}
+        spec = self._base_spec(states[0])
+        del spec["definition"]
+        spec.update(
+            process_name="shoal-template", env=actor_options.environment(options, ()),
+            definitions={state.name: state.definition for state in states},
         )
+        return wire.pack(spec)
 
     def warm(self, states: Any) -> None:
         """Keep a warm template for every deployment that may fork its replicas (one per
@@ -174,7 +179,7 @@ class Executor:
         spec = wire.pack({**base, **own})
         template = self.templates.for_replica(state)
         fork_from = None
-        if template is not None:  # the template holds the definition
+        if template is not None:  # the template holds the definitions
             del base["definition"]
             fork_from = ForkFrom(template, wire.pack({**base, **own}))
         replica = Replica(

@@ -1,9 +1,9 @@
-"""Warm templates: one process per deployment version that imported it once and forks replicas.
+"""Warm templates: one process per application that imported it once and forks its replicas.
 
 A replica is started in one of two ways (``SHOAL_WORKER_START``, read once by the executor;
 a deployment can set it for itself in ``ray_actor_options.runtime_env.env_vars``):
 
-- ``fork`` (the default): from the deployment version's warm template
+- ``fork`` (the default): from the application's warm template
   (``runtime/template_main.py``), when all of these hold: the platform has ``os.fork`` and
   pidfds (Linux >= 5.3); the deployment asks for no GPU (CUDA state cannot cross a fork, and
   each replica gets its own ``CUDA_VISIBLE_DEVICES`` before its imports); the template is
@@ -12,15 +12,20 @@ a deployment can set it for itself in ``ray_actor_options.runtime_env.env_vars``
 - ``spawn``: every replica is a fresh interpreter, as before templates existed.
 
 Lifecycle (``Templates``, owned by the executor):
-- ``sync(deployments)`` runs after every reconcile pass: each live deployment that may fork has
-  a template for its current version (made at deploy time, so a deployment scaled to zero
-  already has one when its first request comes). A template of an older version, or of a
-  deleted deployment, is retired: it takes no more orders and is stopped once the last replica
-  it forked exited (a replica dies with its template, so one is never stopped under them).
+- ``sync(deployments)`` runs at the start of every reconcile pass: the deployments of one
+  application that may fork (grouped by ``group_key``: same application, same ``sys_path`` and
+  ``runtime_env`` variables) share one template that holds each one's current version (made at
+  deploy time, so a deployment scaled to zero already has one when its first request comes).
+  When one of them changes version (new code: the template's imported modules are the old
+  ones), a new template is made for the new set and the old one is retired: it takes no more
+  orders and is stopped once the last replica it forked exited (a replica dies with its
+  template, so one is never stopped under them; replicas of unchanged deployments keep it
+  until they are replaced, which costs that template's private memory meanwhile). A deleted
+  application's template is retired the same way.
 - A template that refused (a module started a thread at import time, CUDA was initialised) or
-  failed to import is not made again for that version: its replicas are spawned, and a spawned
+  failed to import is not made again for that set of versions: its replicas are spawned, and a spawned
   replica reports the import error as its constructor's error, as before. A template that died
-  after it was ready is made again, up to ``_MAX_RESTARTS`` times per version; its replicas
+  after it was ready is made again, up to ``_MAX_RESTARTS`` times per set of versions; its replicas
   died with it and are replaced as any crashed replica.
 - Templates are children of the supervisor and forked replicas are their children: the
   instance's process tree (what ``shoal status`` memory figures and metrics sweep over) holds
@@ -30,6 +35,7 @@ Lifecycle (``Templates``, owned by the executor):
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
@@ -75,9 +81,12 @@ class Template:
     """One template process and its order socket. ``state``: ``starting`` (importing; orders
     wait), ``ready``, ``refused`` (not fork-safe: ``reason`` says why) or ``gone``."""
 
-    def __init__(self, key: str, version: str, spec: bytes, *, echo: Callable[[str], None], on_gone: Callable[[Template], None]) -> None:
+    def __init__(
+        self, key: str, versions: dict[str, str], spec: bytes, *, echo: Callable[[str], None],
+        on_gone: Callable[[Template], None],
+    ) -> None:
         self.key = key
-        self.version = version
+        self.versions = versions  # deployment name -> the version it holds
         self.state = "starting"
         self.reason = ""
         self.retiring = False
@@ -208,20 +217,32 @@ class Template:
             self._stopping = asyncio.get_running_loop().create_task(self.process.stop(_STOP_GRACE_S))
 
     def describe(self) -> dict[str, Any]:
-        return {"pid": self.pid, "state": self.state, "reason": self.reason, "version": self.version, "replicas": len(self._children)}
+        return {"pid": self.pid, "state": self.state, "reason": self.reason, "versions": self.versions, "replicas": len(self._children)}
+
+
+def group_key(state: DeploymentState) -> str:
+    """Deployments that may share a template: one application, one import environment (its
+    ``sys_path`` and ``runtime_env`` variables, which an import can depend on)."""
+    options = state.config.get("ray_actor_options") or {}
+    env = (options.get("runtime_env") or {}).get("env_vars") or {}
+    digest = hashlib.sha256(repr((sorted(env.items()), state.sys_path)).encode()).hexdigest()[:8]
+    return f"{state.app}/{digest}"
 
 
 class Templates:
-    """The executor's templates, one per deployment (of its current version)."""
+    """The executor's templates: one per application (and import environment) holding the
+    current version of each of its deployments that may fork."""
 
-    def __init__(self, make_spec: Callable[[DeploymentState], bytes], *, echo: Callable[[str], None], start_method: str) -> None:
+    def __init__(
+        self, make_spec: Callable[[list[DeploymentState]], bytes], *, echo: Callable[[str], None], start_method: str,
+    ) -> None:
         self._make_spec = make_spec
         self._echo = echo
         self.start_method = start_method
         self._current: dict[str, Template] = {}
         self._retired: set[Template] = set()
-        self._restarts: dict[tuple[str, str], int] = {}
-        self._failed: set[tuple[str, str]] = set()  # (key, version) that refused or never got ready
+        self._restarts: dict[tuple[str, frozenset[tuple[str, str]]], int] = {}
+        self._failed: set[tuple[str, frozenset[tuple[str, str]]]] = set()  # refused, or never got ready
 
     def may_fork(self, state: DeploymentState) -> bool:
         """Whether replicas of ``state`` may be forked from a template at all."""
@@ -230,42 +251,47 @@ class Templates:
         try:
             method = start_method_from(env, self.start_method)
         except ValueError:
-            method = self.start_method  # refused when deployed (``check_options``)
+            method = self.start_method  # refused when deployed (``actor_options.check``)
         return method == "fork" and state.num_gpus == 0 and platform_can_fork()
 
     def for_replica(self, state: DeploymentState) -> Template | None:
-        """The usable template for a new replica of ``state``, made if missing; None: spawn."""
-        if state.deleting or not self.may_fork(state) or (state.key, state.version) in self._failed:
+        """The usable template holding ``state``'s current version; None: spawn the replica."""
+        template = self._current.get(group_key(state))
+        if template is None or not template.usable or template.versions.get(state.name) != state.version:
             return None
-        template = self._current.get(state.key)
-        if template is not None and template.version != state.version:
-            self._retire(template)
-            template = None
-        if template is None:
-            if self._restarts.get((state.key, state.version), 0) > _MAX_RESTARTS:
-                return None
-            template = Template(state.key, state.version, self._make_spec(state), echo=self._echo, on_gone=self._gone)
-            self._current[state.key] = template
-            try:
-                template.start()
-            except Exception:
-                logger.exception("starting the template for %s failed; spawning its replicas", state.key)
-                self._current.pop(state.key, None)
-                self._failed.add((state.key, state.version))
-                return None
-        return template if template.usable else None
+        return template
 
     def sync(self, states: Iterable[DeploymentState]) -> None:
-        """Warm a template for every live deployment that may fork; retire the others."""
-        wanted = set()
+        """Warm a template for every application's deployments that may fork, at their current
+        versions; retire templates no deployment needs (stopped once their replicas exited)."""
+        groups: dict[str, list[DeploymentState]] = {}
         for state in states:
-            if self.for_replica(state) is not None:
-                wanted.add(state.key)
-        for key in [k for k in self._current if k not in wanted]:
-            self._retire(self._current.pop(key))
-        for template in list(self._retired):
-            if not template.children:
-                template.retire()
+            if not state.deleting and self.may_fork(state):
+                groups.setdefault(group_key(state), []).append(state)
+        for key in [k for k in self._current if k not in groups]:
+            self._retire(self._current[key])
+        for key, members in groups.items():
+            versions = {s.name: s.version for s in members}
+            template = self._current.get(key)
+            if template is not None and all(template.versions.get(n) == v for n, v in versions.items()):
+                continue
+            wanted = (key, frozenset(versions.items()))
+            if wanted in self._failed or self._restarts.get(wanted, 0) > _MAX_RESTARTS:
+                continue
+            if template is not None:
+                self._retire(template)
+            self._start(key, versions, members)
+        self.child_exited()
+
+    def _start(self, key: str, versions: dict[str, str], members: list[DeploymentState]) -> None:
+        template = Template(key, versions, self._make_spec(members), echo=self._echo, on_gone=self._gone)
+        try:
+            template.start()
+        except Exception:
+            logger.exception("starting the template for %s failed; spawning its replicas", key)
+            self._failed.add((key, frozenset(versions.items())))
+            return
+        self._current[key] = template
 
     def _retire(self, template: Template) -> None:
         if self._current.get(template.key) is template:
@@ -275,16 +301,16 @@ class Templates:
 
     def _gone(self, template: Template) -> None:
         self._retired.discard(template)
-        version_key = (template.key, template.version)
+        wanted = (template.key, frozenset(template.versions.items()))
         if template.state == "refused" or not template.was_ready:
-            self._failed.add(version_key)  # it could not import the deployment, or is not fork-safe
+            self._failed.add(wanted)  # it could not import the deployments, or is not fork-safe
         elif not template.retiring:
-            self._restarts[version_key] = self._restarts.get(version_key, 0) + 1
+            self._restarts[wanted] = self._restarts.get(wanted, 0) + 1
         if self._current.get(template.key) is template:
             del self._current[template.key]
 
     def describe_all(self) -> dict[str, list[dict[str, Any]]]:
-        """Every template process alive, by deployment key (a retired one until it stopped)."""
+        """Every template process alive, by application (a retired one until it stopped)."""
         described: dict[str, list[dict[str, Any]]] = {}
         for template in [*self._current.values(), *self._retired]:
             if template.process is not None and template.process.exitcode is None:

@@ -6,28 +6,33 @@ forked from it starts with all of that in memory, shared copy-on-write with the 
 siblings, and only runs the constructor.
 
 ``main(spec, output, lifeline, orders)`` is started by the supervisor with the spawn method, one
-per deployment version (``controller/template.py``):
+per application (per import environment) and set of its deployments' versions
+(``controller/template.py``); ``spec["definitions"]`` holds each deployment's definition:
 
 1. ``bootstrap`` as any worker (output pipe, own process group, SIGKILL when the supervisor dies,
    the deployer's ``sys.path``, the metrics directory: prometheus-client's value class only,
    no value is made here, so no metrics file is named by this pid), then the deployment's
    ``runtime_env`` variables, which the version carries;
 2. imports what a replica needs: shoal's runtime modules, and the user's modules by unpickling
-   the deployment definition (cloudpickle imports the modules it references by name). It makes
+   every deployment definition (cloudpickle imports the modules it references by name). It makes
    NO thread, no ZeroMQ context, no event loop: nothing that cannot cross a fork. If a Python
    thread exists anyway (started by a user module at import time) or CUDA was initialised, the
    template is not fork-safe: it says ``refused`` with the reason and exits, and the supervisor
    spawns this deployment's replicas instead;
 3. says ``ready`` on ``orders`` (a SOCK_SEQPACKET unix socket: one msgpack message per packet,
    file descriptors beside it with SCM_RIGHTS) and waits, in a ``select`` loop, for:
-   - a fork order: the replica's own spec (everything but the definition, which the template
-     holds) and its three pipes (stdout/stderr, lifeline, last words). The template forks and
+   - a fork order: the replica's own spec (everything but the definitions, which the template
+     holds: the child takes its deployment's) and its three pipes (stdout/stderr, lifeline, last words). The template forks and
      answers ``forked`` with the child's pid and a pidfd for it (opened before the child can be
      reaped, so it can never name another process: the supervisor signals through it);
    - SIGCHLD (through the wakeup fd): it reaps its children and reports each ``exited`` with
      the exit code (negative: killed by that signal, as ``multiprocessing`` reports it);
    - EOF on its lifeline or on ``orders``: the supervisor is gone, or retired this template
      (only once its last replica exited). It exits.
+
+Memory: the template imports with the garbage collector off and freezes every object it holds
+before each fork (``gc.freeze``), so a replica's collections never write to the pages it shares
+with the template and its siblings; the child turns the collector back on.
 
 The forked child re-seeds ``random`` (and numpy's global generator, if numpy is imported: two
 replicas must not draw the same numbers), closes the template's descriptors, points stdout and
@@ -39,6 +44,7 @@ does (memory limit, logging, ZeroMQ, constructor, READY), and never returns into
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import signal
@@ -86,6 +92,7 @@ def fork_unsafe_reason() -> str:
 
 
 def main(spec_bytes: bytes, output: worker_main.PassFd, lifeline: worker_main.PassFd, orders: worker_main.PassFd) -> None:
+    gc.disable()  # no collections while importing: no freed holes in pages the replicas share
     spec = worker_main.bootstrap(spec_bytes, output)
     os.environ.update(spec.get("env") or {})
     sock = socket.socket(fileno=orders.detach())
@@ -94,7 +101,8 @@ def main(spec_bytes: bytes, output: worker_main.PassFd, lifeline: worker_main.Pa
 
     try:
         warm_imports()
-        wire.loads(wire.Encoding.PICKLE, spec["definition"])
+        for definition in spec["definitions"].values():
+            wire.loads(wire.Encoding.PICKLE, definition)
         reason = fork_unsafe_reason()
     except Exception as exc:
         reason = "importing the deployment failed: " + "".join(traceback.format_exception_only(exc)).strip()
@@ -152,6 +160,7 @@ def _serve_orders(sock: socket.socket, lifeline_fd: int, base: dict[str, Any]) -
 def _fork(sock: socket.socket, order: dict[str, Any], fds: list[int], base: dict[str, Any], own_fds: list[int]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
+    gc.freeze()  # the child's collections leave the template's objects (and their pages) alone
     try:
         pid = os.fork()
     except OSError as exc:
@@ -185,6 +194,7 @@ def _run_child(order_spec: dict[str, Any], fds: list[int], base: dict[str, Any],
     """The forked replica: never returns."""
     try:
         template_pid = os.getppid()
+        gc.enable()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for fd in own_fds:
@@ -194,6 +204,7 @@ def _run_child(order_spec: dict[str, Any], fds: list[int], base: dict[str, Any],
         os.setpgid(0, 0)
         _reseed()
         spec = {**base, **order_spec}
+        spec["definition"] = spec.pop("definitions")[spec["deployment"]]
         worker_main.set_process_name(spec.get("process_name", "shoal-replica"))
         worker_main.die_with_parent(template_pid)
         worker_main.serve_replica(spec, lifeline_fd, last_words_fd)
