@@ -40,8 +40,8 @@ def no_template_left(serve_instance: Any) -> Any:
     # (the app is deleted by the ``deploy`` fixture after this; the next test's check covers it)
 
 
-def _app(env: dict[str, str], **options: Any) -> Any:
-    return Imported.options(ray_actor_options={"runtime_env": {"env_vars": env}}, **options).bind()
+def _app(env: dict[str, str], tag: str = "", **options: Any) -> Any:
+    return Imported.options(ray_actor_options={"runtime_env": {"env_vars": env}}, **options).bind(tag)
 
 
 def _whoami_all(handle: Any, count: int) -> dict[int, dict[str, Any]]:
@@ -127,6 +127,22 @@ def test_killed_template_is_replaced_and_its_replicas_too(
     (new_template,) = wait_until(lambda: _templates(serve_instance.supervisor), 30, "a new template")
     assert new_template.pid != template.pid
     assert all(a["ppid"] in (new_template.pid, serve_instance.supervisor.pid) for a in _whoami_all(handle, 2).values())
+
+
+def test_new_version_gets_a_new_template_and_the_old_one_stops(
+    deploy: Any, app_name: str, serve_instance: Any, tmp_path: Path
+) -> None:
+    marker = tmp_path / "imported"
+    handle = deploy(_app({MARKER_ENV: str(marker)}, tag="v1"), app_name)
+    (old,) = _templates(serve_instance.supervisor)
+    old_replicas = set(_whoami_all(handle, 2))
+    handle = serve.run(_app({MARKER_ENV: str(marker)}, tag="v2"), name=app_name, route_prefix=None)
+    wait_until(lambda: not alive(old.pid), 60, "the old template stopped once its replicas were replaced")
+    (new,) = _templates(serve_instance.supervisor)
+    answers = _whoami_all(handle, 2)
+    assert not (set(answers) & old_replicas)
+    assert all(a["ppid"] == new.pid and a["tag"] == "v2" for a in answers.values())
+    assert _marker_pids(marker) == [old.pid, new.pid]  # the new code was imported afresh, once
 
 
 def test_option_spawn_starts_fresh_interpreters(deploy: Any, app_name: str, serve_instance: Any, tmp_path: Path) -> None:

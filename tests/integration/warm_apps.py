@@ -32,8 +32,11 @@ if os.environ.get(THREAD_ENV) == "1":
 
 @serve.deployment(num_replicas=2)
 class Imported:
+    def __init__(self, tag: str = "") -> None:
+        self.tag = tag  # another tag is another definition: a new version of the deployment
+
     def whoami(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "ppid": os.getppid(), "random": random.random()}
+        return {"pid": os.getpid(), "ppid": os.getppid(), "random": random.random(), "tag": self.tag}
 
     async def work(self, started_file: str, duration_s: float) -> str:
         """Say it started (a file), then work ``duration_s`` seconds."""
