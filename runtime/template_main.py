@@ -34,8 +34,8 @@ Memory: the template imports with the garbage collector off and freezes every ob
 before each fork (``gc.freeze``), so a replica's collections never write to the pages it shares
 with the template and its siblings; the child turns the collector back on.
 
-The forked child re-seeds ``random`` (and numpy's global generator, if numpy is imported: two
-replicas must not draw the same numbers), closes the template's descriptors, points stdout and
+The forked child re-seeds ``random`` (and numpy's global generator, if ``numpy.random`` is
+imported: two replicas must not draw the same numbers; one imported later seeds itself), closes the template's descriptors, points stdout and
 stderr at its own pipe, takes its own process group, and asks for SIGKILL when its parent (the
 template) dies: the template itself dies with the supervisor, and is never retired while a
 replica it forked runs. Then it runs ``worker_main.serve_replica`` exactly as a spawned replica
@@ -219,6 +219,6 @@ def _reseed() -> None:
     import random
 
     random.seed()
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        numpy.random.seed()
+    numpy_random = sys.modules.get("numpy.random")  # not imported yet: it will seed itself
+    if numpy_random is not None:
+        numpy_random.seed()
