@@ -204,6 +204,7 @@ class Executor:
         def on_started(pid: int) -> None:
             nonlocal prefix
             replica.pid = pid
+            replica.start_method = process.start_method  # "spawn" if the template could not fork it
             prefix = replica_prefix(state.app, state.name, replica_id, pid)
 
         def on_exit(code: int) -> None:
@@ -232,7 +233,6 @@ class Executor:
             self.gpus.release(replica_id)
             log_file.close()
             raise
-        replica.start_method = process.start_method
         return replica
 
     def connect(self, state: DeploymentState, replica: Replica, meta: dict[str, Any]) -> bool:
