@@ -103,6 +103,12 @@ def _check_env_vars(where: str, env_vars: Any) -> None:
             raise ActorOptionsError(
                 f"{where}runtime_env['env_vars'] must map strings to strings; {name!r}: {value!r} is not."
             )
+    from shoal.controller.template import start_method_from
+
+    try:
+        start_method_from(env_vars)  # how its replicas start (SHOAL_WORKER_START)
+    except ValueError as exc:
+        raise ActorOptionsError(f"{where}runtime_env['env_vars']: {exc}.") from None
 
 
 def environment(options: dict[str, Any], devices: tuple[str, ...]) -> dict[str, str]:

@@ -212,7 +212,9 @@ class Controller:
 
     def status(self) -> dict[str, Any]:
         proxy_status = self.proxy.status.value if self.proxy is not None else None
-        return render_status(self.apps.values(), proxy_status, self.target_capacity)
+        rendered = render_status(self.apps.values(), proxy_status, self.target_capacity)
+        rendered["templates"] = self._executor.templates.describe_all()  # warm template processes
+        return rendered
 
     # -- what the replicas report ---------------------------------------------------------------
 
@@ -229,8 +231,9 @@ class Controller:
             return
         state, replica = found
         if self._executor.connect(state, replica, meta) and observe.replica_ready(replica, meta.get("pid")):
+            replica.ready_at = time.monotonic()
             tags = controller_metrics.deployment_tags(state)
-            startup_ms = (time.monotonic() - replica.started_at) * 1000
+            startup_ms = (replica.ready_at - replica.started_at) * 1000
             controller_metrics.REPLICA_STARTUP_LATENCY_MS.observe(startup_ms, tags=tags)
             initialization_s = meta.get("initialization_s")
             if isinstance(initialization_s, (int, float)):
@@ -262,6 +265,7 @@ class Controller:
         """Plan every deployment and carry the actions out; update statuses; publish. One pass
         is one control loop (``controller/metrics.py``)."""
         started = time.perf_counter()
+        self._executor.warm(self._deployments())  # templates for the versions it may start
         now = time.monotonic()
         wake_at: float | None = None
         for app in list(self.apps.values()):

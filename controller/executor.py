@@ -9,6 +9,10 @@ start, and the deployment's ``resources_wanted`` says why); ``stop`` stops one (
 its new rank or world size (through the same reconfigure call). What happens next comes back through
 ``ReplicaEvents``: a replica exited (after its last words were read), or failed its health
 checks.
+
+A replica is forked from its deployment version's warm template when it may be (``templates``,
+see ``controller/template.py``: ``SHOAL_WORKER_START``, no GPUs, a template that could be made),
+else spawned; ``warm(deployments)`` keeps the templates in step with the deployments.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from shoal.controller import actor_options, observe, rundir
 from shoal.controller import metrics as controller_metrics
 from shoal.controller.gpus import GpuPool
 from shoal.controller.health import monitor_health, monitor_routing_stats
-from shoal.controller.process import WorkerProcess
+from shoal.controller.process import ForkFrom, WorkerProcess
 from shoal.controller.replica_control import RECONFIGURE_METHOD, ReplicaControl
 from shoal.controller.state import DeploymentState, Replica
 from shoal.controller.tasks import TaskSet
+from shoal.controller.template import START_ENV, Templates, start_method_from
 from shoal.runtime import wire
 from shoal.runtime.logs import replica_prefix
 from shoal.runtime.rotation import RotatingLineFile, RotationLimits, limits_from_env
@@ -93,11 +98,13 @@ class Executor:
         echo: Callable[[str], None],
         gpus: tuple[str, ...] = (),
         log_rotation: RotationLimits | None = None,
+        start_method: str | None = None,
     ) -> None:
         """``unroute(timeout_s)`` publishes the replica sets and waits (bounded) until every
         router applied them; ``gpus``: the machine's GPU device ids; ``log_rotation``: the size
         limits of every replica log file (None: Ray's ``RAY_ROTATION_*`` variables, read once
-        here, see ``runtime/rotation.py``), passed to each replica in its spec."""
+        here, see ``runtime/rotation.py``), passed to each replica in its spec; ``start_method``:
+        ``fork`` or ``spawn`` (None: ``SHOAL_WORKER_START``, read once here; default fork)."""
         self.gpus = GpuPool(gpus)
         self._run_dir = run_dir
         self._events = events
@@ -108,6 +115,43 @@ class Executor:
         self._log_rotation = limits_from_env() if log_rotation is None else log_rotation
         self._incarnations = itertools.count(1)
         self._handles: dict[str, _Handles] = {}
+        method = start_method_from(dict(os.environ)) if start_method is None else start_method_from({START_ENV: start_method})
+        self.templates = Templates(self._template_spec, echo=echo, start_method=method)
+
+    def _base_spec(self, state: DeploymentState) -> dict[str, Any]:
+        """What every replica of ``state``'s current version is given, and its template too."""
+        options = state.config.get("ray_actor_options") or {}
+        return {
+            "app": state.app,
+            "deployment": state.name,
+            "control_endpoint": rundir.control_endpoint(self._run_dir),
+            "definition": state.definition,
+            "config": state.config,
+            "version": state.version,
+            "sys_path": state.sys_path,
+            "parent_pid": os.getpid(),
+            "process_name": "shoal-replica",
+            "memory_limit_bytes": actor_options.memory_limit_bytes(options),
+            "logging_config": state.config.get("logging_config"),  # merged in deploy.apply_spec
+            "logs_dir": str(self._logs),  # the replica writes its access lines there
+            "log_rotation": self._log_rotation.to_spec(),  # for every log file it writes
+        }
+
+    def _template_spec(self, states: list[DeploymentState]) -> bytes:
+        """The spec of a template for ``states`` (one application, one import environment)."""
+        options = states[0].config.get("ray_actor_options") or {}
+        spec = self._base_spec(states[0])
+        del spec["definition"]
+        spec.update(
+            process_name="shoal-template", env=actor_options.environment(options, ()),
+            definitions={state.name: state.definition for state in states},
+        )
+        return wire.pack(spec)
+
+    def warm(self, states: Any) -> None:
+        """Keep a warm template for every deployment that may fork its replicas (one per
+        current version), and retire the others."""
+        self.templates.sync(states)
 
     def start(self, state: DeploymentState, now: float, rank: int = 0) -> Replica | None:
         """Spawn a replica of ``state``'s current version with ``rank``, recorded STARTING in
@@ -123,29 +167,21 @@ class Executor:
         options = state.config.get("ray_actor_options") or {}
         incarnation = next(self._incarnations)
         endpoint = rundir.replica_endpoint(self._run_dir, incarnation)
-        spec = wire.pack(
-            {
-                "replica_id": replica_id,
-                "incarnation": incarnation,
-                "app": state.app,
-                "deployment": state.name,
-                "endpoint": endpoint,
-                "control_endpoint": rundir.control_endpoint(self._run_dir),
-                "definition": state.definition,
-                "config": state.config,
-                "version": state.version,
-                "sys_path": state.sys_path,
-                "parent_pid": os.getpid(),
-                "process_name": "shoal-replica",
-                "world_size": state.target,
-                "rank": rank,
-                "env": actor_options.environment(options, devices),
-                "memory_limit_bytes": actor_options.memory_limit_bytes(options),
-                "logging_config": state.config.get("logging_config"),  # merged in deploy.apply_spec
-                "logs_dir": str(self._logs),  # the replica writes its access lines there
-                "log_rotation": self._log_rotation.to_spec(),  # for every log file it writes
-            }
-        )
+        own = {
+            "replica_id": replica_id,
+            "incarnation": incarnation,
+            "endpoint": endpoint,
+            "world_size": state.target,
+            "rank": rank,
+            "env": actor_options.environment(options, devices),
+        }
+        base = self._base_spec(state)
+        spec = wire.pack({**base, **own})
+        template = self.templates.for_replica(state)
+        fork_from = None
+        if template is not None:  # the template holds the definitions
+            del base["definition"]
+            fork_from = ForkFrom(template, wire.pack({**base, **own}))
         replica = Replica(
             replica_id, incarnation, state.version, endpoint, started_at=now,
             rank=rank, world_size=state.target, gpus=devices,
@@ -165,7 +201,14 @@ class Executor:
             except Exception:
                 replica.error = data.decode("utf-8", "replace")
 
+        def on_started(pid: int) -> None:
+            nonlocal prefix
+            replica.pid = pid
+            replica.start_method = process.start_method  # "spawn" if the template could not fork it
+            prefix = replica_prefix(state.app, state.name, replica_id, pid)
+
         def on_exit(code: int) -> None:
+            self.templates.child_exited()
             if replica.stop_requested_at is not None:
                 shutdown_ms = (time.monotonic() - replica.stop_requested_at) * 1000
                 controller_metrics.REPLICA_SHUTDOWN_DURATION_MS.observe(shutdown_ms, tags=tags)
@@ -178,7 +221,7 @@ class Executor:
 
         process = WorkerProcess(
             spec, on_output=on_output, on_exit=on_exit, on_last_words=on_last_words,
-            name=f"shoal:{state.app}:{state.name}",
+            name=f"shoal:{state.app}:{state.name}", fork_from=fork_from, on_started=on_started,
         )
         self._handles[replica_id] = _Handles(process)
         state.replicas[replica_id] = replica
@@ -190,8 +233,6 @@ class Executor:
             self.gpus.release(replica_id)
             log_file.close()
             raise
-        replica.pid = process.pid
-        prefix = replica_prefix(state.app, state.name, replica_id, process.pid or 0)
         return replica
 
     def connect(self, state: DeploymentState, replica: Replica, meta: dict[str, Any]) -> bool:
@@ -282,6 +323,7 @@ class Executor:
     async def wait_exited(self) -> None:
         """Wait until every replica process has exited (each is being stopped)."""
         await asyncio.gather(*(h.process.exited.wait() for h in list(self._handles.values())))
+        await self.templates.close()
 
     def update_replica(self, state: DeploymentState, replica: Replica, world_size: int, rank: int | None) -> None:
         """Tell running ``replica`` the deployment's ``world_size`` and, unless None, its new

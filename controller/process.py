@@ -12,6 +12,15 @@ Exit is noticed through the process sentinel on the loop (no polling) and report
 order is explicit, so the error a worker leaves is always known when its exit is reported.
 
 ``stop(grace_s)`` is SIGTERM, wait up to ``grace_s``, SIGKILL, reap; it never waits unbounded.
+
+With ``fork_from`` (a replica of a deployment that has a warm template, ``controller/template.py``)
+the worker is forked by the template instead of spawned: the same three pipes are made here and
+passed to the template with the order, so output, lifeline and last words work as above. The
+template answers with the pid and a pidfd (signals go through it: never to a reused pid), and
+reports the exit code when it reaped the worker; that report stands for the sentinel. If the
+template is gone before it forked, the worker is spawned after all (``start_method`` says which
+happened); if it dies after, its replicas die with it (parent-death signal) and each is
+reported exited with -SIGKILL once its pidfd says so.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import psutil
 
@@ -69,6 +80,34 @@ class _PipeReader:
             self._fd = -1
 
 
+class ForkedWorker(Protocol):
+    """What a template tells the worker it forks (or could not fork)."""
+
+    def forked(self, pid: int, pidfd: int) -> None: ...
+
+    def fork_failed(self, error: str) -> None: ...
+
+    def child_exited(self, code: int) -> None: ...
+
+    def template_gone(self) -> None: ...
+
+
+class Forker(Protocol):
+    @property
+    def usable(self) -> bool: ...
+
+    def fork(self, spec: bytes, fds: tuple[int, int, int], worker: ForkedWorker) -> None: ...
+
+
+@dataclass(frozen=True)
+class ForkFrom:
+    """Start by a fork of ``template``, with ``spec``: the worker's spec without what the
+    template already holds (the definition)."""
+
+    template: Forker
+    spec: bytes
+
+
 class WorkerProcess:
     def __init__(
         self,
@@ -80,8 +119,18 @@ class WorkerProcess:
         name: str = "shoal-worker",
         target: Callable[..., None] = worker_main.main,
         extra_fds: tuple[int, ...] = (),
+        fork_from: ForkFrom | None = None,
+        on_started: Callable[[int], None] | None = None,
     ) -> None:
+        """``on_started(pid)``: once the pid is known (at once when spawned, when the template
+        answers when forked)."""
         self._spec = spec
+        self._fork_from = fork_from
+        self._on_started = on_started
+        self._pidfd = -1
+        self._pending_signal: int | None = None  # asked before a forked worker's pid was known
+        self._started = False
+        self.start_method = ""
         self._target = target
         self._extra_fds = extra_fds
         self._on_output = on_output
@@ -105,8 +154,76 @@ class WorkerProcess:
         return self._pid
 
     def start(self) -> None:
-        """Spawn the worker. Must run on the loop thread (the parent-death signal follows it)."""
+        """Spawn the worker, or order its fork (``fork_from``). Must run on the loop thread (the
+        parent-death signal follows it)."""
         self._loop = asyncio.get_running_loop()
+        self._started = True
+        if self._fork_from is not None and self._fork_from.template.usable and self._on_last_words is not None:
+            self._order_fork(self._fork_from)
+        else:
+            self._spawn()
+
+    def _order_fork(self, fork_from: ForkFrom) -> None:
+        assert self._loop is not None
+        out_r, out_w = os.pipe()
+        life_r, life_w = os.pipe()
+        words_r, words_w = os.pipe()
+        try:
+            fork_from.template.fork(fork_from.spec, (out_w, life_r, words_w), self)
+        except BaseException:
+            for fd in (out_r, life_w, words_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (out_w, life_r, words_w):
+                os.close(fd)
+        self.start_method = "fork"
+        self._lifeline_fd = life_w
+        self._output = _PipeReader(self._loop, out_r, self._read_output)
+        self._last_words = _PipeReader(self._loop, words_r, self._read_words)
+
+    # -- what the template reports (ForkedWorker) ----------------------------------------------
+
+    def forked(self, pid: int, pidfd: int) -> None:
+        self._pid, self._pidfd = pid, pidfd
+        if self._on_started is not None:
+            self._on_started(pid)
+        if self._pending_signal is not None:
+            self.signal(self._pending_signal)
+
+    def fork_failed(self, error: str) -> None:
+        """The template could not fork this worker (it died, or fork failed): spawn it."""
+        logger.warning("%s: the warm template could not fork it (%s); spawning it instead", self._name, error)
+        for reader in (self._output, self._last_words):
+            if reader is not None:
+                reader.close()
+        self._output = self._last_words = None
+        if self._lifeline_fd >= 0:
+            os.close(self._lifeline_fd)
+            self._lifeline_fd = -1
+        if self._pending_signal == signal.SIGKILL or self._pending_signal == signal.SIGTERM:
+            self._finish(-self._pending_signal)  # it was stopped before it ever ran
+            return
+        self._spawn()
+
+    def child_exited(self, code: int) -> None:
+        self._finish(code)
+
+    def template_gone(self) -> None:
+        """The template died: this worker got SIGKILL (its parent-death signal)."""
+        assert self._loop is not None
+        if self._pidfd >= 0 and self.exitcode is None:
+            self._loop.add_reader(self._pidfd, self._pidfd_readable)
+
+    def _pidfd_readable(self) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(self._pidfd)
+        self._finish(-signal.SIGKILL)
+
+    # -- spawned ---------------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        assert self._loop is not None
         out_r, out_w = os.pipe()
         life_r, life_w = os.pipe()
         words_r, words_w = os.pipe() if self._on_last_words is not None else (-1, -1)
@@ -125,6 +242,7 @@ class WorkerProcess:
             )
             self._proc.start()
             self._pid = self._proc.pid
+            self.start_method = "spawn"
         except BaseException:
             for fd in (out_r, life_w, words_r):
                 if fd >= 0:
@@ -139,6 +257,8 @@ class WorkerProcess:
         if words_r >= 0:
             self._last_words = _PipeReader(self._loop, words_r, self._read_words)
         self._loop.add_reader(self._proc.sentinel, self._on_sentinel)
+        if self._on_started is not None and self._pid is not None:
+            self._on_started(self._pid)
 
     def _read_output(self, chunk: bytes) -> None:
         *lines, self._line = (self._line + chunk).split(b"\n")
@@ -153,6 +273,15 @@ class WorkerProcess:
         self._loop.remove_reader(self._proc.sentinel)
         # The sentinel closes as the child exits, a moment before it can be reaped.
         self._proc.join(timeout=1.0)
+        code = self._proc.exitcode if self._proc.exitcode is not None else -1
+        if self._proc.exitcode is not None:
+            self._proc.close()
+        self._finish(code)
+
+    def _finish(self, code: int) -> None:
+        """The worker exited with ``code``: read what it left, then report (once)."""
+        if self.exitcode is not None:
+            return
         # What the worker wrote last is read before its exit is reported.
         for reader in (self._output, self._last_words):
             if reader is not None:
@@ -165,24 +294,32 @@ class WorkerProcess:
         if self._lifeline_fd >= 0:
             os.close(self._lifeline_fd)
             self._lifeline_fd = -1
-        code = self._proc.exitcode if self._proc.exitcode is not None else -1
+        if self._pidfd >= 0:
+            assert self._loop is not None
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
         self.exitcode = code
-        if self._proc.exitcode is not None:
-            self._proc.close()
         self.exited.set()
         self._on_exit(code)
 
     def signal(self, signum: int) -> None:
-        if self._pid is not None and self.exitcode is None:
-            try:
+        if self.exitcode is not None:
+            return
+        try:
+            if self._pidfd >= 0:
+                signal.pidfd_send_signal(self._pidfd, signum)
+            elif self._pid is not None:
                 os.kill(self._pid, signum)
-            except ProcessLookupError:
-                pass
+            elif self._started:  # a fork ordered, not answered yet
+                self._pending_signal = signum if self._pending_signal != signal.SIGKILL else signal.SIGKILL
+        except ProcessLookupError:
+            pass
 
     async def stop(self, grace_s: float, signum: int | None = None) -> None:
         """``signum`` (default SIGTERM), wait up to ``grace_s``, then SIGKILL the worker and
         anything it started."""
-        if self.exitcode is not None or self._proc is None:
+        if self.exitcode is not None or not self._started:
             return
         self.signal(signum if signum is not None else signal.SIGTERM)
         try:
@@ -197,7 +334,10 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL the worker and its descendants."""
-        if self._pid is None or self.exitcode is not None:
+        if self.exitcode is not None:
+            return
+        if self._pid is None:
+            self.signal(signal.SIGKILL)  # remembered until the fork is answered
             return
         try:
             children = psutil.Process(self._pid).children(recursive=True)

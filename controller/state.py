@@ -46,6 +46,8 @@ class Replica:
     gpus: tuple[str, ...] = ()  # the devices it holds (its CUDA_VISIBLE_DEVICES)
     stop_requested_at: float | None = None  # monotonic seconds: asked to stop, or killed
     health_check_failures: int = 0  # checks that raised or timed out (a metric)
+    start_method: str = ""  # "fork" (from the deployment's warm template) or "spawn"
+    ready_at: float | None = None  # monotonic seconds: said READY
 
 
 @dataclass(eq=False)

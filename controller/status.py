@@ -64,6 +64,8 @@ def _deployment(state: DeploymentState, wall_offset_s: float) -> dict[str, Any]:
             {
                 "replica_id": r.replica_id, "state": r.state.value, "pid": r.pid, "version": r.version,
                 "start_time_s": r.started_at + wall_offset_s,
+                "ready_time_s": r.ready_at + wall_offset_s if r.ready_at is not None else None,
+                "start_method": r.start_method,
             }
             for r in state.replicas.values()
         ],

@@ -1,4 +1,5 @@
-"""Entry point of a replica worker process (started with the spawn method by the supervisor).
+"""Entry point of a replica worker process (spawned by the supervisor, or forked from a warm
+template: ``runtime/template_main.py``, which calls ``serve_replica`` in the forked child).
 
 ``main(spec, output, lifeline, last_words)``:
 1. points stdout/stderr at ``output`` (a pipe the supervisor reads, prefixes and logs), leaves
@@ -36,7 +37,17 @@ def set_process_name(name: str) -> None:
         pass
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def redirect_output(out_fd: int) -> None:
+    """Point stdout and stderr (fds 1 and 2, line-buffered) at ``out_fd``, which is closed."""
+    os.dup2(out_fd, 1)
+    os.dup2(out_fd, 2)
+    os.close(out_fd)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies; exit at once if ``parent_pid`` is gone already."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -53,12 +64,7 @@ def bootstrap(spec_bytes: bytes, output: Any) -> dict[str, Any]:
     (the supervisor owns Ctrl-C), dies with the supervisor, and puts the spec's ``sys_path``
     first on ``sys.path``.
     """
-    out_fd = output.detach()
-    os.dup2(out_fd, 1)
-    os.dup2(out_fd, 2)
-    os.close(out_fd)
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    redirect_output(output.detach())
     os.setpgid(0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -66,7 +72,7 @@ def bootstrap(spec_bytes: bytes, output: Any) -> dict[str, Any]:
 
     spec: dict[str, Any] = wire.unpack(spec_bytes)
     set_process_name(spec.get("process_name", "shoal-worker"))
-    _die_with_parent(spec["parent_pid"])
+    die_with_parent(spec["parent_pid"])
     sys.path[:] = merged_sys_path(spec.get("sys_path", []), sys.path)
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # the instance exports metrics: record into its files
         from shoal.runtime import metrics
@@ -113,9 +119,16 @@ def run_until_complete(coro: Any) -> None:
 
 def main(spec_bytes: bytes, output: PassFd, lifeline: PassFd, last_words: PassFd) -> None:
     spec = bootstrap(spec_bytes, output)
+    serve_replica(spec, lifeline.detach(), last_words.detach())
+
+
+def serve_replica(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> None:
+    """Run the replica ``spec`` describes until it stops, then exit (never returns). Shared by a
+    spawned replica (after ``bootstrap``) and one forked from a warm template
+    (``runtime/template_main.py``)."""
     apply_environment(spec)
     _configure_logging(spec)
-    run_until_complete(_serve(spec, lifeline.detach(), last_words.detach()))
+    run_until_complete(_serve(spec, lifeline_fd, last_words_fd))
 
 
 def apply_environment(spec: dict[str, Any]) -> None:

@@ -140,8 +140,9 @@ def run_dir_of(supervisor: psutil.Process) -> Path:
 
 
 def replica_pids(supervisor: psutil.Process) -> set[int]:
-    """The pids of the live replica processes under ``supervisor``."""
-    return {p.pid for p in supervisor.children() if is_replica(p) and alive(p.pid)}
+    """The pids of the live replica processes under ``supervisor`` (its children, or its
+    warm templates' children)."""
+    return {p.pid for p in supervisor.children(recursive=True) if is_replica(p) and alive(p.pid)}
 
 
 def app_status(name: str) -> Any:
