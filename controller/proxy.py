@@ -1,4 +1,5 @@
-"""ProxySupervisor: one HTTP proxy process, supervised like a replica.
+"""ProxySupervisor: one HTTP proxy process, supervised like a replica (``ProxyPool`` in
+``controller/proxies.py`` runs ``http_options.num_proxies`` of them on one listener).
 
 The proxy serves from the supervisor's ``HTTPListener`` (inherited at each start), so a
 restarted proxy keeps the port; over TLS when ``http_options`` name a certificate and key
@@ -66,8 +67,10 @@ class ProxySupervisor:
         logs_dir: str | None = None,
         log_rotation: RotationLimits | None = None,
         logging_config: dict[str, Any] | None = None,
+        index: int = 0,
     ) -> None:
-        """``on_process_exit(pid)``: a proxy process was reaped (the metrics files).
+        """``index``: which of the instance's proxies this is (its log file's name).
+        ``on_process_exit(pid)``: a proxy process was reaped (the metrics files).
         ``logs_dir``: where the proxy's log file goes unless ``logging_config`` names a
         ``logs_dir`` (the run directory's ``logs``); ``log_rotation``: that file's limits."""
         self.options = http_options
@@ -80,6 +83,8 @@ class ProxySupervisor:
         self._control_endpoint = control_endpoint
         self._echo = echo
         self._on_process_exit = on_process_exit
+        self.index = index
+        self.identity: bytes | None = None  # its control connection, once it said it is ready
         self.process: WorkerProcess | None = None
         self.status = ProxyStatus.STARTING
         self.restarts = 0
@@ -102,6 +107,7 @@ class ProxySupervisor:
                 "http_options": HTTPOptions(**self.options).model_dump(mode="json"),  # every default filled in
                 "parent_pid": os.getpid(),
                 "process_name": "shoal-proxy",
+                "proxy_index": self.index,
                 "log_level": "INFO",
                 "logging_config": self.logging_config,
                 "logs_dir": self.logs_dir,
@@ -113,12 +119,13 @@ class ProxySupervisor:
             spec,
             on_output=lambda line: self._echo(f"{prefix} {line}"),
             on_exit=self._on_exit,
-            name="shoal:proxy",
+            name="shoal:proxy" if self.index == 0 else f"shoal:proxy-{self.index}",
             target=proxy_main.main,
             extra_fds=(self.listener.socket.fileno(),),
         )
         self.status = ProxyStatus.STARTING
         self._ready_at = None
+        self.identity = None
         self.process.start()
         self._startup_timer = asyncio.get_running_loop().call_later(_STARTUP_TIMEOUT_S, self._startup_timed_out)
 
@@ -185,6 +192,7 @@ class ProxySupervisor:
         if self.pid is not None:
             self._on_process_exit(self.pid)
         self.applied_version = 0
+        self.identity = None
         if self._startup_timer is not None:
             self._startup_timer.cancel()
             self._startup_timer = None
