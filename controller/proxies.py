@@ -70,6 +70,7 @@ class ProxyPool:
         self._early: dict[bytes, int] = {}  # versions asked for by proxies not yet ready, by connection
         self._stopping = False
         self._resizing: asyncio.Lock | None = None
+        self._rolling: asyncio.Task[None] | None = None
 
     @property
     def num_proxies(self) -> int:
@@ -131,11 +132,27 @@ class ProxyPool:
         await asyncio.gather(*waiting)
 
     def set_logging_config(self, logging_config: dict[str, Any] | None) -> None:
-        """Every proxy logs as ``logging_config`` says from now on (a different one replaces
-        them one by one, see ``ProxySupervisor.set_logging_config``)."""
+        """Every proxy logs as ``logging_config`` says from now on: a different one replaces
+        them one at a time (``ProxySupervisor.replace``), each successor serving before the next
+        one stops, so the others serve meanwhile. ``wait_applied`` waits for every successor."""
         self.logging_config = logging_config
-        for proxy in self.proxies:
-            proxy.set_logging_config(logging_config)
+        stale = [proxy.set_logging_config(logging_config) for proxy in self.proxies]
+        if any(stale) and self._rolling is None:
+            self._rolling = asyncio.get_running_loop().create_task(self._roll())
+
+    async def _roll(self) -> None:
+        """Replace the stale proxies one at a time, until none is stale (a configuration that
+        changes again meanwhile makes more of them stale)."""
+        try:
+            while not self._stopping:
+                proxy = next((p for p in self.proxies if p.stale), None)
+                if proxy is None:
+                    return
+                await proxy.replace()
+        except Exception:
+            logger.exception("replacing the proxies for a new logging configuration failed")
+        finally:
+            self._rolling = None
 
     async def resize(self, num_proxies: int) -> None:
         """Run ``num_proxies`` proxies from now on (ValueError naming ``num_proxies`` if it is
@@ -163,4 +180,7 @@ class ProxyPool:
     async def stop(self, announce: bool = True) -> None:
         """Drain every proxy at once (see ``ProxySupervisor.stop``), then return."""
         self._stopping = True
+        if self._rolling is not None:
+            self._rolling.cancel()
+            await asyncio.gather(self._rolling, return_exceptions=True)
         await asyncio.gather(*(proxy.stop(announce) for proxy in self.proxies))

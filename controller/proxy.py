@@ -16,9 +16,11 @@ The proxy logs as the instance's global ``logging_config`` says (serve.start's, 
 file's top level, as the controller learns it with each deployed application): its log file is
 ``<logs dir>/proxy_<host>.log`` (see ``runtime/logs.install_proxy_logging``), rotating with the
 instance's limits. A process reads its logging configuration once, at start, so
-``set_logging_config`` with a different configuration replaces the proxy: the running one
-finishes its requests in flight (no 503 window on ``/-/healthz``), then a new one starts with
-the new configuration; meanwhile the supervisor answers new connections 503.
+``set_logging_config`` with a different configuration marks the proxy ``stale`` and ``replace``
+replaces it: the running one finishes its requests in flight (no 503 window on
+``/-/healthz``), then a new one starts with the new configuration; meanwhile the other proxies
+serve, or with none the supervisor answers new connections 503 (``ProxyPool`` replaces its
+proxies one at a time).
 """
 
 from __future__ import annotations
@@ -95,6 +97,8 @@ class ProxySupervisor:
         self._ready_at: float | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
         self._replacing: asyncio.Task[None] | None = None
+        self.stale = False  # runs with an older logging configuration: to be replaced
+        self._healthy = asyncio.Event()  # set while the current process serves
 
     @property
     def pid(self) -> int | None:
@@ -126,6 +130,8 @@ class ProxySupervisor:
         self.status = ProxyStatus.STARTING
         self._ready_at = None
         self.identity = None
+        self.stale = False  # it starts with the latest logging configuration
+        self._healthy.clear()
         self.process.start()
         self._startup_timer = asyncio.get_running_loop().call_later(_STARTUP_TIMEOUT_S, self._startup_timed_out)
 
@@ -141,12 +147,13 @@ class ProxySupervisor:
             self._startup_timer = None
         self.status = ProxyStatus.HEALTHY
         self._ready_at = time.monotonic()
+        self._healthy.set()
         self.listener.proxy_up(self)
 
     def on_listen(self, version: int) -> None:
         """The proxy asked for snapshots newer than ``version``: it has applied ``version``
         (unless it is being replaced: then only its successor counts)."""
-        if self._replacing is None and version > self.applied_version:
+        if self._replacing is None and not self.stale and version > self.applied_version:
             self.applied_version = version
             self._applied.set()
             self._applied = asyncio.Event()
@@ -160,16 +167,32 @@ class ProxySupervisor:
         except TimeoutError:
             logger.warning("the proxy did not apply routes version %d within %.0fs", version, timeout_s)
 
-    def set_logging_config(self, logging_config: dict[str, Any] | None) -> None:
-        """Log as ``logging_config`` says from now on: a different one replaces the proxy
-        (module docstring); the same one changes nothing."""
+    def set_logging_config(self, logging_config: dict[str, Any] | None) -> bool:
+        """Log as ``logging_config`` says from now on. True if the running proxy must be
+        replaced for it (``replace``; module docstring): it is marked ``stale`` until then, and
+        its applied routes no longer count (serve.run waits for its successor). The same
+        configuration changes nothing; a proxy not running takes it at its next start."""
         if logging_config == self.logging_config:
-            return
+            return False
         self.logging_config = logging_config
         if self.process is None or self._stopping or self._replacing is not None:
-            return  # the next start (or the replacement under way, once it stops) takes it
+            return False  # the next start (or the replacement under way, once it stops) takes it
+        self.stale = True
         self.applied_version = 0  # serve.run waits for the successor (wait_applied)
+        return True
+
+    async def replace(self, timeout_s: float = _STARTUP_TIMEOUT_S) -> None:
+        """If ``stale``: stop the running proxy (it finishes its requests in flight), start
+        another with the latest logging configuration, and wait (bounded) until it serves."""
+        if not self.stale or self._replacing is not None or self._stopping:
+            return
         self._replacing = asyncio.get_running_loop().create_task(self._replace())
+        await asyncio.shield(self._replacing)  # a caller cancelled (shutdown) leaves it to finish
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._healthy.wait()
+        except TimeoutError:
+            logger.warning("the replaced proxy %d was not serving within %.0fs", self.index, timeout_s)
 
     async def _replace(self) -> None:
         """Stop the running proxy (it finishes its requests in flight), then start another."""
@@ -193,6 +216,7 @@ class ProxySupervisor:
             self._on_process_exit(self.pid)
         self.applied_version = 0
         self.identity = None
+        self._healthy.clear()
         if self._startup_timer is not None:
             self._startup_timer.cancel()
             self._startup_timer = None
@@ -200,7 +224,7 @@ class ProxySupervisor:
             self.status = ProxyStatus.DRAINED
             return
         if self._replacing is not None:
-            return  # replaced on purpose (set_logging_config): _replace starts the next one
+            return  # replaced on purpose (replace): _replace starts the next one
         self.listener.proxy_down(self)
         self.status = ProxyStatus.UNHEALTHY
         self.restarts += 1
