@@ -34,7 +34,7 @@ from typing import Any
 from shoal.controller.listener import HTTPListener
 from shoal.controller.proxy import ProxySupervisor
 from shoal.runtime.rotation import RotationLimits
-from shoal.serve.config import check_num_proxies
+from shoal.serve.config import HTTPOptions, check_num_proxies
 from shoal.serve.schema import ProxyStatus
 
 logger = logging.getLogger("shoal.controller")
@@ -64,7 +64,7 @@ class ProxyPool:
             logs_dir=logs_dir, log_rotation=log_rotation, logging_config=self.logging_config, index=index,
         )
         self.logging_config = logging_config
-        count = check_num_proxies(http_options.get("num_proxies", 1))
+        count = HTTPOptions(**http_options).num_proxies  # unset: the default for this machine
         self.proxies: list[ProxySupervisor] = [self._make(index) for index in range(count)]
         self.url = self.proxies[0].url
         self._early: dict[bytes, int] = {}  # versions asked for by proxies not yet ready, by connection

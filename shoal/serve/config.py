@@ -444,10 +444,23 @@ class HTTPOptions(_Strict):
         return self
 
 
+DEFAULT_NUM_PROXIES_ENV = "SHOAL_DEFAULT_NUM_PROXIES"
+
+
 def default_num_proxies() -> int:
     """How many HTTP proxies an instance runs unless told: 1 on a machine with fewer than 4
     cores this process may use (a second proxy would compete with the replicas for them), else
-    ``min(4, cores // 2)``."""
+    ``min(4, cores // 2)``. ``SHOAL_DEFAULT_NUM_PROXIES``, read when this is called (not at
+    import), replaces that default (the test suite sets it to 1, so that its results do not
+    depend on the machine's cores); ValueError naming it if it is not a whole number >= 1."""
+    override = os.environ.get(DEFAULT_NUM_PROXIES_ENV)
+    if override:
+        try:
+            return check_num_proxies(int(override))
+        except ValueError:
+            raise ValueError(
+                f"{DEFAULT_NUM_PROXIES_ENV}={override!r}: the default num_proxies must be a whole number of at least 1"
+            ) from None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return 1 if cores < 4 else min(4, cores // 2)
 

@@ -22,6 +22,7 @@ BAD = [0, -1, 1.5, "2", True, None]
 
 @pytest.mark.parametrize(("cores", "expected"), [(1, 1), (2, 1), (3, 1), (4, 2), (6, 3), (8, 4), (64, 4)])
 def test_default_is_one_below_four_cores_else_a_few(monkeypatch: pytest.MonkeyPatch, cores: int, expected: int) -> None:
+    monkeypatch.delenv("SHOAL_DEFAULT_NUM_PROXIES", raising=False)
     monkeypatch.setattr(config_module.os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert default_num_proxies() == expected
     assert HTTPOptions().num_proxies == expected
@@ -97,7 +98,17 @@ def test_each_proxy_has_its_own_log_file_which_shoal_logs_proxy_reads(tmp_path: 
         assert classify(tmp_path / name).is_proxy
 
 
-def test_sched_getaffinity_is_what_the_default_counts() -> None:
+def test_the_environment_can_replace_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHOAL_DEFAULT_NUM_PROXIES", "3")
+    assert HTTPOptions().num_proxies == 3
+    assert HTTPOptions(num_proxies=2).num_proxies == 2
+    monkeypatch.setenv("SHOAL_DEFAULT_NUM_PROXIES", "0")
+    with pytest.raises(ValueError, match="SHOAL_DEFAULT_NUM_PROXIES"):
+        HTTPOptions()
+
+
+def test_sched_getaffinity_is_what_the_default_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SHOAL_DEFAULT_NUM_PROXIES", raising=False)
     if hasattr(os, "sched_getaffinity"):
         cores = len(os.sched_getaffinity(0))
         assert default_num_proxies() == (1 if cores < 4 else min(4, cores // 2))
