@@ -56,8 +56,8 @@ class ControlServer:
             "status": self._status,
             "listen": self._listen,
             "shutdown": self._shutdown,
-            "proxy_ready": self._proxy_ready,
             "metrics": self._metrics,
+            "set_num_proxies": self._set_num_proxies,
         }
 
     async def aclose(self) -> None:
@@ -106,10 +106,15 @@ class ControlServer:
         handler = self._ops.get(op)
         if op == "listen":
             self.controller.listener_at(identity, msg.meta.get("version", 0))
+            if msg.meta.get("role") == "proxy" and self.controller.proxies is not None:
+                self.controller.proxies.on_listen(identity, msg.meta.get("version", 0))
         try:
-            if handler is None:
+            if op == "proxy_ready":  # needs the connection: the proxy's later calls come on it
+                reply = {"ok": True, **self._proxy_ready(identity, msg.meta)}
+            elif handler is None:
                 raise ControllerError(f"unknown operation '{op}'; is the client a different shoal version?")
-            reply = {"ok": True, **await handler(msg.meta, msg.payload)}
+            else:
+                reply = {"ok": True, **await handler(msg.meta, msg.payload)}
         except ControllerError as exc:
             reply = {"ok": False, "error": str(exc), "etype": "RayServeException"}
         except TimeoutError:
@@ -153,19 +158,22 @@ class ControlServer:
 
     async def _listen(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
         version = meta.get("version", 0)
-        if meta.get("role") == "proxy" and self.controller.proxy is not None:
-            self.controller.proxy.on_listen(version)
         return {"snapshot": (await self.controller.wait_snapshot(version)).to_wire()}
 
     async def _metrics(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
         self.controller.record_queued(meta.get("source", "router"), meta.get("queued", {}))
         return {}
 
-    async def _proxy_ready(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
+    def _proxy_ready(self, identity: bytes, meta: dict[str, Any]) -> dict[str, Any]:
+        """A proxy (``meta["pid"]``) serves; its connection tells its later calls apart."""
         if meta.get("protocol") != wire.PROTOCOL_VERSION:
             raise ControllerError("the proxy speaks another protocol version; reinstall shoal")
-        if self.controller.proxy is not None:
-            self.controller.proxy.on_ready()
+        if self.controller.proxies is not None:
+            self.controller.proxies.on_ready(identity, meta.get("pid"))
+        return {}
+
+    async def _set_num_proxies(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:
+        await self.controller.set_num_proxies(meta.get("num_proxies"))  # type: ignore[arg-type]
         return {}
 
     async def _shutdown(self, meta: dict[str, Any], payload: tuple[bytes, ...]) -> dict[str, Any]:

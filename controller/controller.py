@@ -41,7 +41,7 @@ from shoal.runtime.rotation import RotationLimits
 from shoal.serve.schema import ApplicationStatus
 
 if TYPE_CHECKING:
-    from shoal.controller.proxy import ProxySupervisor
+    from shoal.controller.proxies import ProxyPool
 
 __all__ = ["Controller", "ControllerError"]
 
@@ -59,7 +59,7 @@ class Controller:
         self.apps: dict[str, AppState] = {}
         self._run_dir = run_dir
         self._specs: dict[str, dict[str, Any]] = {}  # what was deployed, saved (``applied``)
-        self.proxy: ProxySupervisor | None = None  # when HTTP is enabled
+        self.proxies: ProxyPool | None = None  # when HTTP is enabled
         # The last config file's applications and target_capacity, and the direction it moves.
         self._declared: tuple[frozenset[str], float | None] | None = None
         self.target_capacity: float | None = None
@@ -146,8 +146,8 @@ class Controller:
         instance_logging = spec.get("instance_logging_config")
         if instance_logging:  # serve.start's or a config file's top level: the supervisor's and proxy's too
             logging.getLogger().setLevel(instance_logging.get("log_level", "INFO"))
-            if self.proxy is not None:
-                self.proxy.set_logging_config(instance_logging)
+            if self.proxies is not None:
+                self.proxies.set_logging_config(instance_logging)
         app, updates = apply_spec(self.apps.get(spec["name"]), spec)
         for update in updates:
             self._executor.reconfigure(update.state, update.update, update.previous)
@@ -189,8 +189,8 @@ class Controller:
                 if app is None:
                     return None
                 if app.status in (ApplicationStatus.RUNNING, ApplicationStatus.DEPLOY_FAILED):
-                    if self.proxy is not None and app.status == ApplicationStatus.RUNNING:
-                        await self.proxy.wait_applied(self.version, timeout_s=10.0)
+                    if self.proxies is not None and app.status == ApplicationStatus.RUNNING:
+                        await self.proxies.wait_applied(self.version, timeout_s=10.0)
                     return app
                 app.changed.clear()
                 await app.changed.wait()
@@ -211,10 +211,25 @@ class Controller:
         await self.snapshots.wait_routers_at(self.version, timeout_s)
 
     def status(self) -> dict[str, Any]:
-        proxy_status = self.proxy.status.value if self.proxy is not None else None
-        rendered = render_status(self.apps.values(), proxy_status, self.target_capacity)
+        if self.proxies is None:
+            rendered = render_status(self.apps.values(), None, self.target_capacity)
+        else:
+            rendered = render_status(
+                self.apps.values(), self.proxies.status.value, self.target_capacity, proxies=self.proxies.details(),
+            )
         rendered["templates"] = self._executor.templates.describe_all()  # warm template processes
         return rendered
+
+    async def set_num_proxies(self, num_proxies: int) -> None:
+        """Run ``num_proxies`` HTTP proxies from now on (``ProxyPool.resize``); ControllerError
+        if the instance serves no HTTP or the number is not a whole number of at least 1."""
+        self._check_running()
+        if self.proxies is None:
+            raise ControllerError("num_proxies: this instance serves no HTTP (http_options.host is None)")
+        try:
+            await self.proxies.resize(num_proxies)
+        except ValueError as exc:
+            raise ControllerError(str(exc)) from None
 
     # -- what the replicas report ---------------------------------------------------------------
 
@@ -321,13 +336,13 @@ class Controller:
     # -- shutdown -------------------------------------------------------------------------------
 
     async def shutdown(self, announce: bool = True) -> None:
-        """Drain the proxy, then stop every replica gracefully (each bounded by its timeout).
-        ``announce``: the proxy's /-/healthz fails for a moment before it stops."""
+        """Drain the proxies, then stop every replica gracefully (each bounded by its timeout).
+        ``announce``: the proxies' /-/healthz fails for a moment before they stop."""
         self._stopping = True
         self._autoscale_task.cancel()
         await asyncio.gather(self._autoscale_task, return_exceptions=True)
-        if self.proxy is not None:
-            await self.proxy.stop(announce)
+        if self.proxies is not None:
+            await self.proxies.stop(announce)
         for app in self.apps.values():
             app.deleting = True
             for state in app.deployments.values():

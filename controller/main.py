@@ -30,7 +30,8 @@ from shoal.controller.control import ControlServer
 from shoal.controller.controller import Controller
 from shoal.controller.listener import HTTPListener
 from shoal.controller.metrics_endpoint import MetricsEndpoint, MetricsFiles, instance_pids, retention_from_env
-from shoal.controller.proxy import ProxySupervisor, check_tls_options
+from shoal.controller.proxies import ProxyPool
+from shoal.controller.proxy import check_tls_options
 from shoal.controller.supervisor_log import OutputCapture
 from shoal.runtime import metrics, transport
 from shoal.runtime.rotation import LogRotationConfigError, RotationLimits, limits_from_env
@@ -115,16 +116,16 @@ async def serve(config: SupervisorConfig) -> int:
             _report_ready(config.ready_fd, {"error": str(exc), "http_bind_failed": True})
             rundir.remove_sockets(run_dir)
             return 2
-        controller.proxy = ProxySupervisor(
+        controller.proxies = ProxyPool(
             config.http_options, endpoint, listener, echo=_echo,
             on_process_exit=lambda pid: controller.process_exited(pid),
             logs_dir=str(run_dir / rundir.LOGS), log_rotation=config.log_rotation,
             logging_config=config.logging_config,  # the first deploy carries the same: no proxy restart
         )
-        info["http_url"] = controller.proxy.url
+        info["http_url"] = controller.proxies.url
     server = ControlServer(endpoint, controller, on_shutdown=stop.set, info=info)
-    if controller.proxy is not None:
-        controller.proxy.start()
+    if controller.proxies is not None:
+        controller.proxies.start()
     _restore(controller, run_dir)
     _report_ready(config.ready_fd, info)
     try:

@@ -1,4 +1,5 @@
-"""ProxySupervisor: one HTTP proxy process, supervised like a replica.
+"""ProxySupervisor: one HTTP proxy process, supervised like a replica (``ProxyPool`` in
+``controller/proxies.py`` runs ``http_options.num_proxies`` of them on one listener).
 
 The proxy serves from the supervisor's ``HTTPListener`` (inherited at each start), so a
 restarted proxy keeps the port; over TLS when ``http_options`` name a certificate and key
@@ -15,9 +16,11 @@ The proxy logs as the instance's global ``logging_config`` says (serve.start's, 
 file's top level, as the controller learns it with each deployed application): its log file is
 ``<logs dir>/proxy_<host>.log`` (see ``runtime/logs.install_proxy_logging``), rotating with the
 instance's limits. A process reads its logging configuration once, at start, so
-``set_logging_config`` with a different configuration replaces the proxy: the running one
-finishes its requests in flight (no 503 window on ``/-/healthz``), then a new one starts with
-the new configuration; meanwhile the supervisor answers new connections 503.
+``set_logging_config`` with a different configuration marks the proxy ``stale`` and ``replace``
+replaces it: the running one finishes its requests in flight (no 503 window on
+``/-/healthz``), then a new one starts with the new configuration; meanwhile the other proxies
+serve, or with none the supervisor answers new connections 503 (``ProxyPool`` replaces its
+proxies one at a time).
 """
 
 from __future__ import annotations
@@ -66,8 +69,10 @@ class ProxySupervisor:
         logs_dir: str | None = None,
         log_rotation: RotationLimits | None = None,
         logging_config: dict[str, Any] | None = None,
+        index: int = 0,
     ) -> None:
-        """``on_process_exit(pid)``: a proxy process was reaped (the metrics files).
+        """``index``: which of the instance's proxies this is (its log file's name).
+        ``on_process_exit(pid)``: a proxy process was reaped (the metrics files).
         ``logs_dir``: where the proxy's log file goes unless ``logging_config`` names a
         ``logs_dir`` (the run directory's ``logs``); ``log_rotation``: that file's limits."""
         self.options = http_options
@@ -80,6 +85,8 @@ class ProxySupervisor:
         self._control_endpoint = control_endpoint
         self._echo = echo
         self._on_process_exit = on_process_exit
+        self.index = index
+        self.identity: bytes | None = None  # its control connection, once it said it is ready
         self.process: WorkerProcess | None = None
         self.status = ProxyStatus.STARTING
         self.restarts = 0
@@ -90,6 +97,8 @@ class ProxySupervisor:
         self._ready_at: float | None = None
         self._startup_timer: asyncio.TimerHandle | None = None
         self._replacing: asyncio.Task[None] | None = None
+        self.stale = False  # runs with an older logging configuration: to be replaced
+        self._healthy = asyncio.Event()  # set while the current process serves
 
     @property
     def pid(self) -> int | None:
@@ -102,6 +111,7 @@ class ProxySupervisor:
                 "http_options": HTTPOptions(**self.options).model_dump(mode="json"),  # every default filled in
                 "parent_pid": os.getpid(),
                 "process_name": "shoal-proxy",
+                "proxy_index": self.index,
                 "log_level": "INFO",
                 "logging_config": self.logging_config,
                 "logs_dir": self.logs_dir,
@@ -113,12 +123,15 @@ class ProxySupervisor:
             spec,
             on_output=lambda line: self._echo(f"{prefix} {line}"),
             on_exit=self._on_exit,
-            name="shoal:proxy",
+            name="shoal:proxy" if self.index == 0 else f"shoal:proxy-{self.index}",
             target=proxy_main.main,
             extra_fds=(self.listener.socket.fileno(),),
         )
         self.status = ProxyStatus.STARTING
         self._ready_at = None
+        self.identity = None
+        self.stale = False  # it starts with the latest logging configuration
+        self._healthy.clear()
         self.process.start()
         self._startup_timer = asyncio.get_running_loop().call_later(_STARTUP_TIMEOUT_S, self._startup_timed_out)
 
@@ -134,12 +147,13 @@ class ProxySupervisor:
             self._startup_timer = None
         self.status = ProxyStatus.HEALTHY
         self._ready_at = time.monotonic()
+        self._healthy.set()
         self.listener.proxy_up(self)
 
     def on_listen(self, version: int) -> None:
         """The proxy asked for snapshots newer than ``version``: it has applied ``version``
         (unless it is being replaced: then only its successor counts)."""
-        if self._replacing is None and version > self.applied_version:
+        if self._replacing is None and not self.stale and version > self.applied_version:
             self.applied_version = version
             self._applied.set()
             self._applied = asyncio.Event()
@@ -153,16 +167,32 @@ class ProxySupervisor:
         except TimeoutError:
             logger.warning("the proxy did not apply routes version %d within %.0fs", version, timeout_s)
 
-    def set_logging_config(self, logging_config: dict[str, Any] | None) -> None:
-        """Log as ``logging_config`` says from now on: a different one replaces the proxy
-        (module docstring); the same one changes nothing."""
+    def set_logging_config(self, logging_config: dict[str, Any] | None) -> bool:
+        """Log as ``logging_config`` says from now on. True if the running proxy must be
+        replaced for it (``replace``; module docstring): it is marked ``stale`` until then, and
+        its applied routes no longer count (serve.run waits for its successor). The same
+        configuration changes nothing; a proxy not running takes it at its next start."""
         if logging_config == self.logging_config:
-            return
+            return False
         self.logging_config = logging_config
         if self.process is None or self._stopping or self._replacing is not None:
-            return  # the next start (or the replacement under way, once it stops) takes it
+            return False  # the next start (or the replacement under way, once it stops) takes it
+        self.stale = True
         self.applied_version = 0  # serve.run waits for the successor (wait_applied)
+        return True
+
+    async def replace(self, timeout_s: float = _STARTUP_TIMEOUT_S) -> None:
+        """If ``stale``: stop the running proxy (it finishes its requests in flight), start
+        another with the latest logging configuration, and wait (bounded) until it serves."""
+        if not self.stale or self._replacing is not None or self._stopping:
+            return
         self._replacing = asyncio.get_running_loop().create_task(self._replace())
+        await asyncio.shield(self._replacing)  # a caller cancelled (shutdown) leaves it to finish
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._healthy.wait()
+        except TimeoutError:
+            logger.warning("the replaced proxy %d was not serving within %.0fs", self.index, timeout_s)
 
     async def _replace(self) -> None:
         """Stop the running proxy (it finishes its requests in flight), then start another."""
@@ -185,6 +215,8 @@ class ProxySupervisor:
         if self.pid is not None:
             self._on_process_exit(self.pid)
         self.applied_version = 0
+        self.identity = None
+        self._healthy.clear()
         if self._startup_timer is not None:
             self._startup_timer.cancel()
             self._startup_timer = None
@@ -192,7 +224,7 @@ class ProxySupervisor:
             self.status = ProxyStatus.DRAINED
             return
         if self._replacing is not None:
-            return  # replaced on purpose (set_logging_config): _replace starts the next one
+            return  # replaced on purpose (replace): _replace starts the next one
         self.listener.proxy_down(self)
         self.status = ProxyStatus.UNHEALTHY
         self.restarts += 1

@@ -4,7 +4,7 @@ replicas as plain dicts, in the shape ``ServeStatus.from_dict`` reads.
 A deployment whose replicas wait for GPUs says so in its message (as long as it has fewer
 replicas of its current version than its target).
 
-Beyond what ``ServeStatus`` reads, each deployment carries what a deploy's progress line
+Beyond what Ray's ``ServeStatus`` has, ``proxy_processes`` lists the HTTP proxy processes, and each deployment carries what a deploy's progress line
 (``shoal.serve._progress``) needs: ``version`` (the one being deployed),
 ``target_num_replicas``, ``failed_starts`` (of that version), ``reconfiguring`` (an in-place config
 update is running), ``waiting_for_resources`` (why a replica could not start, "" if nothing
@@ -26,8 +26,10 @@ def render_status(
     *,
     wall_s: float | None = None,
     monotonic_s: float | None = None,
+    proxies: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """``proxy_status`` is the proxy's status value, None without HTTP; ``target_capacity`` the
+    """``proxy_status`` is the HTTP proxies' status value, None without HTTP; ``proxies`` each
+    proxy process's ``index``, ``pid``, ``status`` and ``restarts``; ``target_capacity`` the
     last config file's. ``wall_s`` and ``monotonic_s`` (default: now) are the same instant on
     both clocks: replicas' monotonic start times are reported on the wall clock."""
     wall_offset_s = (time.time() if wall_s is None else wall_s) - (
@@ -47,8 +49,11 @@ def render_status(
         }
         for app in apps
     }
-    proxies = {"local": proxy_status} if proxy_status is not None else {}
-    return {"proxies": proxies, "applications": rendered, "target_capacity": target_capacity}
+    by_node = {"local": proxy_status} if proxy_status is not None else {}
+    return {
+        "proxies": by_node, "proxy_processes": list(proxies or []), "applications": rendered,
+        "target_capacity": target_capacity,
+    }
 
 
 def _deployment(state: DeploymentState, wall_offset_s: float) -> dict[str, Any]:

@@ -8,8 +8,12 @@ keep-alive deadline from ``http_options``) on it, over TLS when ``http_options``
 answers 503 while the requests in flight finish; at ``graceful_shutdown_timeout_s`` those left
 are answered 503 (``ProxyApp.drain``).
 
+Several proxies may serve from the same listener (``http_options.num_proxies``): each is one
+such process with its own routers, told its ``proxy_index`` by the spec.
+
 Logging follows the instance's global ``logging_config`` from the spec (``_configure_logging``):
-stderr (echoed by the supervisor) and ``<logs dir>/proxy_<host>.log``, written once per loop
+stderr (echoed by the supervisor) and ``<logs dir>/proxy_<host>.log`` (``proxy_<host>_<index>.log``
+for the proxies after the first), written once per loop
 turn; with access lines on, the app writes them (``proxy.access``).
 """
 
@@ -52,6 +56,7 @@ def _configure_logging(spec: dict[str, Any]) -> list[logging.Handler]:
         default_logs_dir=spec.get("logs_dir"),
         log_rotation=spec.get("log_rotation"),
         file_factory=LoopBufferedHandler,
+        index=int(spec.get("proxy_index", 0)),
     )
 
 

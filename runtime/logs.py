@@ -263,9 +263,10 @@ def install_replica_logging(
         _fast_access = _FastAccessLines(files[0], root.handlers, json_lines=json_lines, facts=facts)
 
 
-def proxy_log_file_name(host: str) -> str:
-    """Ray's proxy log file name, ``proxy_<address>.log``."""
-    return f"proxy_{host}.log"
+def proxy_log_file_name(host: str, index: int = 0) -> str:
+    """Ray's proxy log file name, ``proxy_<address>.log``; the proxies after the first (see
+    ``http_options.num_proxies``) write ``proxy_<address>_<index>.log``."""
+    return f"proxy_{host}.log" if index == 0 else f"proxy_{host}_{index}.log"
 
 
 def install_proxy_logging(
@@ -275,10 +276,11 @@ def install_proxy_logging(
     default_logs_dir: str | None,
     log_rotation: Mapping[str, Any] | None = None,
     file_factory: FileFactory = _rotating_file,
+    index: int = 0,
 ) -> list[logging.Handler]:
     """The proxy's logging, as ``install_replica_logging`` sets a replica's up: the root logger
     at ``log_level`` to stderr (which the supervisor echoes with ``(ProxyActor)``) and to
-    ``proxy_<host>.log`` (under ``logs_dir`` every line, else under ``default_logs_dir`` the
+    ``proxy_<host>.log`` (proxy ``index`` > 0: ``proxy_<host>_<index>.log``) (under ``logs_dir`` every line, else under ``default_logs_dir`` the
     access lines), TEXT or JSON, with ``component_name`` ``proxy`` and ``component_id``
     ``host``. Returns the handlers access lines go to (empty when ``enable_access_log`` is
     False): the proxy writes its access lines straight to them (``AccessLine``)."""
@@ -291,7 +293,7 @@ def install_proxy_logging(
         config["enable_access_log"] = False
     rotation = RotationLimits.from_spec(log_rotation)
     root.handlers[:] = _handlers(
-        config, proxy_log_file_name(host), proxy_facts(host), default_logs_dir, rotation, file_factory,
+        config, proxy_log_file_name(host, index), proxy_facts(host), default_logs_dir, rotation, file_factory,
         default_file_shared=False,
     )
     if config.get("enable_access_log", True) is False:

@@ -107,6 +107,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         http["host"] = args.host or "127.0.0.1"
     if args.port is not None or "port" not in http:
         http["port"] = args.port if args.port is not None else 8000
+    if args.num_proxies is not None:
+        http["num_proxies"] = args.num_proxies
     # The foreground instance lives in your default run directory, so `shoal status`,
     # `shoal deploy` and scripts find it; it stops with this command. It starts while the
     # application is imported and built, in parallel.
@@ -139,6 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             starting.join()
     if starting is not None and not owned:
         raise RuntimeError("the shoal supervisor did not start; see the messages above")
+    if starting is None and "num_proxies" in http:  # a running instance changes its number of proxies
+        api.set_num_proxies(http["num_proxies"])
     try:
         api.deploy_specs(specs, declarative=True, wait=True, progress_lines=_say_progress)
     except KeyboardInterrupt:  # Ctrl-C while deploying: stop, as after serving
@@ -181,11 +185,17 @@ def cmd_start(args: argparse.Namespace) -> int:
     running = launch.find_running()
     if running is not None:
         print(f"shoal is already running in {running.run_dir}")
+        if args.num_proxies is not None:  # the one option a running instance changes
+            from shoal.serve import api
+
+            api.set_num_proxies(args.num_proxies)
+            print(f"It runs {args.num_proxies} HTTP {'proxy' if args.num_proxies == 1 else 'proxies'} from now on.")
         return 0
+    extra: dict[str, Any] = {} if args.num_proxies is None else {"num_proxies": args.num_proxies}
     options = HTTPOptions(
         host=args.http_host, port=args.http_port, ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
         ssl_keyfile_password=args.ssl_keyfile_password, ssl_ca_certs=args.ssl_ca_certs,
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, **extra,
     ).model_dump()
     run_dir = rundir.instance_dir("default")
     restoring = launch.crashed(run_dir) is not None and (run_dir / applied.APPLIED_FILE).exists()
@@ -207,6 +217,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     sys.path.insert(0, os.path.abspath(args.app_dir))
     specs, _ = _specs_for(args.target, args.arguments, args.name, args.route_prefix)
+    num_proxies = _num_proxies_set(args.target)
+    if num_proxies is not None:  # the one http option a running instance changes
+        api.set_num_proxies(num_proxies)
     try:
         api.deploy_specs(specs, declarative=True, wait=args.wait, progress_lines=_say_progress)
     except KeyboardInterrupt:
@@ -217,12 +230,27 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_start_only_options(target: str) -> None:
-    """Ray's warning: a running instance keeps the HTTP (and proxy, gRPC, controller) options
-    it was started with."""
+def _num_proxies_set(target: str) -> int | None:
+    """The config file's ``http_options.num_proxies`` if it sets it, else None."""
     from shoal.serve import config_file
 
-    keys = config_file.start_only_options(config_file.load(target)) if _is_config_file(target) else []
+    if not _is_config_file(target):
+        return None
+    http = config_file.load(target).http_options
+    return http.num_proxies if "num_proxies" in http.model_fields_set else None
+
+
+def _warn_start_only_options(target: str) -> None:
+    """Ray's warning: a running instance keeps the HTTP (and proxy, gRPC, controller) options
+    it was started with (but ``http_options.num_proxies``, which ``cmd_deploy`` applies)."""
+    from shoal.serve import config_file
+
+    keys = []
+    if _is_config_file(target):
+        schema = config_file.load(target)
+        keys = config_file.start_only_options(schema)
+        if "http_options" in keys and schema.http_options.model_fields_set == {"num_proxies"}:
+            keys.remove("http_options")
     if keys:
         print(
             f"shoal: warning: the instance is already running, so the config's {', '.join(keys)} "
@@ -275,6 +303,13 @@ def format_status(status: dict[str, Any], metrics_url: str | None = None) -> str
         f"metrics: {metrics_url or 'off'}",
         "",
     ]
+    processes = status.get("proxy_processes") or []
+    if processes:  # each HTTP proxy process: pid and state (and restarts, if any)
+        described = [
+            f"pid {p['pid'] or '-'} {p['status']}" + (f" ({p['restarts']} restarts)" if p.get("restarts") else "")
+            for p in processes
+        ]
+        lines[0] += f" ({len(processes)} {'process' if len(processes) == 1 else 'processes'}: {', '.join(described)})"
     if status.get("target_capacity") is not None:  # a config file's: every target is scaled
         lines.insert(1, f"target capacity: {status['target_capacity']:g}%")
     rows = [("APPLICATION", "STATUS", "DEPLOYMENT", "STATUS", "REPLICAS", "RESTARTS", "PIDS")]
@@ -388,6 +423,21 @@ def _gpus(value: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+_NUM_PROXIES_HELP = (
+    "HTTP proxy processes sharing the port (default: 1 on fewer than 4 cores, else min(4, cores // 2)); "
+    "on a running instance, changes their number"
+)
+
+
+def _num_proxies(value: str) -> int:
+    from shoal.serve.config import check_num_proxies
+
+    try:
+        return check_num_proxies(int(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"num_proxies must be a whole number of at least 1, got {value!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoal", description="Serve Python deployments on one machine (Ray Serve's API, without Ray).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -405,6 +455,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, help="HTTP port (default: 8000, or the config file's; 0 picks one)")
     run.add_argument("--reload", "-r", action="store_true", help="redeploy when Python files under --app-dir change")
     run.add_argument("--gpus", type=_gpus, help=_GPUS_HELP)
+    run.add_argument("--num-proxies", type=_num_proxies, help=_NUM_PROXIES_HELP + " (default: the config file's)")
     run.set_defaults(func=cmd_run)
 
     start = sub.add_parser("start", help="start your default instance, detached")
@@ -415,6 +466,7 @@ def _parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on this port (default: 8080; 0 picks a free one; 'off' serves none)",
     )
     start.add_argument("--gpus", type=_gpus, help=_GPUS_HELP)
+    start.add_argument("--num-proxies", type=_num_proxies, help=_NUM_PROXIES_HELP)
     start.add_argument("--ssl-keyfile", help="serve HTTPS: the private key file (with --ssl-certfile)")
     start.add_argument("--ssl-certfile", help="serve HTTPS: the certificate (chain) file (with --ssl-keyfile)")
     start.add_argument("--ssl-keyfile-password", help="the password of an encrypted --ssl-keyfile")

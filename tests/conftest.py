@@ -19,6 +19,10 @@ import pytest
 _RUN_ROOT = Path(tempfile.mkdtemp(prefix="shoal-tests-"))  # created 0700
 os.environ["SHOAL_RUN_DIR"] = str(_RUN_ROOT)
 os.environ.pop("SHOAL_ADDRESS", None)
+# One HTTP proxy unless a test asks for more (http_options.num_proxies): the default depends on
+# the machine's cores, and tests that read the proxy's log file or count what its router queues
+# assume one. Set it before running pytest to run the suite with another default.
+os.environ.setdefault("SHOAL_DEFAULT_NUM_PROXIES", "1")
 
 import psutil
 from helpers import (

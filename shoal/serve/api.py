@@ -51,7 +51,7 @@ def _runtime(start: bool = True, http_options: Any = None, gpus: tuple[str, ...]
         current = client.current_runtime()
         if current is not None:
             if http_options is not None or gpus is not None:
-                logger.info("shoal is already running; the new http_options/gpus are not applied.")
+                logger.info("shoal is already running; the new http_options (but num_proxies) and gpus are not applied.")
             return current
         if context.in_replica():
             raise RayServeException("this replica has no connection to its supervisor")
@@ -91,7 +91,9 @@ def start(
 ) -> None:
     """Connect to a running instance or start one with ``http_options`` (Ray's ``serve.start``).
 
-    If an instance already runs, its HTTP options and GPUs stay as they are (as in Ray Serve).
+    If an instance already runs, its HTTP options and GPUs stay as they are (as in Ray Serve),
+    except ``http_options.num_proxies`` when given: the instance then runs that many proxies
+    (``set_num_proxies``).
     ``logging_config`` becomes the default of every application this process deploys that sets
     none, and the supervisor's log level. ``gpus`` (a shoal extension, as ``shoal start
     --gpus``): the GPUs its replicas may use, a count N (devices ``"0"`` to ``"N-1"``) or a list
@@ -109,6 +111,23 @@ def start(
     if options.logging_config is not None:
         _instance_logging_config = options.logging_config
     _runtime(http_options=options.http_options, gpus=None if gpus is None else parse_gpus(gpus))
+    if options.http_options is not None and "num_proxies" in options.http_options.model_fields_set:
+        set_num_proxies(options.http_options.num_proxies)  # an instance that already ran changes too
+
+
+def set_num_proxies(num_proxies: int) -> None:
+    """Run ``num_proxies`` HTTP proxy processes from now on (``http_options.num_proxies``; a
+    shoal extension): more start, or those beyond it finish their requests and stop. Returns once
+    those stopped; the new ones serve once started (``serve.status().proxy_processes``).
+    RayServeException naming ``num_proxies`` if the instance serves no HTTP or the number is not
+    a whole number of at least 1."""
+    from shoal.serve.config import check_num_proxies
+
+    check_num_proxies(num_proxies)
+    rt = _runtime(start=False)
+    if rt is None:
+        raise RayServeException("No shoal instance is running; start one with `shoal start`.")
+    rt.call_sync("set_num_proxies", {"num_proxies": num_proxies}, timeout_s=None)
 
 
 def get_http_url() -> str | None:

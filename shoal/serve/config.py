@@ -17,6 +17,7 @@ Every validation failure is a ``pydantic.ValidationError``, which is a ``ValueEr
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -356,6 +357,11 @@ class HTTPOptions(_Strict):
     one of those CAs. A missing file, a key that does not match or decrypt, or a password or CA
     file without a key and certificate is an error at start naming the option.
 
+    Proxies (a shoal extension): ``num_proxies`` HTTP proxy processes share the port (one
+    listening socket, which the supervisor binds and every proxy accepts from), each with its
+    own routers; default ``default_num_proxies()``: 1 on a machine with fewer than 4 cores,
+    else ``min(4, cores // 2)``. A whole number of at least 1, else an error naming it.
+
     Metrics (a shoal extension, as Ray's metrics export port): the instance serves Prometheus
     metrics on ``metrics_port`` (default 8080; 0 picks a free one; None serves none), on ``host``
     (127.0.0.1 when HTTP is off); ``serve.get_metrics_url()`` and ``shoal status`` say where. If
@@ -385,6 +391,12 @@ class HTTPOptions(_Strict):
     request_header_timeout_s: PositiveFloat = 10.0
     max_connections: PositiveInt = 10_000
     metrics_port: int | None = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)
+    num_proxies: int = Field(default_factory=lambda: default_num_proxies())
+
+    @field_validator("num_proxies", mode="before")
+    @classmethod
+    def _num_proxies(cls, v: Any) -> int:
+        return check_num_proxies(v)
 
     @field_validator("middlewares")
     @classmethod
@@ -430,6 +442,37 @@ class HTTPOptions(_Strict):
                 "Both ssl_keyfile and ssl_certfile must be provided together to enable HTTPS."
             )
         return self
+
+
+DEFAULT_NUM_PROXIES_ENV = "SHOAL_DEFAULT_NUM_PROXIES"
+
+
+def default_num_proxies() -> int:
+    """How many HTTP proxies an instance runs unless told: 1 on a machine with fewer than 4
+    cores this process may use (a second proxy would compete with the replicas for them), else
+    ``min(4, cores // 2)``. ``SHOAL_DEFAULT_NUM_PROXIES``, read when this is called (not at
+    import), replaces that default (the test suite sets it to 1, so that its results do not
+    depend on the machine's cores); ValueError naming it if it is not a whole number >= 1."""
+    override = os.environ.get(DEFAULT_NUM_PROXIES_ENV)
+    if override:
+        try:
+            return check_num_proxies(int(override))
+        except ValueError:
+            raise ValueError(
+                f"{DEFAULT_NUM_PROXIES_ENV}={override!r}: the default num_proxies must be a whole number of at least 1"
+            ) from None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 1 if cores < 4 else min(4, cores // 2)
+
+
+def check_num_proxies(value: Any) -> int:
+    """``value`` as a number of proxies: a whole number of at least 1 (not a bool, a float or
+    a string), else ValueError naming ``num_proxies``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"num_proxies must be a whole number of at least 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"num_proxies must be at least 1 (the number of HTTP proxy processes), got {value}")
+    return value
 
 
 def check_no_grpc_servicers(functions: list[str]) -> list[str]:

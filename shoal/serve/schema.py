@@ -47,6 +47,8 @@ from shoal.serve.config import (
     RequestRouterConfig,
     _check_import_path,
     check_no_grpc_servicers,
+    check_num_proxies,
+    default_num_proxies,
 )
 
 __all__ = [
@@ -59,6 +61,7 @@ __all__ = [
     "EncodingType",
     "HTTPOptionsSchema",
     "LoggingConfig",
+    "ProxyDetails",
     "ProxyStatus",
     "RayActorOptionsSchema",
     "ReplicaRank",
@@ -204,6 +207,17 @@ class ReplicaDetails:
 
 
 @dataclass
+class ProxyDetails:
+    """One HTTP proxy process (a shoal extension: ``http_options.num_proxies`` of them serve
+    the port): its index, pid (None between a crash and its restart), status and restarts."""
+
+    index: int
+    pid: int | None
+    status: ProxyStatus
+    restarts: int = 0
+
+
+@dataclass
 class DeploymentStatusOverview:
     """Status of one deployment; ``replica_states`` counts replicas per ``ReplicaState``.
 
@@ -239,11 +253,16 @@ class ServeStatus:
     proxies: dict[str, ProxyStatus] = field(default_factory=dict)
     applications: dict[str, ApplicationStatusOverview] = field(default_factory=dict)
     target_capacity: float | None = None
+    proxy_processes: list[ProxyDetails] = field(default_factory=list)  # shoal: each proxy process
 
     def to_dict(self) -> dict[str, Any]:
         """This snapshot as plain JSON-able values (enums as their string values)."""
         return {
             "proxies": {node: ProxyStatus(s).value for node, s in self.proxies.items()},
+            "proxy_processes": [
+                {"index": p.index, "pid": p.pid, "status": ProxyStatus(p.status).value, "restarts": p.restarts}
+                for p in self.proxy_processes
+            ],
             "applications": {
                 name: {
                     "status": ApplicationStatus(app.status).value,
@@ -309,6 +328,10 @@ class ServeStatus:
                 for name, app in d.get("applications", {}).items()
             },
             target_capacity=d.get("target_capacity"),
+            proxy_processes=[
+                ProxyDetails(p["index"], p.get("pid"), ProxyStatus(p["status"]), p.get("restarts", 0))
+                for p in d.get("proxy_processes", [])
+            ],
         )
 
 
@@ -555,6 +578,12 @@ class HTTPOptionsSchema(_Strict):
     request_header_timeout_s: PositiveFloat = 10.0
     max_connections: PositiveInt = 10_000
     metrics_port: int | None = Field(default=DEFAULT_METRICS_PORT, ge=0, le=65535)  # None: no metrics endpoint
+    num_proxies: int = Field(default_factory=lambda: default_num_proxies())  # HTTP proxy processes on the port
+
+    @field_validator("num_proxies", mode="before")
+    @classmethod
+    def _num_proxies(cls, v: Any) -> int:
+        return check_num_proxies(v)
 
     @model_validator(mode="after")
     def _ssl_pair(self) -> HTTPOptionsSchema:
