@@ -94,6 +94,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_tail = b""  # the last bytes seen, so a head end split across reads is found
         self._header_count = 0
+        # The head's deadline (loop time; None: no head is being waited for) and the one timer
+        # that checks it: a new head only moves the deadline, the timer re-arms itself when it
+        # fires early, so a keep-alive connection arms no timer per request.
+        self._head_deadline: float | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
         self._line_seen = False  # the request line was parsed: the parser knows the method
@@ -110,6 +114,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().connection_lost(exc)
         self._client_gone()
 
@@ -132,7 +139,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         if self._refused:
             return
         if self._head_open:
-            if self._head_timer is None:
+            if self._head_deadline is None:
                 self._arm_head_timer()
             seen = self._head_tail + data
             end = seen.find(_HEAD_END)
@@ -214,16 +221,23 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             on_refused(status, method)
 
     def _arm_head_timer(self) -> None:
-        self._disarm_head_timer()
-        self._head_timer = self.loop.call_later(self.limits.request_header_timeout_s, self._on_head_timeout)
+        """The next head must arrive whole within ``request_header_timeout_s`` from now."""
+        self._head_deadline = self.loop.time() + self.limits.request_header_timeout_s
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_deadline, self._on_head_timer)
 
     def _disarm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head_deadline = None  # the timer, if any, finds no deadline when it fires
 
-    def _on_head_timeout(self) -> None:
+    def _on_head_timer(self) -> None:
         self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return
+        if self.loop.time() < deadline:  # the deadline moved since the timer was armed
+            self._head_timer = self.loop.call_at(deadline, self._on_head_timer)
+            return
+        self._head_deadline = None
         if self.cycle is not None and not self.cycle.response_complete:
             self._arm_head_timer()  # a request is being answered: the next head waits its turn
             return
