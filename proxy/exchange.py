@@ -420,7 +420,7 @@ def wire_scope(scope: Scope, headers: list[Any], root_path: str, prefix: str) ->
         "raw_path": raw_path,
         "query_string": scope.get("query_string", b""),
         "root_path": root_path + (prefix if prefix != "/" else ""),
-        "headers": [[bytes(k), bytes(v)] for k, v in headers],
+        "headers": headers,  # (name, value) pairs of bytes: msgpack arrays of bin, as they are
         "client": list(client) if client else None,
         "server": list(server) if server else None,
     }
