@@ -249,10 +249,12 @@ def write_whole_response(cycle: RequestResponseCycle, status: int, headers: Sequ
     does with an ``http.response.start`` and a final ``http.response.body`` (same head, same
     checks, same connection handling), minus the second write. False, with nothing written,
     where that shortcut does not apply (then ``send`` answers): the response has started, the
-    client left, writing is paused, a HEAD request, a status uvicorn has no line for, or headers
+    client left, writing is paused, uvicorn's access log is on (the proxy writes its own), a HEAD
+    request, a status uvicorn has no line for, or headers
     that do not give exactly ``len(body)`` as the one ``Content-Length``, ask for chunks, or
     would not pass ``send``'s header checks."""
-    if cycle.response_started or cycle.disconnected or cycle.flow.write_paused or cycle.scope["method"] == "HEAD":
+    if (cycle.response_started or cycle.disconnected or cycle.flow.write_paused or cycle.access_log
+            or cycle.scope["method"] == "HEAD"):
         return False
     status_line = STATUS_LINE.get(status)
     if status_line is None:

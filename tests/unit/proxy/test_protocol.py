@@ -43,13 +43,14 @@ class Answered:
         self.n += 1
 
 
-def _cycle(method: str = "GET", keep_alive: bool = True) -> tuple[RequestResponseCycle, RecordingTransport, Answered]:
+def _cycle(method: str = "GET", keep_alive: bool = True,
+           access_log: bool = False) -> tuple[RequestResponseCycle, RecordingTransport, Answered]:
     transport = RecordingTransport()
     answered = Answered()
     scope: Any = {"type": "http", "method": method, "path": "/", "headers": []}
     cycle = RequestResponseCycle(
         scope=scope, transport=transport, flow=FlowControl(transport), logger=logging.getLogger("test"),
-        access_logger=logging.getLogger("test.access"), access_log=False, default_headers=DEFAULT_HEADERS,
+        access_logger=logging.getLogger("test.access"), access_log=access_log, default_headers=DEFAULT_HEADERS,
         message_event=asyncio.Event(), expect_100_continue=False, keep_alive=keep_alive, on_response=answered,
     )
     return cycle, transport, answered
@@ -96,7 +97,7 @@ def test_a_response_the_shortcut_does_not_cover_is_left_to_send(method: str, hea
     assert transport.writes == [] and not cycle.response_started and answered.n == 0
 
 
-def test_nothing_is_written_once_the_response_started_or_the_client_left() -> None:
+def test_nothing_is_written_once_the_response_started_the_client_left_or_with_uvicorns_access_log() -> None:
     cycle, transport, _ = _cycle()
     asyncio.run(cycle.send({"type": "http.response.start", "status": 200, "headers": TEXT}))
     assert not write_whole_response(cycle, 200, TEXT, b"hello")
@@ -104,4 +105,7 @@ def test_nothing_is_written_once_the_response_started_or_the_client_left() -> No
     gone, transport, _ = _cycle()
     gone.disconnected = True
     assert not write_whole_response(gone, 200, TEXT, b"hello")
+    assert transport.writes == []
+    logged, transport, _ = _cycle(access_log=True)
+    assert not write_whole_response(logged, 200, TEXT, b"hello")
     assert transport.writes == []
