@@ -21,6 +21,7 @@ Nothing read from the client is ever unpickled: scope and body travel as msgpack
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import math
@@ -51,7 +52,13 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Header = tuple[bytes, bytes]
 
+# The server's per-connection scope extension (``proxy.protocol``): ``write(scope, status, headers,
+# body) -> bool`` answers with a whole response in one write (False: not done, use ``send``);
+# ``watch(on_gone)`` / ``unwatch(on_gone)`` report the client leaving without a task.
+CONNECTION_EXTENSION = "shoal.connection"
+
 TIMEOUT_HEADER = "x-request-timeout-seconds"
+_NO_DEADLINE = contextlib.nullcontext()  # ``asyncio.timeout(None)`` costs a few lookups per request
 _WATCH_DELAY_S = 0.05  # most responses come back before a disconnect watcher is worth a task
 
 
@@ -106,6 +113,8 @@ class HttpExchange:
         self.request_id = ""  # once the head is read (the access line)
         self.ended: _Ended | None = None
         self._id_header: Header = (b"x-request-id", b"")
+        extensions = scope.get("extensions")
+        self.connection: dict[str, Any] | None = extensions.get(CONNECTION_EXTENSION) if extensions else None
 
     def end(self, why: _Ended) -> None:
         """Cancel the call (first reason wins); ``run`` answers according to ``why``."""
@@ -146,7 +155,7 @@ class HttpExchange:
         replies = self._submit(headers, request_id, first)
         reader = _ClientReader(self, body_done=not first.get("more_body", False), size=size)
         try:
-            async with asyncio.timeout(timeout_s):
+            async with _NO_DEADLINE if timeout_s is None else asyncio.timeout(timeout_s):
                 await self._relay(replies, reader)
         except TimeoutError:
             self.end(_Ended.TIMEOUT)
@@ -237,38 +246,64 @@ class HttpExchange:
                     message["headers"].append(self._id_header)
                     self.started = True
                     self.status = message["status"]
+                    body = _whole_body(batch[1]) if len(batch) == 2 and self.connection is not None else None
+                    if body is not None and self._write_whole(message["headers"], body):
+                        break  # head and body went out in one write
                 await self.send(message)  # waits while the client's socket is backed up
             taken += 1
             if taken >= wire.RESPONSE_WINDOW // 2:
                 self.call.ack(taken)
                 taken = 0
 
+    def _write_whole(self, headers: list[Any], body: bytes) -> bool:
+        assert self.connection is not None
+        written: bool = self.connection["write"](self.scope, self.status, headers, body)
+        return written
+
+
+def _whole_body(message: Message) -> bytes | None:
+    """The body of a final ``http.response.body`` message, else None."""
+    if message["type"] != "http.response.body" or message.get("more_body", False):
+        return None
+    body: bytes = message.get("body", b"")
+    return body
+
 
 class _ClientReader:
     """The client's side of an exchange after its first receive message: body chunks, each
     read one ahead and forwarded when the replica asks (PULL), then the disconnect, which
-    cancels the call. With the body already complete, the watcher starts only if the response
-    takes longer than ``_WATCH_DELAY_S``."""
+    cancels the call. With the body already complete, the server's ``watch`` reports the
+    disconnect where it offers one (no task per request); elsewhere a watcher task starts if the
+    response takes longer than ``_WATCH_DELAY_S``."""
 
     def __init__(self, exchange: HttpExchange, *, body_done: bool, size: int) -> None:
         self._exchange = exchange
         self._body_done = body_done
         self._size = size
         self._pulls = 0
-        self._wake = asyncio.Event()
+        self._wake: asyncio.Event | None = None  # made when the body streams (PULLs to wait for)
         self._task: asyncio.Task[None] | None = None
-        loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
-        if body_done:
-            self._timer = loop.call_later(_WATCH_DELAY_S, self._start)
-        else:
+        self._watching: Callable[[], None] | None = None  # registered with the server's ``watch``
+        connection = exchange.connection
+        if not body_done:
             self._start()
+        elif connection is not None:
+            self._watching = self._client_gone
+            connection["watch"](self._watching)
+        else:
+            self._timer = asyncio.get_running_loop().call_later(_WATCH_DELAY_S, self._start)
 
     def pull(self) -> None:
         self._pulls += 1
-        self._wake.set()
+        if self._wake is not None:
+            self._wake.set()
+
+    def _client_gone(self) -> None:
+        self._exchange.end(_Ended.CLIENT_GONE)
 
     def _start(self) -> None:
+        self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
@@ -284,6 +319,7 @@ class _ClientReader:
                 ex.end(_Ended.TOO_LARGE)
                 return
             while not self._pulls:
+                assert self._wake is not None
                 self._wake.clear()
                 await self._wake.wait()
             self._pulls -= 1
@@ -299,6 +335,10 @@ class _ClientReader:
 
     async def stop(self) -> None:
         """Stop reading; wait for the reading task to end."""
+        if self._watching is not None:
+            assert self._exchange.connection is not None
+            self._exchange.connection["unwatch"](self._watching)
+            self._watching = None
         if self._timer is not None:
             self._timer.cancel()
         task = self._task
@@ -380,7 +420,7 @@ def wire_scope(scope: Scope, headers: list[Any], root_path: str, prefix: str) ->
         "raw_path": raw_path,
         "query_string": scope.get("query_string", b""),
         "root_path": root_path + (prefix if prefix != "/" else ""),
-        "headers": [[bytes(k), bytes(v)] for k, v in headers],
+        "headers": headers,  # (name, value) pairs of bytes: msgpack arrays of bin, as they are
         "client": list(client) if client else None,
         "server": list(server) if server else None,
     }

@@ -22,16 +22,35 @@ was read, else ""): the proxy counts them in its metrics.
 
 Idle keep-alive connections are closed by uvicorn (``timeout_keep_alive``) and requests over
 uvicorn's ``limit_concurrency`` open connections get 503; ``proxy.main`` sets both.
+
+Each request's scope offers the ``shoal.connection`` extension (``CONNECTION_EXTENSION``), one
+dict per connection, so that the proxy's hot path builds no objects per request for it:
+
+- ``write(scope, status, headers, body) -> bool`` writes a whole response (status line, headers
+  and body) in one write, where uvicorn's ``send`` writes the head and the body apart: one
+  ``send(2)`` and one TCP segment instead of two (``write_whole_response``). False, with nothing
+  written, where it does not apply (then ``send`` answers);
+- ``watch(on_gone)`` / ``unwatch(on_gone)``: ``on_gone()`` is called when the connection is lost
+  (or refused by a parse error), so that a request whose body has been read can learn that its
+  client left without a task waiting on ``receive``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+
+from shoal.proxy.exchange import CONNECTION_EXTENSION
 
 _HEAD_END = b"\r\n\r\n"
 
@@ -75,9 +94,17 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._head_tail = b""  # the last bytes seen, so a head end split across reads is found
         self._header_count = 0
+        # The head's deadline (loop time; None: no head is being waited for) and the one timer
+        # that checks it: a new head only moves the deadline, the timer re-arms itself when it
+        # fires early, so a keep-alive connection arms no timer per request.
+        self._head_deadline: float | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
         self._line_seen = False  # the request line was parsed: the parser knows the method
+        self._on_gone: list[Callable[[], None]] = []  # ``watch``: told when the connection is lost
+        self._extensions: dict[str, dict[object, object]] = {
+            CONNECTION_EXTENSION: {"write": self._write_whole, "watch": self._on_gone.append, "unwatch": self._unwatch},
+        }
 
     # -- connection -----------------------------------------------------------------------------
 
@@ -87,13 +114,32 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().connection_lost(exc)
+        self._client_gone()
+
+    def _client_gone(self) -> None:
+        on_gone, self._on_gone[:] = list(self._on_gone), []
+        for callback in on_gone:
+            callback()
+
+    def _unwatch(self, on_gone: Callable[[], None]) -> None:
+        if on_gone in self._on_gone:
+            self._on_gone.remove(on_gone)
+
+    def _write_whole(self, scope: Any, status: int, headers: Sequence[Sequence[bytes]], body: bytes) -> bool:
+        cycle = self.cycle
+        if cycle is None or cycle.scope is not scope:  # pipelined: another request is the latest
+            return False
+        return write_whole_response(cycle, status, headers, body)
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
         if self._head_open:
-            if self._head_timer is None:
+            if self._head_deadline is None:
                 self._arm_head_timer()
             seen = self._head_tail + data
             end = seen.find(_HEAD_END)
@@ -126,6 +172,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             return
         self._head_open = False
         self._disarm_head_timer()
+        self.scope["extensions"] = self._extensions
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -155,6 +202,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         else:
             self._count_refusal(400)
         super().send_400_response(msg)
+        self._client_gone()
 
     def _refuse(self, response: bytes) -> None:
         """Answer ``response`` (when no response is under way on this connection) and close."""
@@ -173,17 +221,76 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             on_refused(status, method)
 
     def _arm_head_timer(self) -> None:
-        self._disarm_head_timer()
-        self._head_timer = self.loop.call_later(self.limits.request_header_timeout_s, self._on_head_timeout)
+        """The next head must arrive whole within ``request_header_timeout_s`` from now."""
+        self._head_deadline = self.loop.time() + self.limits.request_header_timeout_s
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_deadline, self._on_head_timer)
 
     def _disarm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head_deadline = None  # the timer, if any, finds no deadline when it fires
 
-    def _on_head_timeout(self) -> None:
+    def _on_head_timer(self) -> None:
         self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return
+        if self.loop.time() < deadline:  # the deadline moved since the timer was armed
+            self._head_timer = self.loop.call_at(deadline, self._on_head_timer)
+            return
+        self._head_deadline = None
         if self.cycle is not None and not self.cycle.response_complete:
             self._arm_head_timer()  # a request is being answered: the next head waits its turn
             return
         self._refuse(_TOO_SLOW)
+
+
+def write_whole_response(cycle: RequestResponseCycle, status: int, headers: Sequence[Sequence[bytes]], body: bytes) -> bool:
+    """Answer ``cycle``'s request with a whole response in one write: what uvicorn's ``send``
+    does with an ``http.response.start`` and a final ``http.response.body`` (same head, same
+    checks, same connection handling), minus the second write. False, with nothing written,
+    where that shortcut does not apply (then ``send`` answers): the response has started, the
+    client left, writing is paused, uvicorn's access log is on (the proxy writes its own), a HEAD
+    request, a status uvicorn has no line for, or headers
+    that do not give exactly ``len(body)`` as the one ``Content-Length``, ask for chunks, or
+    would not pass ``send``'s header checks."""
+    if (cycle.response_started or cycle.disconnected or cycle.flow.write_paused or cycle.access_log
+            or cycle.scope["method"] == "HEAD"):
+        return False
+    status_line = STATUS_LINE.get(status)
+    if status_line is None:
+        return False
+    content = [status_line]
+    for name, value in cycle.default_headers:
+        content += (name, b": ", value, b"\r\n")
+    keep_alive, has_close, length = cycle.keep_alive, False, -1
+    names, values = [], []
+    for name, value in headers:
+        name = name.lower()
+        if name == b"content-length":
+            if length != -1 or not value.isdigit():
+                return False
+            length = int(value)
+        elif name == b"transfer-encoding":
+            return False
+        elif name == b"connection" and b"close" in [token.strip() for token in value.lower().split(b",")]:
+            keep_alive, has_close = False, True
+        names.append(name)
+        values.append(value)
+        content += (name, b": ", value, b"\r\n")
+    if length != len(body) or HEADER_RE.search(b"".join(names)) or HEADER_VALUE_RE.search(b"".join(values)):
+        return False
+    if not keep_alive and not has_close:
+        content.append(b"connection: close\r\n")
+    content += (b"\r\n", body)
+    cycle.keep_alive = keep_alive
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    cycle.chunked_encoding = False
+    cycle.expected_content_length = 0
+    cycle.transport.write(b"".join(content))
+    cycle.response_complete = True
+    cycle.message_event.set()
+    if not keep_alive:
+        cycle.transport.close()
+    cycle.on_response()
+    return True

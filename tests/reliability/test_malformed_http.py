@@ -273,3 +273,28 @@ def test_t22_malformed_http_corpus(proxy: Proxy) -> None:
                f"slowest {max(r.seconds for r in results) * 1000:.0f} ms")
     print(figures)
     assert not problems, "\n".join(problems) + "\n" + figures
+
+
+def test_a_keep_alive_connection_busy_for_longer_than_the_head_deadline_is_never_cut(proxy: Proxy) -> None:
+    """Each head gets its own ``request_header_timeout_s`` (the proxy moves one deadline per
+    connection, and its timer re-arms when it fires early): back-to-back requests on one
+    connection for more than twice the timeout all get 200 on that connection."""
+    request = b"GET /t22/count HTTP/1.1\r\nHost: x\r\n\r\n"
+    answered = 0
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=SOCKET_TIMEOUT_S) as sock:
+        pending = b""
+        while time.monotonic() - started < 2.5 * HEADER_TIMEOUT_S:
+            sock.sendall(request)
+            while b"\r\n\r\n" not in pending:
+                chunk = sock.recv(65536)
+                assert chunk, f"the connection was closed after {answered} responses"
+                pending += chunk
+            head, _, pending = pending.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))  # type: ignore[union-attr]
+            while len(pending) < length:
+                pending += sock.recv(65536)
+            pending = pending[length:]
+            answered += 1
+    assert answered > 1
