@@ -19,13 +19,8 @@ Run it:
 
     python benchmarks/handle.py                      # compare: shoal, and ray if found
     python benchmarks/handle.py --runs 1 --max-ongoing-requests 100
-    python benchmarks/handle.py --no-ray --raw-zmq   # and the physical floor: raw ZeroMQ
     python benchmarks/handle.py --framework shoal --json     # one framework, one run
     /work/ray-venv/bin/python benchmarks/handle.py --framework ray --json
-
-``--raw-zmq`` adds a reference row measured in the same run: a raw ZeroMQ DEALER/ROUTER echo of
-a 64-byte message over ``ipc://`` between two processes (p50 of sequential round trips, and
-messages per second with ``--fanout`` in flight): what any design on ZeroMQ pays at least.
 
 Without ``--framework`` the script is an orchestrator: it runs each framework
 ``--runs`` times, each in a fresh process (shoal with this interpreter, which
@@ -172,70 +167,6 @@ def run_framework(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-# ------------------------------------------------------------- raw ZeroMQ floor
-
-
-def _raw_echo_server(endpoint: str) -> None:
-    import zmq
-
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-    sock.bind(endpoint)
-    while True:
-        frames = sock.recv_multipart()
-        if frames[1] == b"stop":
-            break
-        sock.send_multipart(frames)
-    sock.close(linger=0)
-    ctx.term()
-
-
-def raw_zmq_reference(calls: int, fanout: int) -> dict[str, float]:
-    """Round trip p50 (us) and pipelined echoes/s of a raw DEALER/ROUTER pair over ipc."""
-    import multiprocessing
-    import tempfile
-
-    import zmq
-
-    with tempfile.TemporaryDirectory() as tmp:
-        endpoint = f"ipc://{tmp}/echo.sock"
-        server = multiprocessing.get_context("spawn").Process(target=_raw_echo_server, args=(endpoint,))
-        server.start()
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
-        try:
-            message = b"x" * 64
-            for _ in range(500):
-                sock.send(message)
-                sock.recv()
-            latencies_ns = []
-            for _ in range(calls):
-                start = time.perf_counter_ns()
-                sock.send(message)
-                sock.recv()
-                latencies_ns.append(time.perf_counter_ns() - start)
-            start_s = time.perf_counter()
-            for _ in range(fanout):
-                sock.send(message)
-            for _ in range(fanout):
-                sock.recv()
-            rate = fanout / (time.perf_counter() - start_s)
-            sock.send(b"stop")
-        finally:
-            server.join(10)
-            if server.is_alive():
-                server.kill()
-            sock.close()
-            ctx.term()
-    return {"p50_us": statistics.median(latencies_ns) / 1e3, "fanout_calls_per_s": rate}
-
-
 # ----------------------------------------------------------------- orchestrator
 
 
@@ -318,12 +249,6 @@ def print_table(
 def orchestrate(args: argparse.Namespace) -> int:
     results, failed = run_each_framework(args, run_child, median_report)
     print_table(results, args)
-    if args.raw_zmq:
-        raw = raw_zmq_reference(args.calls, args.fanout)
-        print(
-            f"raw ZeroMQ DEALER/ROUTER over ipc, 64 B (the floor): p50 {raw['p50_us']:,.0f} us, "
-            f"{raw['fanout_calls_per_s']:,.0f} echoes/s with {args.fanout} in flight"
-        )
     return 1 if failed else 0
 
 
@@ -350,8 +275,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--ray-python", help="interpreter with ray[serve] (default: "
         f"$SHOAL_BENCH_RAY_PYTHON, else {DEFAULT_RAY_PYTHON} if present)")
     add("--no-ray", action="store_true", help="measure shoal only")
-    add("--raw-zmq", action="store_true",
-        help="also measure a raw ZeroMQ DEALER/ROUTER echo over ipc (the floor)")
     add("--timeout-s", type=float, default=900.0, help="limit per child process")
     # fmt: on
     args = p.parse_args(argv)
