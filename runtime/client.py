@@ -37,6 +37,9 @@ logger = logging.getLogger("shoal.client")
 
 _DEFAULT_CALL_TIMEOUT_S = 30.0
 _QUEUE_REPORT_INTERVAL_S = 0.25
+# A thread making calls faster than the runtime's loop sends them waits for the loop every this many
+# calls (see LoopInbox: otherwise the loop gets the GIL once per switch interval).
+_INBOX_PACE_AT = 64
 
 _ERROR_TYPES: dict[str, type[Exception]] = {
     "ValueError": ValueError,
@@ -53,7 +56,7 @@ class Runtime:
     ) -> None:
         self.loop = loop
         self.role = role  # "driver", "replica" or "proxy": the controller tracks what the proxy applied
-        self.inbox = LoopInbox(loop)
+        self.inbox = LoopInbox(loop, pace_at=_INBOX_PACE_AT)
         self.control_endpoint = control_endpoint
         self._key_stamp = _file_stamp(transport.key_path(control_endpoint))  # before reading: see _current_key
         self._key = transport.read_key(control_endpoint)
@@ -80,10 +83,9 @@ class Runtime:
         self._listener = self.loop.create_task(self._listen())
 
     def in_loop_thread(self) -> bool:
-        try:
-            return asyncio.get_running_loop() is self.loop
-        except RuntimeError:
-            return False
+        # _get_running_loop: None outside a loop, where get_running_loop would build an exception
+        # (a driver's thread asks on every remote() and result()).
+        return asyncio._get_running_loop() is self.loop
 
     def run_sync(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the loop thread and return its result (from any other thread)."""

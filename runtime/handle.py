@@ -52,11 +52,7 @@ _SYNC_IN_LOOP = (
 
 
 def _in_running_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        return False
+    return asyncio._get_running_loop() is not None
 
 
 # Ray's serialization method names (its gRPC by-value transport); see ``DeploymentHandle.options``.

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+import time
 from typing import Any, Protocol
 
 from shoal.runtime import wire
@@ -145,23 +146,34 @@ class ReplySink(_Mailbox):
 
 
 class ThreadSafeSink(_Mailbox):
-    """A call's outcome fed on the runtime loop, read from any thread or event loop."""
+    """A call's outcome fed on the runtime loop, read from any thread or event loop.
 
-    __slots__ = ("_cond", "_waiters")
+    A reader thread that must wait sleeps on a lock of its own, released by the feeding loop
+    (what ``threading.Condition`` does, without building a condition per call: a driver makes
+    one of these per ``remote()``). ``result_sync`` on a finished call takes no lock at all.
+    """
+
+    __slots__ = ("_lock", "_sleepers", "_waiters")
 
     def __init__(self) -> None:
         super().__init__()
-        self._cond = threading.Condition(threading.Lock())
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._lock = threading.Lock()
+        self._sleepers: list[threading.Lock] | None = None  # one held lock per blocked thread
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] | None = None
 
     def done(self) -> bool:
         return self._done
 
     def _wake_locked(self) -> None:
-        self._cond.notify_all()
-        waiters, self._waiters = self._waiters, []
-        if not waiters:
+        sleepers = self._sleepers
+        if sleepers is not None:
+            self._sleepers = None
+            for sleeper in sleepers:
+                sleeper.release()
+        waiters = self._waiters
+        if waiters is None:
             return
+        self._waiters = None
         here = _running_loop()
         for loop, fut in waiters:
             if loop is here:  # a reader on the feeding loop itself: no wakeup through the pipe
@@ -173,19 +185,22 @@ class ThreadSafeSink(_Mailbox):
                 pass
 
     def set_result(self, value: Any) -> None:
-        with self._cond:
+        with self._lock:
             if not self._done:
-                self._value, self._done = value, True
+                # _value before _done: a reader that sees _done without the lock sees the value.
+                self._value = value
+                self._done = True
                 self._wake_locked()
 
     def set_exception(self, exc: BaseException) -> None:
-        with self._cond:
+        with self._lock:
             if not self._done:
-                self._error, self._done = exc, True
+                self._error = exc
+                self._done = True
                 self._wake_locked()
 
     def push(self, item: Any) -> None:
-        with self._cond:
+        with self._lock:
             if not self._done:
                 self._items.append(item)
                 self._wake_locked()
@@ -193,24 +208,51 @@ class ThreadSafeSink(_Mailbox):
     def finish(self) -> None:
         self.set_result(None)
 
+    def _ready(self, stream: bool) -> bool:
+        return self._done or (stream and bool(self._items))
+
+    def _block(self, stream: bool, timeout_s: float | None) -> bool:
+        """Sleep until the call is done (or, with ``stream``, an item is there); False after
+        ``timeout_s``."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                if self._ready(stream):
+                    return True
+                sleeper = threading.Lock()
+                sleeper.acquire()
+                if self._sleepers is None:
+                    self._sleepers = [sleeper]
+                else:
+                    self._sleepers.append(sleeper)
+            if deadline is None:
+                sleeper.acquire()
+                continue
+            remaining_s = deadline - time.monotonic()
+            if remaining_s > 0 and sleeper.acquire(timeout=remaining_s):
+                continue
+            with self._lock:
+                if self._sleepers is not None and sleeper in self._sleepers:
+                    self._sleepers.remove(sleeper)
+                return self._ready(stream)
+
     def result_sync(self, timeout_s: float | None) -> Any:
         """The call's value, or raise its exception; TimeoutError after ``timeout_s``."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._done, timeout_s):
-                raise TimeoutError
-            return self._outcome()
+        if not self._done and not self._block(False, timeout_s):
+            raise TimeoutError
+        return self._outcome()
 
     def next_sync(self, timeout_s: float | None) -> Any:
         """The next stream item, END after the last; TimeoutError after ``timeout_s``."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._items or self._done, timeout_s):
-                raise TimeoutError("Timed out waiting for the next item of the stream.")
+        if not self._block(True, timeout_s):
+            raise TimeoutError("Timed out waiting for the next item of the stream.")
+        with self._lock:
             return self._take()
 
     async def result(self) -> Any:
         loop = asyncio.get_running_loop()
         while True:
-            with self._cond:
+            with self._lock:
                 if self._done:
                     return self._outcome()
                 fut = self._waiter_on(loop)
@@ -219,7 +261,7 @@ class ThreadSafeSink(_Mailbox):
     async def next(self) -> Any:
         loop = asyncio.get_running_loop()
         while True:
-            with self._cond:
+            with self._lock:
                 if self._items or self._done:
                     return self._take()
                 fut = self._waiter_on(loop)
@@ -227,7 +269,10 @@ class ThreadSafeSink(_Mailbox):
 
     def _waiter_on(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         fut = loop.create_future()
-        self._waiters.append((loop, fut))
+        if self._waiters is None:
+            self._waiters = [(loop, fut)]
+        else:
+            self._waiters.append((loop, fut))
         return fut
 
 

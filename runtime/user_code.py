@@ -1,8 +1,8 @@
 """UserCallable: runs a deployment's user code the way Ray Serve does.
 
 - ``async def`` methods run on the replica's event loop, concurrently.
-- Plain ``def`` methods run in a thread pool sized ``max_ongoing_requests``, with the request's
-  contextvars copied in.
+- Plain ``def`` methods run in a thread pool sized ``max_ongoing_requests`` (``user_threads``;
+  Ray's default ``RAY_SERVE_RUN_SYNC_IN_THREADPOOL=1``), with the request's contextvars copied in.
 - A method that returns a generator (sync or async) may only be called with ``stream=True``;
   its items are produced one by one (sync generators advance in the thread pool).
 - ``async def __init__`` is awaited; ``reconfigure(user_config)`` runs after construction when a
@@ -17,11 +17,11 @@ import contextvars
 import functools
 import inspect
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from shoal.runtime.errors import RayServeException
 from shoal.runtime.inbox import LoopInbox
+from shoal.runtime.user_threads import UserThreads
 
 _END = object()
 
@@ -40,8 +40,8 @@ def _parameters(fn: Callable[..., Any]) -> tuple[str, ...]:
         return ()
 
 
-def _new_pool(max_ongoing_requests: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(1, max_ongoing_requests), thread_name_prefix="shoal-user")
+def _new_pool(max_ongoing_requests: int) -> UserThreads:
+    return UserThreads(max(1, max_ongoing_requests), thread_name_prefix="shoal-user")
 
 
 class UserCallable:
@@ -214,8 +214,9 @@ class UserCallable:
                 inbox.post(lambda: _settle(done, value, None))
 
         # Completions come back through the inbox: one loop wakeup for a batch of them, where
-        # run_in_executor would write to the loop's self-pipe once per call.
-        self._pool.submit(run)
+        # run_in_executor would write to the loop's self-pipe once per call; ``post`` makes no
+        # concurrent Future (see ``user_threads``).
+        self._pool.post(run)
         result = await done
         return await result if inspect.isawaitable(result) else result
 

@@ -90,3 +90,35 @@ def test_several_tasks_may_await_one_reply_sink_and_one_being_cancelled_leaves_t
         assert second.cancelled()
 
     asyncio.run(main())
+
+
+def test_thread_safe_sink_wakes_every_blocked_thread_and_a_timed_out_one_leaves_no_trace() -> None:
+    sink = ThreadSafeSink()
+    with pytest.raises(TimeoutError):
+        sink.result_sync(0.01)  # its sleeper is withdrawn: the next outcome wakes only live ones
+    results: list[object] = []
+    waiting = threading.Barrier(4)
+
+    def read() -> None:
+        waiting.wait(10)
+        results.append(sink.result_sync(10))
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    waiting.wait(10)
+    sink.set_result("all")
+    for reader in readers:
+        reader.join(10)
+    assert results == ["all", "all", "all"]
+    assert sink.result_sync(0) == "all"
+
+    stream = ThreadSafeSink()
+    with pytest.raises(TimeoutError):
+        stream.next_sync(0.01)
+    stream.push(1)
+    stream.push(2)
+    assert (stream.next_sync(0), stream.next_sync(0)) == (1, 2)
+    stream.set_exception(ValueError("after the items"))
+    with pytest.raises(ValueError):
+        stream.next_sync(0)
