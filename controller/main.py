@@ -32,7 +32,7 @@ from shoal.controller.listener import HTTPListener
 from shoal.controller.metrics_endpoint import MetricsEndpoint, MetricsFiles, instance_pids, retention_from_env
 from shoal.controller.proxy import ProxySupervisor, check_tls_options
 from shoal.controller.supervisor_log import OutputCapture
-from shoal.runtime import metrics, transport
+from shoal.runtime import metrics, shm, transport
 from shoal.runtime.rotation import LogRotationConfigError, RotationLimits, limits_from_env
 from shoal.runtime.worker_main import set_process_name, watch_lifeline
 from shoal.serve.config import DEFAULT_METRICS_PORT
@@ -123,6 +123,9 @@ async def serve(config: SupervisorConfig) -> int:
         )
         info["http_url"] = controller.proxy.url
     server = ControlServer(endpoint, controller, on_shutdown=stop.set, info=info)
+    # Large arrays of handle calls travel in shared-memory segments there (runtime/shm.py):
+    # the sweep removes those of dead processes, and the directory goes when we stop.
+    sweeper = loop.create_task(shm.sweep_forever(shm.create_directory(str(run_dir))))
     if controller.proxy is not None:
         controller.proxy.start()
     _restore(controller, run_dir)
@@ -134,6 +137,9 @@ async def serve(config: SupervisorConfig) -> int:
         await controller.shutdown(announce=signalled.is_set())
         applied.clear(run_dir)
     finally:
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+        shm.remove_directory(str(run_dir))
         if listener is not None:
             listener.close()
         await server.aclose()
@@ -190,6 +196,7 @@ def _abandon(run_dir: Path) -> None:
     try:
         applied.clear(run_dir)
         rundir.remove_sockets(run_dir)
+        shm.remove_directory(str(run_dir))
     except OSError:
         logger.exception("could not clean %s", run_dir)
 
