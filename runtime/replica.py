@@ -296,6 +296,7 @@ class ReplicaWorker:
         method = header.method
         args, kwargs = wire.loads_args(header.enc, msg.payload[0], msg.buffers) if msg.payload else ((), {})
         caller = wire.caller_pid(msg.meta)
+        segments = tuple(b for b in msg.buffers if type(b) is wire.SegmentRef)  # may go back as they are
         if method == HEALTH_METHOD:
             await self.user.check_health()
             return wire.Kind.RESULT, *self._encode(None)
@@ -308,11 +309,11 @@ class ReplicaWorker:
             return wire.Kind.RESULT, *self._encode(await self.routing_stats())
         if header.stream:
             async for item in self.user.stream(method, args, kwargs):
-                enc, data, buffers = self._encode(item, caller)
+                enc, data, buffers = self._encode(item, caller, segments)
                 self._send(identity, wire.reply(wire.Kind.STREAM_ITEM, self.incarnation, msg.call_id, enc, data, buffers=buffers))
             return wire.Kind.STREAM_END, None, b"", ()
         value = await self.user.call(method, args, kwargs)
-        return wire.Kind.RESULT, *self._encode(value, caller)
+        return wire.Kind.RESULT, *self._encode(value, caller, segments)
 
     async def _serve_http(
         self, identity: bytes, call_id: int, key: tuple[bytes, int], scope: dict[str, Any], first: dict[str, Any]
@@ -367,10 +368,13 @@ class ReplicaWorker:
             self._send(identity, wire.reply(wire.Kind.PULL, self.incarnation, call_id))
         return message
 
-    def _encode(self, value: Any, caller_pid: int = 0) -> tuple[wire.Encoding, bytes, tuple[wire.Buffer, ...]]:
+    def _encode(
+        self, value: Any, caller_pid: int = 0, segments: tuple[wire.SegmentRef, ...] = ()
+    ) -> tuple[wire.Encoding, bytes, tuple[wire.Buffer, ...]]:
         """``value`` encoded for a reply to process ``caller_pid``, with its out-of-band buffers
-        (large ones in shared-memory segments that the caller removes, if its pid is known);
-        TypeError if it cannot be serialized."""
+        (large ones in shared-memory segments that the caller removes, if its pid is known; the
+        request's own ``segments`` again where a buffer is one of them); TypeError if it cannot
+        be serialized."""
         try:
             enc, data, buffers = wire.dumps_oob(value)
         except Exception as exc:
@@ -382,7 +386,7 @@ class ReplicaWorker:
             return enc, data, ()
         if not caller_pid:
             return enc, data, tuple(b.raw() for b in buffers)
-        return enc, data, shm.place(buffers, caller_pid)[0]
+        return enc, data, shm.place(buffers, caller_pid, segments)[0]
 
     def _send(self, identity: bytes, msg: wire.Message) -> None:
         assert self.channel is not None

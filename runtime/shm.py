@@ -32,6 +32,8 @@ replica died anyway).
 from __future__ import annotations
 
 import asyncio
+import atexit
+import concurrent.futures
 import contextlib
 import hashlib
 import itertools
@@ -41,6 +43,8 @@ import os
 import re
 import shutil
 import stat
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -125,12 +129,18 @@ def _private(path: str) -> bool:
 # -- sending ------------------------------------------------------------------------------------
 
 
-def place(buffers: Sequence[Any], receiver_pid: int = 0) -> tuple[tuple[Buffer, ...], tuple[str, ...]]:
+def place(
+    buffers: Sequence[Any], receiver_pid: int = 0, reuse: Sequence[SegmentRef] = ()
+) -> tuple[tuple[Buffer, ...], tuple[str, ...]]:
     """The buffers of a message to send: each of ``THRESHOLD_BYTES`` or more copied into a new
     segment (replaced by its ``SegmentRef``), the others as they are (frames, not copied).
     Returns them and the paths of the segments created, which the caller must ``release`` as
     the module's docstring says. ``receiver_pid``: 0 if the creator removes the segments,
-    else the process that removes each once it has mapped it."""
+    else the process that removes each once it has mapped it.
+
+    ``reuse``: segments of the request being answered (their creator, the caller, removes them
+    only when the call has ended, after it has mapped the reply): a buffer that is the whole
+    of one of them (a method returning its argument) goes as that segment again, uncopied."""
     directory_ = _directory
     out: list[Buffer] = []
     created: list[str] = []
@@ -140,10 +150,18 @@ def place(buffers: Sequence[Any], receiver_pid: int = 0) -> tuple[tuple[Buffer, 
             if directory_ is None or view.nbytes < THRESHOLD_BYTES:
                 out.append(view)
                 continue
+            same = _segment_of(view) if reuse else None
+            if same is not None and same in reuse and same.nbytes == view.nbytes:
+                out.append(same)
+                continue
             name = f"{os.getpid()}-{receiver_pid}-{next(_counter)}"
             path = os.path.join(directory_, name)
             created.append(path)
-            _write(path, view)
+            spare = _spares.take(directory_, view.nbytes)
+            if spare is not None:
+                os.rename(spare, path)
+            _write(path, view, spare is not None)
+            _spares.prepare(directory_, view.nbytes)
             out.append(SegmentRef(name, view.nbytes))
     except BaseException:
         release(created)
@@ -151,14 +169,91 @@ def place(buffers: Sequence[Any], receiver_pid: int = 0) -> tuple[tuple[Buffer, 
     return tuple(out), tuple(created)
 
 
-def _write(path: str, view: memoryview) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+def _write(path: str, view: memoryview, allocated: bool) -> None:
+    """Write ``view`` into a new file at ``path``, or (``allocated``) over the start of a
+    spare file there, cut to its size."""
+    flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if allocated else os.O_CREAT | os.O_EXCL)
+    fd = os.open(path, flags, 0o600)
     try:
         done = 0
         while done < view.nbytes:
-            done += os.write(fd, view[done:])
+            done += os.pwrite(fd, view[done:], done)
+        if allocated:
+            os.ftruncate(fd, view.nbytes)
     finally:
         os.close(fd)
+
+
+class _Spares:
+    """One segment file allocated ahead of need, on a thread of its own.
+
+    Most of the cost of writing a large buffer into a new segment is the kernel allocating and
+    zeroing its pages, not the copy. After each segment it writes, a process has a file of the
+    same size (rounded up to a MiB) allocated in the background (``posix_fallocate``); the next
+    segment of a size that fits (up to twice smaller) takes it over and only copies. A spare is
+    never one that was shared: every segment a receiver maps is written once. Named like the
+    process's other segments (``<pid>-0-<n>``), so the supervisor's sweep removes it when the
+    process dies; ``discard`` (at exit) removes it sooner.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._next: concurrent.futures.Future[tuple[str, int]] | None = None
+
+    def take(self, directory_: str, nbytes: int) -> str | None:
+        """The path of a ready spare for ``nbytes`` in ``directory_`` (now the caller's), or None."""
+        with self._lock:
+            future = self._next
+            if future is None or not future.done():
+                return None
+            self._next = None
+        try:
+            path, size = future.result()
+        except OSError:
+            return None
+        if os.path.dirname(path) == directory_ and nbytes <= size <= 2 * nbytes:
+            return path
+        release([path])
+        return None
+
+    def prepare(self, directory_: str, nbytes: int) -> None:
+        """Start allocating a spare for a segment of ``nbytes`` unless one is already there."""
+        with self._lock:
+            if self._next is not None:
+                return
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shoal-shm")
+                atexit.register(self.discard)
+            size = -(-nbytes // _SPARE_ROUND_BYTES) * _SPARE_ROUND_BYTES
+            path = os.path.join(directory_, f"{os.getpid()}-0-{next(_counter)}")
+            self._next = self._executor.submit(_allocate, path, size)
+
+    def discard(self) -> None:
+        """Remove the spare, if one was made."""
+        with self._lock:
+            future, self._next = self._next, None
+        if future is not None:
+            with contextlib.suppress(OSError, concurrent.futures.CancelledError):
+                release([future.result()[0]])
+
+
+_SPARE_ROUND_BYTES = 1024 * 1024
+
+
+def _allocate(path: str, size: int) -> tuple[str, int]:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError:
+        os.close(fd)
+        release([path])
+        raise
+    os.close(fd)
+    return path, size
+
+
+_spares = _Spares()
 
 
 def release(paths: Iterable[str]) -> None:
@@ -203,7 +298,24 @@ def attach(ref: SegmentRef) -> memoryview:
         if int(match.group(2)) == os.getpid():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+    _mapped[mapping] = ref
     return memoryview(mapping)
+
+
+# The segment each live mapping of this process shows (for ``place``'s ``reuse``).
+_mapped: weakref.WeakKeyDictionary[mmap.mmap, SegmentRef] = weakref.WeakKeyDictionary()
+
+
+def _segment_of(view: memoryview) -> SegmentRef | None:
+    """The segment whose mapping ``view`` (a buffer of an array, a memoryview ...) is built on."""
+    obj: Any = view.obj
+    for _ in range(8):
+        if isinstance(obj, mmap.mmap):
+            return _mapped.get(obj)
+        obj = obj.obj if isinstance(obj, memoryview) else getattr(obj, "base", None)
+        if obj is None:
+            return None
+    return None
 
 
 # -- the supervisor's sweep ---------------------------------------------------------------------
