@@ -62,7 +62,7 @@ THRESHOLD_BYTES = 4 * 1024 * 1024
 SWEEP_INTERVAL_S = 2.0
 
 _SHM_ROOT = "/dev/shm"
-_NAME = re.compile(r"^(\d+)-(\d+)-(\d+)$")
+_NAME = re.compile(r"^(\d+)-(\d+)-(spare)?(\d+)$")
 
 _directory: str | None = None  # this process's segment directory; None: segments are off
 _counter = itertools.count(1)
@@ -192,8 +192,8 @@ class _Spares:
     same size (rounded up to a MiB) allocated in the background (``posix_fallocate``); the next
     segment of a size that fits (up to twice smaller) takes it over and only copies. A spare is
     never one that was shared: every segment a receiver maps is written once. Named like the
-    process's other segments (``<pid>-0-<n>``), so the supervisor's sweep removes it when the
-    process dies; ``discard`` (at exit) removes it sooner.
+    process's other segments (``<pid>-0-spare<n>``), so the supervisor's sweep removes it when
+    the process dies; ``discard`` (at exit) removes it sooner.
     """
 
     def __init__(self) -> None:
@@ -226,7 +226,7 @@ class _Spares:
                 self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shoal-shm")
                 atexit.register(self.discard)
             size = -(-nbytes // _SPARE_ROUND_BYTES) * _SPARE_ROUND_BYTES
-            path = os.path.join(directory_, f"{os.getpid()}-0-{next(_counter)}")
+            path = os.path.join(directory_, f"{os.getpid()}-0-{SPARE}{next(_counter)}")
             self._next = self._executor.submit(_allocate, path, size)
 
     def discard(self) -> None:
@@ -239,6 +239,7 @@ class _Spares:
 
 
 _SPARE_ROUND_BYTES = 1024 * 1024
+SPARE = "spare"  # in the name of a spare file (``<pid>-0-spare<n>``); a segment's has none
 
 
 def _allocate(path: str, size: int) -> tuple[str, int]:
@@ -281,7 +282,7 @@ def attach(ref: SegmentRef) -> memoryview:
     if this process is the segment's receiver (see the module's docstring). SegmentError if
     the segment is missing or not a regular file of this user of the announced size."""
     match = _NAME.match(ref.name)
-    if _directory is None or match is None:
+    if _directory is None or match is None or match.group(3):
         raise SegmentError(f"no shared-memory segment {ref.name!r} for this process")
     path = os.path.join(_directory, ref.name)
     try:
