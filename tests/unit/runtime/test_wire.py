@@ -127,7 +127,6 @@ def _frame(kind: int, meta: bytes, meta_len: int | None = None, payload: bytes =
     "frames",
     [
         pytest.param([], id="no frames"),
-        pytest.param([_frame(1, msgpack.packb({}))] * 2, id="two frames"),
         pytest.param([b""], id="empty frame"),
         pytest.param([_frame(1, b"")[:-1]], id="short header"),
         pytest.param([_frame(0x63, msgpack.packb({}))], id="unknown kind"),
