@@ -126,6 +126,7 @@ async def serve(config: SupervisorConfig) -> int:
     # Large arrays of handle calls travel in shared-memory segments there (runtime/shm.py):
     # the sweep removes those of dead processes, and the directory goes when we stop.
     sweeper = loop.create_task(shm.sweep_forever(shm.create_directory(str(run_dir))))
+    shm.configure(str(run_dir))  # for the results of its own calls to replicas
     if controller.proxy is not None:
         controller.proxy.start()
     _restore(controller, run_dir)

@@ -287,16 +287,16 @@ def dumps_args_oob(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Encod
 _BUFFER_TYPES = (bytes, bytearray, memoryview)
 
 
-def _large_buffer_at_top(value: Any) -> bool:
-    """A cheap look for the common case: a large buffer or array among the arguments (the
-    first two levels), so that it is not packed into msgpack first for nothing."""
+def _large_buffer_at_top(value: Any, depth: int = 2) -> bool:
+    """A cheap look for the common case: a large buffer among the arguments (``depth`` levels
+    of lists and dicts), so that it is not packed into msgpack first for nothing."""
     kind = type(value)
     if kind in _BUFFER_TYPES:
-        return len(value) >= OOB_MIN_BYTES
-    if kind is list:
-        return any(_large_buffer_at_top(v) for v in value) if len(value) <= 2 else False
-    if kind is dict:
-        return any(type(v) in _BUFFER_TYPES and len(v) >= OOB_MIN_BYTES for v in value.values())
+        return bool(len(value) >= OOB_MIN_BYTES)
+    if depth and kind is list:
+        return any(_large_buffer_at_top(v, depth - 1) for v in value)
+    if depth and kind is dict:
+        return any(_large_buffer_at_top(v, depth - 1) for v in value.values())
     return False
 
 
