@@ -19,7 +19,7 @@ np = pytest.importorskip("numpy")
 pytestmark = pytest.mark.timeout(90)
 
 MIB = 1024 * 1024
-SIZES = [64 * 1024, MIB, shm.THRESHOLD_BYTES + MIB]  # in band for the first is not; frames; segment
+SIZES = [64 * 1024, MIB, shm.THRESHOLD_BYTES + MIB]  # frames of their own (the smallest out of band), segment
 
 
 def segments_left() -> list[str]:
