@@ -45,7 +45,7 @@ import tempfile
 import time
 from typing import Any
 
-from _common import DEFAULT_RAY_PYTHON, framework_version, import_serve, ray_python, run_json_child
+from _common import DEFAULT_RAY_PYTHON, HOST, framework_version, free_port, import_serve, ray_python, run_json_child
 
 FRAMEWORKS = ("shoal", "ray", "zmq")
 MIB = 1024 * 1024
@@ -92,6 +92,8 @@ def run_serve(framework: str, args: argparse.Namespace) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     try:
+        # A free port: Ray's proxy would take 8000 and fail if anything else holds it.
+        serve.start(http_options={"host": HOST, "port": free_port()})
         handle = serve.run(Echo.bind(), name="arrays", route_prefix="/arrays")
         for size_mib in args.sizes_mib:
             array = np.random.default_rng(0).random(int(size_mib * MIB) // 4, dtype=np.float32)

@@ -55,11 +55,13 @@ from shoal.runtime.wire import Buffer, SegmentRef
 logger = logging.getLogger("shoal.shm")
 
 # Buffers of this size or more travel in a segment. Measured (an echo of a float32 array
-# through a handle, frames against segments interleaved, medians of 6 x 30 echoes, busy 2-core
-# machine): 0.5 MiB 1.73 / 1.51 ms, 1 MiB 6.62 / 9.55 ms, 2 MiB 7.03 / 5.53 ms, 4 MiB 10.19 /
-# 6.51 ms. Below 2 MiB the two are within the noise; from 2 MiB up the segment wins, and the
-# gap grows with the size (a socket moves the bytes through the kernel twice, in chunks).
-THRESHOLD_BYTES = 2 * 1024 * 1024
+# through a handle, frames against segments interleaved, medians of 6 x 30 echoes, shared
+# 2-core machine, frames / segment): at load 18, 0.5 MiB 1.73 / 1.51 ms, 1 MiB 6.62 / 9.55,
+# 2 MiB 7.03 / 5.53, 4 MiB 10.19 / 6.51; at load 8 (with spares and the split copy), 0.5 MiB
+# 2.10 / 3.73, 1 MiB 2.10 / 2.47, 2 MiB 6.49 / 7.40, 4 MiB 11.53 / 6.20. Up to 2 MiB the two
+# are within the noise or frames win; from 4 MiB up the segment wins both times, and the gap
+# grows with the size (a socket moves the bytes through the kernel twice, in chunks).
+THRESHOLD_BYTES = 4 * 1024 * 1024
 
 SWEEP_INTERVAL_S = 2.0
 
@@ -177,13 +179,38 @@ def _write(path: str, view: memoryview, allocated: bool) -> None:
     flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if allocated else os.O_CREAT | os.O_EXCL)
     fd = os.open(path, flags, 0o600)
     try:
-        done = 0
-        while done < view.nbytes:
-            done += os.pwrite(fd, view[done:], done)
+        if view.nbytes >= _SPLIT_BYTES:
+            # Two threads copy a half each (``pwrite`` lets the GIL go): the copy is most of
+            # the cost, and a second core halves it.
+            half = view.nbytes // 2
+            other = _copier().submit(_pwrite, fd, view[half:], half)
+            _pwrite(fd, view[:half], 0)
+            other.result()
+        else:
+            _pwrite(fd, view, 0)
         if allocated:
             os.ftruncate(fd, view.nbytes)
     finally:
         os.close(fd)
+
+
+_SPLIT_BYTES = 16 * 1024 * 1024
+_copier_lock = threading.Lock()
+_copier_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _copier() -> concurrent.futures.ThreadPoolExecutor:
+    global _copier_pool
+    with _copier_lock:
+        if _copier_pool is None:
+            _copier_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shoal-shm-copy")
+        return _copier_pool
+
+
+def _pwrite(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < view.nbytes:
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 class _Spares:
@@ -192,7 +219,8 @@ class _Spares:
     Most of the cost of writing a large buffer into a new segment is the kernel allocating and
     zeroing its pages, not the copy. After each segment it writes, a process has a file of the
     same size (rounded up to a MiB) allocated in the background (``posix_fallocate``); the next
-    segment of a size that fits (up to twice smaller) takes it over and only copies. A spare is
+    segment of a size that fits (up to twice smaller) takes it over (waiting for it if it is
+    still being allocated) and only copies. A spare is
     never one that was shared: every segment a receiver maps is written once. Named like the
     process's other segments (``<pid>-0-spare<n>``), so the supervisor's sweep removes it when
     the process dies; ``discard`` (at exit) removes it sooner.
@@ -202,16 +230,17 @@ class _Spares:
         self._lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._next: concurrent.futures.Future[tuple[str, int]] | None = None
+        self._next_size = 0
 
     def take(self, directory_: str, nbytes: int) -> str | None:
         """The path of a ready spare for ``nbytes`` in ``directory_`` (now the caller's), or None."""
         with self._lock:
             future = self._next
-            if future is None or not future.done():
+            if future is None or not (future.done() or nbytes <= self._next_size <= 2 * nbytes):
                 return None
             self._next = None
         try:
-            path, size = future.result()
+            path, size = future.result()  # still allocating one that fits: cheaper to wait for it
         except OSError:
             return None
         if os.path.dirname(path) == directory_ and nbytes <= size <= 2 * nbytes:
@@ -227,7 +256,7 @@ class _Spares:
             if self._executor is None:
                 self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shoal-shm")
                 atexit.register(self.discard)
-            size = -(-nbytes // _SPARE_ROUND_BYTES) * _SPARE_ROUND_BYTES
+            size = self._next_size = -(-nbytes // _SPARE_ROUND_BYTES) * _SPARE_ROUND_BYTES
             path = os.path.join(directory_, f"{os.getpid()}-0-{SPARE}{next(_counter)}")
             self._next = self._executor.submit(_allocate, path, size)
 

@@ -149,3 +149,10 @@ def test_a_spare_is_taken_over_and_cut_to_size(segment_dir: str) -> None:
     assert os.path.getsize(more[0]) == BIG + mib - 5
     assert bytes(shm.attach(second[0])[-2:]) == b"yy"
     shm.release(created + more)
+
+
+def test_a_large_buffer_is_copied_in_two_halves_intact(segment_dir: str) -> None:
+    data = np.random.default_rng(3).integers(0, 255, shm._SPLIT_BYTES + 12345, dtype=np.uint8)
+    placed, created = shm.place([pickle.PickleBuffer(data)])
+    assert np.array_equal(np.frombuffer(shm.attach(placed[0]), dtype=np.uint8), data)
+    shm.release(created)
