@@ -54,7 +54,7 @@ from typing import Any, cast
 import cloudpickle
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: out-of-band buffers as extra frames or segments; requests name their caller
 
 _HEADER = struct.Struct("!BIQI")
 

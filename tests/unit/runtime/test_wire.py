@@ -43,10 +43,11 @@ def golden_request() -> tuple[Message, list[bytes]]:
     return msg, frames
 
 
-def test_protocol_version_is_2() -> None:
+def test_protocol_version_is_3() -> None:
     # Changing the layout below means a new protocol version; see the comment above.
-    # (2: one frame per message instead of header, meta and payload frames.)
-    assert wire.PROTOCOL_VERSION == 2
+    # (2: one frame per message instead of header, meta and payload frames; 3: a value's large
+    # buffers as frames after it or shared-memory segments named in the meta, "p" in requests.)
+    assert wire.PROTOCOL_VERSION == 3
 
 
 def test_request_encodes_to_golden_frames(golden_request: tuple[Message, list[bytes]]) -> None:
