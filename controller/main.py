@@ -33,7 +33,8 @@ from shoal.controller.metrics_endpoint import MetricsEndpoint, MetricsFiles, ins
 from shoal.controller.proxies import ProxyPool
 from shoal.controller.proxy import check_tls_options
 from shoal.controller.supervisor_log import OutputCapture
-from shoal.runtime import metrics, transport
+from shoal.controller.tasks import supervise
+from shoal.runtime import metrics, shm, transport
 from shoal.runtime.rotation import LogRotationConfigError, RotationLimits, limits_from_env
 from shoal.runtime.worker_main import set_process_name, watch_lifeline
 from shoal.serve.config import DEFAULT_METRICS_PORT
@@ -124,6 +125,11 @@ async def serve(config: SupervisorConfig) -> int:
         )
         info["http_url"] = controller.proxies.url
     server = ControlServer(endpoint, controller, on_shutdown=stop.set, info=info)
+    # Large arrays of handle calls travel in shared-memory segments there (runtime/shm.py):
+    # the sweep removes those of dead processes, and the directory goes when we stop.
+    segments_dir = shm.create_directory(str(run_dir))
+    sweeper = supervise("shared-memory sweep", lambda: shm.sweep_forever(segments_dir))
+    shm.configure(str(run_dir))  # for the results of its own calls to replicas
     if controller.proxies is not None:
         controller.proxies.start()
     _restore(controller, run_dir)
@@ -135,6 +141,9 @@ async def serve(config: SupervisorConfig) -> int:
         await controller.shutdown(announce=signalled.is_set())
         applied.clear(run_dir)
     finally:
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
+        shm.remove_directory(str(run_dir))
         if listener is not None:
             listener.close()
         await server.aclose()
@@ -191,6 +200,7 @@ def _abandon(run_dir: Path) -> None:
     try:
         applied.clear(run_dir)
         rundir.remove_sockets(run_dir)
+        shm.remove_directory(str(run_dir))
     except OSError:
         logger.exception("could not clean %s", run_dir)
 

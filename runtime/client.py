@@ -28,7 +28,7 @@ from typing import Any
 
 import zmq
 
-from shoal.runtime import transport, wire
+from shoal.runtime import shm, transport, wire
 from shoal.runtime.errors import RayServeException, ShoalConnectionError
 from shoal.runtime.inbox import LoopInbox
 from shoal.runtime.router import Router
@@ -60,6 +60,7 @@ class Runtime:
         self.control_endpoint = control_endpoint
         self._key_stamp = _file_stamp(transport.key_path(control_endpoint))  # before reading: see _current_key
         self._key = transport.read_key(control_endpoint)
+        shm.configure_from_endpoint(control_endpoint)  # where large arrays go (and come from)
         self._warned_bad_reply = False
         self.app_name = app_name  # the app this process serves, if it is a replica
         self.routers: dict[tuple[str, str], Router] = {}

@@ -20,12 +20,13 @@ import asyncio
 import itertools
 import logging
 import os
+import pickle
 import warnings
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
-from shoal.runtime import router_metrics, wire
+from shoal.runtime import router_metrics, shm, wire
 from shoal.runtime.api import RuntimeAPI
 from shoal.runtime.broadcast import DeploymentBroadcastResponse, fan_out
 from shoal.runtime.context import current_request
@@ -408,13 +409,15 @@ class DeploymentHandle(Generic[R]):
         sink: ReplySink | ThreadSafeSink = ThreadSafeSink() if opts.stream or not on_loop else ReplySink()
         pending = _top_level_responses(args, kwargs)
         if pending:
-            enc, payload = wire.Encoding.MSGPACK, b""
+            enc, payload, buffers = wire.Encoding.MSGPACK, b"", list[pickle.PickleBuffer]()
         else:
-            enc, payload = _encode_args(args, kwargs, self, opts.method_name)
+            enc, payload, buffers = _encode_args(args, kwargs, self, opts.method_name)
         header = wire.request_header(
             opts.method_name, request_id, enc, opts.stream, opts.multiplexed_model_id, parent.route
         )
         call = Call(header, payload, sink)
+        if buffers:
+            call.buffers, call.segments = shm.place(buffers)
         key = (self.app_name, self.deployment_name)
         router_metrics.count_handle_request(self.app_name, self.deployment_name, self.handle_id, parent.route)
         runtime = rt
@@ -453,13 +456,15 @@ class DeploymentHandle(Generic[R]):
         async def run() -> list[tuple[bool, Any]]:
             resolved_args = tuple([await _value_of(a) for a in args])
             resolved_kwargs = {k: await _value_of(v) for k, v in kwargs.items()}
-            enc, payload = _encode_args(resolved_args, resolved_kwargs, handle, method_name)
+            enc, payload, raw_buffers = _encode_args(resolved_args, resolved_kwargs, handle, method_name)
+            # Frames only (no segments): the calls share the buffers and end at different times.
+            buffers = tuple(b.raw() for b in raw_buffers)
 
             def make_call(sink: ReplySink) -> Call:
                 header = wire.request_header(
                     method_name, new_request_id(), enc, False, opts.multiplexed_model_id, parent.route
                 )
-                return Call(header, payload, sink)
+                return Call(header, payload, sink, buffers=buffers)
 
             return await fan_out(rt, key, make_call)
 
@@ -511,9 +516,9 @@ def _top_level_responses(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
 
 def _encode_args(
     args: tuple[Any, ...], kwargs: dict[str, Any], handle: DeploymentHandle[Any], method: str
-) -> tuple[wire.Encoding, bytes]:
+) -> tuple[wire.Encoding, bytes, list[pickle.PickleBuffer]]:
     try:
-        return wire.dumps_args(args, kwargs)
+        return wire.dumps_args_oob(args, kwargs)
     except RayServeException:
         raise
     except Exception as exc:
@@ -545,7 +550,11 @@ async def _resolve_then_submit(
     try:
         resolved_args = tuple([await _value_of(a) for a in args])
         resolved_kwargs = {k: await _value_of(v) for k, v in kwargs.items()}
-        enc, payload = _encode_args(resolved_args, resolved_kwargs, handle, call.header.method)
+        enc, payload, buffers = _encode_args(resolved_args, resolved_kwargs, handle, call.header.method)
+        if buffers:
+            call.buffers, call.segments = shm.place(buffers)
+            if call.resolved:  # cancelled while its arguments resolved
+                call.release_segments()
     except Exception as exc:
         call.resolve(exc)
         return

@@ -37,7 +37,7 @@ import traceback
 from collections.abc import MutableMapping
 from typing import Any
 
-from shoal.runtime import request_router_report, wire
+from shoal.runtime import request_router_report, shm, wire
 from shoal.runtime.asgi import HTTP_METHOD, HttpHandler, normalize_message, scope_from_wire, to_messages
 from shoal.runtime.context import RequestContext, get_replica_context, in_replica, reset_request, set_request
 from shoal.runtime.errors import RemoteError, ReplicaUnavailableError
@@ -229,6 +229,7 @@ class ReplicaWorker:
         call_id = msg.call_id
         key = (identity, call_id)
         enc: wire.Encoding | None
+        buffers: tuple[wire.Buffer, ...] = ()
         try:
             if method == HTTP_METHOD:
                 # msgpack only: this came from an HTTP client through the proxy.
@@ -241,7 +242,7 @@ class ReplicaWorker:
                 kind = wire.Kind.STREAM_END
                 enc, data = wire.dumps_plain(final) if final else (None, b"")
             else:
-                kind, enc, data = await self._call(identity, msg, header)
+                kind, enc, data, buffers = await self._call(identity, msg, header)
         except asyncio.CancelledError:
             self._release(key, internal)
             if route is not None:
@@ -253,6 +254,7 @@ class ReplicaWorker:
             logger.exception("request %s to method '%s' raised", header.request_id, method)
             kind = wire.Kind.ERROR
             enc, data = encode_exception(exc, self.where, plain=header.http)
+            buffers = ()
             error_type = type(exc).__name__
         finally:
             reset_request(token)
@@ -263,7 +265,7 @@ class ReplicaWorker:
         if route is not None:
             self.metrics.finished(route, (time.perf_counter() - started_s) * 1000, error_type)
         model_ids = request_router_report.current() if header.multiplexed_model_id else None
-        self._send(identity, wire.reply(kind, self.incarnation, call_id, enc, data, self.ongoing, model_ids))
+        self._send(identity, wire.reply(kind, self.incarnation, call_id, enc, data, self.ongoing, model_ids, buffers))
         access.end(kind.name)
 
     def _cancelled_reply(self, key: tuple[bytes, int], request_id: str, http: bool | None) -> wire.Message:
@@ -288,11 +290,13 @@ class ReplicaWorker:
 
     async def _call(
         self, identity: bytes, msg: wire.Message, header: wire.RequestHeader
-    ) -> tuple[wire.Kind, wire.Encoding | None, bytes]:
-        """Run a handle call; returns its terminal reply's kind and payload (stream items are
-        sent as they come)."""
+    ) -> tuple[wire.Kind, wire.Encoding | None, bytes, tuple[wire.Buffer, ...]]:
+        """Run a handle call; returns its terminal reply's kind and payload with its buffers
+        (stream items are sent as they come)."""
         method = header.method
-        args, kwargs = wire.loads_args(header.enc, msg.payload[0]) if msg.payload else ((), {})
+        args, kwargs = wire.loads_args(header.enc, msg.payload[0], msg.buffers) if msg.payload else ((), {})
+        caller = wire.caller_pid(msg.meta)
+        segments = tuple(b for b in msg.buffers if type(b) is wire.SegmentRef)  # may go back as they are
         if method == HEALTH_METHOD:
             await self.user.check_health()
             return wire.Kind.RESULT, *self._encode(None)
@@ -305,10 +309,11 @@ class ReplicaWorker:
             return wire.Kind.RESULT, *self._encode(await self.routing_stats())
         if header.stream:
             async for item in self.user.stream(method, args, kwargs):
-                self._send(identity, wire.reply(wire.Kind.STREAM_ITEM, self.incarnation, msg.call_id, *self._encode(item)))
-            return wire.Kind.STREAM_END, None, b""
+                enc, data, buffers = self._encode(item, caller, segments)
+                self._send(identity, wire.reply(wire.Kind.STREAM_ITEM, self.incarnation, msg.call_id, enc, data, buffers=buffers))
+            return wire.Kind.STREAM_END, None, b"", ()
         value = await self.user.call(method, args, kwargs)
-        return wire.Kind.RESULT, *self._encode(value)
+        return wire.Kind.RESULT, *self._encode(value, caller, segments)
 
     async def _serve_http(
         self, identity: bytes, call_id: int, key: tuple[bytes, int], scope: dict[str, Any], first: dict[str, Any]
@@ -363,20 +368,32 @@ class ReplicaWorker:
             self._send(identity, wire.reply(wire.Kind.PULL, self.incarnation, call_id))
         return message
 
-    def _encode(self, value: Any) -> tuple[wire.Encoding, bytes]:
-        """``value`` encoded for a reply; TypeError if it cannot be serialized."""
+    def _encode(
+        self, value: Any, caller_pid: int = 0, segments: tuple[wire.SegmentRef, ...] = ()
+    ) -> tuple[wire.Encoding, bytes, tuple[wire.Buffer, ...]]:
+        """``value`` encoded for a reply to process ``caller_pid``, with its out-of-band buffers
+        (large ones in shared-memory segments that the caller removes, if its pid is known; the
+        request's own ``segments`` again where a buffer is one of them); TypeError if it cannot
+        be serialized."""
         try:
-            return wire.dumps(value)
+            enc, data, buffers = wire.dumps_oob(value)
         except Exception as exc:
             raise TypeError(
                 f"The value returned by deployment '{self.user.deployment_name}' could not be "
                 f"serialized: {exc!r}"
             ) from exc
+        if not buffers:
+            return enc, data, ()
+        if not caller_pid:
+            return enc, data, tuple(b.raw() for b in buffers)
+        return enc, data, shm.place(buffers, caller_pid, segments)[0]
 
     def _send(self, identity: bytes, msg: wire.Message) -> None:
         assert self.channel is not None
         if not self.channel.send_message(msg, identity):
             logger.debug("caller of call %d is gone; reply dropped", msg.call_id)
+            if msg.buffers:
+                shm.release_refs(msg.buffers)  # nobody else will remove its segments
 
     async def routing_stats(self) -> list[Any] | None:
         """The user's ``record_routing_stats()`` (sync or async), encoded for the supervisor to

@@ -54,7 +54,9 @@ def decode_reply(msg: wire.Message, plain_only: bool = False) -> Reply:
     header = wire.ReplyHeader.from_meta(msg.meta, plain_only)
     if not msg.payload:
         return Reply(msg.kind, None if msg.kind != wire.Kind.STREAM_END else END, header.q)
-    value = wire.loads(header.enc, msg.payload[0])
+    if msg.buffers and plain_only:
+        raise wire.ProtocolError("a reply to an HTTP call carries no out-of-band buffers")
+    value = wire.loads(header.enc, msg.payload[0], msg.buffers)
     if msg.kind == wire.Kind.ERROR:
         cause, tb_text = value
         value = RayServeException(tb_text) if cause is None else as_remote_error(cause, tb_text)

@@ -103,7 +103,7 @@ class RoutingTasks:
         )
 
         def decode() -> tuple[tuple[Any, ...], dict[str, Any]]:
-            return ((), {}) if header.http else wire.loads_args(header.enc, call.payload)
+            return ((), {}) if header.http else wire.loads_args(header.enc, call.payload, call.buffers)
 
         return PendingRequest(metadata, time.time(), self.router.loop.create_future(), _decode=decode)
 

@@ -43,7 +43,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from shoal.runtime import p2c, router_metrics, transport, wire
+from shoal.runtime import p2c, router_metrics, shm, transport, wire
 from shoal.runtime.context import ReplicaID
 from shoal.runtime.errors import (
     BackPressureError,
@@ -71,7 +71,9 @@ Clock = Callable[[], float]
 
 @dataclass(eq=False, slots=True)
 class Call:
-    """One request from this process; ``payload`` holds the encoded arguments."""
+    """One request from this process; ``payload`` holds the encoded arguments, ``buffers``
+    their out-of-band buffers (``wire.dumps_oob``) and ``segments`` the shared-memory segments
+    among them, which this call removes when it ends (``shm``)."""
 
     header: wire.RequestHeader
     payload: bytes
@@ -81,6 +83,8 @@ class Call:
     cancelled: bool = False
     resolved: bool = False
     pending: Any = None  # its PendingRequest, when a custom request router routes it
+    buffers: tuple[Any, ...] = ()
+    segments: tuple[str, ...] = ()
 
     @property
     def request_id(self) -> str:
@@ -91,6 +95,8 @@ class Call:
         if self.resolved:
             return
         self.resolved = True
+        if self.segments:
+            self.release_segments()
         if exc is not None:
             self.sink.set_exception(exc)
         else:
@@ -109,6 +115,8 @@ class Call:
             if reply.value is not END:  # a last item may ride on the end of the stream
                 self.sink.push(reply.value)
             self.resolved = True
+            if self.segments:
+                self.release_segments()
             self.sink.finish()
         elif kind == wire.Kind.ERROR:
             self.resolve(reply.value)
@@ -116,6 +124,11 @@ class Call:
             self.resolve(RequestCancelledError(self.request_id))
         elif kind == wire.Kind.PULL and self.header.http:
             self.sink.push(PULL)
+
+    def release_segments(self) -> None:
+        """Remove the call's shared-memory segments (it has ended: no replica will map them)."""
+        segments, self.segments = self.segments, ()
+        shm.release(segments)
 
     def ack(self, n: int) -> None:
         """Tell the replica running this HTTP call that its client took ``n`` more response
@@ -183,7 +196,7 @@ class ReplicaConn:
         call.call_id = next(self._ids)
         call.conn = self
         self.calls[call.call_id] = call
-        self.channel.send_message(wire.request(self.incarnation, call.call_id, call.header, call.payload))
+        self.channel.send_message(wire.request(self.incarnation, call.call_id, call.header, call.payload, call.buffers))
 
     def send_cancel(self, call: Call) -> None:
         self.channel.send_message(wire.Message(wire.Kind.CANCEL, self.incarnation, call.call_id))

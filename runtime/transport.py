@@ -17,6 +17,14 @@ A channel built with ``key`` signs every message it sends with ``send_message`` 
 ``wire.sign``); checking what arrives is the receiver's business (``wire.verify``), since only it
 knows whom to tell. ``read_key`` reads the instance's key from its run directory.
 
+A message's out-of-band buffers (``wire.Message.buffers``: arrays and large bytes) travel as
+frames after the message frame, sent and received without a copy (``copy=False``): ZeroMQ holds
+a reference to each sent buffer until libzmq has written it out, so a sender must not change a
+buffer it passed until the message is sent (a caller knows it is once the reply came); on
+receipt, ``on_message`` gets those frames as read-only memoryviews of ZeroMQ's own message,
+which stays alive as long as they (and the arrays built on them) do. The message frame itself,
+and every frame of a message without buffers, is copied into ``bytes`` (cheaper when small).
+
 All methods must be called from the loop's thread.
 """
 
@@ -27,7 +35,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -126,6 +134,8 @@ class Channel:
         self._on_message = on_message
         self._loop = loop or asyncio.get_running_loop()
         self._fd = cast(int, sock.getsockopt(zmq.FD))
+        # Frames copied on receipt (ROUTER identity, message); the rest are buffers, uncopied.
+        self._copied = {int(zmq.ROUTER): 2, int(zmq.DEALER): 1}.get(cast(int, sock.getsockopt(zmq.TYPE)), 0)
         self._drain_scheduled = False
         self._check_scheduled = False
         self._closed = False
@@ -143,13 +153,16 @@ class Channel:
     def closed(self) -> bool:
         return self._closed
 
-    def send(self, frames: list[bytes]) -> bool:
-        """Queue a multipart message. Returns False if the peer is unreachable (ROUTER)."""
+    def send(self, frames: list[Any], copy: bool = True) -> bool:
+        """Queue a multipart message. Returns False if the peer is unreachable (ROUTER).
+
+        ``copy=False``: frames of ``zmq.COPY_THRESHOLD`` bytes or more are sent from the
+        buffers themselves, which must stay unchanged until sent (see the module docstring)."""
         if self._closed:
             return False
         try:
             # Copying is cheaper than zero-copy tracking for the small frames shoal sends.
-            self.sock.send_multipart(frames, zmq.NOBLOCK)
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
         except zmq.ZMQError as exc:
             if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 return False
@@ -162,10 +175,12 @@ class Channel:
         """Encode ``msg`` (signed if the channel has a key) and ``send`` it."""
         frames = wire.encode(msg)
         if self.key is not None:
+            if msg.buffers:
+                raise ValueError("a signed message carries no out-of-band buffers")
             frames = [wire.sign(frames[0], self.key)]
         if identity is not None:
             frames.insert(0, identity)
-        return self.send(frames)
+        return self.send(frames, copy=not msg.buffers)
 
     def drain_now(self) -> None:
         """Handle every connection event and message already waiting on the socket, now."""
@@ -219,7 +234,7 @@ class Channel:
             if self._closed:
                 return False
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames = self._recv()
             except zmq.Again:
                 return False
             except zmq.ContextTerminated:
@@ -231,3 +246,17 @@ class Channel:
                 logger.exception("error while handling a message")
         self._check_pending()
         return True
+
+    def _recv(self) -> list[Any]:
+        """One multipart message: the first ``_copied`` frames as bytes, the rest (buffers) as
+        read-only views of ZeroMQ's messages; zmq.Again if none waits."""
+        sock = self.sock
+        if not self._copied:
+            return sock.recv_multipart(zmq.NOBLOCK)
+        frames: list[Any] = [sock.recv(zmq.NOBLOCK)]
+        while sock.getsockopt(zmq.RCVMORE):
+            if len(frames) < self._copied:
+                frames.append(sock.recv(zmq.NOBLOCK))
+            else:
+                frames.append(memoryview(cast(Any, sock.recv(zmq.NOBLOCK, copy=False))).toreadonly())
+        return frames

@@ -13,6 +13,14 @@ socket owner before ``decode`` and added back after ``encode``):
 One frame rather than one per part: each ZeroMQ send is a call into libzmq, and a message of
 three small frames costs several times one frame of the same bytes.
 
+The exception is a value's large buffers (numpy arrays, and ``bytes``/``bytearray``/``memoryview``
+of ``OOB_MIN_BYTES`` or more; see ``dumps_oob``): they travel out of band, each as a frame of its
+own after the message frame, sent and received without a copy, or, from ``shm.THRESHOLD_BYTES``
+up, in a shared-memory segment whose name rides in the meta (key ``"shm"``: ``[[index, name,
+nbytes], ...]``, the buffer's place among the message's buffers). ``Message.buffers`` holds them
+in order: frames (any buffer) and ``SegmentRef``s. A message without buffers is one frame, as
+before.
+
 ``incarnation`` identifies one worker process of a replica; a replica drops requests addressed to
 another incarnation and callers drop replies from one they did not send to, so a restarted
 replica never answers for its predecessor. ``call_id`` correlates a reply with its request on one
@@ -32,17 +40,21 @@ The data plane's headers (``RequestHeader``, ``ReplyHeader``) and the controller
 from __future__ import annotations
 
 import enum
+import functools
 import hmac
+import io
+import os
+import pickle
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import cloudpickle
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: out-of-band buffers as extra frames or segments; requests name their caller
 
 _HEADER = struct.Struct("!BIQI")
 
@@ -90,30 +102,55 @@ class ProtocolError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class SegmentRef:
+    """An out-of-band buffer in a shared-memory segment (``shm``): its file name in the
+    instance's segment directory and its size."""
+
+    name: str
+    nbytes: int
+
+
+# A buffer of a message: a frame of its own (anything with the buffer protocol) or a segment.
+Buffer = Any
+
+
+@dataclass(frozen=True, slots=True)
 class Message:
     kind: Kind
     incarnation: int = 0
     call_id: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     payload: tuple[bytes, ...] = ()
+    buffers: tuple[Buffer, ...] = ()  # the payload's out-of-band buffers, in order
 
 
-def encode(msg: Message) -> list[bytes]:
-    """Return the frames of ``msg`` (one); the inverse of ``decode``."""
-    meta = msgpack.packb(msg.meta, use_bin_type=True)
+def encode(msg: Message) -> list[Any]:
+    """Return the frames of ``msg``: one, then one per out-of-band buffer that is not a
+    ``SegmentRef``; the inverse of ``decode``. The buffer frames are the buffers themselves
+    (not copies): whoever sends them must keep them unchanged until they are sent."""
+    meta_map = msg.meta
+    frames: list[Any] = []
+    if msg.buffers:
+        segments = [[i, b.name, b.nbytes] for i, b in enumerate(msg.buffers) if type(b) is SegmentRef]
+        if segments:
+            meta_map = {**meta_map, "shm": segments}
+        frames = [b for b in msg.buffers if type(b) is not SegmentRef]
+    meta = msgpack.packb(meta_map, use_bin_type=True)
     if len(msg.payload) > 1:
         raise ValueError("a message carries at most one payload")
     header = _HEADER.pack(msg.kind, msg.incarnation, msg.call_id, len(meta))
-    return [b"".join((header, meta, *msg.payload))]
+    first = b"".join((header, meta, *msg.payload))
+    return [first, *frames] if frames else [first]
 
 
-def decode(frames: list[bytes]) -> Message:
+def decode(frames: Sequence[Any]) -> Message:
     """Parse frames produced by ``encode``. Raises ProtocolError on a malformed message.
 
-    The payload is returned as it is; nothing is unpickled here.
+    The payload is returned as it is, and the buffer frames as they were received (not
+    copied); nothing is unpickled and no segment is opened here.
     """
-    if len(frames) != 1 or len(frames[0]) < _HEADER.size:
-        raise ProtocolError(f"expected one frame of at least {_HEADER.size} bytes")
+    if not frames or len(frames[0]) < _HEADER.size:
+        raise ProtocolError(f"expected a first frame of at least {_HEADER.size} bytes")
     data = frames[0]
     kind, incarnation, call_id, meta_len = _HEADER.unpack_from(data)
     end = _HEADER.size + meta_len
@@ -127,7 +164,30 @@ def decode(frames: list[bytes]) -> Message:
     if not isinstance(meta, dict):
         raise ProtocolError("meta frame is not a map")
     payload = (data[end:],) if end < len(data) else ()
-    return Message(kind, incarnation, call_id, meta, payload)
+    if len(frames) == 1 and "shm" not in meta:
+        return Message(kind, incarnation, call_id, meta, payload)
+    return Message(kind, incarnation, call_id, meta, payload, _buffers(meta.pop("shm", ()), frames[1:]))
+
+
+def _buffers(segments: Any, frames: Sequence[Any]) -> tuple[Buffer, ...]:
+    """The buffers of a message: its extra frames, with the segments put back in place."""
+    if not segments:
+        return tuple(frames)
+    try:
+        placed = {int(i): SegmentRef(str(name), int(nbytes)) for i, name, nbytes in segments}
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"bad segment list: {exc!r}") from exc
+    buffers: list[Buffer] = []
+    rest = iter(frames)
+    for i in range(len(placed) + len(frames)):
+        ref = placed.get(i)
+        if ref is not None:
+            buffers.append(ref)
+        else:
+            buffers.append(next(rest, None))
+    if None in buffers or len(buffers) != len(placed) + len(frames):
+        raise ProtocolError("the segment list does not match the message's frames")
+    return tuple(buffers)
 
 
 # -- values -------------------------------------------------------------------------------------
@@ -153,25 +213,168 @@ _BIN_MARKERS = re.compile(b"[\xc4-\xc6]")
 _SCALARS = (int, float, str, bytes, bool, type(None))
 
 
-def _holds_buffer(value: Any) -> bool:
-    """True if ``value`` (plain msgpack types only) contains a bytearray or memoryview."""
+def _holds_buffer(value: Any, large_bytes: bool = False) -> bool:
+    """True if ``value`` (plain msgpack types only) contains a bytearray or memoryview or, with
+    ``large_bytes``, a ``bytes`` of ``OOB_MIN_BYTES`` or more."""
     kind = type(value)
+    if kind is bytes:
+        return large_bytes and len(value) >= OOB_MIN_BYTES
     if kind in _SCALARS:
         return False
     if kind is list:
-        return any(_holds_buffer(v) for v in value)
+        return any(_holds_buffer(v, large_bytes) for v in value)
     if kind is dict:
-        return any(_holds_buffer(k) or _holds_buffer(v) for k, v in value.items())
+        return any(_holds_buffer(k, large_bytes) or _holds_buffer(v, large_bytes) for k, v in value.items())
     return kind in (bytearray, memoryview)
 
 
-def loads(enc: int, data: bytes) -> Any:
-    """Decode a value produced by ``dumps``. Only for frames from processes of the same user."""
+def loads(enc: int, data: bytes, buffers: Sequence[Buffer] = ()) -> Any:
+    """Decode a value produced by ``dumps`` or ``dumps_oob`` (with the buffers it gave, as
+    ``decode`` returned them). Only for frames from processes of the same user.
+
+    Out-of-band buffers are not copied: the arrays and memoryviews decoded point into the
+    received frames or shared-memory segments (``shm.attach``), which stay alive as long as
+    they do. They are read-only, as Ray Serve's are (copy one to modify it).
+    """
     if enc == Encoding.MSGPACK:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     if enc == Encoding.PICKLE:
-        return cloudpickle.loads(data)
+        if not buffers:
+            return cloudpickle.loads(data)
+        return cloudpickle.loads(data, buffers=[_readable(b) for b in buffers])
     raise ProtocolError(f"unknown payload encoding {enc}")
+
+
+def _readable(buffer: Buffer) -> memoryview:
+    if type(buffer) is SegmentRef:
+        from shoal.runtime import shm  # only processes that receive segments map them
+
+        return shm.attach(buffer)
+    return memoryview(buffer).toreadonly()
+
+
+# Buffers smaller than this stay inside the pickle (a copy is cheaper than a frame of its own).
+OOB_MIN_BYTES = 64 * 1024
+
+
+def dumps_oob(value: Any) -> tuple[Encoding, bytes, list[pickle.PickleBuffer]]:
+    """``dumps``, with the large buffers ``value`` holds left out of the payload: numpy arrays
+    (anything whose pickle protocol 5 reduction gives ``PickleBuffer``s) and ``bytes``,
+    ``bytearray`` and ``memoryview`` objects of ``OOB_MIN_BYTES`` or more. Returns the
+    encoding, the payload and those buffers, uncopied: they must stay unchanged until sent.
+    ``loads(enc, payload, buffers)`` is the inverse; a ``bytes`` or ``bytearray`` comes back
+    as its own type (one copy, on receipt), a memoryview or array as a read-only view of the
+    received buffer."""
+    if not _large_buffer_at_top(value):
+        try:
+            data = msgpack.packb(value, use_bin_type=True, strict_types=True)
+        except (TypeError, ValueError, OverflowError):
+            pass
+        else:
+            if not _BIN_MARKERS.search(data) or not _holds_buffer(value, len(data) >= OOB_MIN_BYTES):
+                return Encoding.MSGPACK, data, []
+    buffers: list[pickle.PickleBuffer] = []
+    out = io.BytesIO()
+    _OobPickler(out, buffers).dump(_wrap_bytes(value))
+    return Encoding.PICKLE, out.getvalue(), buffers
+
+
+def dumps_args_oob(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Encoding, bytes, list[pickle.PickleBuffer]]:
+    """``dumps_args`` with out-of-band buffers (see ``dumps_oob``)."""
+    return dumps_oob([list(args), kwargs])
+
+
+_BUFFER_TYPES = (bytes, bytearray, memoryview)
+
+
+def _large_buffer_at_top(value: Any, depth: int = 2) -> bool:
+    """A cheap look for the common case: a large buffer among the arguments (``depth`` levels
+    of lists and dicts), so that it is not packed into msgpack first for nothing."""
+    kind = type(value)
+    if kind in _BUFFER_TYPES:
+        return bool(len(value) >= OOB_MIN_BYTES)
+    if depth and kind is list:
+        return any(_large_buffer_at_top(v, depth - 1) for v in value)
+    if depth and kind is dict:
+        return any(_large_buffer_at_top(v, depth - 1) for v in value.values())
+    return False
+
+
+class _OobBytes:
+    """A large ``bytes`` or ``bytearray`` to pickle out of band: the pickler's fast path for
+    those types bypasses ``reducer_override``, so ``_wrap_bytes`` puts them in this first."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bytes | bytearray) -> None:
+        self.value = value
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        rebuild = _bytes_of if type(self.value) is bytes else _bytearray_of
+        return rebuild, (pickle.PickleBuffer(self.value),)
+
+
+def _wrap_bytes(value: Any) -> Any:
+    """``value`` with every large ``bytes``/``bytearray`` inside lists, tuples and dicts (of
+    exactly those types) wrapped in ``_OobBytes``; ``value`` itself if it holds none."""
+    kind = type(value)
+    if kind is bytes or kind is bytearray:
+        return _OobBytes(value) if len(value) >= OOB_MIN_BYTES else value
+    if kind is list or kind is tuple:
+        items = [_wrap_bytes(v) for v in value]
+        if all(a is b for a, b in zip(items, value, strict=True)):
+            return value
+        return items if kind is list else tuple(items)
+    if kind is dict:
+        pairs = {k: _wrap_bytes(v) for k, v in value.items()}
+        return value if all(pairs[k] is v for k, v in value.items()) else pairs
+    return value
+
+
+def _bytes_of(buffer: Any) -> bytes:
+    return bytes(buffer)
+
+
+def _bytearray_of(buffer: Any) -> bytearray:
+    return bytearray(buffer)
+
+
+def _memoryview_of(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
+    view = memoryview(buffer)
+    if view.format == fmt and view.shape == shape:
+        return view
+    return view.cast("B").cast(cast(Any, fmt), shape)
+
+
+class _OobPickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle protocol 5 with buffers of ``OOB_MIN_BYTES`` or more out of band."""
+
+    def __init__(self, out: io.BytesIO, buffers: list[pickle.PickleBuffer]) -> None:
+        # Not a bound method: a pickler that refers to itself through its callback is a cycle
+        # that the C pickler's garbage collection support does not handle (it crashed).
+        super().__init__(out, protocol=5, buffer_callback=functools.partial(_take, buffers))
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is memoryview and obj.nbytes >= OOB_MIN_BYTES and obj.contiguous:
+            return _memoryview_of, (pickle.PickleBuffer(obj), obj.format, obj.shape)
+        return super().reducer_override(obj)
+
+
+def _take(buffers: list[pickle.PickleBuffer], buffer: pickle.PickleBuffer) -> bool:
+    """False (out of band: appended to ``buffers``) for a large contiguous buffer, True (in
+    band) for the rest."""
+    if not _contiguous(buffer) or buffer.raw().nbytes < OOB_MIN_BYTES:
+        return True
+    buffers.append(buffer)
+    return False
+
+
+def _contiguous(buffer: pickle.PickleBuffer) -> bool:
+    try:
+        buffer.raw()
+    except BufferError:
+        return False
+    return True
 
 
 def dumps_plain(value: Any) -> tuple[Encoding, bytes]:
@@ -191,8 +394,8 @@ def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Encoding,
     return dumps([list(args), kwargs])
 
 
-def loads_args(enc: int, data: bytes) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    args, kwargs = loads(enc, data)
+def loads_args(enc: int, data: bytes, buffers: Sequence[Buffer] = ()) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    args, kwargs = loads(enc, data, buffers)
     return tuple(args), kwargs
 
 
@@ -312,21 +515,33 @@ def _encoding(meta: Mapping[str, Any]) -> Encoding:
     return enc
 
 
-def request(incarnation: int, call_id: int, header: RequestHeader, payload: bytes) -> Message:
-    return Message(Kind.REQUEST, incarnation, call_id, header.to_meta(), (payload,))
+def request(incarnation: int, call_id: int, header: RequestHeader, payload: bytes,
+            buffers: tuple[Buffer, ...] = ()) -> Message:
+    """A REQUEST. Its meta names the calling process (``p``: its pid), so that a reply's
+    shared-memory segments name the process that must remove them (``shm``)."""
+    meta = header.to_meta()
+    meta["p"] = os.getpid()
+    return Message(Kind.REQUEST, incarnation, call_id, meta, (payload,), buffers)
+
+
+def caller_pid(meta: Mapping[str, Any]) -> int:
+    """The pid of the process that sent a REQUEST (0 if it did not say)."""
+    pid = meta.get("p", 0)
+    return pid if isinstance(pid, int) else 0
 
 
 def reply(kind: Kind, incarnation: int, call_id: int, enc: Encoding | None = None, data: bytes = b"",
-          q: int = 0, model_ids: ModelIds | None = None) -> Message:
-    """A reply of ``kind``; with ``enc``, it carries ``data`` (encoded that way). ``model_ids``:
-    the multiplexed models the replica holds, riding on a terminal reply to a multiplexed call."""
+          q: int = 0, model_ids: ModelIds | None = None, buffers: tuple[Buffer, ...] = ()) -> Message:
+    """A reply of ``kind``; with ``enc``, it carries ``data`` (encoded that way) and its
+    out-of-band ``buffers``. ``model_ids``: the multiplexed models the replica holds, riding on
+    a terminal reply to a multiplexed call."""
     if model_ids is None:
         if enc is None:
             return Message(kind, incarnation, call_id, {"q": q})
-        return Message(kind, incarnation, call_id, {"enc": int(enc), "q": q}, (data,))
+        return Message(kind, incarnation, call_id, {"enc": int(enc), "q": q}, (data,), buffers)
     meta: dict[str, Any] = {"q": q} if enc is None else {"enc": int(enc), "q": q}
     meta["mx"] = [model_ids.version, list(model_ids.ids)]
-    return Message(kind, incarnation, call_id, meta, () if enc is None else (data,))
+    return Message(kind, incarnation, call_id, meta, () if enc is None else (data,), buffers)
 
 
 @dataclass(frozen=True, slots=True)

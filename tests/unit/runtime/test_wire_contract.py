@@ -6,6 +6,7 @@ the bytes in the same change.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import msgpack
@@ -17,12 +18,14 @@ from shoal.runtime.reply import END, decode_reply
 from shoal.runtime.wire import Encoding, Kind, ProtocolError
 
 
-def test_request_header_golden_frame() -> None:
+def test_request_header_golden_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "getpid", lambda: 4242)  # a request names its caller: "p"
     header = wire.RequestHeader("predict", "req-1", Encoding.MSGPACK, stream=True)
     frames = wire.encode(wire.request(7, 42, header, bytes.fromhex("92910180")))
     assert frames == [
-        bytes.fromhex("01" "00000007" "000000000000002a" "0000001d")
-        + bytes.fromhex("84" "a16d" "a770726564696374" "a3726964" "a57265712d31" "a3656e63" "00" "a173" "c3")
+        bytes.fromhex("01" "00000007" "000000000000002a" "00000022")
+        + bytes.fromhex("85" "a16d" "a770726564696374" "a3726964" "a57265712d31" "a3656e63" "00" "a173" "c3")
+        + bytes.fromhex("a170" "cd1092")
         + bytes.fromhex("92910180")
     ]
 
