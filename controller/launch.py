@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from shoal.controller import rundir
 from shoal.runtime.errors import RayServeException, ShoalConnectionError
 
@@ -66,6 +64,8 @@ class Instance:
         pid = rundir.supervisor_pid(self.run_dir)
         if pid is None:
             return
+        import psutil  # here: `shoal run` imports this module before it starts the supervisor
+
         try:
             psutil.Process(pid).wait(timeout_s)
         except psutil.NoSuchProcess:

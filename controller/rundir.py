@@ -23,11 +23,10 @@ import stat
 import time
 from pathlib import Path
 
-import psutil
-
 from shoal.runtime.errors import RayServeException
-from shoal.runtime.transport import KEY_FILE
-from shoal.runtime.wire import KEY_BYTES
+
+# psutil, and the key's name and size (``transport``, ``wire``: ZeroMQ, asyncio), are imported
+# where used: ``shoal run`` imports this module before it starts the supervisor, which waits on it.
 
 CONTROL_SOCKET = "control.sock"
 PID_FILE = "supervisor.pid"
@@ -96,6 +95,9 @@ def replica_endpoint(run_dir: Path, incarnation: int) -> str:
 def create_key(run_dir: Path) -> bytes:
     """Create the instance's secret key file in ``run_dir`` (mode 600; never over an existing
     file or through a symlink: FileExistsError) and return the key."""
+    from shoal.runtime.transport import KEY_FILE
+    from shoal.runtime.wire import KEY_BYTES
+
     key = secrets.token_bytes(KEY_BYTES)
     fd = os.open(run_dir / KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
@@ -113,6 +115,8 @@ def supervisor_pid(run_dir: Path) -> int | None:
     pid = recorded_pid(run_dir)
     if pid is None:
         return None
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         if proc.status() == psutil.STATUS_ZOMBIE:
@@ -137,6 +141,8 @@ def recorded_pid(run_dir: Path) -> int | None:
 
 def remove_sockets(run_dir: Path) -> None:
     """Remove the sockets, pid file and key of a stopped instance; logs stay."""
+    from shoal.runtime.transport import KEY_FILE
+
     for entry in run_dir.iterdir():
         if entry.suffix == ".sock" or entry.name in (PID_FILE, KEY_FILE):
             try:

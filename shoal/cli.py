@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 _INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells use
 _DEFAULT_ADDRESS_HELP = "run directory of the instance (default: $SHOAL_ADDRESS, then your default instance)"
@@ -155,6 +155,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     url = api.get_http_url()
     stop = _stop_on_signals()  # before the line that invites Ctrl-C: from now on it drains
     print(f"shoal: serving {names} on {url} (Ctrl-C stops)", flush=True)
+    if owned and not args.reload:  # nothing left to do here but hold the lifeline: shed the memory
+        _become_lifeline_holder(owned[0], stop)
 
     def redeploy() -> None:
         try:
@@ -176,6 +178,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     if owned:
         owned[0].wait_stopped(timeout_s=60)
     return 0
+
+
+_STOP_TIMEOUT_S = 60.0  # how long a stopping `shoal run` waits for its supervisor, then kills it
+
+
+def _become_lifeline_holder(instance: Any, stop: threading.Event) -> NoReturn:
+    """Replace this process (exec, same pid) with ``shoal.cli_wait``, which holds ``instance``'s
+    lifeline and stops it on Ctrl-C or SIGTERM, without the application's modules in memory.
+
+    The signals are blocked first (the mask survives the exec, so one sent meanwhile stays
+    pending for the new program); the driver's threads are stopped, so none of them takes one;
+    one that a handler already took (``stop``) makes the new program stop at once."""
+    from shoal import cli_wait
+    from shoal.runtime import client
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, cli_wait.WATCHED)
+    client.close_driver()
+    lifeline_fd = instance.lifeline_fd
+    os.set_inheritable(lifeline_fd, True)
+    argv = [sys.executable, "-I", "-S", cli_wait.__file__, str(instance.process.pid), str(lifeline_fd), str(_STOP_TIMEOUT_S)]
+    if stop.is_set():
+        argv.append("--stop-now")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
 
 
 def cmd_start(args: argparse.Namespace) -> int:

@@ -91,7 +91,7 @@ def _check_import_path_or_callable(value: str | Callable[..., Any]) -> str | Cal
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 # --- autoscaling -----------------------------------------------------------------------------
@@ -313,7 +313,7 @@ class DeploymentActorConfig(BaseModel):
     Only ``name`` is checked; other keys are kept as given.
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     name: str
 
@@ -369,7 +369,7 @@ class HTTPOptions(_Strict):
     that cannot be bound is an error at start.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
 
     host: str | None = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)

@@ -76,7 +76,7 @@ __all__ = [
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
 
 # --- logging ---------------------------------------------------------------------------------
@@ -396,7 +396,7 @@ class ReplicaRank(BaseModel):
     across the deployment's replicas; on one machine ``node_rank`` is 0 and ``local_rank``
     equals ``rank``."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     rank: int = Field(description="Global rank of the replica across all nodes scoped to the deployment.")
     node_rank: int = Field(description="Rank of the node in the deployment.")

@@ -249,6 +249,34 @@ def test_run_status_config_and_ctrl_c(cli: Cli) -> None:
     assert not processes_in_run_dir(cli.run_dir)
 
 
+
+def test_run_serves_holding_only_the_lifeline(cli: Cli) -> None:
+    """Once serving, ``shoal run`` is the small lifeline holder (same pid, no application modules);
+    it still answers SIGTERM with an orderly stop, and killing it stops the whole instance."""
+    server = cli.run("greet_app:app", "--port", "0")
+    url = server.wait_serving()
+    pid = server.proc.pid
+    wait_until(lambda: _is_lifeline_holder(pid), 30, "shoal run became the lifeline holder")
+    assert _get(f"{url}/")["greeting"] == "hello"
+    assert server.terminate() == 0, "".join(server.stderr)
+    assert "draining and stopping" in "".join(server.stdout)
+    _assert_nothing_left(cli.run_dir)
+
+    server = cli.run("greet_app:app", "--port", "0")
+    server.wait_serving()
+    wait_until(lambda: _is_lifeline_holder(server.proc.pid), 30, "shoal run became the lifeline holder")
+    server.proc.kill()  # however the command dies, its supervisor and replicas follow
+    server.proc.wait(10)
+    _assert_nothing_left(cli.run_dir)
+
+
+def _is_lifeline_holder(pid: int) -> bool:
+    try:
+        return "shoal/cli_wait.py" in Path(f"/proc/{pid}/cmdline").read_text().split("\0")[3]
+    except (OSError, IndexError):
+        return False
+
+
 # -- config files -------------------------------------------------------------------------------
 
 
