@@ -31,7 +31,8 @@ dict per connection, so that the proxy's hot path builds no objects per request 
   ``send(2)`` and one TCP segment instead of two (``write_whole_response``). False, with nothing
   written, where it does not apply (then ``send`` answers);
 - ``watch(on_gone)`` / ``unwatch(on_gone)``: ``on_gone()`` is called when the connection is lost
-  (or refused by a parse error), so that a request whose body has been read can learn that its
+  (or refused by a parse error), or soon (``call_soon``) if it was already lost when ``watch``
+  was called, so that a request whose body has been read can learn that its
   client left without a task waiting on ``receive``.
 """
 
@@ -102,8 +103,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._refused = False
         self._line_seen = False  # the request line was parsed: the parser knows the method
         self._on_gone: list[Callable[[], None]] = []  # ``watch``: told when the connection is lost
+        self._gone = False  # lost or refused: a later ``watch`` is told at once
         self._extensions: dict[str, dict[object, object]] = {
-            CONNECTION_EXTENSION: {"write": self._write_whole, "watch": self._on_gone.append, "unwatch": self._unwatch},
+            CONNECTION_EXTENSION: {"write": self._write_whole, "watch": self._watch, "unwatch": self._unwatch},
         }
 
     # -- connection -----------------------------------------------------------------------------
@@ -120,7 +122,14 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
         self._client_gone()
 
+    def _watch(self, on_gone: Callable[[], None]) -> None:
+        if self._gone:  # the client left before the request got this far
+            self.loop.call_soon(on_gone)
+        else:
+            self._on_gone.append(on_gone)
+
     def _client_gone(self) -> None:
+        self._gone = True
         on_gone, self._on_gone[:] = list(self._on_gone), []
         for callback in on_gone:
             callback()
