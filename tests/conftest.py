@@ -53,12 +53,19 @@ def run_root() -> Iterator[Path]:
     assert not left, f"processes outlived the test session: {[p.pid for p in left]}"
 
 
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return "(gone)"
+
+
 def _assert_no_children(where: str) -> None:
     try:
         wait_until(lambda: not live_children(), 15, f"no child processes left after {where}")
     except AssertionError:
         left = live_children()
-        described = [(p.pid, p.cmdline()) for p in left]
+        described = [(p.pid, _cmdline(p)) for p in left]
         kill_all(left)
         raise AssertionError(f"child processes left after {where}: {described}") from None
 
@@ -121,9 +128,16 @@ def private_run_dir(run_root: Path) -> Iterator[Path]:
     may still use it (they are killed if they do, and the test fails)."""
     path = Path(tempfile.mkdtemp(prefix="sub-", dir=run_root))
     yield path
+    # The instance's last processes (multiprocessing's resource tracker) exit once they see the
+    # supervisor gone: give them a bounded moment, as _assert_no_children does.
+    try:
+        wait_until(lambda: not processes_in_run_dir(path), 15, f"no process of {path} left")
+    except AssertionError:
+        pass
     left = processes_in_run_dir(path)
+    described = [(p.pid, _cmdline(p)) for p in left]
     kill_all(left)
-    assert not left, f"processes of {path} outlived the test: {[(p.pid, p.cmdline()) for p in left]}"
+    assert not left, f"processes of {path} outlived the test: {described}"
 
 
 @pytest.fixture
