@@ -46,7 +46,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,19 +189,27 @@ class RotatingLineFile:
         """Write ``data`` (whole lines), rotating first if it would make the file reach the limit."""
         if self._rotating and self._size > 0 and self._size + len(data) >= self.limits.max_bytes:
             self._rotate(len(data))
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        written = os.write(self._fd, data)
+        if written < len(data):  # a short write (a full disk, a signal): the rest, in order
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(self._fd, view):]
         self._size += len(data)
 
     def write(self, text: str) -> None:
         self._check()
         self._append((text + "\n").encode("utf-8", "replace"))
 
-    def write_lines(self, texts: Iterable[str]) -> None:
+    def write_lines(self, texts: Sequence[str]) -> None:
         """``write`` each of ``texts``, in as few system calls as the limits allow: the lines
         that fit before the next rotation go out in one ``write``."""
         self._check()
+        if not texts:
+            return
+        data = ("\n".join(texts) + "\n").encode("utf-8", "replace")
+        if not self._rotating or self._size + len(data) < self.limits.max_bytes:
+            self._append(data)  # the whole batch fits: no line-by-line sizes needed
+            return
         run: list[bytes] = []
         run_bytes = 0
         max_bytes = self.limits.max_bytes
