@@ -1,13 +1,13 @@
 """Log files that rotate by size, so a long-running instance cannot fill the disk.
 
 Every log file shoal writes goes through ``RotatingLineFile`` (the supervisor's copy of each
-replica's output) or a ``logging`` handler on one (``RotatingLineHandler``, a replica's file;
-``LoopBufferedHandler``, the proxy's). Both follow the
+replica's output) or a ``logging`` handler on one (``LoopBufferedHandler``, the proxy's and a
+replica's files; ``RotatingLineHandler``, local testing mode's). They follow the
 contract of Python's ``logging.handlers.RotatingFileHandler``: before a write that would make the
 file reach ``max_bytes``, ``file.log`` becomes ``file.log.1``, ``file.log.1`` becomes
 ``file.log.2`` ... and ``file.log.<backup_count>`` is dropped; ``max_bytes`` or ``backup_count``
 0 means the file never rotates. A single line longer than ``max_bytes`` is written whole, so a
-file exceeds the limit by at most one line.
+file exceeds the limit by at most one line (a shared file: see below).
 
 Unlike ``RotatingFileHandler`` they may share a path with other writers of this module in other
 processes (the supervisor and a replica both append to the replica's file): a rotation is made
