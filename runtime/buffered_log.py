@@ -1,6 +1,6 @@
 """LoopBufferedHandler: a size-rotating log file written in batches, once per event-loop turn.
 
-The proxy writes an access line per request on its event loop. Writing each line with its own
+The proxy and every replica write an access line per request on their event loops. Writing each line with its own
 ``write`` system call costs the loop a few microseconds per request, and a slow disk would stall
 every connection at once. This handler instead appends each formatted record (on the loop's
 thread) to a list and, when the list stops being empty, schedules one callback that writes the
@@ -11,8 +11,13 @@ the iteration that logged it, so ``shoal logs -f`` sees it at once.
 
 Records from another thread, or before ``bind``, are written at once (with what is buffered
 before them, so the file keeps the order of the records). ``flush`` and ``close`` write what is
-buffered: the proxy flushes before it exits (it ends with ``os._exit``). At most
-``max_buffered`` lines wait; a process killed by SIGKILL loses the lines of its last iteration.
+buffered: the proxy and replicas flush before they exit (they end with ``os._exit``, after
+``logging.shutdown()``). At most ``max_buffered`` lines wait; a process killed by SIGKILL loses
+the lines of its last iteration.
+
+The file may be shared with writers in other processes (``shared=True``: a replica's file in the
+run directory, which the supervisor appends the replica's stderr to): then it is checked for
+their growth and rotations every ``recheck_s`` (``runtime/rotation.py`` says what that costs).
 """
 
 from __future__ import annotations
@@ -28,12 +33,16 @@ _MAX_BUFFERED = 512  # lines: one loop iteration rarely ends more requests than 
 
 
 class LoopBufferedHandler(logging.Handler):
-    """A ``logging`` handler writing to ``path`` (this process its only writer), rotating it
-    with ``limits``, in batches per loop iteration once ``bind`` names the loop (module doc)."""
+    """A ``logging`` handler writing to ``path``, rotating it with ``limits``, in batches per
+    loop iteration once ``bind`` names the loop (module doc). ``shared``/``recheck_s``: as
+    ``RotatingLineFile``'s (default: this process is the path's only writer)."""
 
-    def __init__(self, path: str | os.PathLike[str], limits: RotationLimits, *, max_buffered: int = _MAX_BUFFERED) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], limits: RotationLimits, *, max_buffered: int = _MAX_BUFFERED,
+        shared: bool = False, recheck_s: float | None = None,
+    ) -> None:
         super().__init__()
-        self._file = RotatingLineFile(path, limits, shared=False)
+        self._file = RotatingLineFile(path, limits, shared=shared, recheck_s=recheck_s)
         self._buffer: list[str] = []
         self._max_buffered = max_buffered
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -56,13 +65,13 @@ class LoopBufferedHandler(logging.Handler):
             self.handleError(record)
 
     def write_line(self, text: str) -> None:
-        """Write ``text``, a line already formatted as this handler's formatter would (the
-        proxy's access lines, see ``proxy.access``), as ``emit`` writes a record's."""
+        """Write ``text``, a line already formatted as this handler's formatter would (access
+        lines: ``proxy.access``, ``runtime/logs``), as ``emit`` writes a record's."""
         self.acquire()
         try:
             self._add(text)
-        except OSError:
-            pass  # as flush: a full or missing disk does not fail the request
+        except (OSError, ValueError):
+            pass  # as flush: a full or missing disk, or a closed file, does not fail the request
         finally:
             self.release()
 

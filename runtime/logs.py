@@ -27,6 +27,11 @@ see ``install_replica_logging``) decides:
 
 Log files rotate by size (``runtime/rotation.py``) with the limits in the replica's spec, which
 the supervisor reads once from Ray's ``RAY_ROTATION_MAX_BYTES`` / ``RAY_ROTATION_BACKUP_COUNT``.
+A replica's files are written in batches, once per loop iteration, once ``bind_log_files``
+names its loop (``runtime/buffered_log.py``): one ``write`` for all the lines of the requests
+that ended in an iteration. Its file in the run directory, which the supervisor appends its
+stderr lines to, is checked for the supervisor's growth and rotations every
+``rotation.SHARED_RECHECK_S``, not before every line.
 
 The proxy is set up the same way by ``install_proxy_logging`` from the instance's global
 ``logging_config``: ``component_name`` ``proxy``, ``component_id`` its host, file
@@ -47,10 +52,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from shoal.runtime.buffered_log import LoopBufferedHandler
 from shoal.runtime.context import current_request
-from shoal.runtime.rotation import RotatingLineHandler, RotationLimits, limits_from_env
+from shoal.runtime.rotation import SHARED_RECHECK_S, RotatingLineHandler, RotationLimits, limits_from_env
+
+if TYPE_CHECKING:
+    import asyncio
 
 _FORMAT = "%(levelname)s %(asctime)s %(name)s %(request_id)s -- %(message)s"
 _ACCESS_LOG_ATTR = "serve_access_log"
@@ -187,6 +196,16 @@ def _rotating_file(path: str, limits: RotationLimits) -> logging.Handler:
     return RotatingLineHandler(path, limits, shared=False)
 
 
+def _buffered_file(path: str, limits: RotationLimits) -> logging.Handler:
+    """A replica's file under ``logs_dir``: it alone writes it, in batches once bound."""
+    return LoopBufferedHandler(path, limits)
+
+
+def _shared_buffered_file(path: str, limits: RotationLimits) -> logging.Handler:
+    """A replica's file in the run directory, shared with the supervisor (see the module doc)."""
+    return LoopBufferedHandler(path, limits, shared=True, recheck_s=SHARED_RECHECK_S)
+
+
 def _handlers(
     config: Mapping[str, Any],
     file_name: str,
@@ -194,13 +213,13 @@ def _handlers(
     default_logs_dir: str | None = None,
     rotation: RotationLimits | None = None,
     file_factory: FileFactory = _rotating_file,
-    default_file_shared: bool = True,
+    shared_file_factory: FileFactory | None = _shared_buffered_file,
 ) -> list[logging.Handler]:
     """stderr, without access lines (it is echoed to consoles and drivers' stdout), and the log
     file ``file_name``: under ``logs_dir`` with every line (this process its only writer: made
     by ``file_factory``), else under ``default_logs_dir`` (the run directory's) with the access
-    lines; ``default_file_shared``: the supervisor writes the stderr lines to that file too (a
-    replica's), else it is made by ``file_factory`` (the proxy's). The file rotates by size
+    lines; made by ``shared_file_factory`` when the supervisor writes the stderr lines to that
+    file too (a replica's), else (None) by ``file_factory`` (the proxy's). The file rotates by size
     with ``rotation`` (None: Ray's defaults; see ``runtime/rotation.py``)."""
     limits = rotation or RotationLimits()
     line_format = formatter(config)
@@ -217,7 +236,7 @@ def _handlers(
         handlers.append(file)
     elif default_logs_dir and access:
         path = os.path.join(default_logs_dir, file_name)
-        file = RotatingLineHandler(path, limits) if default_file_shared else file_factory(path, limits)
+        file = (shared_file_factory or file_factory)(path, limits)
         file.addFilter(_OnlyAccessFilter())
         handlers.append(file)
     context = _ContextFilter(facts)
@@ -250,10 +269,12 @@ def install_replica_logging(
     rotation = RotationLimits.from_spec(log_rotation)
     short_id = replica.rsplit("#", 1)[-1]
     facts = replica_facts(app, deployment, short_id)
-    root.handlers[:] = _handlers(config, f"replica_{app}_{deployment}_{short_id}.log", facts, default_logs_dir, rotation)
+    root.handlers[:] = _handlers(
+        config, f"replica_{app}_{deployment}_{short_id}.log", facts, default_logs_dir, rotation, _buffered_file,
+    )
     root.setLevel(config.get("log_level", level))
     _fast_access = None
-    files = [h for h in root.handlers if isinstance(h, RotatingLineHandler)]
+    files = [h for h in root.handlers if isinstance(h, (RotatingLineHandler, LoopBufferedHandler))]
     if (
         len(files) == 1
         and not any(isinstance(f, _AccessLogFilter) for f in files[0].filters)  # access lines on
@@ -261,6 +282,17 @@ def install_replica_logging(
     ):
         json_lines = str(config.get("encoding", "TEXT")).upper() == "JSON"
         _fast_access = _FastAccessLines(files[0], root.handlers, json_lines=json_lines, facts=facts)
+
+
+def bind_log_files(loop: asyncio.AbstractEventLoop) -> list[LoopBufferedHandler]:
+    """Let the root logger's buffered files (a replica's, see ``install_replica_logging``)
+    write what is logged on ``loop``'s thread once per iteration of ``loop`` (call this on that
+    thread); returns them. Lines still reach the files before a normal exit: the process calls
+    ``logging.shutdown()`` (``worker_main.run_until_complete``), which flushes them."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, LoopBufferedHandler)]
+    for file in files:
+        file.bind(loop)
+    return files
 
 
 def proxy_log_file_name(host: str, index: int = 0) -> str:
@@ -294,7 +326,7 @@ def install_proxy_logging(
     rotation = RotationLimits.from_spec(log_rotation)
     root.handlers[:] = _handlers(
         config, proxy_log_file_name(host, index), proxy_facts(host), default_logs_dir, rotation, file_factory,
-        default_file_shared=False,
+        shared_file_factory=None,
     )
     if config.get("enable_access_log", True) is False:
         return []
@@ -357,7 +389,7 @@ class _FastAccessLines:
 
     __slots__ = ("_facts", "_file", "_installed", "_json", "_pid")
 
-    def __init__(self, file: RotatingLineHandler, installed: list[logging.Handler], *, json_lines: bool,
+    def __init__(self, file: RotatingLineHandler | LoopBufferedHandler, installed: list[logging.Handler], *, json_lines: bool,
                  facts: Mapping[str, str]) -> None:
         self._file = file
         self._installed = list(installed)

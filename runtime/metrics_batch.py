@@ -90,15 +90,16 @@ _flushes: dict[asyncio.AbstractEventLoop, list[Callable[[], None]]] = {}
 _tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
 
 
-def register(loop: asyncio.AbstractEventLoop, flush: Callable[[], None]) -> None:
+def register(loop: asyncio.AbstractEventLoop, flush: Callable[[], None]) -> bool:
     """Call ``flush`` on ``loop`` every ``FLUSH_INTERVAL_S`` if this process exports metrics
-    (from ``loop``'s thread)."""
+    (from ``loop``'s thread); returns whether it will."""
     if not metrics.enabled():
-        return
+        return False
     _flushes.setdefault(loop, []).append(flush)
     task = _tasks.get(loop)
     if task is None or task.done():
         _tasks[loop] = loop.create_task(_flush_forever(loop), name="shoal-metrics-flush")
+    return True
 
 
 def unregister(loop: asyncio.AbstractEventLoop, flush: Callable[[], None]) -> None:

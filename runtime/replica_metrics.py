@@ -21,11 +21,15 @@ route prefix for HTTP, the caller's route for handle calls):
 
 Requests rejected at once (``max_ongoing_requests`` reached, draining) count nowhere, as in Ray.
 
-Cost: a request adds its outcome to its route's tallies (``metrics_batch``: plain ints and a bucket index found by
-bisection); the tallies and the ongoing count are written to the shared-memory samples once per
-loop iteration, however many requests ended in it (Ray buffers them for 100 ms,
-``RAY_SERVE_METRICS_EXPORT_INTERVAL_MS``). So a caller may scrape a moment before its request is
-counted, never long after.
+Cost: a request adds its outcome to its route's tallies (``metrics_batch``: plain ints and a
+bucket index found by bisection) and sets a Python int for the ongoing count; nothing touches
+the shared-memory samples (each store there costs a lock, an ``os.getpid()`` and an mmap write).
+In a replica that exports metrics the tallies and the ongoing count are written every
+``metrics_batch.FLUSH_INTERVAL_S`` (100 ms, as Ray's replicas buffer them for
+``RAY_SERVE_METRICS_EXPORT_INTERVAL_MS``), whatever the request rate; so a caller may scrape up to
+100 ms before its request is counted. Elsewhere (a process that records in memory), and from
+``stop_reporting`` on (a draining replica: what it counts reaches the files before it exits),
+they are written once per loop iteration, however many requests ended in it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from shoal.runtime import metrics_batch
 from shoal.runtime.metrics import LATENCY_BUCKETS_MS, Counter, Gauge, Histogram
 from shoal.runtime.metrics_batch import PendingCount, PendingHistogram
 
@@ -114,7 +119,9 @@ class ReplicaMetrics:
     once per route), ``finished(route, latency_ms, exception_type)`` when it ends;
     ``set_ongoing(n)`` when the number running changes; ``start_reporting()`` on the replica's
     loop sets the windowed gauges every ``REPORT_INTERVAL_S`` until ``stop_reporting()``, and
-    from then on coalesces ``set_ongoing`` per loop iteration.
+    from then on writes the tallies every ``FLUSH_INTERVAL_S`` if the process exports metrics
+    (``metrics_batch.register``), else once per loop iteration; ``stop_reporting()`` writes
+    them and goes back to once per loop iteration (before ``start_reporting``: at once).
     """
 
     def __init__(
@@ -177,6 +184,8 @@ class ReplicaMetrics:
         self._ongoing_now = 0
         self._dirty: list[RouteMetrics] = []  # routes with tallies to write
         self._write_pending = False
+        self._periodic = False  # metrics_batch writes the tallies every FLUSH_INTERVAL_S
+        self._ongoing_written = 0
         self._ongoing.set(0)
 
     def count_start(self) -> None:
@@ -213,7 +222,10 @@ class ReplicaMetrics:
         self._schedule_write()
 
     def _schedule_write(self) -> None:
-        """Write at the end of this loop iteration (at once before ``start_reporting``)."""
+        """Write at the next periodic flush, else at the end of this loop iteration (at once
+        before ``start_reporting``)."""
+        if self._periodic:
+            return
         if self._loop is None:
             self.write()
         elif not self._write_pending:
@@ -224,7 +236,9 @@ class ReplicaMetrics:
         """Write the tallies and the ongoing count into the samples, and add them to the rolling
         windows (of 1 s buckets and more: a loop iteration late is on time), now."""
         self._write_pending = False
-        self._ongoing.set(self._ongoing_now)
+        if self._ongoing_now != self._ongoing_written:
+            self._ongoing_written = self._ongoing_now
+            self._ongoing.set(self._ongoing_now)
         dirty, self._dirty = self._dirty, []
         for route in dirty:
             route.dirty = False
@@ -265,9 +279,15 @@ class ReplicaMetrics:
 
         if self._timer is None:
             self._timer = loop.call_later(REPORT_INTERVAL_S, tick)
+        if not self._periodic:
+            self._periodic = metrics_batch.register(loop, self.write)
 
     def stop_reporting(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._periodic and self._loop is not None:
+            metrics_batch.unregister(self._loop, self.write)
+            self._periodic = False
+            self.write()
 

@@ -1,22 +1,37 @@
 """Log files that rotate by size, so a long-running instance cannot fill the disk.
 
 Every log file shoal writes goes through ``RotatingLineFile`` (the supervisor's copy of each
-replica's output) or a ``logging`` handler on one (``RotatingLineHandler``, a replica's file;
-``LoopBufferedHandler``, the proxy's). Both follow the
+replica's output) or a ``logging`` handler on one (``LoopBufferedHandler``, the proxy's and a
+replica's files; ``RotatingLineHandler``, local testing mode's). They follow the
 contract of Python's ``logging.handlers.RotatingFileHandler``: before a write that would make the
 file reach ``max_bytes``, ``file.log`` becomes ``file.log.1``, ``file.log.1`` becomes
 ``file.log.2`` ... and ``file.log.<backup_count>`` is dropped; ``max_bytes`` or ``backup_count``
 0 means the file never rotates. A single line longer than ``max_bytes`` is written whole, so a
-file exceeds the limit by at most one line.
+file exceeds the limit by at most one line (a shared file: see below).
 
 Unlike ``RotatingFileHandler`` they may share a path with other writers of this module in other
 processes (the supervisor and a replica both append to the replica's file): a rotation is made
-under an exclusive ``flock`` on the file being rotated, and before each write a shared writer
-``stat``s the path, which tells it both the file's size and whether another writer rotated it
-away (then it reopens the path). A writer alone on its path (``shared=False``: the proxy's file,
-a file under a ``logs_dir``) counts the bytes it writes instead and checks the path only once a
-second, so a write costs one system call, the ``write``; ``write_lines`` writes a batch of lines
-in one (``runtime/buffered_log.py``).
+under an exclusive ``flock`` on the file being rotated, after a fresh look at the file's real
+size, and a writer learns of the others' growth and rotations by ``stat``-ing the path, which
+tells it both the file's size and whether another writer rotated it away (then it reopens the
+path). Between two ``stat`` calls a writer counts the bytes it writes itself. How often it looks
+is its ``recheck_s``:
+
+- ``0`` (``EVERY_WRITE_S``, the default of a ``shared`` writer: the supervisor's copies of a
+  replica's output, its own log): before every write; such a writer never overshoots by more
+  than one line.
+- ``SHARED_RECHECK_S`` (0.1 s: a replica's access lines, one per request, written in batches by
+  ``runtime/buffered_log.py``): the ``stat`` is paid ten times a second, not per line. The cost:
+  a file shared with such a writer may exceed ``max_bytes`` by one line plus what the other
+  writers appended in the last ``SHARED_RECHECK_S`` (the writer does not see it yet; the
+  others, which look before every write, rotate it at their next write), and for up to
+  ``SHARED_RECHECK_S`` after another writer rotated the file, this writer's lines still go to
+  the rotated file (``file.log.1``): none is lost.
+- ``LONE_RECHECK_S`` (1 s, the default with ``shared=False``: a file this process alone writes,
+  the proxy's, a file under a ``logs_dir``), in case something else moved or truncated it.
+
+So a write costs one system call, the ``write``, but once per ``recheck_s``; ``write_lines``
+writes a batch of lines in one.
 
 The limits are Ray's, under Ray's names: ``RAY_ROTATION_MAX_BYTES`` (default 512 MiB,
 ``ray_constants.LOGGING_ROTATE_BYTES``) and ``RAY_ROTATION_BACKUP_COUNT`` (default 5,
@@ -31,7 +46,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +56,9 @@ DEFAULT_MAX_BYTES = 512 * 1024 * 1024  # Ray's LOGGING_ROTATE_BYTES
 DEFAULT_BACKUP_COUNT = 5  # Ray's LOGGING_ROTATE_BACKUP_COUNT
 MAX_BYTES_ENV = "RAY_ROTATION_MAX_BYTES"
 BACKUP_COUNT_ENV = "RAY_ROTATION_BACKUP_COUNT"
-_RECHECK_S = 1.0  # a writer alone on its path checks the path this often (see RotatingLineFile)
+EVERY_WRITE_S = 0.0  # a shared writer's default: it stats the path before every write
+SHARED_RECHECK_S = 0.1  # a shared writer on a request path (a replica's access lines)
+LONE_RECHECK_S = 1.0  # a writer alone on its path checks the path this often
 
 
 class LogRotationConfigError(RayServeException, ValueError):
@@ -96,21 +113,20 @@ class RotatingLineFile:
     ``write_lines`` writes many records with one ``write`` per run between rotations.
     Not thread-safe: one writer object per thread (``RotatingLineHandler`` locks).
 
-    What a write costs besides the ``write`` itself: a ``shared`` writer (the default: another
-    process may append to or rotate the same path) ``stat``s the path before every write, which
-    tells both whether another writer rotated the file away and how large it is. A writer that
-    is the only one on its path (``shared=False``) counts the bytes it writes instead, and
-    ``stat``s the path only every ``recheck_s`` (in case something else moved or truncated the
-    file), so its writes cost no extra system call."""
+    What a write costs besides the ``write`` itself: a ``stat`` of the path when ``recheck_s``
+    (of ``clock``) have passed since the last one, which tells both whether another writer
+    rotated the file away and how large it is; in between the writer adds the bytes it writes
+    to the size it knows. ``recheck_s`` None: ``EVERY_WRITE_S`` for a ``shared`` writer (another
+    process may append to or rotate the same path), ``LONE_RECHECK_S`` for one alone on its
+    path (``shared=False``). The module says what a longer ``recheck_s`` costs in overshoot."""
 
     def __init__(
         self, path: str | os.PathLike[str], limits: RotationLimits, *, shared: bool = True,
-        recheck_s: float = _RECHECK_S, clock: Callable[[], float] = time.monotonic,
+        recheck_s: float | None = None, clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = os.fspath(path)
         self.limits = limits
-        self._shared = shared
-        self._recheck_s = recheck_s
+        self._recheck_s = (EVERY_WRITE_S if shared else LONE_RECHECK_S) if recheck_s is None else recheck_s
         self._clock = clock
         self._rotating = limits.max_bytes > 0 and limits.backup_count > 0
         self._fd = -1
@@ -118,6 +134,10 @@ class RotatingLineFile:
         self._size = 0  # of the path's file, as far as this writer knows
         self._recheck_at = 0.0
         self._open()
+
+    @property
+    def recheck_s(self) -> float:
+        return self._recheck_s
 
     def _open(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -162,26 +182,34 @@ class RotatingLineFile:
     def _check(self) -> None:
         if self._fd < 0:
             raise ValueError(f"write to closed log file {self.path}")
-        if self._shared or self._clock() >= self._recheck_at:
+        if self._recheck_s <= 0 or self._clock() >= self._recheck_at:
             self._refresh()
 
     def _append(self, data: bytes) -> None:
         """Write ``data`` (whole lines), rotating first if it would make the file reach the limit."""
         if self._rotating and self._size > 0 and self._size + len(data) >= self.limits.max_bytes:
             self._rotate(len(data))
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        written = os.write(self._fd, data)
+        if written < len(data):  # a short write (a full disk, a signal): the rest, in order
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(self._fd, view):]
         self._size += len(data)
 
     def write(self, text: str) -> None:
         self._check()
         self._append((text + "\n").encode("utf-8", "replace"))
 
-    def write_lines(self, texts: Iterable[str]) -> None:
+    def write_lines(self, texts: Sequence[str]) -> None:
         """``write`` each of ``texts``, in as few system calls as the limits allow: the lines
         that fit before the next rotation go out in one ``write``."""
         self._check()
+        if not texts:
+            return
+        data = ("\n".join(texts) + "\n").encode("utf-8", "replace")
+        if not self._rotating or self._size + len(data) < self.limits.max_bytes:
+            self._append(data)  # the whole batch fits: no line-by-line sizes needed
+            return
         run: list[bytes] = []
         run_bytes = 0
         max_bytes = self.limits.max_bytes
@@ -204,9 +232,12 @@ class RotatingLineFile:
 class RotatingLineHandler(logging.Handler):
     """A ``logging`` handler writing each formatted record to a ``RotatingLineFile``."""
 
-    def __init__(self, path: str | os.PathLike[str], limits: RotationLimits, *, shared: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], limits: RotationLimits, *, shared: bool = True,
+        recheck_s: float | None = None,
+    ) -> None:
         super().__init__()
-        self._file = RotatingLineFile(path, limits, shared=shared)
+        self._file = RotatingLineFile(path, limits, shared=shared, recheck_s=recheck_s)
 
     @property
     def path(self) -> str:

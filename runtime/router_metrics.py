@@ -34,18 +34,23 @@ refuses) and ``serve_router_args_resolution_latency_ms``; shoal records neither.
 Costs: a router's counts are Python ints flushed into their counters, and its two gauges
 sampled from its state, every ``metrics_batch.FLUSH_INTERVAL_S`` (100 ms; Ray caches them the
 same way for ``RAY_SERVE_METRICS_EXPORT_INTERVAL_MS``), only in processes that export metrics;
-so the request path adds an int. A handle's calls, made from any thread, go straight into the
-counter child bound once per (handle, route).
+so the request path adds an int. A handle's calls are counted the same way when made on the
+thread of the loop that flushes the routers' counts (a replica's or the proxy's loop: async
+user code); calls from other threads (sync methods, a driver) go straight into the counter
+child bound once per (handle, route).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 from shoal.runtime import context, metrics, metrics_batch
 
 if TYPE_CHECKING:
+    import asyncio
+
     from shoal.runtime.router import Router
 
 DRIVER_ACTOR_ID = "DRIVER"  # Ray's get_current_actor_id() in a driver
@@ -102,19 +107,54 @@ def handle_tag(app_name: str, deployment_name: str, handle_id: str) -> str:
     return f"{app_name}#{deployment_name}#{handle_id}" if app_name else f"{deployment_name}#{handle_id}"
 
 
-_handle_children: dict[tuple[str, str, str, str], Any] = {}
+_HandleKey = tuple[str, str, str, str]  # (application, deployment, handle id, route)
+_handle_children: dict[_HandleKey, Any] = {}
+_handle_pending: dict[_HandleKey, metrics_batch.PendingCount] = {}
+_batch_loop: asyncio.AbstractEventLoop | None = None  # the loop that flushes _handle_pending
+_batch_thread: int | None = None  # its thread, once it flushed: calls from it are batched
 
 
-def count_handle_request(app_name: str, deployment_name: str, handle_id: str, route: str) -> None:
-    """One call through the handle ``handle_id`` (any thread): one dict lookup and one increment."""
-    key = (app_name, deployment_name, handle_id, route)
+def _handle_child(key: _HandleKey) -> Any:
     child = _handle_children.get(key)
     if child is None:
+        app_name, deployment_name, handle_id, route = key
         child = _handle_children[key] = HANDLE_REQUESTS.bind({
             "handle": handle_tag(app_name, deployment_name, handle_id), "deployment": deployment_name,
             "route": route, "application": app_name,
         })
-    child.inc()
+    return child
+
+
+def count_handle_request(app_name: str, deployment_name: str, handle_id: str, route: str) -> None:
+    """One call through the handle ``handle_id`` (any thread): on the thread of the loop that
+    flushes the routers' counts, an int added; elsewhere one increment of the child."""
+    key = (app_name, deployment_name, handle_id, route)
+    if threading.get_ident() == _batch_thread:
+        pending = _handle_pending.get(key)
+        if pending is None:
+            pending = _handle_pending[key] = metrics_batch.PendingCount(_handle_child(key))
+        pending.n += 1
+    else:
+        _handle_child(key).inc()
+
+
+def flush_handle_requests() -> None:
+    """Add the batched handle calls to their counters (the batching loop's thread only)."""
+    global _batch_thread
+    _batch_thread = threading.get_ident()
+    for pending in _handle_pending.values():
+        pending.flush()
+
+
+def _batch_handle_requests(loop: asyncio.AbstractEventLoop) -> None:
+    """Batch the handle calls made on ``loop``'s thread from its first flush on (the first loop
+    of this process whose routers flush periodically)."""
+    global _batch_loop
+    if _batch_loop is None or _batch_loop.is_closed():
+        if _batch_loop is not None:
+            metrics_batch.unregister(_batch_loop, flush_handle_requests)
+        _batch_loop = loop
+        metrics_batch.register(loop, flush_handle_requests)
 
 
 class RouterMetrics:
@@ -136,7 +176,8 @@ class RouterMetrics:
         self._last = (0, 0)
         self._queued.set(0)
         self._at_replicas.set(0)
-        metrics_batch.register(router.loop, self.flush)
+        if metrics_batch.register(router.loop, self.flush):
+            _batch_handle_requests(router.loop)
 
     def count(self, route: str) -> None:
         pending = self._routes.get(route)
@@ -169,8 +210,11 @@ class RouterMetrics:
             self._at_replicas.set(values[1])
 
     def close(self) -> None:
-        """The router stopped: what it counted is flushed, its gauges read 0."""
+        """The router stopped: what it counted is flushed (and the handle calls batched on its
+        loop's thread, if any), its gauges read 0."""
         self.flush()
+        if threading.get_ident() == _batch_thread:
+            flush_handle_requests()
         metrics_batch.unregister(self._router.loop, self.flush)
         self._last = (0, 0)
         self._queued.set(0)

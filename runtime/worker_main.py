@@ -112,6 +112,7 @@ def run_until_complete(coro: Any) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         code = runner.run(coro)
+    logging.shutdown()  # log files written once per loop iteration keep nothing back
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -178,12 +179,14 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, last_words_fd: int) -> 
 
     from shoal.runtime import client, transport, wire
     from shoal.runtime.context import ReplicaContext, ReplicaID, set_replica_context
+    from shoal.runtime.logs import bind_log_files
     from shoal.runtime.replica import ReplicaWorker
     from shoal.runtime.replica_metrics import ReplicaMetrics
     from shoal.runtime.user_code import UserCallable
     from shoal.serve.schema import ReplicaRank
 
     loop = asyncio.get_running_loop()
+    bind_log_files(loop)  # the replica's log files: one write per loop iteration
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     watch_lifeline(loop, lifeline_fd)

@@ -65,3 +65,15 @@ def test_a_full_buffer_is_written_and_close_writes_the_rest(tmp_path: Path) -> N
         assert path.read_text() == "line-0\nline-1\nline-2\n"
     finally:
         loop.close()
+
+
+def test_a_shared_file_is_checked_for_other_writers_every_recheck_s(tmp_path: Path) -> None:
+    """A replica's run-directory file: the supervisor appends to it too; the batches go to the
+    path's current file once the writer has looked again."""
+    path = tmp_path / "replica.log"
+    handler = LoopBufferedHandler(path, RotationLimits(), shared=True, recheck_s=3600.0)
+    handler.handle(_record("one"))
+    path.rename(tmp_path / "replica.log.1")  # another writer rotated it
+    handler.handle(_record("two"))  # not looked yet: still the rotated file
+    assert (tmp_path / "replica.log.1").read_text() == "one\ntwo\n" and not path.exists()
+    handler.close()

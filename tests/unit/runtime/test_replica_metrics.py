@@ -140,3 +140,39 @@ def test_on_a_loop_the_tallies_are_written_once_the_iteration_ends() -> None:
         metrics.stop_reporting()
 
     asyncio.run(main())
+
+
+def test_in_a_process_that_exports_the_tallies_wait_for_the_periodic_flush(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No store into the samples per request or per loop iteration: ``metrics_batch`` writes the
+    tallies every FLUSH_INTERVAL_S (run here by hand with ``flush_now``); ``stop_reporting``
+    writes them and goes back to once per loop iteration (a draining replica)."""
+    from shoal.runtime import metrics, metrics_batch
+
+    monkeypatch.setattr(metrics, "enabled", lambda: True)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        recorder, deployment = make(Clock())
+        recorder.start_reporting()
+        api = recorder.route("/api")
+        counter = ("ray_serve_deployment_request_counter_total", frozenset({("route", "/api")}))
+        for latency_ms in (1.0, 2.0):
+            recorder.finished(api, latency_ms, None)
+        recorder.set_ongoing(2)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert exported(recorder, deployment)[counter] == 0  # not at the end of the iteration
+        assert recorder._ongoing._value.get() == 0
+        metrics_batch.flush_now(loop)
+        assert exported(recorder, deployment)[counter] == 2
+        assert recorder._ongoing._value.get() == 2
+        recorder.finished(api, 3.0, "ValueError")
+        recorder.stop_reporting()  # writes what waits
+        errors = ("ray_serve_deployment_error_counter_total", frozenset({("route", "/api"), ("exception_type", "ValueError")}))
+        assert exported(recorder, deployment)[errors] == 1
+        assert recorder.write not in metrics_batch._flushes.get(loop, [])
+        recorder.finished(api, 4.0, None)
+        await asyncio.sleep(0)  # from now on: once per loop iteration
+        assert exported(recorder, deployment)[counter] == 3
+
+    asyncio.run(main())

@@ -12,6 +12,9 @@ import pytest
 from shoal.runtime.rotation import (
     DEFAULT_BACKUP_COUNT,
     DEFAULT_MAX_BYTES,
+    EVERY_WRITE_S,
+    LONE_RECHECK_S,
+    SHARED_RECHECK_S,
     LogRotationConfigError,
     RotatingLineFile,
     RotatingLineHandler,
@@ -157,3 +160,53 @@ def test_write_lines_batches_and_still_rotates_before_the_limit(tmp_path: Path, 
     writer.close()
     kept = [(tmp_path / name).read_text() for name in ("file.log.2", "file.log.1", "file.log")]
     assert kept == ["line-000\nline-001\n", "line-002\nline-003\n", "line-004\n"]
+
+
+def test_a_shared_writer_checks_every_write_by_default_and_a_lone_one_every_second(tmp_path: Path) -> None:
+    assert RotatingLineFile(tmp_path / "a.log", RotationLimits()).recheck_s == EVERY_WRITE_S == 0
+    assert RotatingLineFile(tmp_path / "b.log", RotationLimits(), shared=False).recheck_s == LONE_RECHECK_S
+    assert RotatingLineFile(tmp_path / "c.log", RotationLimits(), recheck_s=SHARED_RECHECK_S).recheck_s == 0.1
+
+
+def test_a_shared_writer_with_recheck_s_sees_the_others_growth_only_at_its_next_check(tmp_path: Path) -> None:
+    """Between checks it counts its own bytes: another writer's lines make the file overshoot
+    by at most what that writer wrote since the last check (plus one line); the check after
+    ``recheck_s`` sees them and rotates before the next write that would reach the limit."""
+    path = tmp_path / "file.log"
+    limits = RotationLimits(max_bytes=40, backup_count=2)
+    clock = FakeClock()
+    checker = RotatingLineFile(path, limits, recheck_s=0.1, clock=clock)
+    other = RotatingLineFile(path, limits)  # stats before every write (the supervisor's)
+    checker.write("mine-0000")  # 10 bytes with the newline
+    other.write_lines(["them-0000", "them-0001"])  # 30: the other writer knows
+    clock.now_s = 0.05
+    checker.write("mine-0001")  # believes 20: no rotation, the file is 40
+    assert _family(path) == ["file.log"] and path.stat().st_size == 40
+    assert path.stat().st_size <= limits.max_bytes + 20  # the bound: the other's bytes since the check
+    clock.now_s = 0.1
+    checker.write("mine-0002")  # checked: 40 + 10 >= 40, rotate first
+    assert _family(path) == ["file.log", "file.log.1"]
+    assert path.read_text() == "mine-0002\n"
+    assert (tmp_path / "file.log.1").read_text() == "mine-0000\nthem-0000\nthem-0001\nmine-0001\n"
+    checker.close()
+    other.close()
+
+
+def test_a_shared_writer_with_recheck_s_follows_anothers_rotation_at_its_next_check(tmp_path: Path) -> None:
+    """Until then its lines go to the rotated file: none is lost."""
+    path = tmp_path / "file.log"
+    limits = RotationLimits(max_bytes=25, backup_count=3)
+    clock = FakeClock()
+    checker = RotatingLineFile(path, limits, recheck_s=0.1, clock=clock)
+    other = RotatingLineFile(path, limits)
+    checker.write("mine-0")  # 7 bytes
+    other.write("them-0" + "x" * 10)  # 7 + 17 = 24
+    other.write("them-1")  # 24 + 7 >= 25: the other writer rotates
+    clock.now_s = 0.09
+    checker.write("mine-1")  # not checked yet: into the rotated file
+    clock.now_s = 0.2
+    checker.write("mine-2")  # checked: the new file
+    checker.close()
+    other.close()
+    assert (tmp_path / "file.log.1").read_text() == "mine-0\nthem-0xxxxxxxxxx\nmine-1\n"
+    assert path.read_text() == "them-1\nmine-2\n"

@@ -130,3 +130,42 @@ def test_handle_calls_count_under_the_handles_id_shared_by_its_option_copies() -
     router_metrics.count_handle_request("app", deployment, copy.handle_id, "/r")
     assert value(router_metrics.HANDLE_REQUESTS, handle=f"app#{deployment}#{handle.handle_id}", deployment=deployment,
                  route="/r", application="app") == 2
+
+
+def test_handle_calls_on_the_flushing_loops_thread_are_batched_others_counted_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In a process that exports metrics, calls made on the thread of the loop that flushes the
+    routers' counts add an int until the next flush (run here by hand); calls from another
+    thread go to the counter at once."""
+    import threading
+
+    from shoal.runtime import metrics, metrics_batch
+
+    monkeypatch.setattr(metrics, "enabled", lambda: True)
+    monkeypatch.setattr(router_metrics, "_batch_loop", None)
+    monkeypatch.setattr(router_metrics, "_batch_thread", None)
+    deployment = f"Batched{next(_names)}"
+    labels = {"handle": f"app#{deployment}#h1", "deployment": deployment, "route": "/r", "application": "app"}
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        router = Router("app", deployment, loop, clock=FakeClock())
+        try:
+            metrics_batch.flush_now(loop)  # the first flush names the loop's thread
+            for _ in range(3):
+                router_metrics.count_handle_request("app", deployment, "h1", "/r")
+            assert value(router_metrics.HANDLE_REQUESTS, **labels) == 0
+            thread = threading.Thread(target=router_metrics.count_handle_request, args=("app", deployment, "h1", "/r"))
+            thread.start()
+            thread.join()
+            assert value(router_metrics.HANDLE_REQUESTS, **labels) == 1
+            metrics_batch.flush_now(loop)
+            assert value(router_metrics.HANDLE_REQUESTS, **labels) == 4
+            router_metrics.count_handle_request("app", deployment, "h1", "/r")
+        finally:
+            router.metrics.close()  # flushes what waits
+            metrics_batch.unregister(loop, router_metrics.flush_handle_requests)
+        assert value(router_metrics.HANDLE_REQUESTS, **labels) == 5
+
+    asyncio.run(main())

@@ -3,10 +3,12 @@ levels it can be set at (no process: the root logger of this process is configur
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import re
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -207,3 +209,28 @@ def test_a_handler_added_by_the_user_gets_access_records_again(stderr: io.String
         logging.getLogger("ray.serve").removeHandler(keep)
     assert [r.getMessage() for r in seen] == ["GET /r 200 1.0ms"]
     assert "rid-2 -- GET /r 200 1.0ms" in next(tmp_path.glob("replica_*.log")).read_text()
+
+
+def test_a_replicas_access_lines_are_written_once_per_loop_iteration_and_at_shutdown(
+    stderr: io.StringIO, tmp_path: Path,
+) -> None:
+    logs.install_replica_logging(deployment="D", replica="app#D#abcd", app="app", default_logs_dir=str(tmp_path))
+    path = tmp_path / "replica_app_D_abcd.log"
+
+    async def main() -> tuple[str, str, str]:
+        files = logs.bind_log_files(asyncio.get_running_loop())
+        assert len(files) == 1
+        for number in range(3):
+            logs.log_access("GET", "/r", 200, 1.0, request_id=f"rid-{number}")
+        during = path.read_text()
+        await asyncio.sleep(0)
+        after = path.read_text()
+        logs.log_access("GET", "/r", 200, 1.0, request_id="rid-last")
+        # What a replica does before os._exit, limited to its files (not pytest's handlers).
+        logging.shutdown(handlerList=[weakref.ref(file) for file in files])
+        return during, after, path.read_text()
+
+    during, after, at_exit = asyncio.run(main())
+    assert during == ""
+    assert [line.split(" -- ")[0].split()[-1] for line in after.splitlines()] == ["rid-0", "rid-1", "rid-2"]
+    assert at_exit.splitlines()[-1].endswith(" rid-last -- GET /r 200 1.0ms")
