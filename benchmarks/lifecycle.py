@@ -4,8 +4,8 @@ What it measures (medians of ``--runs`` runs; prints figures, never asserts thre
 
 * start: seconds from launching ``shoal run examples.hello:app`` to the first HTTP 200 on ``/``;
   with ``--ray-python`` (or /work/ray-venv), the same for ``serve run`` of the same app on Ray;
-* memory: processes and summed memory of the whole process tree serving that app, after the
-  first 200: RSS (shared pages counted in every process), PSS (shared pages divided among the
+* memory: processes and summed memory of the whole process tree serving that app, one second
+  after the first 200 (the steady state): RSS (shared pages counted in every process), PSS (shared pages divided among the
   processes: the tree's real footprint) and USS (pages unique to each process);
 * scale from zero: seconds from a request arriving at a deployment with zero replicas
   (``min_replicas=0``) to its response;
@@ -114,6 +114,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait(10)
 
 
+SETTLE_S = 1.0  # memory is taken this long after the first 200
+
+
 def start_run(framework: str, python: str, workdir: Path) -> dict[str, Any]:
     port = free_port()
     env = dict(os.environ)
@@ -134,6 +137,7 @@ def start_run(framework: str, python: str, workdir: Path) -> dict[str, Any]:
         if framework == "ray":
             port = 8000  # `serve run` has no port flag; Ray's default
         seconds = wait_for_200(f"http://127.0.0.1:{port}/", proc, 120)
+        time.sleep(SETTLE_S)  # the serving tree's steady state (`shoal run` swaps itself for a small process)
         count, rss, pss, uss = tree_memory(proc.pid)
     finally:
         stop(proc)
