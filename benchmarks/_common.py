@@ -57,6 +57,7 @@ ISSUE11 = {
     "tree_pss_mib": "<= 100 MiB",
     "array_64mib_vs_ray": ">= 2x Ray's throughput",
     "array_1mib_ms": "<= 1 ms",
+    "warm_first_ms": "< 150 ms after the decision",
 }
 
 Figures = dict[str, Any]
@@ -153,12 +154,15 @@ def kill_tree(proc: subprocess.Popen[str]) -> None:
             continue
 
 
-def run_json_child(cmd: list[str], timeout_s: float) -> Figures:
-    """Run ``cmd`` in its own process group (without ``RAY_ADDRESS``, so Ray starts its own
-    instance) and return the last JSON line it printed, or ``{"error": ...}`` saying why not."""
-    env = dict(os.environ)
+def run_json_child(cmd: list[str], timeout_s: float, env: dict[str, str] | None = None,
+                   cwd: str | os.PathLike[str] | None = None) -> Figures:
+    """Run ``cmd`` in its own process group (in ``cwd``, with ``env`` or this environment, either
+    without ``RAY_ADDRESS``, so Ray starts its own instance) and return the last JSON line it
+    printed, or ``{"error": ...}`` saying why not."""
+    env = dict(os.environ if env is None else env)
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                            start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -371,6 +375,18 @@ def spreads(runs: Sequence[Figures], keys: Iterable[str] | None = None) -> dict[
             if s is not None:
                 out[key] = s
     return out
+
+
+def nested_spreads(runs: Sequence[Figures], key: str,
+                   keys: Iterable[str] | None = None) -> dict[str, dict[str, Spread]]:
+    """For figures grouped under ``run[key]`` (e.g. ``{"sizes": {"1": {...}, "64": {...}}}``):
+    per group, in the order first seen, the ``spreads`` of ``keys`` over the runs that have it."""
+    wanted = None if keys is None else list(keys)
+    groups: dict[str, list[Figures]] = {}
+    for run in runs:
+        for name, figures in run.get(key, {}).items():
+            groups.setdefault(name, []).append(figures)
+    return {name: spreads(group, wanted) for name, group in groups.items()}
 
 
 def cell(s: Spread | None, fmt: str = "{:,.0f}") -> str:

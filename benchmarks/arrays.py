@@ -17,12 +17,14 @@ The peers, in the same run:
 
 The issue's figures (another, faster machine): 64 MiB echo 475 ms on shoal before out-of-band
 buffers, 82 ms on Ray, 205 ms on raw ZeroMQ; 1 MiB 4.9 ms on shoal, 7.9 ms on Ray. Targets:
-64 MiB at least 2x Ray's round trips/s; 1 MiB at most 1 ms. It prints figures and never asserts.
+64 MiB at least 2x Ray's round trips/s; 1 MiB at most 1 ms. It prints figures next to them in one
+table (the machine, the versions, the median and spread of the runs) and never asserts.
 
 Run it:
 
     python benchmarks/arrays.py                          # shoal, zmq, and ray if found
     python benchmarks/arrays.py --runs 5 --no-ray
+    python benchmarks/arrays.py --no-ray --markdown      # the table as Markdown
     python benchmarks/arrays.py --framework shoal --json # one framework, one process
 """
 
@@ -36,8 +38,6 @@ _HERE = os.path.dirname(os.path.realpath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE] + [_HERE]  # _common, last
 
 import argparse
-import datetime
-import json
 import multiprocessing
 import platform
 import statistics
@@ -45,10 +45,12 @@ import tempfile
 import time
 from typing import Any
 
-from _common import DEFAULT_RAY_PYTHON, HOST, framework_version, free_port, import_serve, ray_python, run_json_child
+import _common as common
 
 FRAMEWORKS = ("shoal", "ray", "zmq")
 MIB = 1024 * 1024
+# Options the orchestrator passes on to each child process.
+CHILD_OPTIONS = ("sizes_mib", "echoes", "warmup")
 
 
 def echoes_for(size_mib: float, args: argparse.Namespace) -> int:
@@ -83,7 +85,7 @@ def summary(times_s: list[float], nbytes: int) -> dict[str, float]:
 def run_serve(framework: str, args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
-    serve = import_serve(framework)
+    serve = common.import_serve(framework)
 
     @serve.deployment
     class Echo:
@@ -93,9 +95,9 @@ def run_serve(framework: str, args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     try:
         # A free port: Ray's proxy would take 8000 and fail if anything else holds it.
-        serve.start(http_options={"host": HOST, "port": free_port()})
+        serve.start(http_options={"host": common.HOST, "port": common.free_port()})
         handle = serve.run(Echo.bind(), name="arrays", route_prefix="/arrays")
-        for size_mib in args.sizes_mib:
+        for size_mib in args.sizes:
             array = np.random.default_rng(0).random(int(size_mib * MIB) // 4, dtype=np.float32)
             times_s = time_echoes(lambda a: handle.remote(a).result(), array, echoes_for(size_mib, args), args.warmup)
             results[f"{size_mib:g}"] = summary(times_s, array.nbytes)
@@ -141,7 +143,7 @@ def run_zmq(args: argparse.Namespace) -> dict[str, Any]:
             return np.frombuffer(sock.recv(copy=False), dtype=array.dtype)
 
         try:
-            for size_mib in args.sizes_mib:
+            for size_mib in args.sizes:
                 array = np.random.default_rng(0).random(int(size_mib * MIB) // 4, dtype=np.float32)
                 times_s = time_echoes(echo, array, echoes_for(size_mib, args), args.warmup)
                 results[f"{size_mib:g}"] = summary(times_s, array.nbytes)
@@ -155,17 +157,21 @@ def run_zmq(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def zmq_version() -> str:
+    import zmq
+
+    return f"{zmq.zmq_version()}, pyzmq {zmq.__version__}"
+
+
 def run_framework(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
 
     if args.framework == "zmq":
-        import zmq
-
         sizes = run_zmq(args)
-        version = f"pyzmq {zmq.__version__}, libzmq {zmq.zmq_version()}"
+        version = f"libzmq {zmq_version()}"
     else:
         sizes = run_serve(args.framework, args)
-        version = framework_version(args.framework)
+        version = common.framework_version(args.framework)
     return {
         "framework": args.framework, "version": version, "python": platform.python_version(),
         "numpy": np.__version__, "sizes": sizes,
@@ -175,110 +181,77 @@ def run_framework(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------- orchestrator
 
 
-def run_child(python: str, framework: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [
-        python, os.path.abspath(__file__), "--framework", framework, "--json",
-        "--sizes-mib", ",".join(f"{s:g}" for s in args.sizes_mib),
-        "--echoes", str(args.echoes), "--warmup", str(args.warmup),
-    ]
-    return run_json_child(cmd, args.timeout_s)
+# (key, label, cell format)
+METRICS = (("echo_ms", "echo (ms)", "{:.2f}"), ("per_s", "echoes/s", "{:,.1f}"), ("gb_s", "GB/s", "{:.2f}"))
+TARGETS = {("64", "per_s"): common.ISSUE11["array_64mib_vs_ray"], ("1", "echo_ms"): common.ISSUE11["array_1mib_ms"]}
+LABELS = {"shoal": "shoal", "ray": "Ray Serve", "zmq": "raw zmq (floor)"}
+
+
+def times_faster(shoal: common.Spread | None, peer: common.Spread | None, key: str) -> str:
+    """How many times faster shoal is than the peer (above 1: faster), from the medians."""
+    return common.ratio(peer, shoal, "{:.2f}x") if key == "echo_ms" else common.ratio(shoal, peer, "{:.2f}x")
+
+
+def fill_table(report: common.Report, results: dict[str, list[common.Figures]], args: argparse.Namespace) -> None:
+    med = {name: common.nested_spreads(runs, "sizes", [k for k, _, _ in METRICS]) for name, runs in results.items()}
+    names = [n for n in FRAMEWORKS if n in results]
+    peers = names[1:]
+    report.columns = ["size, metric", *(LABELS[n] for n in names), *(f"shoal vs {LABELS[n]}" for n in peers),
+                      common.TARGET_HEADER]
+    for size_mib in args.sizes:
+        size = f"{size_mib:g}"
+        for key, label, fmt in METRICS:
+            figures = {n: med[n].get(size, {}).get(key) for n in names}
+            report.add_row(f"{size} MiB {label}", *(common.cell(figures[n], fmt) for n in names),
+                           *(times_faster(figures["shoal"], figures[n], key) for n in peers),
+                           TARGETS.get((size, key), ""))
+    report.notes.append("shoal vs peer: how many times faster shoal is (above 1: faster)")
+    report.notes.append("reference (issue 11, faster machine): 64 MiB echo 475 ms on shoal before out-of-band "
+                        "buffers, 82 ms on Ray, 205 ms raw ZeroMQ; 1 MiB 4.9 ms on shoal, 7.9 ms on Ray")
 
 
 def orchestrate(args: argparse.Namespace) -> int:
-    pythons = {"shoal": sys.executable, "zmq": sys.executable}
-    ray_py = ray_python(args)
-    if ray_py:
-        pythons["ray"] = ray_py
-    else:
-        print("no Ray interpreter (--ray-python, $SHOAL_BENCH_RAY_PYTHON); shoal and zmq only")
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in pythons}
-    failed = False
+    report = common.Report("large arrays through a handle", __file__, ("numpy",), args.runs)
+    found = common.shoal_and_ray(args, report)
     # Interleaved (shoal, zmq, ray, shoal, ...): a busy spell on a shared machine hits all alike.
-    for k in range(args.runs):
-        for name, python in pythons.items():
-            print(f"{name} run {k + 1}/{args.runs} ...", flush=True)
-            report = run_child(python, name, args)
-            if "error" in report:
-                failed = True
-                print(f"  failed: {report['error']}")
-            else:
-                runs[name].append(report)
-    print_table(runs, args)
-    return 1 if failed else 0
+    pythons = {"shoal": found.pop("shoal"), "zmq": sys.executable, **found}
+    report.add_fact("floor", f"raw zmq: DEALER -> ROUTER over ipc, copy=False both ways, libzmq {zmq_version()}")
 
+    def run_child(python: str, framework: str) -> common.Figures:
+        cmd = common.child_command(__file__, python, framework, args, CHILD_OPTIONS)
+        return common.run_json_child(cmd, args.timeout_s)
 
-def _median(reports: list[dict[str, Any]], size: str, key: str) -> float | None:
-    values = [r["sizes"][size][key] for r in reports if size in r.get("sizes", {})]
-    return statistics.median(values) if values else None
-
-
-def print_table(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
-    print()
-    print(f"date      {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"machine   {platform.machine()}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "
-          f"loadavg {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    for name, reports in runs.items():
-        if reports:
-            r = reports[0]
-            print(f"{name:<9} {r['version']}, Python {r['python']}, numpy {r['numpy']}, median of {len(reports)} run(s)")
-    print("scenario  float32 array echoed by an async method, one call at a time; "
-          "GB/s = 2 x array bytes / echo time")
-    print()
-    names = [n for n in FRAMEWORKS if runs.get(n)]
-    head = f"{'size':<8}{'metric':<14}" + "".join(f"{n:>12}" for n in names)
-    if "ray" in names:
-        head += f"{'shoal/ray':>12}"
-    if "zmq" in names:
-        head += f"{'shoal/zmq':>12}"
-    print(head)
-    for size_mib in args.sizes_mib:
-        size = f"{size_mib:g}"
-        for key, label in (("echo_ms", "echo (ms)"), ("per_s", "echoes/s"), ("gb_s", "GB/s")):
-            values = {n: _median(runs[n], size, key) for n in names}
-            line = f"{size + ' MiB':<8}{label:<14}" + "".join(
-                f"{v:>12.2f}" if v is not None else f"{'-':>12}" for v in values.values()
-            )
-            for peer in ("ray", "zmq"):
-                if peer in names:
-                    a, b = values.get("shoal"), values.get(peer)
-                    ratio = "-" if not a or not b else f"{(b / a if key == 'echo_ms' else a / b):.2f}x"
-                    line += f"{ratio:>12}"
-            print(line)
-    print("shoal/peer: how many times faster shoal is (above 1: faster)")
-    print("reference (issue, faster machine): 64 MiB Ray 82 ms, raw ZeroMQ 205 ms; "
-          "targets: 64 MiB >= 2x Ray's echoes/s, 1 MiB <= 1 ms")
+    results, failures = common.run_each(pythons, args.runs, run_child)
+    report.scenario = (
+        f"float32 array echoed by a 1-replica async method, one call at a time, {args.warmup} warm-up echoes, "
+        f"then {args.echoes} timed at 64 MiB (more for smaller arrays, at most 2000; median echo); "
+        "echoes/s = 1 / median echo; GB/s = 2 x array bytes / median echo"
+    )
+    fill_table(report, results, args)
+    return report.finish(args.markdown, failures)
 
 
 # ---------------------------------------------------------------------- main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     add = p.add_argument
-    # fmt: off
-    add("--framework", choices=FRAMEWORKS, help="run this one in-process (default: compare all)")
-    add("--json", action="store_true", help="one JSON line, not indented")
     add("--sizes-mib", default="1,64", help="comma list of array sizes in MiB")
     add("--echoes", type=int, default=15, help="timed echoes at 64 MiB (more for smaller sizes)")
     add("--warmup", type=int, default=3, help="untimed echoes per size")
-    add("--runs", type=int, default=3, help="processes per framework (median)")
-    add("--ray-python", help="interpreter with ray[serve] (default: "
-        f"$SHOAL_BENCH_RAY_PYTHON, else {DEFAULT_RAY_PYTHON} if present)")
-    add("--no-ray", action="store_true", help="skip Ray Serve")
-    add("--timeout-s", type=float, default=900.0, help="limit per child process")
-    # fmt: on
+    common.add_framework_options(p, FRAMEWORKS, timeout_s=900.0)
     args = p.parse_args(argv)
-    args.sizes_mib = [float(s) for s in args.sizes_mib.split(",") if s]
+    try:
+        args.sizes = [float(s) for s in args.sizes_mib.split(",") if s]
+    except ValueError:
+        p.error(f"--sizes-mib: not a comma list of numbers: {args.sizes_mib}")
+    common.check_runs(p, args)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.framework is None:
-        return orchestrate(args)
-    report = run_framework(args)
-    print(json.dumps(report, indent=None if args.json else 2), flush=True)
-    return 0
+    return common.child_or_orchestrate(parse_args(argv), run_framework, orchestrate)
 
 
 if __name__ == "__main__":

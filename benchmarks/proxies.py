@@ -4,11 +4,13 @@ Each round starts a fresh private instance per proxy count, in alternating order
 so that neither always runs first on a warming machine), deploys ``hello`` (one replica), and runs
 ``wrk -t min(c, 2) -c c -d D --latency`` for every connection count after a 2 s warm-up. It also
 reads how many requests each proxy answered (the CPU time each proxy process used, from
-``/proc``), to show how the shared listening socket spread the load. The table shows medians
-over the rounds and the ratio of 2 proxies to 1. Figures only; nothing is asserted.
+``/proc``), to show how the shared listening socket spread the load. One table: the machine,
+the versions, the median and spread (min-max) over the rounds and the ratio to the first proxy
+count. Issue 11 asks for the figures (no target). Nothing is asserted.
 
     python benchmarks/proxies.py                     # 3 rounds, 5 s, connections 1 and 64
     python benchmarks/proxies.py --runs 5 --duration 10 --connections 64 --proxies 1,2,4
+    python benchmarks/proxies.py --markdown          # the table as Markdown
 
 The replica's ``max_ongoing_requests`` (``--max-ongoing-requests``) matters here: each proxy
 has its own router, which counts only its own requests in flight, so with the default (5) and
@@ -25,19 +27,20 @@ from __future__ import annotations
 import os
 import sys
 
+# benchmarks/http.py would shadow the standard library's http package for a script run from here.
 _HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]  # benchmarks/http.py shadows http
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE] + [_HERE]  # _common, last
 
 import argparse
 import re
 import shutil
-import statistics
 import subprocess
 import time
 import urllib.request
 from typing import Any
 
 import psutil
+from _common import Figures, Report, add_common_options, cell, check_runs, progress, ratio, spreads
 
 
 def _hello_app(max_ongoing_requests: int | None) -> Any:
@@ -73,7 +76,9 @@ def _proxy_cpu_s(supervisor: psutil.Process) -> list[float]:
     return sorted(times)
 
 
-def _round(num_proxies: int, connections: list[int], duration_s: float, max_ongoing: int | None) -> dict[str, Any]:
+def _round(num_proxies: int, connections: list[int], duration_s: float, max_ongoing: int | None) -> Figures:
+    """One fresh instance with ``num_proxies`` proxies: per connection count ``c``, wrk's
+    ``rps_c`` and ``p50_ms_c``, and the CPU seconds each proxy used meanwhile."""
     from shoal import serve
 
     serve.start(http_options={"port": 0, "num_proxies": num_proxies, "metrics_port": 0})
@@ -90,7 +95,10 @@ def _round(num_proxies: int, connections: list[int], duration_s: float, max_ongo
         supervisor = next(p for p in psutil.Process().children() if p.name() == "shoal")
         _wrk(url + "/", max(connections), 2.0)  # warm-up
         before = _proxy_cpu_s(supervisor)
-        result: dict[str, Any] = {c: _wrk(url + "/", c, duration_s) for c in connections}
+        result: Figures = {}
+        for c in connections:
+            figures = _wrk(url + "/", c, duration_s)
+            result |= {f"rps_{c}": figures["rps"], f"p50_ms_{c}": figures["p50_ms"]}
         after = _proxy_cpu_s(supervisor)
         result["proxy_cpu_s"] = [round(a - b, 2) for a, b in zip(after, before)]
         return result
@@ -98,9 +106,23 @@ def _round(num_proxies: int, connections: list[int], duration_s: float, max_ongo
         serve.shutdown()
 
 
+def fill_table(report: Report, rounds: dict[int, list[Figures]], connections: list[int]) -> None:
+    """A row per proxy count: req/s and p50 per connection count, and req/s against the first count."""
+    med = {n: spreads(runs) for n, runs in rounds.items()}
+    base = next(iter(rounds))
+    report.columns = ["proxies", *(f"{c} conns {what}" for c in connections
+                                   for what in ("req/s", "p50 (ms)", f"req/s vs {base} prox."))]
+    for n, figures in med.items():
+        cells = [[cell(figures.get(f"rps_{c}")), cell(figures.get(f"p50_ms_{c}"), "{:.2f}"),
+                  ratio(figures.get(f"rps_{c}"), med[base].get(f"rps_{c}"), "x{:.2f}")] for c in connections]
+        report.add_row(str(n), *(text for group in cells for text in group))
+    for n, runs in rounds.items():
+        report.notes.append(f"proxies={n}: CPU seconds per proxy during the timed runs, per round: "
+                            + "; ".join(str(r["proxy_cpu_s"]) for r in runs))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     parser.add_argument("--connections", default="1,64")
     parser.add_argument("--proxies", default="1,2", help="proxy counts to compare")
@@ -108,35 +130,31 @@ def main(argv: list[str] | None = None) -> int:
         "--max-ongoing-requests", type=int,
         help="the replica's (default: the deployment default, 5: with several proxies their routers contend for it)",
     )
+    add_common_options(parser, peer=False)
     args = parser.parse_args(argv)
+    check_runs(parser, args)
     if shutil.which("wrk") is None:
         print("wrk is not on PATH", file=sys.stderr)
         return 2
     connections = [int(c) for c in args.connections.split(",")]
     counts = [int(n) for n in args.proxies.split(",")]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"cores: {cores}  load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}  python {sys.version.split()[0]}")
-    rounds: dict[int, list[dict[str, Any]]] = {n: [] for n in counts}
+    report = Report("several proxies on one port", __file__, ("psutil",), args.runs)
+    rounds: dict[int, list[Figures]] = {n: [] for n in counts}
     for run in range(args.runs):
         order = counts if run % 2 == 0 else list(reversed(counts))
         for n in order:
             rounds[n].append(_round(n, connections, args.duration, args.max_ongoing_requests))
-            print(f"round {run + 1} proxies={n}: " + "  ".join(
-                f"c={c} {rounds[n][-1][c]['rps']:.0f} req/s p50 {rounds[n][-1][c]['p50_ms']:.2f} ms" for c in connections
-            ) + f"  proxy cpu s {rounds[n][-1]['proxy_cpu_s']}", flush=True)
-    print(f"\nmedians of {args.runs} rounds (wrk {args.duration:g} s each, "
-          f"max_ongoing_requests {args.max_ongoing_requests or 'default'})")
-    print(f"{'proxies':>8} " + " ".join(f"{f'c={c} req/s':>14} {f'c={c} p50 ms':>13}" for c in connections) + "  vs 1 proxy")
-    base = {c: statistics.median(r[c]["rps"] for r in rounds[counts[0]]) for c in connections}
-    for n in counts:
-        cells = []
-        ratios = []
-        for c in connections:
-            rps = statistics.median(r[c]["rps"] for r in rounds[n])
-            p50 = statistics.median(r[c]["p50_ms"] for r in rounds[n])
-            cells.append(f"{rps:>14.0f} {p50:>13.2f}")
-            ratios.append(f"c={c} x{rps / base[c]:.2f}")
-        print(f"{n:>8} " + " ".join(cells) + "  " + ", ".join(ratios))
+            last = rounds[n][-1]
+            progress(f"round {run + 1} proxies={n}: " + "  ".join(
+                f"c={c} {last[f'rps_{c}']:.0f} req/s p50 {last[f'p50_ms_{c}']:.2f} ms" for c in connections
+            ) + f"  proxy cpu s {last['proxy_cpu_s']}")
+    report.scenario = (
+        f"a fresh instance per round and proxy count (order alternating), 1 replica of an async hello, "
+        f"max_ongoing_requests={args.max_ongoing_requests or 'default'}; after a 2 s warm-up, "
+        f"`wrk -t min(c, 2) -c c -d {args.duration:g}s --latency` per connection count c"
+    )
+    fill_table(report, rounds, connections)
+    report.print(args.markdown)
     return 0
 
 

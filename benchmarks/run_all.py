@@ -32,11 +32,17 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # The order the README shows them in; scripts not named here follow, by name.
-ORDER = ("http", "handle", "arrays", "lifecycle", "warm_start", "batching", "access_log_cost", "replica_metrics_cost")
+ORDER = (
+    "http", "proxies", "handle", "arrays", "lifecycle", "warm_start", "batching", "access_log_cost",
+    "replica_metrics_cost",
+)  # fmt: skip
 # Shorter runs for --short (checking the scripts, not measuring).
 SHORT = {
     "http": ["--duration", "2", "--warmup", "1", "--connections", "1,64"],
+    "proxies": ["--duration", "2", "--connections", "1,64"],
     "handle": ["--calls", "300", "--warmup", "50", "--fanout", "500", "--repeats", "2"],
+    "arrays": ["--echoes", "3", "--warmup", "1"],
+    "warm_start": ["--import-s", "0.3"],
     "batching": ["--duration-s", "2", "--warmup-s", "1"],
     "access_log_cost": ["5000"],
     "replica_metrics_cost": ["--n", "20000"],

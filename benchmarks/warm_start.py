@@ -17,26 +17,33 @@ clock when it planned the start), READY its ``ready_time_s``; both wall-clock se
 machine, so they compare with the client's clock. The app's module appends the importing
 process's pid to a marker file after its sleep: the table says how many processes paid the import.
 
+Issue 11's target, printed next to the figures (measured on a faster machine): the first new
+replica serving less than 150 ms after the decision. One table: the machine, the versions, the
+median and spread (min-max) of the runs; nothing is asserted.
+
     python benchmarks/warm_start.py [--runs 3] [--import-s 1.0]
+    python benchmarks/warm_start.py --markdown     # the table as Markdown
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
+# benchmarks/http.py would shadow the standard library's http package for a script run from here.
+_HERE = os.path.dirname(os.path.realpath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE] + [_HERE]  # _common, last
+
 import argparse
 import json
-import os
-import platform
-import statistics
-import subprocess
-import sys
 import tempfile
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
-_HERE = os.path.dirname(os.path.realpath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]  # http.py here is no module to import
+import _common as common
+
 ROOT = Path(__file__).resolve().parent.parent
 
 APP = textwrap.dedent(
@@ -97,7 +104,7 @@ def _wait(predicate: Any, timeout_s: float, what: str) -> Any:
     raise TimeoutError(what)
 
 
-def child(workdir: Path, marker: Path) -> dict[str, Any]:
+def child(workdir: Path, marker: Path) -> common.Figures:
     """One run in this process (a fresh instance): both scenarios."""
     sys.path.insert(0, str(workdir))
     import warm_bench_app as bench  # the driver pays the import once (not measured)
@@ -105,7 +112,7 @@ def child(workdir: Path, marker: Path) -> dict[str, Any]:
     from shoal import serve
 
     serve.start(http_options={"port": 0})
-    result: dict[str, Any] = {}
+    result: common.Figures = {}
     try:
         handle = serve.run(bench.FromZero.bind(), name="zero", route_prefix=None)
         if os.environ.get("SHOAL_WORKER_START", "fork") == "fork":
@@ -156,7 +163,9 @@ def _tree_size() -> int:
     return len(psutil.Process().children(recursive=True))
 
 
-def run_child(mode: str, import_s: float) -> dict[str, Any]:
+def run_child(mode: str, import_s: float) -> common.Figures:
+    """One run (``child``) in a fresh process with ``SHOAL_WORKER_START=mode``: its figures, or
+    ``{"error": ...}``."""
     with tempfile.TemporaryDirectory(prefix="warm-bench-") as tmp:
         workdir = Path(tmp)
         (workdir / "warm_bench_app.py").write_text(APP)
@@ -169,71 +178,53 @@ def run_child(mode: str, import_s: float) -> dict[str, Any]:
         }
         env.pop("SHOAL_ADDRESS", None)
         cmd = [sys.executable, __file__, "--child", str(workdir)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-        for line in reversed(proc.stdout.splitlines()):
-            if line.startswith("{"):
-                return dict(json.loads(line))
-        return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-5:]}"}
+        return common.run_json_child(cmd, 300, env=env, cwd=ROOT)
 
 
-def describe_machine() -> list[str]:
-    from importlib import metadata
-
-    def version(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return [
-        f"machine: {platform.machine()} {os.cpu_count()} cores, load average {load}, Linux {platform.release()}",
-        f"python {platform.python_version()}; shoal {version('shoal')}, pyzmq {version('pyzmq')}, numpy {version('numpy')}",
-    ]
+# (key, label, target)
+ROWS = (
+    ("zero_ready_ms", "from zero: decision -> READY (ms)", common.ISSUE11["warm_first_ms"]),
+    ("zero_answer_ms", "from zero: decision -> answer (ms)", ""),
+    ("zero_client_ms", "from zero: call -> answer (ms)", ""),
+    ("step_first_ms", "1 -> 4: decision -> first new READY (ms)", common.ISSUE11["warm_first_ms"]),
+    ("step_last_ms", "1 -> 4: decision -> last new READY (ms)", ""),
+    ("imports", "processes that imported the app", ""),
+    ("processes", "processes under the driver at the end", ""),
+)
+MODES = {"fork": "fork (template)", "spawn": "spawn"}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--import-s", type=float, default=1.0, help="seconds the app's module import sleeps")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    common.add_common_options(parser, peer=False)
     args = parser.parse_args()
     if args.child:
         workdir = Path(args.child)
         print(json.dumps(child(workdir, workdir / "imported")), flush=True)
         return 0
+    common.check_runs(parser, args)
 
-    for line in describe_machine():
-        print(line)
-    runs: dict[str, list[dict[str, Any]]] = {"fork": [], "spawn": []}
-    for k in range(args.runs):
-        for mode in runs:  # interleaved: a noisy minute hits both
-            print(f"{mode} run {k + 1}/{args.runs} ...", flush=True)
-            report = run_child(mode, args.import_s)
-            if "error" in report:
-                print(f"  failed: {report['error']}")
-                return 1
-            runs[mode].append(report)
-
-    def median(mode: str, key: str) -> str:
-        return f"{statistics.median(r[key] for r in runs[mode]):.0f}"
-
-    rows = [
-        ("from zero: decision -> READY (ms)", "zero_ready_ms"),
-        ("from zero: decision -> answer (ms)", "zero_answer_ms"),
-        ("from zero: call -> answer (ms)", "zero_client_ms"),
-        ("1 -> 4: decision -> first new READY (ms)", "step_first_ms"),
-        ("1 -> 4: decision -> last new READY (ms)", "step_last_ms"),
-        ("processes that imported the app", "imports"),
-    ]
-    print(f"\nimport takes {args.import_s:g} s; medians of {args.runs} runs each")
-    width = max(len(label) for label, _ in rows)
-    print(f"{'figure':<{width}}  {'fork (template)':>15}  {'spawn':>8}")
-    for label, key in rows:
-        print(f"{label:<{width}}  {median('fork', key):>15}  {median('spawn', key):>8}")
-    methods = {mode: sorted({m for r in reports for m in [r['zero_method'], *r['step_methods']]}) for mode, reports in runs.items()}
-    print(f"start methods seen: {methods}")
-    return 0
+    report = common.Report("warm start: forked from a template vs spawned", __file__, ("numpy", "psutil"), args.runs)
+    # Interleaved (fork, spawn, fork, ...): a noisy minute hits both.
+    results, failures = common.run_each(dict.fromkeys(MODES, sys.executable), args.runs,
+                                        lambda python, mode: run_child(mode, args.import_s))
+    report.scenario = (
+        f"the app's module import takes {args.import_s:g} s (numpy, then a sleep); a fresh instance per run: "
+        "one call to a min_replicas=0 deployment, then 8 calls held 2 s scale another from 1 to 4 replicas "
+        "(target_ongoing_requests=1, upscale_delay_s=0)"
+    )
+    med = {mode: common.spreads(runs, [key for key, _, _ in ROWS]) for mode, runs in results.items()}
+    report.columns = ["figure", *MODES.values(), "fork / spawn", common.TARGET_HEADER]
+    for key, label, target in ROWS:
+        figures = {m: med[m].get(key) for m in MODES}
+        report.add_row(label, *(common.cell(s) for s in figures.values()), common.ratio(figures["fork"], figures["spawn"]),
+                       target)
+    for mode, runs in results.items():
+        seen = sorted({m for r in runs for m in [r["zero_method"], *r["step_methods"]]})
+        report.notes.append(f"{mode}: start methods seen: {', '.join(seen) or '-'}")
+    return report.finish(args.markdown, failures)
 
 
 if __name__ == "__main__":

@@ -77,3 +77,17 @@ def test_report_prints_facts_targets_and_one_table_in_both_forms(common: ModuleT
     md = report.render(True).splitlines()
     assert "| metric | shoal | target (issue 11, measured on a faster machine) |" in md
     assert "| p50 \\| us | 12 | <= 120 us |" in md
+
+
+def test_nested_spreads_groups_figures_by_their_key_over_the_runs_that_have_them(common: ModuleType) -> None:
+    runs = [
+        {"sizes": {"1": {"ms": 2.0, "label": "x"}, "64": {"ms": 40.0}}},
+        {"sizes": {"1": {"ms": 4.0, "label": "x"}}},
+        {"sizes": {"1": {"ms": 3.0, "label": "x"}, "64": {"ms": 50.0}}},
+    ]
+    med = common.nested_spreads(runs, "sizes", iter(["ms"]))  # keys used for every group
+    assert list(med) == ["1", "64"]
+    assert (med["1"]["ms"].median, med["1"]["ms"].n) == (3.0, 3)
+    assert (med["64"]["ms"].low, med["64"]["ms"].high, med["64"]["ms"].n) == (40.0, 50.0, 2)
+    assert set(common.nested_spreads(runs, "sizes")["1"]) == {"ms"}
+    assert common.nested_spreads([{"error": "boom"}], "sizes") == {}
