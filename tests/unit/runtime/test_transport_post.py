@@ -47,23 +47,27 @@ def _messages(n: int, incarnation: int = 1) -> list[wire.Message]:
     return [wire.Message(wire.Kind.CANCEL, incarnation, i) for i in range(n)]
 
 
-def test_messages_posted_in_one_iteration_go_as_one_batch_and_a_single_one_as_today() -> None:
+def test_the_first_message_of_an_iteration_goes_at_once_and_the_rest_as_one_batch() -> None:
     async def main() -> None:
         raw, endpoint = _raw_router()
         sock = transport.make_socket(zmq.DEALER)
         sock.connect(endpoint)
         client = transport.Channel(sock, lambda frames: None)
-        for msg in _messages(5):
+        first, *rest = _messages(5)
+        client.post(first)
+        _identity, *frames = _recv(raw)  # sent before the iteration ends
+        assert frames == wire.encode(first)  # alone: exactly what send_message sends
+        for msg in rest:
             client.post(msg)
+        assert not raw.poll(0)  # held until the iteration ends
         await _after_the_flush()
         _identity, *frames = _recv(raw)
         assert wire.is_batch(frames[0])
-        assert [wire.decode(m) for m in wire.decode_batch(frames)] == _messages(5)
-        assert not raw.poll(0)  # all five in that one message
-        client.post(_messages(1)[0])
-        await _after_the_flush()
+        assert [wire.decode(m) for m in wire.decode_batch(frames)] == rest
+        assert not raw.poll(0)  # all four in that one message
+        client.post(first)  # a new iteration: at once again
         _identity, *frames = _recv(raw)
-        assert frames == wire.encode(_messages(1)[0])  # alone: exactly what send_message sends
+        assert frames == wire.encode(first)
         client.close()
         raw.close()
 
@@ -117,13 +121,16 @@ def test_a_router_batches_per_peer_and_reports_each_message_to_a_gone_peer() -> 
         server = transport.Channel(server_sock, lambda frames: identities.put_nowait(frames[0]))
         lost: list[tuple[wire.Message, bytes | None]] = []
         server.on_unroutable = lambda msg, identity: lost.append((msg, identity))
-        peers = []
-        for _ in range(2):
+        peers, ids = [], []
+        for _ in range(2):  # one at a time: peers[i] is ids[i]
             sock = transport.make_socket(zmq.DEALER)
             sock.connect(endpoint)
             peers.append(sock)
             sock.send(wire.encode(wire.Message(wire.Kind.REQUEST, 1, 1))[0])
-        a, b = await identities.get(), await identities.get()
+            ids.append(await identities.get())
+        a, b = ids
+        server.post(wire.Message(wire.Kind.RESULT, 1, 99), a)  # the first of the iteration: at once
+        assert wire.decode(_recv(peers[0])).call_id == 99
         for i in range(3):
             server.post(wire.Message(wire.Kind.RESULT, 1, i), a)
             server.post(wire.Message(wire.Kind.RESULT, 1, 10 + i), b)
