@@ -5,7 +5,8 @@ The replicas are those the caller's snapshot lists as running when ``broadcast``
 replicas added later are not included. Each gets its own call over a connection of its own (the
 router's p2c queue is bypassed, and with it ``max_queued_requests``, as in Ray). A replica at
 ``max_ongoing_requests`` answers REJECTED; the call is then sent to the same replica again after
-a backoff (25 ms doubling to 0.5 s), so every replica runs it once. A replica that dies first
+a backoff (25 ms doubling to 0.5 s), or at once when the replica says a slot freed (SLOT_FREE),
+so every replica runs it once. A replica that dies first
 yields ``ReplicaDiedError`` in its place. In local testing mode the one in-process instance runs
 it.
 
@@ -46,16 +47,25 @@ class _Fanout:
         self.deployment = deployment
         self.conns: list[ReplicaConn] = []
         self._backoff_s: dict[ReplicaConn, float] = {}
+        self._retries: dict[ReplicaConn, tuple[asyncio.TimerHandle, Call]] = {}  # rejected, waiting
 
     def on_reply(self, conn: ReplicaConn, call: Call, reply: Reply) -> None:
         if reply.kind == wire.Kind.REJECTED:
             delay_s = self._backoff_s.get(conn, _INITIAL_BACKOFF_S)
             self._backoff_s[conn] = min(delay_s * 2, _MAX_BACKOFF_S)
-            self.loop.call_later(delay_s, self._resend, conn, call)
+            self._retries[conn] = (self.loop.call_later(delay_s, self._resend, conn, call), call)
             return
         call.deliver(reply)
 
+    def on_slot_free(self, conn: ReplicaConn) -> None:
+        """The replica that rejected ``conn``'s call has a free slot: send the call again now."""
+        waiting = self._retries.get(conn)
+        if waiting is not None:
+            waiting[0].cancel()
+            self._resend(conn, waiting[1])
+
     def _resend(self, conn: ReplicaConn, call: Call) -> None:
+        self._retries.pop(conn, None)
         if call.resolved:
             return
         if conn.dead:
@@ -76,6 +86,9 @@ class _Fanout:
         )
 
     def close(self) -> None:
+        for timer, _call in self._retries.values():
+            timer.cancel()
+        self._retries.clear()
         for conn in self.conns:
             conn.close()
 
@@ -106,7 +119,10 @@ async def fan_out(rt: RuntimeAPI, key: tuple[str, str], make_call: MakeCall) -> 
     sinks = []
     try:
         for address in addresses:
-            conn = ReplicaConn(fanout, address.replica_id, address.incarnation, address.endpoint, rt.loop)
+            conn = ReplicaConn(
+                fanout, address.replica_id, address.incarnation, address.endpoint, rt.loop,
+                on_slot_free=fanout.on_slot_free,
+            )
             fanout.conns.append(conn)
             sink = ReplySink()
             sinks.append(sink)

@@ -15,6 +15,16 @@ responses are flow-controlled the other way: the app's ``send`` waits once
 ``wire.RESPONSE_WINDOW`` batches are unacknowledged by the caller (ACK), so a client that reads
 slowly holds the app back instead of filling the caller's memory.
 
+A caller REJECTED for want of a slot (not for draining) is remembered (at most
+``_MAX_REJECTED_CALLERS`` of them); when a slot frees, each is sent one SLOT_FREE, after the
+reply that freed it, and forgotten: its router ends its backoff on this replica and sends what
+waits (the callers' timers stay as the fallback). Without it, callers in other processes, each
+counting only its own requests, would overshoot, be rejected and sleep through their backoffs
+while the replica idles.
+
+Replies are posted (``Channel.post``): those made in one loop iteration for the same caller go
+out together at its end.
+
 Stopping: ``drain()`` makes new requests REJECTED and waits, up to a deadline, for the ongoing
 ones to finish; ``cancel_all()`` then cancels the rest and answers each: an HTTP request whose
 response has not started gets a 503 saying the replica shut down, any other request an error
@@ -57,6 +67,9 @@ ROUTING_STATS_METHOD = "__shoal_routing_stats__"  # -> [enc, data] of record_rou
 # The supervisor's calls, the only ones outside max_ongoing_requests (HTTP requests, whose method
 # name is also reserved, count like any other).
 _INTERNAL_METHODS = frozenset((HEALTH_METHOD, RECONFIGURE_METHOD, METRICS_METHOD, ROUTING_STATS_METHOD))
+# The rejected callers remembered to be told of a free slot; past it, the others wait for their
+# backoff timers (a caller is one process's connection: there are rarely more than a handful).
+_MAX_REJECTED_CALLERS = 1024
 
 
 _INTERNAL_DIRS = tuple(
@@ -135,6 +148,7 @@ class ReplicaWorker:
         self._receives: dict[tuple[bytes, int], ReplySink] = {}
         self._responding: set[tuple[bytes, int]] = set()  # HTTP requests whose response went out in part
         self._credits: dict[tuple[bytes, int], _Credit] = {}  # HTTP responses: batches they may still send
+        self._rejected: dict[bytes, None] = {}  # callers REJECTED since the last free slot, in order
         self._draining = False
         self._stopping = False  # cancel_all: the requests still running are being given up
         self._idle = asyncio.Event()
@@ -154,6 +168,7 @@ class ReplicaWorker:
 
     def attach(self, channel: Channel) -> None:
         self.channel = channel
+        channel.on_unroutable = self._unroutable
         self.metrics.start_reporting()
 
     def on_message(self, frames: list[bytes]) -> None:
@@ -185,6 +200,8 @@ class ReplicaWorker:
         internal = header.method in _INTERNAL_METHODS
         if not internal and (self._draining or self.ongoing >= self.max_ongoing_requests):
             self._send(identity, wire.reply(wire.Kind.REJECTED, self.incarnation, msg.call_id, q=self.ongoing))
+            if not self._draining and len(self._rejected) < _MAX_REJECTED_CALLERS:
+                self._rejected[identity] = None
             return
         key = (identity, msg.call_id)
         task = asyncio.get_running_loop().create_task(self._run(identity, msg, header, internal))
@@ -201,6 +218,15 @@ class ReplicaWorker:
             # before its first step and ``_run`` never ran: answer for it.
             self._release(key, internal)
             self._send(key[0], self._cancelled_reply(key, "", http=None))
+            self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        """A request ended (its reply is sent): if that left a slot free, tell the callers
+        rejected since the last time (one SLOT_FREE each) and forget them."""
+        if self._rejected and not self._draining and self.ongoing < self.max_ongoing_requests:
+            callers, self._rejected = self._rejected, {}
+            for identity in callers:
+                self._send(identity, wire.Message(wire.Kind.SLOT_FREE, self.incarnation))
 
     def _release(self, key: tuple[bytes, int], internal: bool) -> None:
         if self._tasks.pop(key, None) is None:
@@ -248,6 +274,7 @@ class ReplicaWorker:
             if route is not None:
                 self.metrics.finished(route, (time.perf_counter() - started_s) * 1000, "CancelledError")
             self._send(identity, self._cancelled_reply(key, header.request_id, http=header.http))
+            self._slot_freed()
             access.end("CANCELLED")
             raise
         except Exception as exc:
@@ -266,6 +293,7 @@ class ReplicaWorker:
             self.metrics.finished(route, (time.perf_counter() - started_s) * 1000, error_type)
         model_ids = request_router_report.current() if header.multiplexed_model_id else None
         self._send(identity, wire.reply(kind, self.incarnation, call_id, enc, data, self.ongoing, model_ids, buffers))
+        self._slot_freed()
         access.end(kind.name)
 
     def _cancelled_reply(self, key: tuple[bytes, int], request_id: str, http: bool | None) -> wire.Message:
@@ -389,11 +417,15 @@ class ReplicaWorker:
         return enc, data, shm.place(buffers, caller_pid, segments)[0]
 
     def _send(self, identity: bytes, msg: wire.Message) -> None:
+        """Post ``msg`` to the caller ``identity`` (it goes out at the end of the iteration)."""
         assert self.channel is not None
-        if not self.channel.send_message(msg, identity):
-            logger.debug("caller of call %d is gone; reply dropped", msg.call_id)
-            if msg.buffers:
-                shm.release_refs(msg.buffers)  # nobody else will remove its segments
+        self.channel.post(msg, identity)
+
+    def _unroutable(self, msg: wire.Message, identity: bytes | None) -> None:
+        """The channel could not send ``msg``: its caller is gone."""
+        logger.debug("caller of call %d is gone; %s dropped", msg.call_id, msg.kind.name)
+        if msg.buffers:
+            shm.release_refs(msg.buffers)  # nobody else will remove its segments
 
     async def routing_stats(self) -> list[Any] | None:
         """The user's ``record_routing_stats()`` (sync or async), encoded for the supervisor to

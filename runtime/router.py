@@ -9,7 +9,12 @@ process's runtime loop; every method runs on the loop thread.
 - The replica enforces the limit across callers: a replica already at its limit answers REJECTED
   (nothing ran), the request goes back to the head of the queue and that replica is skipped for
   a backoff period (``RequestRouterConfig``'s ``initial_backoff_s`` times ``backoff_multiplier``
-  per rejection, at most ``max_backoff_s``: 25 ms doubling to 0.5 s by default, Ray's).
+  per rejection, at most ``max_backoff_s``: 25 ms doubling to 0.5 s by default, Ray's). The
+  replica remembers whom it rejected and tells them when a slot frees (SLOT_FREE): that ends the
+  skip at once and the queue is pumped, so the timer is only the fallback (a SLOT_FREE lost
+  with a full set of remembered callers, or a replica of an older protocol).
+- Messages to a replica are posted on its connection (``Channel.post``): those made in one loop
+  iteration go out as one ZeroMQ message at its end.
 - Which replicas a request may go to is the deployment's request router's choice
   (``RequestRouterConfig``; ``request_router``). The built-in power-of-two-choices router is
   applied synchronously, in the call to ``submit`` or when a slot frees up; a multiplexed
@@ -135,7 +140,7 @@ class Call:
         batches (see ``wire.RESPONSE_WINDOW``); nothing if it runs nowhere now."""
         conn = self.conn
         if conn is not None and self.call_id in conn.calls:
-            conn.channel.send_message(wire.Message(wire.Kind.ACK, conn.incarnation, self.call_id, {"n": n}))
+            conn.channel.post(wire.Message(wire.Kind.ACK, conn.incarnation, self.call_id, {"n": n}))
 
     def cancel(self) -> bool:
         """Mark the call cancelled and end it with RequestCancelledError; False if it had ended
@@ -166,11 +171,14 @@ class ReplicaConn:
 
     The connection watches its socket: when the replica's end closes, the replies already
     received are delivered first, then ``owner.on_death`` is called (``dead`` is then True).
+    ``on_slot_free(conn)`` is called when the replica says a slot freed after it rejected this
+    caller (SLOT_FREE).
     """
 
     def __init__(
         self, owner: ConnOwner, replica_id: str, incarnation: int, endpoint: str,
         loop: asyncio.AbstractEventLoop, clock: Clock = time.monotonic,
+        on_slot_free: Callable[[ReplicaConn], None] | None = None,
     ) -> None:
         self.owner = owner
         self.replica_id = replica_id
@@ -183,6 +191,7 @@ class ReplicaConn:
         self.model_ids = _NO_MODELS  # the multiplexed models the replica holds, newest known
         self.running: RunningReplica | None = None  # how request routers see it
         self._clock = clock
+        self._on_slot_free = on_slot_free
         self._ids = itertools.count(1)
         sock = transport.make_socket(zmq.DEALER)
         self.channel = transport.Channel(sock, self._on_message, loop, on_disconnect=self._on_disconnect)
@@ -196,16 +205,14 @@ class ReplicaConn:
         call.call_id = next(self._ids)
         call.conn = self
         self.calls[call.call_id] = call
-        self.channel.send_message(wire.request(self.incarnation, call.call_id, call.header, call.payload, call.buffers))
+        self.channel.post(wire.request(self.incarnation, call.call_id, call.header, call.payload, call.buffers))
 
     def send_cancel(self, call: Call) -> None:
-        self.channel.send_message(wire.Message(wire.Kind.CANCEL, self.incarnation, call.call_id))
+        self.channel.post(wire.Message(wire.Kind.CANCEL, self.incarnation, call.call_id))
 
     def send_receive(self, call: Call, message: dict[str, Any]) -> None:
         """Forward a later ASGI receive message to a request running on this replica."""
-        self.channel.send_message(
-            wire.Message(wire.Kind.RECEIVE, self.incarnation, call.call_id, {}, (wire.pack(message),))
-        )
+        self.channel.post(wire.Message(wire.Kind.RECEIVE, self.incarnation, call.call_id, {}, (wire.pack(message),)))
 
     def fail_all(self, exc_for: Callable[[Call], BaseException]) -> None:
         calls, self.calls = self.calls, {}
@@ -219,6 +226,10 @@ class ReplicaConn:
         msg = wire.decode(frames)
         if msg.incarnation != self.incarnation:
             return  # a reply from another incarnation is never taken for ours
+        if msg.kind == wire.Kind.SLOT_FREE:
+            if self._on_slot_free is not None:
+                self._on_slot_free(self)
+            return
         call = self.calls.get(msg.call_id)
         if call is None:
             return
@@ -388,6 +399,15 @@ class Router:
                 routing.wake()
             else:
                 self._pump()
+
+    def on_slot_free(self, conn: ReplicaConn) -> None:
+        """The replica ``conn`` rejected this caller and has a free slot now: end its skip and
+        send what waits (a custom router's tasks stop their backoffs and look again)."""
+        conn.skip_until = 0.0
+        if self.routing is not None:
+            self.routing.wake()
+        elif self.queue:
+            self._pump()
 
     def wake_routing(self) -> None:
         """End a custom request router's backoffs now (a slot may have freed up)."""
@@ -581,7 +601,8 @@ class Router:
                 current = None
             if current is None:
                 current = self.replicas[address.replica_id] = ReplicaConn(
-                    self, address.replica_id, address.incarnation, address.endpoint, self.loop, self._clock
+                    self, address.replica_id, address.incarnation, address.endpoint, self.loop, self._clock,
+                    on_slot_free=self.on_slot_free,
                 )
             if model_ids:
                 known = model_ids.get(address.replica_id)

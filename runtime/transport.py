@@ -25,6 +25,18 @@ receipt, ``on_message`` gets those frames as read-only memoryviews of ZeroMQ's o
 which stays alive as long as they (and the arrays built on them) do. The message frame itself,
 and every frame of a message without buffers, is copied into ``bytes`` (cheaper when small).
 
+Coalescing (``post``): the first message posted in a loop iteration is sent at once, as
+``send_message`` would send it; the messages posted after it in the same iteration are queued and
+sent at its end (``loop.call_soon``), those for the same peer (the ROUTER identity; a DEALER has
+one) as one ZeroMQ message (a ``wire`` BATCH). Every ZeroMQ send drops the GIL and may wake
+libzmq's I/O thread with an eventfd write, and under load many messages for one peer are made in
+one iteration: they cost two sends instead of one each. The first goes at once because holding
+it until the iteration ends adds that iteration's remaining work to every round trip: with few
+requests in flight (``max_ongoing_requests``), the peer would idle meanwhile (measured: up to
+30-40% fewer HTTP requests/s at 64 connections with everything held). Order per peer is kept (``send`` and ``send_message`` send what was posted before them first);
+a message whose peer is unreachable is given to ``on_unroutable``. A receiving channel hands
+each message of a BATCH to ``on_message`` as if it had come alone, all in the same wake-up.
+
 All methods must be called from the loop's thread.
 """
 
@@ -46,6 +58,11 @@ from shoal.runtime.errors import ShoalConnectionError
 logger = logging.getLogger("shoal.transport")
 
 _DRAIN_BATCH = 256
+# A BATCH holds at most this many messages and about this many bytes (the receiver handles a
+# batch in one go); a message this large or larger is sent on its own.
+_BATCH_MAX_MESSAGES = 256
+_BATCH_MAX_BYTES = 256 * 1024
+_ALONE_BYTES = 64 * 1024
 
 KEY_FILE = "instance.key"  # in the run directory, beside the control socket
 
@@ -138,6 +155,12 @@ class Channel:
         self._copied = {int(zmq.ROUTER): 2, int(zmq.DEALER): 1}.get(cast(int, sock.getsockopt(zmq.TYPE)), 0)
         self._drain_scheduled = False
         self._check_scheduled = False
+        # Posted, not yet sent: by peer identity (None on a DEALER), the encoded frames and the
+        # message; sent by _flush at the end of the iteration.
+        self._outbox: dict[bytes | None, list[tuple[list[Any], wire.Message]]] = {}
+        self._flush_scheduled = False
+        # Told of each posted message whose peer is unreachable (ROUTER): (message, identity).
+        self.on_unroutable: Callable[[wire.Message, bytes | None], None] | None = None
         self._closed = False
         self.connected = False  # with on_disconnect: a connection is up (or was, until it closed)
         self._on_disconnect = on_disconnect
@@ -160,6 +183,8 @@ class Channel:
         buffers themselves, which must stay unchanged until sent (see the module docstring)."""
         if self._closed:
             return False
+        if self._outbox:
+            self._flush()  # what was posted before goes first
         try:
             # Copying is cheaper than zero-copy tracking for the small frames shoal sends.
             self.sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
@@ -182,6 +207,90 @@ class Channel:
             frames.insert(0, identity)
         return self.send(frames, copy=not msg.buffers)
 
+    def post(self, msg: wire.Message, identity: bytes | None = None) -> None:
+        """Send ``msg`` (to peer ``identity`` on a ROUTER) now if it is the first posted in this
+        loop iteration, else at the iteration's end with the others posted for that peer (see the
+        module docstring). Encoding errors are raised here; an unreachable peer is reported to
+        ``on_unroutable``. Not for a channel that signs (its messages are few: ``send_message``)."""
+        if self._closed:
+            self._unroutable([(msg, identity)])
+            return
+        frames = wire.encode(msg)
+        if not self._flush_scheduled:
+            # The first of this iteration goes now; the flush ends the iteration (and checks
+            # the input edge the send may have taken).
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+            self._send_posted(identity, frames, [msg])
+            return
+        queued = self._outbox.get(identity)
+        if queued is None:
+            self._outbox[identity] = [(frames, msg)]
+        else:
+            queued.append((frames, msg))
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        outbox, self._outbox = self._outbox, {}
+        if self._closed:
+            for identity, queued in outbox.items():
+                self._unroutable([(msg, identity) for _, msg in queued])
+            return
+        for identity, queued in outbox.items():
+            self._send_queued(identity, queued)
+        self._check_pending()  # the sends may have taken the edge that announces input
+
+    def _send_queued(self, identity: bytes | None, queued: list[tuple[list[Any], wire.Message]]) -> None:
+        """Send one peer's posted messages in order: in BATCHes, or alone when single or large."""
+        if len(queued) == 1:
+            frames, msg = queued[0]
+            self._send_posted(identity, frames, [msg])
+            return
+        batch: list[list[Any]] = []
+        msgs: list[wire.Message] = []
+        size = 0
+        for frames, msg in queued:
+            n = len(frames[0])
+            if batch and (n >= _ALONE_BYTES or size + n > _BATCH_MAX_BYTES or len(batch) == _BATCH_MAX_MESSAGES):
+                self._send_batch(identity, batch, msgs)
+                batch, msgs, size = [], [], 0
+            batch.append(frames)
+            msgs.append(msg)
+            size += n
+        self._send_batch(identity, batch, msgs)
+
+    def _send_batch(self, identity: bytes | None, batch: list[list[Any]], msgs: list[wire.Message]) -> None:
+        if len(batch) == 1:
+            self._send_posted(identity, batch[0], msgs)
+        else:
+            self._send_posted(identity, wire.encode_batch(batch), msgs)
+
+    def _send_posted(self, identity: bytes | None, frames: list[Any], msgs: list[wire.Message]) -> None:
+        if self._closed:
+            self._unroutable([(msg, identity) for msg in msgs])
+            return
+        copy = len(frames) == 1
+        if identity is not None:
+            frames = [identity, *frames]
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=copy)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.ETERM:
+                self.close()
+            elif exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                logger.exception("could not send %d message(s)", len(msgs))
+            self._unroutable([(msg, identity) for msg in msgs])
+
+    def _unroutable(self, lost: list[tuple[wire.Message, bytes | None]]) -> None:
+        report = self.on_unroutable
+        if report is None:
+            return
+        for msg, identity in lost:
+            try:
+                report(msg, identity)
+            except Exception:
+                logger.exception("error while reporting an unsent message")
+
     def drain_now(self) -> None:
         """Handle every connection event and message already waiting on the socket, now."""
         if self._monitor is not None:
@@ -193,6 +302,8 @@ class Channel:
         """Close the socket; with ``linger_ms``, queued outgoing messages get that long to go."""
         if self._closed:
             return
+        if self._outbox:
+            self._flush()  # what was posted goes out first (within the linger)
         self._closed = True
         self._loop.remove_reader(self._fd)
         if self._monitor is not None:
@@ -240,12 +351,31 @@ class Channel:
             except zmq.ContextTerminated:
                 self.close()
                 return False
+            if self._copied and len(frames) >= self._copied and wire.is_batch(frames[self._copied - 1]):
+                self._on_batch(frames)
+                continue
             try:
                 self._on_message(frames)
             except Exception:
                 logger.exception("error while handling a message")
         self._check_pending()
         return True
+
+    def _on_batch(self, frames: list[Any]) -> None:
+        """Hand each message of a BATCH to ``on_message`` (with the ROUTER identity, if any)."""
+        envelope = frames[:self._copied - 1]
+        try:
+            messages = wire.decode_batch(frames[self._copied - 1:])
+        except wire.ProtocolError:
+            logger.exception("dropped a malformed batch")
+            return
+        for message in messages:
+            if self._closed:
+                return
+            try:
+                self._on_message(envelope + message if envelope else message)
+            except Exception:
+                logger.exception("error while handling a message")
 
     def _recv(self) -> list[Any]:
         """One multipart message: the first ``_copied`` frames as bytes, the rest (buffers) as

@@ -21,6 +21,10 @@ nbytes], ...]``, the buffer's place among the message's buffers). ``Message.buff
 in order: frames (any buffer) and ``SegmentRef``s. A message without buffers is one frame, as
 before.
 
+Several messages for the same peer may travel as one BATCH (``encode_batch``, ``decode_batch``):
+the sockets' owners queue what they send during one loop iteration and send it at its end
+(``transport.Channel.post``); a receiver handles each message of a batch as if it came alone.
+
 ``incarnation`` identifies one worker process of a replica; a replica drops requests addressed to
 another incarnation and callers drop replies from one they did not send to, so a restarted
 replica never answers for its predecessor. ``call_id`` correlates a reply with its request on one
@@ -54,7 +58,8 @@ from typing import Any, cast
 import cloudpickle
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 
-PROTOCOL_VERSION = 3  # 3: out-of-band buffers as extra frames or segments; requests name their caller
+PROTOCOL_VERSION = 4  # 3: out-of-band buffers as extra frames or segments; requests name their caller
+# 4: BATCH frames (several messages to one peer in one ZeroMQ message) and SLOT_FREE
 
 _HEADER = struct.Struct("!BIQI")
 
@@ -73,6 +78,9 @@ class Kind(enum.IntEnum):
     REJECTED = 7  # terminal: replica at max_ongoing_requests or draining; nothing ran
     CANCELLED = 8  # terminal: the request was cancelled on the replica
     PULL = 10  # not terminal: an HTTP request's app wants the next body chunk (a RECEIVE)
+    SLOT_FREE = 13  # not terminal: a slot freed on a replica that REJECTED this caller before
+    # either way: several messages to the same peer in one ZeroMQ message (``encode_batch``)
+    BATCH = 12
     # control plane (client or worker <-> supervisor)
     READY = 20  # worker -> supervisor, meta carries pid, protocol, endpoint
     ROUTING_INFO = 24  # worker -> supervisor: the multiplexed model ids it holds (``routing_info``)
@@ -167,6 +175,77 @@ def decode(frames: Sequence[Any]) -> Message:
     if len(frames) == 1 and "shm" not in meta:
         return Message(kind, incarnation, call_id, meta, payload)
     return Message(kind, incarnation, call_id, meta, payload, _buffers(meta.pop("shm", ()), frames[1:]))
+
+
+# -- batches ------------------------------------------------------------------------------------
+#
+# A batch is several encoded messages for the same peer in one ZeroMQ message: every ZeroMQ send
+# is a call into libzmq that drops the GIL and may wake its I/O thread (an eventfd write), so a
+# socket owner that produced many messages for one peer in one loop iteration sends them as one.
+# Its first frame is the fixed header (kind BATCH, incarnation 0, call_id = the number of
+# messages, meta length 0) followed, per message, by its first frame's length (u32), the number
+# of its buffer frames (u32) and that first frame; the buffer frames of all the messages follow
+# as frames of their own, in order (not copied).
+
+_ENTRY = struct.Struct("!II")
+_BATCH_KIND = int(Kind.BATCH)
+
+
+def encode_batch(messages: Sequence[Sequence[Any]]) -> list[Any]:
+    """The frames of one BATCH of ``messages``, each given as the frames ``encode`` returned
+    (its first frame as bytes); ``decode_batch`` is the inverse. The buffer frames are passed
+    through as they are."""
+    parts: list[Any] = [_HEADER.pack(_BATCH_KIND, 0, len(messages), 0)]
+    buffers: list[Any] = []
+    pack = _ENTRY.pack
+    for frames in messages:
+        first = frames[0]
+        parts.append(pack(len(first), len(frames) - 1))
+        parts.append(first)
+        if len(frames) > 1:
+            buffers.extend(frames[1:])
+    batch = b"".join(parts)
+    return [batch, *buffers] if buffers else [batch]
+
+
+def is_batch(frame: Any) -> bool:
+    """True if ``frame`` (a message's first frame) opens a BATCH."""
+    return len(frame) >= _HEADER.size and frame[0] == _BATCH_KIND
+
+
+def decode_batch(frames: Sequence[Any]) -> list[list[Any]]:
+    """The messages of a BATCH (``frames`` as received), each as the frames ``decode`` takes:
+    first frames as bytes, buffer frames as received. ProtocolError if the batch is malformed
+    (anything but exactly its messages and buffer frames)."""
+    data = frames[0]
+    if not is_batch(data):
+        raise ProtocolError("not a batch frame")
+    _kind, _incarnation, count, meta_len = _HEADER.unpack_from(data)
+    if meta_len:
+        raise ProtocolError("a batch frame has no meta")
+    messages: list[list[Any]] = []
+    offset, end = _HEADER.size, len(data)
+    next_buffer, n_frames = 1, len(frames)
+    unpack = _ENTRY.unpack_from
+    for _ in range(count):
+        if offset + _ENTRY.size > end:
+            raise ProtocolError("a batch entry runs past the end of the frame")
+        length, n_buffers = unpack(data, offset)
+        offset += _ENTRY.size
+        if offset + length > end:
+            raise ProtocolError("a batched message runs past the end of the frame")
+        if next_buffer + n_buffers > n_frames:
+            raise ProtocolError("a batched message names more buffer frames than came")
+        first = bytes(data[offset:offset + length])
+        offset += length
+        if n_buffers:
+            messages.append([first, *frames[next_buffer:next_buffer + n_buffers]])
+            next_buffer += n_buffers
+        else:
+            messages.append([first])
+    if offset != end or next_buffer != n_frames:
+        raise ProtocolError("a batch frame holds more than its messages")
+    return messages
 
 
 def _buffers(segments: Any, frames: Sequence[Any]) -> tuple[Buffer, ...]:

@@ -106,6 +106,9 @@ def test_a_request_over_max_ongoing_requests_is_rejected_and_never_runs() -> Non
         assert (done.kind, done.call_id) == (wire.Kind.RESULT, first)
         assert wire.loads(wire.ReplyHeader.from_meta(done.meta).enc, done.payload[0]) == "released"
         assert wire.ReplyHeader.from_meta(done.meta).q == 0  # the slot is free before the reply
+        # The caller was rejected (twice): after the reply that freed the slot, one SLOT_FREE.
+        slot_free = await caller.reply()
+        assert (slot_free.kind, slot_free.incarnation) == (wire.Kind.SLOT_FREE, 1)
         await _close(worker, caller)
 
     run(main)
@@ -166,6 +169,7 @@ def test_requests_are_counted_when_they_end_and_only_the_users_own() -> None:
         assert (await caller.reply()).kind == wire.Kind.RESULT
         caller.cancel(first)
         assert (await caller.reply()).kind == wire.Kind.CANCELLED
+        assert (await caller.reply()).kind == wire.Kind.SLOT_FREE  # it was rejected: told of the slot
         assert ongoing._value.get() == 0
         caller.send("fail")
         assert (await caller.reply()).kind == wire.Kind.ERROR
@@ -208,3 +212,37 @@ def test_a_worker_keeps_the_deployers_sys_path_order() -> None:
     merged = merged_sys_path(deployer, ["/worker", stdlib, "/site-packages"])
     assert merged == ["/app", stdlib, "/app/benchmarks", "/worker", "/site-packages"]
     assert merged.index(stdlib) < merged.index("/app/benchmarks")
+
+
+def test_only_the_callers_rejected_for_a_slot_are_told_when_one_frees_and_only_once() -> None:
+    async def main() -> None:
+        worker, holder, instance = await _worker(limit=1)
+        other = Caller("inproc://worker")
+        first = holder.send("hold")
+        await instance.started.wait()
+        rejected = other.send("hold")
+        assert ((await other.reply()).kind, rejected) == (wire.Kind.REJECTED, rejected)
+        other.send("hold")  # rejected twice: still told once
+        assert (await other.reply()).kind == wire.Kind.REJECTED
+        instance.release()
+        done = await holder.reply()
+        assert (done.kind, done.call_id) == (wire.Kind.RESULT, first)
+        told = await other.reply()
+        assert (told.kind, told.incarnation, told.call_id) == (wire.Kind.SLOT_FREE, 1, 0)
+        # Told once, then forgotten: its next request runs and the next SLOT_FREE goes to nobody.
+        again = other.send("fail")
+        reply = await other.reply()
+        assert (reply.kind, reply.call_id) == (wire.Kind.ERROR, again)
+        # The holder, never rejected, got its reply and nothing else (this marker is next).
+        marker = holder.send(HEALTH_METHOD)
+        assert ((await holder.reply()).kind, marker) == (wire.Kind.RESULT, marker)
+        # A request rejected because the replica drains is not remembered: draining frees no slot.
+        drained = asyncio.get_running_loop().create_task(worker.drain(timeout_s=10))
+        late = other.send("hold")
+        assert ((await other.reply()).kind, late) == (wire.Kind.REJECTED, late)
+        assert await drained is True
+        assert not worker._rejected
+        other.channel.close()
+        await _close(worker, holder)
+
+    run(main)

@@ -197,3 +197,53 @@ def test_streams_and_errors_reach_the_sink() -> None:
         replica.close()
 
     run(main)
+
+
+def test_slot_free_ends_the_backoff_at_once_without_the_clock_moving() -> None:
+    async def main() -> None:
+        replica, clock = FakeReplica(), FakeClock()
+        router = _router(clock, replica, limit=1)
+        (c1, s1), (c2, s2) = _call("c1"), _call("c2")
+        router.submit(c1)
+        identity, msg = await replica.next()
+        replica.answer(identity, msg, wire.Kind.REJECTED, q=1)  # full with another caller's requests
+        router.submit(c2)  # waits behind c1, in order
+        # The replica frees a slot and says so: the rejected call goes now, the clock stands still.
+        replica.channel.send_message(wire.Message(wire.Kind.SLOT_FREE, replica.incarnation), identity)
+        identity, msg = await replica.next()
+        assert request_id(msg) == "c1"
+        replica.answer(identity, msg, wire.Kind.RESULT, "one")
+        assert await s1.result() == "one"
+        identity, msg = await replica.next()  # then the next in line
+        assert request_id(msg) == "c2"
+        replica.answer(identity, msg, wire.Kind.RESULT, "two")
+        assert await s2.result() == "two"
+        router.close()
+        replica.close()
+
+    run(main)
+
+
+def test_a_slot_free_from_another_incarnation_is_ignored() -> None:
+    async def main() -> None:
+        replica, clock = FakeReplica(), FakeClock()
+        router = _router(clock, replica, limit=2)
+        (c0, s0), (c1, s1) = _call("c0"), _call("c1")
+        router.submit(c0)
+        router.submit(c1)
+        id0, m0 = await replica.next()
+        id1, m1 = await replica.next()
+        replica.answer(id1, m1, wire.Kind.REJECTED, q=2)
+        replica.channel.send_message(wire.Message(wire.Kind.SLOT_FREE, replica.incarnation + 1), id1)
+        replica.answer(id0, m0, wire.Kind.STREAM_ITEM, "marker")  # sent after it: handled after it
+        assert await s0.next() == "marker"
+        assert list(router.queue) == [c1]  # still waiting for its backoff: the stale one was ignored
+        replica.channel.send_message(wire.Message(wire.Kind.SLOT_FREE, replica.incarnation), id1)
+        identity, msg = await replica.next()
+        assert request_id(msg) == "c1"
+        replica.answer(identity, msg, wire.Kind.RESULT, "ok")
+        assert await s1.result() == "ok"
+        router.close()
+        replica.close()
+
+    run(main)

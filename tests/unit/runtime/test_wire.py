@@ -43,11 +43,46 @@ def golden_request() -> tuple[Message, list[bytes]]:
     return msg, frames
 
 
-def test_protocol_version_is_3() -> None:
+def test_protocol_version_is_4() -> None:
     # Changing the layout below means a new protocol version; see the comment above.
     # (2: one frame per message instead of header, meta and payload frames; 3: a value's large
-    # buffers as frames after it or shared-memory segments named in the meta, "p" in requests.)
-    assert wire.PROTOCOL_VERSION == 3
+    # buffers as frames after it or shared-memory segments named in the meta, "p" in requests;
+    # 4: BATCH frames and SLOT_FREE.)
+    assert wire.PROTOCOL_VERSION == 4
+
+
+def test_a_batch_encodes_to_golden_frames() -> None:
+    one = wire.encode(Message(Kind.CANCEL, 1, 2))[0]
+    two = wire.encode(Message(Kind.SLOT_FREE, 3))[0]
+    with_buffer = [wire.encode(Message(Kind.RESULT, 1, 5, {"enc": 1}, (b"p",)))[0], b"BUF"]
+    frames = wire.encode_batch([[one], [two], with_buffer])
+    assert frames == [
+        # kind=12 (BATCH) | incarnation=0 | call_id=3 (the number of messages) | meta length=0
+        bytes.fromhex("0c" "00000000" "0000000000000003" "00000000")
+        # per message: its frame's length (u32), its number of buffer frames (u32), the frame
+        + bytes.fromhex("00000012" "00000000") + one
+        + bytes.fromhex("00000012" "00000000") + two
+        + bytes.fromhex("00000018" "00000001") + with_buffer[0],
+        b"BUF",  # the buffer frames follow, in order
+    ]
+    assert wire.decode_batch(frames) == [[one], [two], with_buffer]
+
+
+@pytest.mark.parametrize(
+    ("frames", "why"),
+    [
+        ([bytes.fromhex("0c" "00000000" "0000000000000001" "00000000")], "past the end"),
+        ([bytes.fromhex("0c" "00000000" "0000000000000001" "00000000" "000000ff" "00000000") + b"x"], "past the end"),
+        ([bytes.fromhex("0c" "00000000" "0000000000000001" "00000000" "00000001" "00000001") + b"x"], "buffer frames"),
+        ([bytes.fromhex("0c" "00000000" "0000000000000000" "00000000") + b"extra"], "more than"),
+        ([bytes.fromhex("0c" "00000000" "0000000000000000" "00000000"), b"stray buffer"], "more than"),
+        ([bytes.fromhex("0c" "00000000" "0000000000000000" "00000001") + b"m"], "no meta"),
+        ([bytes.fromhex("01" "00000000" "0000000000000000" "00000000")], "not a batch"),
+    ],
+)
+def test_a_malformed_batch_is_a_protocol_error(frames: list[bytes], why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        wire.decode_batch(frames)
 
 
 def test_request_encodes_to_golden_frames(golden_request: tuple[Message, list[bytes]]) -> None:

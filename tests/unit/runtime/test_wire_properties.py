@@ -138,3 +138,35 @@ def test_any_reply_header_round_trips_through_frames(header: wire.ReplyHeader, k
 @given(snapshots)
 def test_any_snapshot_round_trips_through_msgpack(snapshot: wire.Snapshot) -> None:
     assert wire.Snapshot.from_wire(wire.unpack(wire.pack(snapshot.to_wire()))) == snapshot
+
+
+@property_test
+@given(st.lists(st.tuples(messages, st.lists(st.binary(max_size=32), max_size=3)), min_size=1, max_size=8))
+def test_a_batch_of_messages_round_trips_in_order_with_their_buffer_frames(
+    batch: list[tuple[Message, list[bytes]]],
+) -> None:
+    encoded = [[wire.encode(msg)[0], *buffers] for msg, buffers in batch]
+    frames = wire.encode_batch(encoded)
+    assert wire.is_batch(frames[0])
+    assert len(frames) == 1 + sum(len(buffers) for _, buffers in batch)
+    decoded = wire.decode_batch(frames)
+    assert decoded == encoded
+    assert [wire.decode(parts[:1]) for parts in decoded] == [msg for msg, _ in batch]
+
+
+@property_test
+@given(messages)
+def test_no_single_message_frame_is_taken_for_a_batch(msg: Message) -> None:
+    assert wire.is_batch(wire.encode(msg)[0]) is (msg.kind is Kind.BATCH)
+
+
+@property_test
+@given(st.lists(st.binary(max_size=24), min_size=1, max_size=4), st.binary(max_size=40))
+def test_a_cut_or_extended_batch_is_refused_not_misread(bodies: list[bytes], junk: bytes) -> None:
+    frame = wire.encode_batch([[b] for b in bodies])[0]
+    for cut in range(wire._HEADER.size, len(frame)):
+        with pytest.raises(ProtocolError):
+            wire.decode_batch([frame[:cut]])
+    if junk:
+        with pytest.raises(ProtocolError):
+            wire.decode_batch([frame + junk])
