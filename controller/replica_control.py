@@ -13,9 +13,9 @@ from typing import Any
 
 from shoal.runtime import wire
 from shoal.runtime.errors import RayServeException, ReplicaDiedError
-from shoal.runtime.replica import HEALTH_METHOD, METRICS_METHOD, RECONFIGURE_METHOD, ROUTING_STATS_METHOD
 from shoal.runtime.reply import Reply, ReplySink
 from shoal.runtime.router import Call, ReplicaConn
+from shoal.runtime.wire import HEALTH_METHOD, METRICS_METHOD, RECONFIGURE_METHOD, ROUTING_STATS_METHOD
 
 __all__ = ["HEALTH_METHOD", "METRICS_METHOD", "RECONFIGURE_METHOD", "ROUTING_STATS_METHOD", "ReplicaControl"]
 

@@ -56,14 +56,10 @@ from shoal.runtime.replica_metrics import ReplicaMetrics
 from shoal.runtime.reply import ReplySink
 from shoal.runtime.transport import Channel
 from shoal.runtime.user_code import UserCallable
+from shoal.runtime.wire import HEALTH_METHOD, METRICS_METHOD, RECONFIGURE_METHOD, ROUTING_STATS_METHOD
 
 logger = logging.getLogger("shoal.replica")
 
-# Internal methods the supervisor calls; they run outside max_ongoing_requests.
-HEALTH_METHOD = "__shoal_check_health__"
-RECONFIGURE_METHOD = "__shoal_reconfigure__"
-METRICS_METHOD = "__shoal_metrics__"  # -> requests running on the replica, this call excluded
-ROUTING_STATS_METHOD = "__shoal_routing_stats__"  # -> [enc, data] of record_routing_stats(), or None
 # The supervisor's calls, the only ones outside max_ongoing_requests (HTTP requests, whose method
 # name is also reserved, count like any other).
 _INTERNAL_METHODS = frozenset((HEALTH_METHOD, RECONFIGURE_METHOD, METRICS_METHOD, ROUTING_STATS_METHOD))

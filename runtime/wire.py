@@ -59,6 +59,13 @@ import cloudpickle
 import msgpack  # type: ignore[import-untyped,unused-ignore]
 
 PROTOCOL_VERSION = 4  # 3: out-of-band buffers as extra frames or segments; requests name their caller
+
+# Methods the supervisor calls on a replica (``controller/replica_control``); they run outside
+# max_ongoing_requests.
+HEALTH_METHOD = "__shoal_check_health__"
+RECONFIGURE_METHOD = "__shoal_reconfigure__"
+METRICS_METHOD = "__shoal_metrics__"  # -> requests running on the replica, this call excluded
+ROUTING_STATS_METHOD = "__shoal_routing_stats__"  # -> [enc, data] of record_routing_stats(), or None
 # 4: BATCH frames (several messages to one peer in one ZeroMQ message) and SLOT_FREE
 
 _HEADER = struct.Struct("!BIQI")

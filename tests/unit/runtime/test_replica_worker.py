@@ -11,9 +11,10 @@ from inproc import run
 
 from shoal.runtime import transport, wire
 from shoal.runtime.asgi import HTTP_METHOD
-from shoal.runtime.replica import HEALTH_METHOD, ReplicaWorker
+from shoal.runtime.replica import ReplicaWorker
 from shoal.runtime.replica_metrics import ReplicaMetrics
 from shoal.runtime.user_code import UserCallable
+from shoal.runtime.wire import HEALTH_METHOD
 
 pytestmark = pytest.mark.timeout(60)
 
