@@ -500,8 +500,10 @@ class Slow:
         self.tracker = tracker
 
     async def __call__(self, request: Request) -> str:
-        await self.tracker.start.remote()
         try:
+            # The test sees the request running once start() ran on the tracker, which may be
+            # before its reply reaches us: a cancellation can land in either await.
+            await self.tracker.start.remote()
             await self.tracker.wait_release.remote()
         except asyncio.CancelledError:
             self.tracker.cancel.remote()
