@@ -198,13 +198,19 @@ def run_framework(args: argparse.Namespace) -> dict[str, Any]:
 
 
 class _ZmqReply:
-    def __init__(self, sock: Any) -> None:
-        self.sock = sock
+    """The echo of call ``i``. Echoes come back in order, so replies left unread by a round cut
+    short at its deadline are older than ours: they are read and dropped."""
+
+    def __init__(self, sock: Any, i: int) -> None:
+        self.sock, self.i = sock, i
 
     def result(self, timeout_s: float | None = None) -> int:
-        if timeout_s is not None and not self.sock.poll(timeout_s * 1000):
-            raise TimeoutError
-        return int.from_bytes(self.sock.recv(), "little")
+        while True:
+            if timeout_s is not None and not self.sock.poll(timeout_s * 1000):
+                raise TimeoutError
+            value = int.from_bytes(self.sock.recv(), "little")
+            if value == self.i:
+                return value
 
     def cancel(self) -> None:
         pass
@@ -219,7 +225,7 @@ class ZmqEcho:
 
     def remote(self, i: int) -> _ZmqReply:
         self.sock.send(i.to_bytes(8, "little"))
-        return _ZmqReply(self.sock)
+        return _ZmqReply(self.sock, i)
 
 
 def zmq_echo(endpoint: str) -> int:
