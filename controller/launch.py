@@ -43,6 +43,7 @@ class Instance:
     pid: int | None = None  # the supervisor's, when this process started it
     http_url: str | None = None
     metrics_url: str | None = None
+    api_url: str | None = None  # Ray's Serve REST API, when enabled
 
     @property
     def private(self) -> bool:
@@ -117,6 +118,8 @@ def start_supervisor(
     http_options: dict[str, Any] | None,
     gpus: Sequence[str] | None = None,
     logging_config: dict[str, Any] | None = None,
+    api_options: dict[str, Any] | None = None,
+    api_token: str | None = None,
 ) -> Instance:
     """Start a supervisor on ``run_dir`` and wait for its readiness line.
 
@@ -124,6 +127,9 @@ def start_supervisor(
     ``http_options``: plain HTTPOptions values; None starts no HTTP proxy.
     ``gpus``: the GPU device ids it uses; None: it detects the machine's.
     ``logging_config``: the instance's LoggingConfig (plain values), which its proxy starts with.
+    ``api_options``: serve Ray's REST API (``host``, ``port``, ``app_dir``; None: off), with
+    ``api_token`` (passed in the environment, never on the command line; None: the caller's
+    ``SHOAL_API_TOKEN``, if set).
     """
     ready_r, ready_w = os.pipe()
     pass_fds = [ready_w]
@@ -134,6 +140,11 @@ def start_supervisor(
         cmd += ["--gpus", json.dumps(list(gpus))]
     if logging_config is not None:
         cmd += ["--logging-config", json.dumps(logging_config)]
+    env = None
+    if api_options is not None:
+        cmd += ["--api-options", json.dumps(api_options)]
+        if api_token is not None:
+            env = {**os.environ, "SHOAL_API_TOKEN": api_token}
     life_r = life_w = None
     if private:
         life_r, life_w = os.pipe()
@@ -152,6 +163,7 @@ def start_supervisor(
             stdin=None if private else subprocess.DEVNULL,
             stdout=log,
             stderr=None if private else subprocess.STDOUT,
+            env=env,
         )
     finally:
         os.close(ready_w)
@@ -171,7 +183,7 @@ def start_supervisor(
         raise (HTTPBindError if info.get("http_bind_failed") else RayServeException)(info["error"])
     return Instance(
         run_dir, info["control"], proc if private else None, life_w, info["pid"],
-        info.get("http_url"), info.get("metrics_url"),
+        info.get("http_url"), info.get("metrics_url"), info.get("api_url"),
     )
 
 

@@ -32,6 +32,8 @@ from shoal.controller.listener import HTTPListener
 from shoal.controller.metrics_endpoint import MetricsEndpoint, MetricsFiles, instance_pids, retention_from_env
 from shoal.controller.proxies import ProxyPool
 from shoal.controller.proxy import check_tls_options
+from shoal.controller.rest_api import TOKEN_ENV, RestAPI, RestAPIOptions, RestAPIOptionsError, check_options
+from shoal.controller.rest_details import InstanceFacts
 from shoal.controller.supervisor_log import OutputCapture
 from shoal.controller.tasks import supervise
 from shoal.runtime import metrics, shm, transport
@@ -52,6 +54,7 @@ class SupervisorConfig:
     gpus: tuple[str, ...] | None = None  # declared GPU device ids; None: detect them
     log_rotation: RotationLimits = field(default_factory=RotationLimits)  # every log file's size limits (Ray's RAY_ROTATION_*)
     logging_config: dict[str, Any] | None = None  # the instance's (serve.start's, a config file's top level)
+    api_options: RestAPIOptions | None = None  # Ray's Serve REST API (``rest_api``); None: off
 
 
 def _echo(line: str) -> None:
@@ -124,6 +127,18 @@ async def serve(config: SupervisorConfig) -> int:
             logging_config=config.logging_config,  # the first deploy carries the same: no proxy restart
         )
         info["http_url"] = controller.proxies.url
+    info["api_url"] = None
+    rest: RestAPI | None = None
+    if config.api_options is not None:
+        try:
+            rest = _start_rest_api(config, controller)
+        except (OSError, RestAPIOptionsError) as exc:
+            _report_ready(config.ready_fd, {"error": str(exc)})
+            if listener is not None:
+                listener.close()
+            rundir.remove_sockets(run_dir)
+            return 2
+        info["api_url"] = rest.url
     server = ControlServer(endpoint, controller, on_shutdown=stop.set, info=info)
     # Large arrays of handle calls travel in shared-memory segments there (runtime/shm.py):
     # the sweep removes those of dead processes, and the directory goes when we stop.
@@ -133,6 +148,8 @@ async def serve(config: SupervisorConfig) -> int:
     if controller.proxies is not None:
         controller.proxies.start()
     _restore(controller, run_dir)
+    if rest is not None:
+        rest.start()
     _report_ready(config.ready_fd, info)
     try:
         await stop.wait()
@@ -146,6 +163,8 @@ async def serve(config: SupervisorConfig) -> int:
         shm.remove_directory(str(run_dir))
         if listener is not None:
             listener.close()
+        if rest is not None:
+            await rest.aclose()
         await server.aclose()
         if metrics_endpoint is not None:
             metrics_endpoint.close()
@@ -193,6 +212,27 @@ def _start_metrics(
     return endpoint
 
 
+def _start_rest_api(config: SupervisorConfig, controller: Controller) -> RestAPI:
+    """Bind Ray's Serve REST API (it serves once ``start()`` is called on the loop)."""
+    assert config.api_options is not None
+    check_options(config.api_options)
+    http = None
+    if controller.proxies is not None and config.http_options is not None:
+        http = {**config.http_options, "port": int(controller.proxies.url.rsplit(":", 1)[1])}  # port 0: the one bound
+
+    def facts() -> InstanceFacts:
+        return InstanceFacts(
+            supervisor_pid=os.getpid(),
+            node_ip=(http or {}).get("host") or "127.0.0.1",
+            http_options=http,
+            proxy_status=controller.proxies.status.value if controller.proxies is not None else None,
+            target_capacity=controller.target_capacity,
+            log_file_path=f"{rundir.LOGS}/supervisor.log",
+        )
+
+    return RestAPI(config.api_options, controller, config.run_dir, facts)
+
+
 def _abandon(run_dir: Path) -> None:
     """Before exiting at once (a second signal): the stop was asked for, so leave the run
     directory as an orderly stop would (no saved applications to bring back, no sockets, pid
@@ -238,12 +278,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=_gpu_ids, help="GPUs: a count, device ids (0,2) or a JSON list of ids; omit to detect")
     parser.add_argument("--log-file", type=Path, help="write stdout and stderr to this size-rotating file")
     parser.add_argument("--logging-config", type=json.loads, help="the instance's LoggingConfig as JSON (the proxy's)")
+    parser.add_argument(
+        "--api-options", type=json.loads,
+        help=f"serve Ray's REST API: JSON with host, port, app_dir (the token comes from ${TOKEN_ENV}); omit for none",
+    )
     args = parser.parse_args(argv)
     try:
         rotation = limits_from_env()  # read once here; replicas get them in their spec
     except LogRotationConfigError as exc:
         _report_ready(args.ready_fd, {"error": str(exc)})
         return 2
+    api_token = os.environ.pop(TOKEN_ENV, None)  # read once; no child inherits it
+    api_options = None
+    if args.api_options is not None:
+        api_options = RestAPIOptions(
+            host=args.api_options.get("host") or "127.0.0.1", port=int(args.api_options.get("port", 8265)),
+            token=api_token, app_dir=args.api_options.get("app_dir") or os.getcwd(),
+        )
     capture = OutputCapture(args.log_file, rotation) if args.log_file is not None else None
     logging.basicConfig(level=logging.INFO, format="(shoal supervisor) %(levelname)s %(message)s")
     set_process_name("shoal")
@@ -251,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = SupervisorConfig(
         args.run_dir, args.lifeline_fd, args.ready_fd, args.http_options, args.gpus, rotation, args.logging_config,
+        api_options,
     )
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

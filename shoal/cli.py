@@ -109,6 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         http["port"] = args.port if args.port is not None else 8000
     if args.num_proxies is not None:
         http["num_proxies"] = args.num_proxies
+    api_options = _api_options(args, app_dir)
     # The foreground instance lives in your default run directory, so `shoal status`,
     # `shoal deploy` and scripts find it; it stops with this command. It starts while the
     # application is imported and built, in parallel.
@@ -119,11 +120,16 @@ def cmd_run(args: argparse.Namespace) -> int:
             target=lambda: owned.append(
                 launch.start_supervisor(
                     rundir.instance_dir("default"), private=True, http_options=http, gpus=args.gpus,
-                    logging_config=logging_config,
+                    logging_config=logging_config, api_options=api_options, api_token=args.api_token,
                 )
             )
         )
         starting.start()
+    elif api_options is not None:
+        raise ValueError(
+            "--api-port: a shoal instance is already running (see `shoal status`); its REST API is set when it "
+            "starts. Stop it with `shoal shutdown` first."
+        )
     try:
         from shoal.serve import api
         from shoal.serve.config import HTTPOptions
@@ -155,6 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     url = api.get_http_url()
     stop = _stop_on_signals()  # before the line that invites Ctrl-C: from now on it drains
     print(f"shoal: serving {names} on {url} (Ctrl-C stops)", flush=True)
+    if owned and owned[0].api_url:
+        print(f"shoal: Serve REST API on {owned[0].api_url}", flush=True)
     if owned and not args.reload:  # nothing left to do here but hold the lifeline: shed the memory
         _become_lifeline_holder(owned[0], stop)
 
@@ -209,8 +217,11 @@ def cmd_start(args: argparse.Namespace) -> int:
     from shoal.controller import applied, launch, rundir
     from shoal.serve.config import HTTPOptions
 
+    api_options = _api_options(args, os.getcwd())
     running = launch.find_running()
     if running is not None:
+        if api_options is not None:
+            raise ValueError("--api-port: shoal is already running; its REST API is set when it starts (`shoal shutdown` first)")
         print(f"shoal is already running in {running.run_dir}")
         if args.num_proxies is not None:  # the one option a running instance changes
             from shoal.serve import api
@@ -226,7 +237,9 @@ def cmd_start(args: argparse.Namespace) -> int:
     ).model_dump()
     run_dir = rundir.instance_dir("default")
     restoring = launch.crashed(run_dir) is not None and (run_dir / applied.APPLIED_FILE).exists()
-    instance = launch.start_supervisor(run_dir, private=False, http_options=options, gpus=args.gpus)
+    instance = launch.start_supervisor(
+        run_dir, private=False, http_options=options, gpus=args.gpus, api_options=api_options, api_token=args.api_token,
+    )
     if restoring:
         print("The previous supervisor stopped without shutting down; the applications it ran are deployed again.")
     print(
@@ -234,7 +247,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         f"Scripts you run deploy to it with serve.run(); other processes can name it with "
         f"SHOAL_ADDRESS={instance.run_dir}\n"
         f"HTTP: {instance.http_url or 'off'}   metrics: {instance.metrics_url or 'off'}   "
-        "stop it with: shoal shutdown"
+        f"REST API: {instance.api_url or 'off'}   stop it with: shoal shutdown"
     )
     return 0
 
@@ -317,17 +330,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         print(yaml.safe_dump(status, sort_keys=False), end="")
     else:
-        print(format_status(status, api.get_metrics_url()))
+        print(format_status(status, api.get_metrics_url(), api.get_api_url()))
     return 0
 
 
-def format_status(status: dict[str, Any], metrics_url: str | None = None) -> str:
-    """A readable table of applications, deployments and replicas, and where metrics are served."""
+def format_status(status: dict[str, Any], metrics_url: str | None = None, api_url: str | None = None) -> str:
+    """A readable table of applications, deployments and replicas, and where metrics (and the
+    REST API, when enabled) are served."""
     if not status["applications"]:
-        return "No applications are running."
+        return "No applications are running." + (f"\nREST API: {api_url}" if api_url else "")
     lines = [
         f"proxy: {', '.join(f'{k} {v}' for k, v in status['proxies'].items()) or 'none'}",
         f"metrics: {metrics_url or 'off'}",
+        *([f"REST API: {api_url}"] if api_url else []),
         "",
     ]
     processes = status.get("proxy_processes") or []
@@ -465,6 +480,42 @@ def _num_proxies(value: str) -> int:
         raise argparse.ArgumentTypeError(f"num_proxies must be a whole number of at least 1, got {value!r}") from None
 
 
+_API_TOKEN_ENV = "SHOAL_API_TOKEN"
+
+
+def _api_options(args: argparse.Namespace, app_dir: str) -> dict[str, Any] | None:
+    """The REST API options for the supervisor (None: off); ValueError for --api-host or
+    --api-token given without --api-port, which enables it."""
+    if args.api_port is None:
+        for flag, value in (("--api-host", args.api_host), ("--api-token", args.api_token)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --api-port, which enables the REST API (8265 is Ray's port)")
+        return None
+    return {"host": args.api_host or "127.0.0.1", "port": args.api_port, "app_dir": app_dir}
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0 to 65535)")
+    return port
+
+
+def _api_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--api-port", type=_port,
+        help="serve Ray's Serve REST API (serve deploy/status/shutdown -a) on this port (Ray's: 8265; 0 picks one); default: off",
+    )
+    p.add_argument("--api-host", help="the REST API's host (default: 127.0.0.1; another address needs --api-token)")
+    p.add_argument(
+        "--api-token",
+        help=f"require 'Authorization: Bearer TOKEN' on every REST API request (default: ${_API_TOKEN_ENV} if set)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoal", description="Serve Python deployments on one machine (Ray Serve's API, without Ray).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -483,6 +534,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--reload", "-r", action="store_true", help="redeploy when Python files under --app-dir change")
     run.add_argument("--gpus", type=_gpus, help=_GPUS_HELP)
     run.add_argument("--num-proxies", type=_num_proxies, help=_NUM_PROXIES_HELP + " (default: the config file's)")
+    _api_args(run)
     run.set_defaults(func=cmd_run)
 
     start = sub.add_parser("start", help="start your default instance, detached")
@@ -498,6 +550,7 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--ssl-certfile", help="serve HTTPS: the certificate (chain) file (with --ssl-keyfile)")
     start.add_argument("--ssl-keyfile-password", help="the password of an encrypted --ssl-keyfile")
     start.add_argument("--ssl-ca-certs", help="require client certificates signed by these CAs")
+    _api_args(start)
     start.set_defaults(func=cmd_start)
 
     deploy = sub.add_parser("deploy", help="deploy a config file to the running instance; apps not in it are deleted")

@@ -147,6 +147,15 @@ def get_metrics_url() -> str | None:
     return rt.call_sync("ping")[0].get("metrics_url")
 
 
+def get_api_url() -> str | None:
+    """Where the instance serves Ray's Serve REST API (``shoal start --api-port``; a shoal
+    extension), or None if it serves none."""
+    rt = _runtime(start=False)
+    if rt is None:
+        return None
+    return rt.call_sync("ping")[0].get("api_url")
+
+
 def run(
     target: Application,
     blocking: bool = False,
