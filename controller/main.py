@@ -153,6 +153,8 @@ async def serve(config: SupervisorConfig) -> int:
     _report_ready(config.ready_fd, info)
     try:
         await stop.wait()
+        if rest is not None:
+            rest.close_soon()  # winds down while the replicas drain
         # Signalled (an orchestrator stopping us): let load balancers see /-/healthz fail first.
         # Asked by our driver, or the driver is gone: nobody is routing here, stop at once.
         await controller.shutdown(announce=signalled.is_set())

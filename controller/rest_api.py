@@ -139,6 +139,7 @@ class RestAPI:
         self.url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         self._server: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
 
     # -- serving --------------------------------------------------------------------------------
 
@@ -156,7 +157,7 @@ class RestAPI:
         config = uvicorn.Config(
             self, http=LimitedHttpProtocol.with_limits(HeadLimits(16 * 1024, 64, 10.0)), lifespan="off",
             log_config=None, access_log=False, log_level="warning", timeout_keep_alive=_KEEP_ALIVE_S,
-            limit_concurrency=_MAX_CONNECTIONS, server_header=False, ws="none",
+            limit_concurrency=_MAX_CONNECTIONS, server_header=False, ws="none", timeout_graceful_shutdown=3,
         )
         self._server = Server(config)
         self._task = asyncio.get_running_loop().create_task(self._serve(), name="REST API")
@@ -167,10 +168,17 @@ class RestAPI:
         except Exception:
             logger.exception("the REST API on %s stopped", self.url)
 
-    async def aclose(self) -> None:
-        """Stop serving (open requests get a moment to finish) and close the socket."""
-        if self._server is not None and self._task is not None:
+    def close_soon(self) -> None:
+        """Stop taking requests: those open are answered 503 at once (a PUT's build is killed,
+        nothing of it deployed); the server winds down meanwhile (``aclose`` waits for it)."""
+        self._closing.set()
+        if self._server is not None:
             self._server.should_exit = True
+
+    async def aclose(self) -> None:
+        """``close_soon``, wait (bounded) for the server to stop, and close the socket."""
+        self.close_soon()
+        if self._server is not None and self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout=5.0)
             except TimeoutError:
@@ -183,7 +191,19 @@ class RestAPI:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        status, body, content_type = await self._answer(scope, receive)
+        answering = asyncio.ensure_future(self._answer(scope, receive))
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait((answering, closing), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not answering.done():
+                answering.cancel()
+            await asyncio.gather(answering, closing, return_exceptions=True)
+        if answering.cancelled():
+            status, body, content_type = _text(503, "the shoal instance is stopping")
+        else:
+            status, body, content_type = answering.result()
         headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
