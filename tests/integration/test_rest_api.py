@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -349,3 +351,43 @@ def test_rays_serve_cli_sends_the_token(run_root: Path, app_dir: Path, tmp_path:
         assert json.dumps(yaml.safe_load(with_token.stdout)["applications"]) == "{}"
     finally:
         api.instance.wait_stopped(timeout_s=60)
+
+
+# -- the CLI ------------------------------------------------------------------------------------------
+
+def test_shoal_run_serves_the_api_and_status_shows_it(private_run_dir: Path, app_dir: Path, tmp_path: Path) -> None:
+    """``shoal run CONFIG --api-port 0``: the API serves the run's application, takes a PUT
+    (imported from ``--app-dir``), ``shoal status`` names its URL, and Ctrl-C stops it all."""
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(hello_config()))
+    env = {**os.environ, "SHOAL_RUN_DIR": str(private_run_dir)}
+    env.pop("SHOAL_ADDRESS", None)
+    shoal = [sys.executable, "-m", "shoal.cli"]
+    cli = subprocess.Popen(
+        [*shoal, "run", str(config), "--port", "0", "--api-port", "0", "--app-dir", str(app_dir)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        assert cli.stdout is not None
+        url = None
+        for line in cli.stdout:  # bounded by the test's timeout
+            found = re.match(r"shoal: Serve REST API on (http://\S+)", line)
+            if found:
+                url = found.group(1)
+                break
+        assert url is not None, cli.stderr.read() if cli.stderr else ""
+        api = Api(url, "", app_dir, launch.Instance(private_run_dir, ""))
+        assert api.details()["applications"]["hello"]["status"] == "RUNNING"
+        status = subprocess.run([*shoal, "status"], env=env, capture_output=True, text=True, timeout=60)
+        assert f"REST API: {url}" in status.stdout, status
+        assert api.put(hello_config("greet", "/greet", import_path="hello_app:build", args={"greeting": "hi"})).status_code == 200
+        api.wait_running("greet")
+        os.killpg(cli.pid, signal.SIGINT)
+        assert cli.wait(60) == 0
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait(10)
+        for stream in (cli.stdout, cli.stderr):
+            if stream is not None:
+                stream.close()
