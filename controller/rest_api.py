@@ -285,11 +285,15 @@ class RestAPI:
         """Build and deploy ``config_json`` in a ``rest_deploy`` child, as ``shoal deploy`` does."""
         env = {**os.environ, "SHOAL_ADDRESS": str(self._run_dir)}
         env.pop(TOKEN_ENV, None)
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "shoal.controller.rest_deploy", "--app-dir", self.options.app_dir,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-            env=env, cwd=self.options.app_dir, start_new_session=True,
-        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "shoal.controller.rest_deploy", "--app-dir", self.options.app_dir,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                env=env, cwd=self.options.app_dir, start_new_session=True,
+            )
+        except OSError as exc:  # the app directory is gone, no process can start, ...
+            logger.error("cannot start the build of a PUT config in %s: %s", self.options.app_dir, exc)
+            return _text(500, f"cannot build the config: {exc}")
         try:
             _, stderr = await asyncio.wait_for(process.communicate(config_json), BUILD_TIMEOUT_S)
         except TimeoutError:

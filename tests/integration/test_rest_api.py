@@ -359,7 +359,7 @@ def test_shoal_run_serves_the_api_and_status_shows_it(private_run_dir: Path, app
     """``shoal run CONFIG --api-port 0``: the API serves the run's application, takes a PUT
     (imported from ``--app-dir``), ``shoal status`` names its URL, and Ctrl-C stops it all."""
     config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump(hello_config()))
+    config.write_text(yaml.safe_dump({**hello_config(), "http_options": {"metrics_port": 0}}))  # not 8080: others test it
     env = {**os.environ, "SHOAL_RUN_DIR": str(private_run_dir)}
     env.pop("SHOAL_ADDRESS", None)
     shoal = [sys.executable, "-m", "shoal.cli"]
