@@ -66,6 +66,8 @@ HEALTH_METHOD = "__shoal_check_health__"
 RECONFIGURE_METHOD = "__shoal_reconfigure__"
 METRICS_METHOD = "__shoal_metrics__"  # -> requests running on the replica, this call excluded
 ROUTING_STATS_METHOD = "__shoal_routing_stats__"  # -> [enc, data] of record_routing_stats(), or None
+# A gRPC call from the proxy (with ``http`` set: msgpack replies only); see ``runtime/grpc_call.py``.
+GRPC_METHOD = "__shoal_grpc__"
 # 4: BATCH frames (several messages to one peer in one ZeroMQ message) and SLOT_FREE
 
 _HEADER = struct.Struct("!BIQI")
