@@ -129,7 +129,11 @@ class GrpcIngress:
         return sorted({r.app_name for r in self.runtime.snapshot.routes.values()})
 
     def is_healthy(self) -> bool:
-        return not self.draining
+        """Healthz and health checks: serving unless draining or before the first route table."""
+        return not self.draining and self.runtime.snapshot.version > 0
+
+    def unhealthy_message(self) -> str:
+        return "This node is being drained." if self.draining else "Route table is not populated yet."
 
     def _target(self, app_name: str) -> _Target:
         routes = self.runtime.snapshot.routes
@@ -148,12 +152,12 @@ class GrpcIngress:
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         """One generic handler per service, its methods taking and returning bytes."""
-        by_service: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+        by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
         for spec in self.options.methods:
             by_service.setdefault(spec.service, {})[spec.method_name] = self._handler(spec)
         return [grpc.method_handlers_generic_handler(service, table) for service, table in by_service.items()]
 
-    def _handler(self, spec: MethodSpec) -> grpc.RpcMethodHandler:
+    def _handler(self, spec: MethodSpec) -> grpc.RpcMethodHandler[Any, Any]:
         if spec.kind == grpc_services.UNARY_UNARY:
             async def unary(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
                 return await self.serve(spec, request, context, None)
@@ -334,18 +338,25 @@ def build_server(ingress: GrpcIngress) -> tuple[grpc.aio.Server, int]:
     """The gRPC server for ``ingress``, bound (with ``SO_REUSEPORT``, so every proxy of the
     instance listens on the same port) but not started; returns it and the port bound.
     Ray's built-in services (``RayServeAPIService``, health checking, reflection when
-    ``enable_reflection``) are added beside the user's RPCs."""
+    ``enable_reflection``: then the servicer functions' modules are imported, for their
+    descriptors) are added beside the user's RPCs."""
     from shoal.proxy.grpc_builtin import add_builtin_services
+    from shoal.runtime.imports import import_attr
 
     options = ingress.options
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     server.add_generic_rpc_handlers(tuple(ingress.handlers()))
     services = sorted({spec.service for spec in options.methods})
+    if options.enable_reflection:  # reflection describes the services from their imported descriptors
+        for function in sorted({spec.function for spec in options.methods}):
+            import_attr(function)
     add_builtin_services(
         server,
         list_applications=ingress.application_names,
         is_healthy=ingress.is_healthy,
+        unhealthy_message=ingress.unhealthy_message,
         reflection_service_names=services if options.enable_reflection else None,
+        service_names=services,
     )
     host = f"[{options.host}]" if ":" in options.host else options.host
     port = server.add_insecure_port(f"{host}:{options.port}")
