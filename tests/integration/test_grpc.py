@@ -75,7 +75,24 @@ def _greeter(pb2: Any) -> Any:
             ctx = current_request()
             return pb2.HelloReply(message=f"{serve.get_multiplexed_model_id()}|{ctx.request_id}")
 
+        def Die(self, request: Any) -> Any:
+            os._exit(1)
+
     return Greeter
+
+
+def _tight(pb2: Any) -> Any:
+    @serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
+    class Tight:
+        def __init__(self, gate: Any) -> None:
+            self.gate = gate
+
+        async def Block(self, request: Any) -> Any:
+            await self.gate.arrive.remote(request.name)
+            await self.gate.wait.remote(request.name)
+            return pb2.HelloReply(message="released")
+
+    return Tight
 
 
 def _other(pb2: Any) -> Any:
@@ -96,8 +113,11 @@ def grpc_url(pb: tuple[Any, Any]) -> Iterator[str]:
         grpc_options={"port": 0, "grpc_servicer_functions": [stubs.SERVICER_FUNCTION], "request_timeout_s": 5},
     )
     gate = serve.run(Gate.bind(), name="gate", route_prefix="/gate")
-    serve.run(_greeter(pb2).bind(gate), name="greeter", route_prefix="/greeter")
-    serve.run(_other(pb2).bind(), name="other", route_prefix="/other")
+    serve.run_many([
+        serve.RunTarget(_greeter(pb2).bind(gate), name="greeter", route_prefix="/greeter"),
+        serve.RunTarget(_other(pb2).bind(), name="other", route_prefix="/other"),
+        serve.RunTarget(_tight(pb2).bind(gate), name="tight", route_prefix="/tight"),
+    ])
     url = serve.get_grpc_url()
     assert url is not None
     yield url
@@ -244,7 +264,7 @@ def test_list_applications_and_healthz(channel: grpc.Channel) -> None:
 
     api = serve_pb2_grpc.RayServeAPIServiceStub(channel)
     names = api.ListApplications(serve_pb2.ListApplicationsRequest(), timeout=10).application_names
-    assert {"greeter", "other", "gate"} <= set(names)
+    assert {"greeter", "other", "gate", "tight"} <= set(names)
     assert api.Healthz(serve_pb2.HealthzRequest(), timeout=10).message == "success"
 
 
@@ -268,3 +288,49 @@ def test_grpc_metrics_are_recorded(stub: Any, pb: Any) -> None:
                             method="/shoaltest.Greeter/Hello", status_code="OK")
 
     assert wait_until(counted, 10, "the gRPC request counted")
+
+
+def test_backpressure_is_resource_exhausted(grpc_url: str, pb: Any, gate: Any) -> None:
+    """One call runs (max_ongoing_requests=1), one may wait (max_queued_requests=1): of two
+    more, one is refused at once, and the other runs once the first ends."""
+    tight = (("application", "tight"),)
+
+    async def main() -> tuple[Any, str]:
+        async with grpc.aio.insecure_channel(grpc_url) as ch:
+            s = pb[1].GreeterStub(ch)
+            running = asyncio.ensure_future(s.Block(_req(pb, "bp"), metadata=tight, timeout=30))
+            await asyncio.to_thread(lambda: gate.arrived.remote("bp").result(timeout_s=15))
+            more = [asyncio.ensure_future(s.Block(_req(pb, "bp"), metadata=tight, timeout=30)) for _ in range(2)]
+            done, pending = await asyncio.wait(more, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.to_thread(lambda: gate.open.remote("bp").result(timeout_s=15))
+            assert len(done) == 1 and len(pending) == 1
+            assert (await running).message == (await pending.pop()).message == "released"
+            return done.pop().exception(), "ok"
+
+    error, _ = asyncio.run(main())
+    assert isinstance(error, grpc.aio.AioRpcError)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_queued_requests" in (error.details() or "")
+
+
+def test_access_line_per_call(stub: Any, pb: Any) -> None:
+    import psutil
+    from helpers import run_dir_of, supervisor_of
+
+    stub.Meta(_req(pb), metadata=(*GREETER, ("request_id", "access-rid")), timeout=10)
+    proxy_log = run_dir_of(supervisor_of(psutil.Process())) / "logs" / "proxy_127.0.0.1.log"
+
+    def line() -> str | None:
+        text = proxy_log.read_text() if proxy_log.exists() else ""
+        return next((x for x in text.splitlines() if "access-rid" in x), None)
+
+    found = wait_until(line, 10, "the call's access line")
+    assert "/shoaltest.Greeter/Meta greeter OK" in found
+
+
+def test_replica_dying_mid_call_is_internal(stub: Any, pb: Any) -> None:
+    """Last in the module: it kills one of the Greeter's replicas."""
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Die(_req(pb), metadata=GREETER, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "died" in (info.value.details() or "")
