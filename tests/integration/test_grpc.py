@@ -280,6 +280,7 @@ def test_standard_health_service(channel: grpc.Channel) -> None:
 
 def test_grpc_metrics_are_recorded(stub: Any, pb: Any) -> None:
     from helpers import sample_value, scrape
+    from ray_serve_metrics import family_of
 
     stub.Hello(_req(pb), metadata=GREETER, timeout=10)
 
@@ -288,6 +289,21 @@ def test_grpc_metrics_are_recorded(stub: Any, pb: Any) -> None:
                             method="/shoaltest.Greeter/Hello", status_code="OK")
 
     assert wait_until(counted, 10, "the gRPC request counted")
+    with pytest.raises(grpc.RpcError):
+        stub.Fail(_req(pb), metadata=GREETER, timeout=10)
+
+    def all_series() -> set[str] | None:
+        names = {name for name, _ in scrape() if "grpc" in name}
+        wanted = {"ray_serve_num_grpc_error_requests_total", "ray_serve_num_deployment_grpc_error_requests_total",
+                  "ray_serve_grpc_request_latency_ms_bucket", "ray_serve_num_ongoing_grpc_requests"}
+        return names if wanted <= names else None
+
+    wait_until(all_series, 10, "every gRPC series exported")
+    for (name, labels), _value in scrape().items():
+        if "grpc" in name:  # Ray's names, with exactly Ray's labels
+            metric = family_of(name)
+            assert metric is not None and metric.labels is not None, name
+            assert {k for k, _ in labels} - {"le"} == set(metric.labels), name
 
 
 def test_backpressure_is_resource_exhausted(grpc_url: str, pb: Any, gate: Any) -> None:
