@@ -404,10 +404,15 @@ class ReplicaWorker:
     ) -> tuple[dict[str, Any], BaseException | None]:
         """Run one gRPC call (``runtime/grpc_call.py``); a streamed response's items go out as
         they come, under the same window as HTTP responses (the proxy ACKs them as its client
-        takes them)."""
+        takes them); a streamed request's messages come one per PULL, as an HTTP body's chunks."""
         from shoal.runtime import grpc_call
 
         credit = self._credits[key] = _Credit(wire.RESPONSE_WINDOW)
+        inbox = self._receives[key] = ReplySink()  # a client-streaming call's messages (RECEIVE)
+
+        async def next_message() -> Any:
+            self._send(identity, wire.reply(wire.Kind.PULL, self.incarnation, call_id))
+            return await inbox.next()
 
         async def send_item(data: bytes) -> None:
             await credit.take()
@@ -415,9 +420,10 @@ class ReplicaWorker:
             self._send(identity, wire.reply(wire.Kind.STREAM_ITEM, self.incarnation, call_id, *wire.dumps_plain(data)))
 
         try:
-            return await grpc_call.serve(self.user, payload, request_id, send_item)
+            return await grpc_call.serve(self.user, payload, request_id, send_item, next_message)
         finally:
             self._credits.pop(key, None)
+            self._receives.pop(key, None)
 
     async def _pull_body(self, identity: bytes, call_id: int, inbox: ReplySink) -> Any:
         """The app's ``receive`` while a request body streams in: each chunk handed to the app
