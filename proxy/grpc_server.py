@@ -25,7 +25,9 @@ on one at a time as the replica asks for them (PULL; ``_RequestPump``), so a cli
 read no faster than the method takes it; the method gets a ``gRPCInputStream`` (Ray's).
 
 Every call is counted in the gRPC series (``proxy.metrics`` with protocol ``gRPC``) and gets an
-access line (``<method path> <application> <status name> <latency>``) when those are on.
+access line (``<method path> <application> <status name> <latency>``) when those are on. As in
+Ray, ``route`` is the application's name (Ray's gRPC ``route_path``); a call naming no running
+application is counted with ``route`` "".
 """
 
 from __future__ import annotations
@@ -223,7 +225,9 @@ class GrpcIngress:
             self.calls -= 1
             if not self.calls:
                 self._idle.set()
-            route = target.app_name if target is not None else app_name
+            # An application no route has is counted as "" (as unrouted HTTP paths): a client
+            # cannot create series by naming applications.
+            route = target.app_name if target is not None else ""
             deployment = target.ingress if target is not None else ""
             self._record(spec.path, route, deployment, code, (time.perf_counter() - start_s) * 1000.0, request_id)
         if not any(k == "request_id" for k, _ in trailing):

@@ -252,6 +252,7 @@ class ReplicaWorker:
         key = (identity, call_id)
         enc: wire.Encoding | None
         buffers: tuple[wire.Buffer, ...] = ()
+        access_error = False  # a gRPC call answered with the user's exception's status
         try:
             if method == HTTP_METHOD:
                 # msgpack only: this came from an HTTP client through the proxy.
@@ -266,8 +267,10 @@ class ReplicaWorker:
             elif method == GRPC_METHOD and header.http:
                 grpc_final, grpc_error = await self._serve_grpc(identity, call_id, key, msg.payload[0],
                                                                  header.request_id)
+                access.route = "gRPC"
                 if grpc_error is not None:
                     error_type = type(grpc_error).__name__
+                    access_error = True
                 kind = wire.Kind.STREAM_END
                 enc, data = wire.dumps_plain(grpc_final)
             else:
@@ -298,7 +301,7 @@ class ReplicaWorker:
         model_ids = request_router_report.current() if header.multiplexed_model_id else None
         self._send(identity, wire.reply(kind, self.incarnation, call_id, enc, data, self.ongoing, model_ids, buffers))
         self._slot_freed()
-        access.end(kind.name)
+        access.end("ERROR" if access_error else kind.name)
 
     def _cancelled_reply(self, key: tuple[bytes, int], request_id: str, http: bool | None, grpc: bool = False) -> wire.Message:
         """CANCELLED; or, when the replica gives the request up at its shutdown deadline, an

@@ -303,6 +303,16 @@ def test_standard_health_service(channel: grpc.Channel) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_server_reflection_lists_the_services(channel: grpc.Channel) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    database = ProtoReflectionDescriptorDatabase(channel)
+    services = set(database.get_services())
+    assert {"shoaltest.Greeter", "ray.serve.RayServeAPIService", "grpc.health.v1.Health"} <= services
+    greeter = database.FindFileContainingSymbol("shoaltest.Greeter")
+    assert greeter.package == "shoaltest"
+
+
 def test_grpc_metrics_are_recorded(stub: Any, pb: Any) -> None:
     from helpers import sample_value, scrape
     from ray_serve_metrics import family_of
@@ -367,6 +377,23 @@ def test_access_line_per_call(stub: Any, pb: Any) -> None:
 
     found = wait_until(line, 10, "the call's access line")
     assert "/shoaltest.Greeter/Meta greeter OK" in found
+
+
+def test_failed_deployment_is_unavailable(stub: Any, pb: Any) -> None:
+    @serve.deployment
+    class Broken:
+        def __init__(self) -> None:
+            raise RuntimeError("cannot start")
+
+    with pytest.raises(RuntimeError):
+        serve.run(Broken.bind(), name="broken", route_prefix="/broken")
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Hello(_req(pb), metadata=(("application", "broken"),), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "cannot start" not in (info.value.details() or "")  # no traceback
+    finally:
+        serve.delete("broken")
 
 
 def test_replica_dying_mid_call_is_internal(stub: Any, pb: Any) -> None:
