@@ -33,6 +33,7 @@ RAY_SERVICES_LEFT_OUT = {"ASGIService"}
 
 _DUMP = """
 import json
+from google.protobuf import descriptor_pb2
 {import_line}
 fd = descriptor_pb2.FileDescriptorProto()
 serve_pb2.DESCRIPTOR.CopyToProto(fd)
