@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -168,6 +169,15 @@ def test_status_code_numbers() -> None:
         status_code(17)
 
 
+def test_context_pickles_for_a_handle_call_between_the_users_processes() -> None:
+    """Ray's context is serializable; a method may pass it on to another deployment."""
+    ctx = RayServegRPCContext.from_call(CALL, request_id="r")
+    ctx.set_code(grpc.StatusCode.ABORTED)
+    copy = pickle.loads(pickle.dumps(ctx))
+    assert copy.outcome() == ctx.outcome()
+    assert copy.invocation_metadata() == ctx.invocation_metadata()
+
+
 # -- the wire dataclasses --
 
 
@@ -325,8 +335,11 @@ def test_a_call_through_plain_data_and_back_reaches_the_client() -> None:
 def test_apply_outcome_leaves_alone_what_the_method_did_not_set() -> None:
     async def test() -> None:
         async def handler(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-            apply_outcome(context, GrpcOutcome())
-            assert context.code() is None and context.details() == "" and context.trailing_metadata() == ()
+            if request == b"nothing set":
+                apply_outcome(context, GrpcOutcome())
+                assert context.code() is None and context.details() == "" and context.trailing_metadata() == ()
+            else:
+                apply_outcome(context, GrpcOutcome(trailing_metadata=(("k", "v"),), compression=int(grpc.Compression.Gzip)))
             return b"ok"
 
         server = grpc.aio.server()
@@ -336,9 +349,13 @@ def test_apply_outcome_leaves_alone_what_the_method_did_not_set() -> None:
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                call = channel.unary_unary("/test.Echo/Call")(b"x", timeout=20)
+                call = channel.unary_unary("/test.Echo/Call")(b"nothing set", timeout=20)
                 assert await call == b"ok"
                 assert await call.code() == grpc.StatusCode.OK
+                call = channel.unary_unary("/test.Echo/Call")(b"metadata, gzip", timeout=20)
+                assert await call == b"ok"
+                assert await call.code() == grpc.StatusCode.OK
+                assert ("k", "v") in list(await call.trailing_metadata() or ())
         finally:
             await server.stop(None)
 
