@@ -44,6 +44,7 @@ class Instance:
     http_url: str | None = None
     metrics_url: str | None = None
     api_url: str | None = None  # Ray's Serve REST API, when enabled
+    grpc_url: str | None = None
 
     @property
     def private(self) -> bool:
@@ -120,6 +121,7 @@ def start_supervisor(
     logging_config: dict[str, Any] | None = None,
     api_options: dict[str, Any] | None = None,
     api_token: str | None = None,
+    grpc_options: dict[str, Any] | None = None,
 ) -> Instance:
     """Start a supervisor on ``run_dir`` and wait for its readiness line.
 
@@ -130,6 +132,7 @@ def start_supervisor(
     ``api_options``: serve Ray's REST API (``host``, ``port``, ``app_dir``; None: off), with
     ``api_token`` (passed in the environment, never on the command line; None: the caller's
     ``SHOAL_API_TOKEN``, if set).
+    ``grpc_options``: plain gRPCOptions; with servicer functions, the proxies serve gRPC.
     """
     ready_r, ready_w = os.pipe()
     pass_fds = [ready_w]
@@ -145,6 +148,8 @@ def start_supervisor(
         cmd += ["--api-options", json.dumps(api_options)]
         if api_token is not None:
             env = {**os.environ, "SHOAL_API_TOKEN": api_token}
+    if grpc_options and grpc_options.get("grpc_servicer_functions"):
+        cmd += ["--grpc-options", json.dumps(grpc_options)]
     life_r = life_w = None
     if private:
         life_r, life_w = os.pipe()
@@ -183,7 +188,7 @@ def start_supervisor(
         raise (HTTPBindError if info.get("http_bind_failed") else RayServeException)(info["error"])
     return Instance(
         run_dir, info["control"], proc if private else None, life_w, info["pid"],
-        info.get("http_url"), info.get("metrics_url"), info.get("api_url"),
+        info.get("http_url"), info.get("metrics_url"), info.get("api_url"), info.get("grpc_url"),
     )
 
 
@@ -211,8 +216,10 @@ def connect_or_start(
     http_required: bool = True,
     gpus: Sequence[str] | None = None,
     logging_config: dict[str, Any] | None = None,
+    grpc_options: dict[str, Any] | None = None,
 ) -> Instance:
-    """The running instance, or a new private one (with ``gpus`` and ``logging_config``, see
+    """The running instance, or a new private one (with ``gpus``, ``logging_config`` and
+    ``grpc_options``, see
     ``start_supervisor``). If
     ``http_required`` is False and the HTTP port is taken, the private instance starts without
     HTTP (handles still work) and says so."""
@@ -221,10 +228,11 @@ def connect_or_start(
         return running
     try:
         return start_supervisor(
-            rundir.new_session_dir(), private=True, http_options=http_options, gpus=gpus, logging_config=logging_config
+            rundir.new_session_dir(), private=True, http_options=http_options, gpus=gpus, logging_config=logging_config,
+            grpc_options=grpc_options,
         )
     except HTTPBindError as exc:
-        if http_required:
+        if http_required or grpc_options:
             raise
         logger.warning("%s Starting without HTTP; handles work.", exc)
         return start_supervisor(
