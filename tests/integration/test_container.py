@@ -15,6 +15,7 @@ what the image has: the project installed for a system interpreter. Without one,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,7 +31,7 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -75,6 +76,26 @@ BROKEN_APPS = {  # (import path, its deployment, what the error says)
     "import_error": ("no_such_module:app", "Gated", "no_such_module"),
     "constructor_raises": ("failing_app:app", "Failing", "constructor refuses to start"),
 }
+
+SLOW_APP = '''
+import os
+import socket
+from shoal import serve
+
+
+@serve.deployment
+class Slow:
+    def __init__(self):  # parked until the test releases the gate: the deploy waits
+        with socket.socket(socket.AF_UNIX) as gate:
+            gate.connect(os.environ["GATE_SOCKET"])
+            gate.recv(1)
+
+    def __call__(self, request):
+        return "late"
+
+
+app = Slow.bind()
+'''
 
 FAILING_APP = '''
 from shoal import serve
@@ -139,7 +160,8 @@ class Gate:
     def release(self) -> None:
         with self._lock:
             for conn in self._conns:
-                conn.sendall(b"x")
+                with contextlib.suppress(OSError):  # its request is gone (cut at the deadline)
+                    conn.sendall(b"x")
 
     def close(self) -> None:
         self._server.close()
@@ -170,6 +192,7 @@ class Container:
         self.workdir.chmod(0o755)
         (self.workdir / "gated_app.py").write_text(APP)
         (self.workdir / "failing_app.py").write_text(FAILING_APP)
+        (self.workdir / "slow_app.py").write_text(SLOW_APP)
         path = self.workdir / "serve_config.yaml"
         path.write_text(config)
         self.workdir.chmod(0o555)
@@ -188,10 +211,10 @@ class Container:
             env["GATE_SOCKET"] = str(gate)
         return env
 
-    def run(self, config: Path, gate: Path | None = None) -> subprocess.Popen[str]:
-        """``shoal run <config>`` as the image runs it (its ENTRYPOINT and CMD)."""
+    def run(self, config: Path, gate: Path | None = None, init: Sequence[str] = ()) -> subprocess.Popen[str]:
+        """``shoal run <config>`` as the image runs it (its ENTRYPOINT and CMD), behind ``init``."""
         proc = subprocess.Popen(
-            [*self.as_user, self.shoal, "run", str(config)], cwd=self.workdir, env=self.env(gate),
+            [*init, *self.as_user, self.shoal, "run", str(config)], cwd=self.workdir, env=self.env(gate),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.procs.append(proc)
@@ -428,6 +451,91 @@ def test_serves_as_a_non_root_user_and_drains_on_sigterm(container: Container) -
     if container.switched_user:
         stray = _files_of(CONTAINER_UID, container) - owned_before
         assert not stray, stray
+
+
+def test_a_request_still_running_at_the_grace_gets_503_and_the_process_exits_0(container: Container) -> None:
+    """A request that never finishes holds the stop for ``graceful_shutdown_timeout_s`` at most:
+    then it is answered 503 and the process exits 0 (a bounded time after the grace)."""
+    config = container.write_app(_config("127.0.0.1"))
+    gate = Gate(container.root / "gate.sock")
+    cli = container.run(config, gate.path)
+    output = Output(cli)
+    try:
+        url = output.url(60)
+        held: dict[str, httpx.Response] = {}
+        holder = threading.Thread(target=lambda: held.update(r=httpx.get(f"{url}/hold", timeout=60)))
+        holder.start()
+        wait_until(lambda: gate.parked == 1, 20, "the held request reached the replica")
+        signalled_s = time.monotonic()
+        cli.send_signal(signal.SIGTERM)
+        holder.join(GRACE_S + EXIT_BOUND_S)
+        assert held["r"].status_code == 503
+        answered_s = time.monotonic() - signalled_s
+        assert cli.wait(GRACE_S + EXIT_BOUND_S) == 0, output.stderr
+        exited_s = time.monotonic() - signalled_s
+        assert GRACE_S - 0.5 <= answered_s < GRACE_S + EXIT_BOUND_S, answered_s
+        assert exited_s < GRACE_S + EXIT_BOUND_S, exited_s
+        print(f"held request answered 503 after {answered_s:.2f}s, exit 0 after {exited_s:.2f}s (grace {GRACE_S}s)")
+    finally:
+        gate.release()
+        gate.close()
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(10)
+        output.join()
+    wait_until(lambda: not processes_in_run_dir(container.run_dir), 20, "every shoal process exited")
+
+
+def _pid_one(container: Container) -> list[str]:
+    """The prefix that makes the command pid 1 of a new pid namespace (as in a container);
+    pytest.skip saying why if it cannot."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        pytest.skip("running the command as pid 1 needs root and `unshare` (util-linux)")
+    prefix = [unshare, "--pid", "--fork", "--mount-proc", "--kill-child"]
+    if subprocess.run([*prefix, "true"], capture_output=True, timeout=30).returncode != 0:
+        pytest.skip("`unshare --pid --mount-proc` is not allowed here")
+    return prefix
+
+
+def _init_of(namespace_parent: subprocess.Popen[str]) -> psutil.Process:
+    """The pid namespace's pid 1 (``unshare``'s child), as seen from here."""
+    return wait_until(lambda: (psutil.Process(namespace_parent.pid).children() or [None])[0], 10, "pid 1 started")
+
+
+@pytest.mark.parametrize("when", ["serving", "deploying"])
+def test_as_pid_1_sigterm_stops_it(container: Container, when: str) -> None:
+    """As a container's main process (pid 1, which the kernel does not let a signal kill by its
+    default action), SIGTERM still drains and exits 0 once serving, and stops the deploy (exit
+    non-zero, nothing left) while deploying."""
+    init = _pid_one(container)
+    deploying = when == "deploying"
+    config = container.write_app(_config("127.0.0.1", "slow_app:app", "Slow") if deploying else _config("127.0.0.1"))
+    gate = Gate(container.root / "gate.sock")
+    cli = container.run(config, gate.path, init=init)
+    output = Output(cli)
+    try:
+        pid_one = _init_of(cli)
+        if deploying:
+            wait_until(lambda: gate.parked == 1, 30, "the constructor runs")
+        else:
+            url = output.url(60)
+            assert httpx.get(f"{url}/", timeout=10).text == "ok"
+        signalled_s = time.monotonic()
+        pid_one.send_signal(signal.SIGTERM)
+        if not deploying:
+            wait_until(lambda: _status(f"{url}/-/healthz") == 503, 1.0, "healthz answers 503 at once")
+        code = cli.wait(GRACE_S + EXIT_BOUND_S + 20)
+        assert (code != 0) if deploying else (code == 0), (code, output.stderr)
+        assert time.monotonic() - signalled_s < GRACE_S + EXIT_BOUND_S + 20
+    finally:
+        gate.release()
+        gate.close()
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait(10)
+        output.join()
+    wait_until(lambda: not processes_in_run_dir(container.run_dir), 20, "every shoal process exited")
 
 
 def test_binds_all_interfaces_only_when_the_config_asks(container: Container) -> None:
