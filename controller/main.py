@@ -234,6 +234,20 @@ def _restore(controller: Controller, run_dir: Path) -> None:
         logger.exception("could not bring back the applications saved in %s", run_dir)
 
 
+def _log_json_records() -> None:
+    """The supervisor's own log lines as JSON records (Ray's keys), ``component_name``
+    ``controller`` as Ray's controller's."""
+    from shoal.runtime.logs import JSONFormatter
+
+    def tag(record: logging.LogRecord) -> bool:
+        record.component_name = "controller"
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(JSONFormatter())
+        handler.addFilter(tag)
+
+
 def _report_ready(fd: int | None, info: dict[str, Any]) -> None:
     if fd is not None:
         with os.fdopen(fd, "w") as ready:
@@ -261,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     capture = OutputCapture(args.log_file, rotation) if args.log_file is not None else None
     logging.basicConfig(level=logging.INFO, format="(shoal supervisor) %(levelname)s %(message)s")
+    if args.log_file is None and str((args.logging_config or {}).get("encoding", "TEXT")).upper() == "JSON":
+        _log_json_records()  # the console holds JSON records only (see SupervisorConfig.bare_json_lines)
     set_process_name("shoal")
     import uvloop
 

@@ -484,6 +484,10 @@ def test_a_request_still_running_at_the_grace_gets_503_and_the_process_exits_0(c
             cli.wait(10)
         output.join()
     wait_until(lambda: not processes_in_run_dir(container.run_dir), 20, "every shoal process exited")
+    # The proxy's warning about the request it cut is a JSON record on the console too.
+    lines = [line for line in [*output.stdout, *output.stderr] if line.strip() and not line.startswith("shoal: ")]
+    records = [json.loads(line) for line in lines]
+    assert any(r.get("component_name") == "proxy" and "still in flight" in r["message"] for r in records), lines
 
 
 def _pid_one(container: Container) -> list[str]:
@@ -647,3 +651,24 @@ def test_the_images_default_config_is_valid() -> None:
     assert schema.http_options.host == "0.0.0.0"
     assert (schema.http_options.port, schema.http_options.metrics_port) == (8000, 8080)
     assert [app.import_path for app in schema.applications] == ["hello:app"]
+
+
+def test_json_records_lose_their_console_prefix(capsys: pytest.CaptureFixture[str]) -> None:
+    """A private instance's console (a container's log) echoes a replica's or the proxy's JSON
+    record bare; any other line keeps its prefix."""
+    from shoal.controller.main import _echo_bare_json
+
+    lines = [
+        '(ServeReplica:app:Model pid=12, replica=ab12) {"message": "hi", "replica": "ab12"}',
+        '(ProxyActor) {"message": "cut", "component_name": "proxy"}',
+        "(ServeReplica:app:Model pid=12, replica=ab12) printed by the user {not json}",
+        "(ProxyActor) a text line",
+    ]
+    for line in lines:
+        _echo_bare_json(line)
+    assert capsys.readouterr().out.splitlines() == [
+        '{"message": "hi", "replica": "ab12"}',
+        '{"message": "cut", "component_name": "proxy"}',
+        lines[2],
+        lines[3],
+    ]
