@@ -424,6 +424,7 @@ def test_serves_as_a_non_root_user_and_drains_on_sigterm(container: Container) -
         signalled_s = time.monotonic()
         cli.send_signal(signal.SIGTERM)
         wait_until(lambda: _status(f"{url}/-/healthz") == 503, 1.0, "healthz answers 503 at once")
+        print(f"/-/healthz answered 503 {1000 * (time.monotonic() - signalled_s):.0f} ms after SIGTERM")
         assert _status(f"{url}/") in (503, None), "a new connection is served while draining"
         assert holder.is_alive(), "the request in flight ended before its gate opened"
         gate.release()
@@ -540,6 +541,32 @@ def test_as_pid_1_sigterm_stops_it(container: Container, when: str) -> None:
             cli.wait(10)
         output.join()
     wait_until(lambda: not processes_in_run_dir(container.run_dir), 20, "every shoal process exited")
+
+
+def test_starts_again_on_the_run_directory_a_killed_container_left(container: Container) -> None:
+    """A container restarted in the same pod keeps its emptyDir: the run directory a killed
+    instance left (pid file, sockets, saved applications) does not stop the next one."""
+    init = _pid_one(container)
+    config = container.write_app(_config("127.0.0.1"))
+    for attempt in ("killed", "restarted"):
+        cli = container.run(config, init=init)
+        output = Output(cli)
+        try:
+            url = output.url(60)
+            assert httpx.get(f"{url}/", timeout=10).text == "ok"
+            if attempt == "killed":  # SIGKILL of pid 1: the kernel kills the whole namespace
+                _init_of(cli).kill()
+                cli.wait(30)
+                wait_until(lambda: not processes_in_run_dir(container.run_dir), 20, "the namespace is gone")
+                assert (container.run_dir / "default" / "supervisor.pid").exists()
+            else:
+                _init_of(cli).send_signal(signal.SIGTERM)
+                assert cli.wait(GRACE_S + EXIT_BOUND_S) == 0, output.stderr
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait(10)
+            output.join()
 
 
 def test_binds_all_interfaces_only_when_the_config_asks(container: Container) -> None:
