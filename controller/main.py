@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -56,6 +57,19 @@ class SupervisorConfig:
     logging_config: dict[str, Any] | None = None  # the instance's (serve.start's, a config file's top level)
     api_options: RestAPIOptions | None = None  # Ray's Serve REST API (``rest_api``); None: off
     grpc_options: dict[str, Any] | None = None  # gRPCOptions; with servicer functions, the proxies serve gRPC
+    bare_json_lines: bool = False  # echo replicas' and the proxy's JSON log lines without their prefix
+
+
+# A replica's or the proxy's console line holding a JSON log record, behind its prefix.
+_PREFIXED_JSON = re.compile(r"\((?:ServeReplica:[^)]*|ProxyActor)\) (\{.*\})")
+
+
+def _echo_bare_json(line: str) -> None:
+    """``_echo``, but a JSON log record loses its console prefix (the record names its
+    component, application, deployment and replica itself): with ``encoding: JSON`` the console
+    (``shoal run``'s stdout, a container's log) holds one JSON object per log line."""
+    found = _PREFIXED_JSON.fullmatch(line)
+    _echo(found.group(1) if found else line)
 
 
 def _echo(line: str) -> None:
@@ -96,7 +110,8 @@ async def serve(config: SupervisorConfig) -> int:
         watch_lifeline(loop, config.lifeline_fd, stop.set)
 
     devices = gpus.detect_gpus(config.gpus)
-    controller = Controller(run_dir, echo=_echo, gpus=devices, log_rotation=config.log_rotation)
+    echo = _echo_bare_json if config.bare_json_lines else _echo
+    controller = Controller(run_dir, echo=echo, gpus=devices, log_rotation=config.log_rotation)
     endpoint = rundir.control_endpoint(run_dir)
     info: dict[str, Any] = {
         "pid": os.getpid(), "control": endpoint, "run_dir": str(run_dir), "http_url": None, "gpus": list(devices),
@@ -130,7 +145,7 @@ async def serve(config: SupervisorConfig) -> int:
             rundir.remove_sockets(run_dir)
             return 2
         controller.proxies = ProxyPool(
-            config.http_options, endpoint, listener, echo=_echo,
+            config.http_options, endpoint, listener, echo=echo,
             on_process_exit=lambda pid: controller.process_exited(pid),
             logs_dir=str(run_dir / rundir.LOGS), log_rotation=config.log_rotation,
             logging_config=config.logging_config,  # the first deploy carries the same: no proxy restart
@@ -290,6 +305,20 @@ def _restore(controller: Controller, run_dir: Path) -> None:
         logger.exception("could not bring back the applications saved in %s", run_dir)
 
 
+def _log_json_records() -> None:
+    """The supervisor's own log lines as JSON records (Ray's keys), ``component_name``
+    ``controller`` as Ray's controller's."""
+    from shoal.runtime.logs import JSONFormatter
+
+    def tag(record: logging.LogRecord) -> bool:
+        record.component_name = "controller"
+        return True
+
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(JSONFormatter())
+        handler.addFilter(tag)
+
+
 def _report_ready(fd: int | None, info: dict[str, Any]) -> None:
     if fd is not None:
         with os.fdopen(fd, "w") as ready:
@@ -329,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     capture = OutputCapture(args.log_file, rotation) if args.log_file is not None else None
     logging.basicConfig(level=logging.INFO, format="(shoal supervisor) %(levelname)s %(message)s")
+    if args.log_file is None and str((args.logging_config or {}).get("encoding", "TEXT")).upper() == "JSON":
+        _log_json_records()  # the console holds JSON records only (see SupervisorConfig.bare_json_lines)
     set_process_name("shoal")
     import uvloop
 
@@ -336,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         args.run_dir, args.lifeline_fd, args.ready_fd, args.http_options, args.gpus, rotation, args.logging_config,
         api_options,
         args.grpc_options,
+        # A detached instance's console is supervisor.log, where `shoal logs` recognises
+        # replicas' lines by their prefix; a private one's is its driver's (`shoal run`'s) stdout.
+        bare_json_lines=args.log_file is None,
     )
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

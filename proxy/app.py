@@ -12,6 +12,9 @@ none, as in Ray.
 
 ``drain`` (SIGTERM): ``/-/healthz`` answers 503, the requests in flight get until the deadline to
 finish, and those still running then are answered 503 (or cut, if their response had started).
+While it drains, a request on a connection accepted after the drain began is answered 503 with
+``Connection: close`` and ``Retry-After: 1`` (the instance is going away: retry elsewhere); one
+on a connection opened before is still served.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import socket
 import time
 from collections.abc import Coroutine
@@ -26,6 +30,7 @@ from typing import Any, TypeVar
 
 from shoal.proxy.access import AccessWriter
 from shoal.proxy.exchange import (
+    CONNECTION_EXTENSION,
     HttpExchange,
     ProxyOptions,
     Receive,
@@ -50,6 +55,8 @@ T = TypeVar("T")
 __all__ = ["ProxyApp", "ProxyOptions"]
 
 _ABORT_WAIT_S = 1.0  # after the drain deadline, how long the 503s get to go out
+_DRAINING = "This node is being drained."
+_CLOSE_AND_RETRY = [(b"connection", b"close"), (b"retry-after", b"1")]
 
 
 class ProxyApp:
@@ -69,6 +76,7 @@ class ProxyApp:
         self.exchanges: set[HttpExchange] = set()  # HTTP requests being answered
         self._idle: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()  # WebSocket forwarders
+        self._drain_started_s = math.inf  # time.monotonic() when the drain began
 
     def _routes(self) -> RoutingTable:
         snapshot = self.runtime.snapshot
@@ -90,6 +98,13 @@ class ProxyApp:
             status = await self._system(path, send)
             self.metrics.for_route(path, "", "").record(
                 scope["method"], str(status), (time.perf_counter() - start_s) * 1000.0, status != 200)
+            return
+        if self.draining and kind == "http" and self._opened_while_draining(scope):
+            await send_all(send, text_response(503, _DRAINING, _CLOSE_AND_RETRY))
+            latency_ms = (time.perf_counter() - start_s) * 1000.0
+            self.metrics.unrouted().record(scope["method"], "503", latency_ms, True)
+            if self.access is not None:
+                self.access.write(scope["method"], "", 503, latency_ms, _given_request_id(scope))
             return
         route = self._routes().match(path)
         if route is None:
@@ -138,6 +153,7 @@ class ProxyApp:
         ``min_s``, and until the requests in flight are answered or ``timeout_s`` passes; the
         ones left then are answered 503 (or cut mid-response), within ``_ABORT_WAIT_S``."""
         self.draining = True
+        self._drain_started_s = time.monotonic()
         self._idle = asyncio.Event()
         await asyncio.sleep(min_s)
         if await self._wait_idle(max(0.0, timeout_s - min_s)):
@@ -147,6 +163,12 @@ class ProxyApp:
         for exchange in list(self.exchanges):
             exchange.abort()
         await self._wait_idle(_ABORT_WAIT_S)
+
+    def _opened_while_draining(self, scope: Scope) -> bool:
+        """True if the request came on a connection accepted after the drain began (those
+        opened before keep being served: their clients had been sent here before the drain)."""
+        connection = (scope.get("extensions") or {}).get(CONNECTION_EXTENSION)
+        return connection is not None and connection.get("opened_s", -math.inf) >= self._drain_started_s
 
     async def _wait_idle(self, timeout_s: float) -> bool:
         """Wait until no HTTP request is in flight; False if ``timeout_s`` passed first."""

@@ -33,12 +33,15 @@ dict per connection, so that the proxy's hot path builds no objects per request 
 - ``watch(on_gone)`` / ``unwatch(on_gone)``: ``on_gone()`` is called when the connection is lost
   (or refused by a parse error), or soon (``call_soon``) if it was already lost when ``watch``
   was called, so that a request whose body has been read can learn that its
-  client left without a task waiting on ``receive``.
+  client left without a task waiting on ``receive``;
+- ``opened_s``: when the connection was accepted (``time.monotonic()``), so that a draining
+  proxy can tell connections opened before its drain from those opened during it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -105,7 +108,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._on_gone: list[Callable[[], None]] = []  # ``watch``: told when the connection is lost
         self._gone = False  # lost or refused: a later ``watch`` is told at once
         self._extensions: dict[str, dict[object, object]] = {
-            CONNECTION_EXTENSION: {"write": self._write_whole, "watch": self._watch, "unwatch": self._unwatch},
+            CONNECTION_EXTENSION: {
+                "write": self._write_whole, "watch": self._watch, "unwatch": self._unwatch,
+                "opened_s": time.monotonic(),
+            },
         }
 
     # -- connection -----------------------------------------------------------------------------

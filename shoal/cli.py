@@ -85,6 +85,10 @@ def _say_progress(text: str, elapsed_s: float) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from shoal.controller import launch, rundir
 
+    # Until it serves, SIGTERM interrupts as Ctrl-C does (stopping what started). Said here, not
+    # left to the default action: a container's main process (pid 1) would never see it.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
     app_dir = os.path.abspath(args.app_dir)
     sys.path.insert(0, app_dir)
     config_path = args.target if _is_config_file(args.target) else None
@@ -155,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         api.set_num_proxies(http["num_proxies"])
     try:
         api.deploy_specs(specs, declarative=True, wait=True, progress_lines=_say_progress)
-    except KeyboardInterrupt:  # Ctrl-C while deploying: stop, as after serving
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while deploying: stop, as after serving
         print("shoal: interrupted while deploying; stopping", file=sys.stderr, flush=True)
         api.shutdown()
         if owned:

@@ -7,9 +7,15 @@ without site packages (``python -I -S``), which needs only the standard library.
 end of its private supervisor's lifeline (the supervisor is its child) and waits for Ctrl-C or
 SIGTERM, or for the supervisor to exit.
 
-Then it prints ``shoal: draining and stopping``, closes the lifeline (the supervisor drains its
-replicas and stops, as on ``serve.shutdown()``), waits for the supervisor up to ``stop_timeout_s``
-(SIGKILL after that) and exits 0.
+Then it prints ``shoal: draining and stopping`` and stops the supervisor: on SIGTERM (an
+orchestrator stopping the container, of which this is the main process) it passes SIGTERM on, so
+the supervisor drains as when signalled itself (``/-/healthz`` answers 503 at once, the requests
+in flight finish); on Ctrl-C it closes the lifeline (the supervisor drains its replicas and
+stops, as on ``serve.shutdown()``). It waits for the supervisor up to ``stop_timeout_s`` (SIGKILL
+after that) and exits 0.
+
+As a container's main process (pid 1) it is also the parent of every orphaned process in the
+container: it reaps whichever child exits, not only the supervisor, so none stays a zombie.
 
 SIGINT, SIGTERM and SIGCHLD arrive blocked (``shoal run`` blocks them before the exec, and the
 mask survives it): one sent during the exec stays pending and is taken here, never lost.
@@ -25,27 +31,41 @@ import sys
 import time
 
 WATCHED = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
+_exited: set[int] = set()  # the children reaped so far
 
 
 def _reaped(pid: int) -> bool:
-    """True once the child ``pid`` exited (it is reaped here)."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    return done == pid
+    """True once the child ``pid`` exited. Reaps every child that exited (orphans too)."""
+    while pid not in _exited:
+        try:
+            done, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return True  # no child left at all
+        if done == 0:
+            return False
+        _exited.add(done)
+    return True
 
 
-def wait_for_stop(pid: int) -> None:
-    """Block until SIGINT or SIGTERM arrives, or the child ``pid`` exits."""
+def wait_for_stop(pid: int) -> int:
+    """Block until SIGINT or SIGTERM arrives (returns it), or the child ``pid`` exits (0)."""
     while not _reaped(pid):
-        if signal.sigwaitinfo(WATCHED).si_signo != signal.SIGCHLD:
-            return
+        signo = signal.sigwaitinfo(WATCHED).si_signo
+        if signo != signal.SIGCHLD:
+            return signo
+    return 0
 
 
-def stop_supervisor(pid: int, lifeline_fd: int, timeout_s: float) -> None:
-    """Close the lifeline and wait up to ``timeout_s`` for the child ``pid``; then SIGKILL it."""
-    os.close(lifeline_fd)
+def stop_supervisor(pid: int, lifeline_fd: int, timeout_s: float, signo: int = 0) -> None:
+    """Stop the child ``pid``: SIGTERM if ``signo`` is SIGTERM, else close the lifeline; wait up
+    to ``timeout_s`` for it, then SIGKILL it."""
+    if signo == signal.SIGTERM:
+        try:
+            os.kill(pid, signal.SIGTERM)  # still our unreaped child: the pid cannot be reused
+        except ProcessLookupError:
+            pass
+    else:
+        os.close(lifeline_fd)
     deadline = time.monotonic() + timeout_s
     while not _reaped(pid):
         remaining = deadline - time.monotonic()
@@ -59,10 +79,9 @@ def stop_supervisor(pid: int, lifeline_fd: int, timeout_s: float) -> None:
 def main(argv: list[str]) -> int:
     pid, lifeline_fd, timeout_s = int(argv[1]), int(argv[2]), float(argv[3])
     signal.pthread_sigmask(signal.SIG_BLOCK, WATCHED)  # already blocked when exec'd by `shoal run`
-    if "--stop-now" not in argv:
-        wait_for_stop(pid)
+    signo = 0 if "--stop-now" in argv else wait_for_stop(pid)
     print("shoal: draining and stopping", flush=True)
-    stop_supervisor(pid, lifeline_fd, timeout_s)
+    stop_supervisor(pid, lifeline_fd, timeout_s, signo)
     return 0
 
 
