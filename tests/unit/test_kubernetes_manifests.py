@@ -254,11 +254,18 @@ def test_the_config_map_name_changes_with_the_config(tmp_path: Path) -> None:
     assert changed["metadata"]["name"] != one(render("base"), "ConfigMap")["metadata"]["name"]
 
 
-def test_the_hpa_component_replaces_the_scaled_object_with_the_same_numbers() -> None:
-    """Two autoscalers must never drive one Deployment; the HPA alternative decides the same."""
-    keda = {t["metadata"]["query"]: t for t in one(render("overlays/example"), "ScaledObject")["spec"]["triggers"]}
-    so_spec = one(render("overlays/example"), "ScaledObject")["spec"]
-    hpa = one(render("overlays/example-hpa"), "HorizontalPodAutoscaler")["spec"]
+@pytest.mark.parametrize(("keda_from", "hpa_from"), [
+    ("base", "components/hpa-external/hpa.yaml"), ("overlays/example", "overlays/example-hpa")])
+def test_the_hpa_alternative_decides_with_the_scaled_object_s_numbers(keda_from: str, hpa_from: str) -> None:
+    """The component's HPA has the base's numbers and the HPA overlay the example's; two
+    autoscalers never drive one Deployment (the HPA overlay renders no ScaledObject)."""
+    so_spec = one(render(keda_from), "ScaledObject")["spec"]
+    keda = {t["metadata"]["query"]: t for t in so_spec["triggers"]}
+    if hpa_from.endswith(".yaml"):
+        hpa = yaml.safe_load((KUBE / hpa_from).read_text())["spec"]
+    else:
+        hpa = one(render(hpa_from), "HorizontalPodAutoscaler")["spec"]
+        assert not [o for o in render(hpa_from) if o["kind"] == "ScaledObject"]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (so_spec["minReplicaCount"], so_spec["maxReplicaCount"])
     assert hpa["behavior"] == so_spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     by_metric = {_metrics_in(q)[0]: t["metadata"]["threshold"] for q, t in keda.items()}
