@@ -175,8 +175,11 @@ def shoal_grpc_address(serve: Any) -> str:
     for name in ("get_grpc_address", "get_grpc_url"):
         getter = getattr(serve, name, None)
         if getter is not None:
-            return str(getter()).removeprefix("grpc://").rstrip("/")
-    raise RuntimeError("this shoal does not report its gRPC port (no serve.get_grpc_address())")
+            address = getter()
+            if not address:
+                raise RuntimeError(f"serve.{name}() is {address!r}: shoal serves no gRPC")
+            return str(address).removeprefix("grpc://").rstrip("/")
+    raise RuntimeError("this shoal does not report its gRPC port (no serve.get_grpc_url())")
 
 
 def serve_framework(framework: str, max_ongoing_requests: int | None) -> int:
@@ -674,7 +677,9 @@ def orchestrate(args: argparse.Namespace) -> int:
                 if "error" in r:
                     if t == "shoal" and not rounds[t] and "before announcing" in r["error"]:
                         # A shoal without a gRPC proxy refuses the servicer functions at start.
-                        last = r["error"].strip().splitlines()[-1].strip()
+                        lines = [line.strip() for line in r["error"].strip().splitlines()]
+                        last = next((line for line in reversed(lines) if "rror" in line and not
+                                     line.startswith(("File ", "For further"))), lines[-1])  # fmt: skip
                         unavailable[t] = f"shoal's gRPC proxy is not available in this shoal: {last}"
                     failures.setdefault(t, []).append(r["error"])
                 else:
