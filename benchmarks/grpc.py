@@ -59,6 +59,7 @@ import asyncio
 import collections
 import json
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -266,8 +267,22 @@ async def _load(address: str, in_flight: int, warmup_s: float, duration_s: float
                 if window[0] <= t0 and t1 <= window[1]:
                     latencies_us.append((t1 - t0) // 1000)
 
+        async def cpu_meter() -> float:
+            """CPU seconds this process (every thread) used within the measured window."""
+            await asyncio.sleep(max(0.0, (window[0] - time.perf_counter_ns()) / 1e9))
+            used_s = -cpu_seconds()
+            await asyncio.sleep(max(0.0, (window[1] - time.perf_counter_ns()) / 1e9))
+            return used_s + cpu_seconds()
+
+        meter = asyncio.create_task(cpu_meter())
         await asyncio.gather(*(caller() for _ in range(in_flight)))
-    return {"latencies_us": latencies_us, "errors": dict(errors), "duration_s": duration_s}
+        cpu_s = await meter
+    return {"latencies_us": latencies_us, "errors": dict(errors), "duration_s": duration_s, "cpu_s": cpu_s}
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_client(args: argparse.Namespace) -> int:
@@ -288,6 +303,7 @@ def measure(address: str, in_flight: int, args: argparse.Namespace, env: dict[st
     children = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                 for c in cmds]  # fmt: skip
     latencies: list[int] = []
+    cpu_s = 0.0
     errors: collections.Counter[str] = collections.Counter()
     limit_s = args.warmup + args.duration + 60
     for child in children:
@@ -303,6 +319,7 @@ def measure(address: str, in_flight: int, args: argparse.Namespace, env: dict[st
             raise RuntimeError(f"client exit {child.returncode}; stderr tail:\n    {tail}")
         result = json.loads(lines[-1])
         latencies += result["latencies_us"]
+        cpu_s += result["cpu_s"]
         errors.update(result["errors"])
     cuts = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else None
     return {
@@ -310,6 +327,7 @@ def measure(address: str, in_flight: int, args: argparse.Namespace, env: dict[st
         "p50_ms": cuts[49] / 1e3 if cuts else None,
         "p99_ms": cuts[98] / 1e3 if cuts else None,
         "calls": len(latencies),
+        "client_cores": cpu_s / args.duration,
         "errors": dict(errors),
     }
 
@@ -462,7 +480,7 @@ def run_round(target: str, python: str, args: argparse.Namespace, scratch: str, 
         for n in args.in_flight:
             result = measure(server.info["address"], n, args, args.client_env)
             report["results"][n] = result
-            errs = f"  errors {result['errors']}" if result["errors"] else ""
+            errs = f"  client {result['client_cores']:.2f} cores" + (f"  errors {result['errors']}" if result["errors"] else "")
             progress(f"  {n:>3} in flight: {result['requests_per_s']:>8,.0f} req/s  p50 {fmt_ms(result['p50_ms'])} ms  "
                      f"p99 {fmt_ms(result['p99_ms'])} ms{errs}")  # fmt: skip
     except Exception as exc:
@@ -606,7 +624,8 @@ def medians(rounds: list[dict[str, Any]], in_flight: list[int]) -> dict[int, dic
             errors: collections.Counter[str] = collections.Counter()
             for r in runs:
                 errors.update(r["errors"])
-            out[n] = spreads(runs, [key for key, _, _ in FIGURES]) | {"runs": len(runs), "errors": dict(errors)}
+            keys = [key for key, _, _ in FIGURES] + ["client_cores"]
+            out[n] = spreads(runs, keys) | {"runs": len(runs), "errors": dict(errors)}
     return out
 
 
@@ -621,6 +640,11 @@ def fill_table(report: Report, med: dict[str, dict[int, dict[str, Any]]], target
             goal = ISSUE12_TARGET if (n == 64 and key == "requests_per_s") else ""
             report.add_row(f"{n} in flight {label}", *(cell(figures[t], fmt) for t in cols),
                            *(ratio(figures["shoal"], figures[p]) for p in peers), goal)  # fmt: skip
+    busy = [f"{t} at {n} in flight {m['client_cores'].median:.2f}" for t in cols for n, m in med.get(t, {}).items()
+            if "client_cores" in m]  # fmt: skip
+    if busy:
+        report.notes.append(f"client CPU while measured (cores of {os.cpu_count()}, median): "
+                            + ", ".join(busy))  # fmt: skip
     for t in cols:
         for n, m in med.get(t, {}).items():
             if m["errors"]:
