@@ -478,9 +478,14 @@ def run_round(target: str, python: str, args: argparse.Namespace, scratch: str, 
             report["profile"] = profile_round(server, args, env)
             return report
         for n in args.in_flight:
+            before = cpu_by_process(server)
             result = measure(server.info["address"], n, args, args.client_env)
+            used = cpu_by_process(server)
+            result["server_cores"] = {name: (used[name] - before.get(name, 0.0)) / (args.warmup + args.duration)
+                                      for name in used}  # fmt: skip
             report["results"][n] = result
-            errs = f"  client {result['client_cores']:.2f} cores" + (f"  errors {result['errors']}" if result["errors"] else "")
+            busy = ", ".join(f"{name} {c:.2f}" for name, c in sorted(result["server_cores"].items()) if c >= 0.05)
+            errs = f"\n      cores used: client {result['client_cores']:.2f}, server: {busy}" + (f"  errors {result['errors']}" if result["errors"] else "")
             progress(f"  {n:>3} in flight: {result['requests_per_s']:>8,.0f} req/s  p50 {fmt_ms(result['p50_ms'])} ms  "
                      f"p99 {fmt_ms(result['p99_ms'])} ms{errs}")  # fmt: skip
     except Exception as exc:
@@ -499,6 +504,22 @@ def run_round(target: str, python: str, args: argparse.Namespace, scratch: str, 
     return report
 
 
+def cpu_by_process(server: Server) -> dict[str, float]:
+    """CPU seconds used so far by the server's processes, summed by process name (e.g.
+    ``shoal-proxy``, ``shoal-replica``, ``python``, Ray's ``ServeReplica:...``)."""
+    import psutil
+
+    out: dict[str, float] = collections.defaultdict(float)
+    for p in server.processes():
+        try:
+            with p.oneshot():
+                times = p.cpu_times()
+                out[p.name()] += times.user + times.system
+        except psutil.Error:
+            continue
+    return dict(out)
+
+
 def fmt_ms(v: float | None) -> str:
     return "-" if v is None else (f"{v:.2f}" if v < 100 else f"{v:,.0f}")
 
@@ -511,9 +532,9 @@ def profile_round(server: Server, args: argparse.Namespace, env: dict[str, str])
     replica for the measured window; the top frames of each."""
     import psutil
 
-    py_spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    py_spy = args.py_spy or shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(py_spy):
-        raise RuntimeError("py-spy is not installed (pip install py-spy)")
+        raise RuntimeError("py-spy is not installed (pip install py-spy, or --py-spy PATH)")
     roles = {}
     for p in server.processes():
         try:
@@ -530,7 +551,9 @@ def profile_round(server: Server, args: argparse.Namespace, env: dict[str, str])
     for role, pid in roles.items():
         out = os.path.join(os.path.dirname(server.log_path), f"py-spy-{role}-{pid}.txt")
         cmd = [py_spy, "record", "--pid", str(pid), "--duration", str(max(1, round(args.duration))), "--rate", "250",
-               "--format", "raw", "--nonblocking", "--output", out]  # fmt: skip
+               "--format", "raw", "--threads", "--output", out]  # fmt: skip
+        # --native needs py-spy to stop the process for each sample (slower); else it reads on the fly.
+        cmd.append("--native" if args.profile_native else "--nonblocking")
         spies[role] = (out, cmd)
     result = {}
     load = threading.Thread(target=lambda: result.update(measure(server.info["address"], n, args, args.client_env)))
@@ -550,24 +573,42 @@ def profile_round(server: Server, args: argparse.Namespace, env: dict[str, str])
     return profile
 
 
+# Top frames of a thread waiting in the kernel (py-spy --native cannot leave them out itself).
+WAITING_FRAMES = ("epoll_wait", "epoll_pwait", "poll", "select", "pthread_cond_wait", "pthread_cond_timedwait",
+                  "futex_wait", "__futex_abstimed_wait_common", "sem_timedwait", "nanosleep", "clock_nanosleep")
+# Frames on (nearly) every stack of their thread, left out of the inclusive list: they say nothing.
+BOOTSTRAP_FRAMES = ("multiprocessing/", "threading.py", "asyncio/runners.py", "(<string>", "worker_main.py",
+                    "template_main.py", "proxy/main.py")  # fmt: skip
+
+
 def top_frames(collapsed_path: str, top: int) -> dict[str, Any]:
-    """From py-spy's collapsed stacks (``frame;frame;... count``): the samples, and the frames
-    with the most samples on top of the stack (self) and anywhere in it (inclusive)."""
+    """From py-spy's collapsed stacks (``thread (id);frame;frame;... count``, with --threads): the
+    samples per thread, and the frames with the most samples on top of the stack (self) and
+    anywhere in it (inclusive, the bootstrap frames every stack has left out)."""
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
-    total = 0
+    threads: collections.Counter[str] = collections.Counter()
+    total = waiting = 0
     with open(collapsed_path) as f:
         for line in f:
             stack, _, count_text = line.rstrip("\n").rpartition(" ")
             if not stack:
                 continue
             count = int(count_text)
-            frames = [short_frame(fr) for fr in stack.split(";")]
+            frames = stack.split(";")
+            thread = frames.pop(0) if frames[0].startswith(("thread ", "process ")) else "thread (?)"
+            frames = [short_frame(fr) for fr in frames] or ["(no Python frame)"]
+            if frames[-1].split(" ")[0] in WAITING_FRAMES:  # --native: a thread blocked in the kernel
+                waiting += count
+                continue
+            threads[thread] += count
             total += count
             own[frames[-1]] += count
             for fr in set(frames):
-                inclusive[fr] += count
-    return {"samples": total, "self": own.most_common(top), "inclusive": inclusive.most_common(top)}
+                if not any(marker in fr for marker in BOOTSTRAP_FRAMES):
+                    inclusive[fr] += count
+    return {"samples": total, "waiting": waiting, "threads": threads.most_common(top), "self": own.most_common(top),
+            "inclusive": inclusive.most_common(top)}  # fmt: skip
 
 
 def short_frame(frame: str) -> str:
@@ -595,8 +636,9 @@ def print_profile(profile: dict[str, Any], markdown: bool) -> None:
             lines.append(f"{role}: {data['error']}")
             continue
         total = data["samples"] or 1
-        lines.append(f"{role}: {data['samples']} samples (threads with work; idle left out)")
-        for kind in ("self", "inclusive"):
+        waiting = f", and {data['waiting']} waiting in the kernel, left out" if data.get("waiting") else ""
+        lines.append(f"{role}: {data['samples']} samples (threads with work; idle left out{waiting})")
+        for kind in ("threads", "self", "inclusive"):
             lines.append(f"  top {kind}:")
             lines += [f"    {100 * c / total:5.1f}%  {fr}" for fr, c in data[kind]]
     print()
@@ -757,6 +799,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--ready-timeout-s", type=float, default=180.0, help="limit for a server to start and answer")
     add("--stop-timeout-s", type=float, default=60.0, help="limit for a server to stop before it is killed")
     add("--profile", action="store_true", help="one more shoal round under py-spy: where its proxy's time goes")
+    add("--py-spy", help="the py-spy executable for --profile (default: on PATH, else next to this Python)")
+    add("--profile-native", action="store_true",
+        help="py-spy --native: C and Cython frames too (grpc's core), stopping the process per sample")
     add("--profile-top", type=int, default=15, help="frames listed per profile table (default 15)")
     add("--keep-scratch", action="store_true", help="keep the temporary directory (stubs, logs, py-spy output)")
     add("--serve", choices=TARGETS, help=argparse.SUPPRESS)  # internal: be one server
