@@ -19,7 +19,8 @@ default 1), one channel each, keeping N calls in flight (split over the processe
 ``application=hello`` metadata, for ``--duration`` seconds after ``--warmup`` seconds of the
 same load; it counts the calls that completed in the measured window and their latency (p50,
 p99). The client runs on the same machine and shares its cores with the server under test:
-the bare figure is the client's limit as much as the server's when the client saturates a core.
+the report gives the cores the client used while measured, and the progress lines (standard
+error) the cores each server process used, to tell a saturated client from a saturated server.
 
 Each round (``--runs``, default 3) starts every target in a fresh process (``--serve TARGET``,
 an internal mode), waits until it answers, measures every in-flight count against it, then
@@ -28,9 +29,14 @@ versions, the median and spread (min-max) of the rounds, shoal / bare (issue 12'
 at least 0.40 at 64 in flight) and shoal / ray. A target that cannot serve (shoal built
 without gRPC) is named with its error and the others still run. Nothing is asserted.
 
-``--profile`` runs one extra shoal round afterwards, not measured, with ``py-spy record`` on
-shoal's proxy (and replica) for the measured window at the largest in-flight count, and prints
-where their time goes (self and inclusive, the top frames). It needs ``py-spy`` on PATH and
+``--profile`` runs one extra shoal round afterwards, not measured, with ``py-spy record
+--threads`` on shoal's proxy (and replica) for the measured window at the largest in-flight
+count, and prints where their time goes: the share of each thread, and the top frames on top of
+the stack (self) and anywhere in it (inclusive, bootstrap frames left out). Idle threads are
+left out, so time in C (uvloop, grpc's Cython core) shows as its Python caller (``Runner.run``
+for the event loop, ``Thread.run`` for grpc's poller thread); ``--profile-native`` shows the C
+frames, but py-spy then stops the process for each sample (slower; samples waiting in the kernel
+are left out). It needs ``py-spy`` (on PATH, next to this Python, or ``--py-spy PATH``) and
 ptrace rights.
 
 Run it:
