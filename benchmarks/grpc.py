@@ -541,7 +541,7 @@ def profile_round(server: Server, args: argparse.Namespace, env: dict[str, str])
     py_spy = args.py_spy or shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(py_spy):
         raise RuntimeError("py-spy is not installed (pip install py-spy, or --py-spy PATH)")
-    roles = {}
+    roles: dict[str, int] = {}
     for p in server.processes():
         try:
             name, cmdline = p.name(), " ".join(p.cmdline())
