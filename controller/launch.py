@@ -43,6 +43,7 @@ class Instance:
     pid: int | None = None  # the supervisor's, when this process started it
     http_url: str | None = None
     metrics_url: str | None = None
+    grpc_url: str | None = None
 
     @property
     def private(self) -> bool:
@@ -117,6 +118,7 @@ def start_supervisor(
     http_options: dict[str, Any] | None,
     gpus: Sequence[str] | None = None,
     logging_config: dict[str, Any] | None = None,
+    grpc_options: dict[str, Any] | None = None,
 ) -> Instance:
     """Start a supervisor on ``run_dir`` and wait for its readiness line.
 
@@ -124,6 +126,7 @@ def start_supervisor(
     ``http_options``: plain HTTPOptions values; None starts no HTTP proxy.
     ``gpus``: the GPU device ids it uses; None: it detects the machine's.
     ``logging_config``: the instance's LoggingConfig (plain values), which its proxy starts with.
+    ``grpc_options``: plain gRPCOptions; with servicer functions, the proxies serve gRPC.
     """
     ready_r, ready_w = os.pipe()
     pass_fds = [ready_w]
@@ -134,6 +137,8 @@ def start_supervisor(
         cmd += ["--gpus", json.dumps(list(gpus))]
     if logging_config is not None:
         cmd += ["--logging-config", json.dumps(logging_config)]
+    if grpc_options and grpc_options.get("grpc_servicer_functions"):
+        cmd += ["--grpc-options", json.dumps(grpc_options)]
     life_r = life_w = None
     if private:
         life_r, life_w = os.pipe()
@@ -171,7 +176,7 @@ def start_supervisor(
         raise (HTTPBindError if info.get("http_bind_failed") else RayServeException)(info["error"])
     return Instance(
         run_dir, info["control"], proc if private else None, life_w, info["pid"],
-        info.get("http_url"), info.get("metrics_url"),
+        info.get("http_url"), info.get("metrics_url"), info.get("grpc_url"),
     )
 
 
@@ -199,8 +204,10 @@ def connect_or_start(
     http_required: bool = True,
     gpus: Sequence[str] | None = None,
     logging_config: dict[str, Any] | None = None,
+    grpc_options: dict[str, Any] | None = None,
 ) -> Instance:
-    """The running instance, or a new private one (with ``gpus`` and ``logging_config``, see
+    """The running instance, or a new private one (with ``gpus``, ``logging_config`` and
+    ``grpc_options``, see
     ``start_supervisor``). If
     ``http_required`` is False and the HTTP port is taken, the private instance starts without
     HTTP (handles still work) and says so."""
@@ -209,10 +216,11 @@ def connect_or_start(
         return running
     try:
         return start_supervisor(
-            rundir.new_session_dir(), private=True, http_options=http_options, gpus=gpus, logging_config=logging_config
+            rundir.new_session_dir(), private=True, http_options=http_options, gpus=gpus, logging_config=logging_config,
+            grpc_options=grpc_options,
         )
     except HTTPBindError as exc:
-        if http_required:
+        if http_required or grpc_options:
             raise
         logger.warning("%s Starting without HTTP; handles work.", exc)
         return start_supervisor(

@@ -52,6 +52,7 @@ class SupervisorConfig:
     gpus: tuple[str, ...] | None = None  # declared GPU device ids; None: detect them
     log_rotation: RotationLimits = field(default_factory=RotationLimits)  # every log file's size limits (Ray's RAY_ROTATION_*)
     logging_config: dict[str, Any] | None = None  # the instance's (serve.start's, a config file's top level)
+    grpc_options: dict[str, Any] | None = None  # gRPCOptions; with servicer functions, the proxies serve gRPC
 
 
 def _echo(line: str) -> None:
@@ -98,6 +99,14 @@ async def serve(config: SupervisorConfig) -> int:
         "pid": os.getpid(), "control": endpoint, "run_dir": str(run_dir), "http_url": None, "gpus": list(devices),
     }
     try:
+        grpc_listen = _prepare_grpc(config)
+    except (OSError, ValueError) as exc:  # a servicer function that cannot serve, a port taken
+        _report_ready(config.ready_fd, {"error": str(exc)})
+        rundir.remove_sockets(run_dir)
+        return 2
+    if grpc_listen is not None:
+        info["grpc_url"] = grpc_listen.url
+    try:
         metrics_endpoint = _start_metrics(run_dir, config.http_options, info, controller)
     except (OSError, ValueError) as exc:
         _report_ready(config.ready_fd, {"error": str(exc)})
@@ -122,6 +131,7 @@ async def serve(config: SupervisorConfig) -> int:
             on_process_exit=lambda pid: controller.process_exited(pid),
             logs_dir=str(run_dir / rundir.LOGS), log_rotation=config.log_rotation,
             logging_config=config.logging_config,  # the first deploy carries the same: no proxy restart
+            grpc=grpc_listen.spec() if grpc_listen is not None else None,
         )
         info["http_url"] = controller.proxies.url
     server = ControlServer(endpoint, controller, on_shutdown=stop.set, info=info)
@@ -146,12 +156,31 @@ async def serve(config: SupervisorConfig) -> int:
         shm.remove_directory(str(run_dir))
         if listener is not None:
             listener.close()
+        if grpc_listen is not None:
+            grpc_listen.close()
         await server.aclose()
         if metrics_endpoint is not None:
             metrics_endpoint.close()
         rundir.remove_sockets(run_dir)
         transport.terminate_context()
     return 0
+
+
+def _prepare_grpc(config: SupervisorConfig) -> Any:
+    """The gRPC port and RPCs (``controller.grpc_listen``), or None without servicer functions;
+    ValueError if gRPC is asked for without the proxy that would serve it."""
+    options = config.grpc_options
+    if not options or not options.get("grpc_servicer_functions"):
+        return None
+    http = config.http_options
+    if http is None or http.get("host") is None:
+        raise ValueError(
+            "grpc_options.grpc_servicer_functions needs the proxy, which serves gRPC beside HTTP: "
+            "do not disable HTTP (proxy_location='Disabled' or http_options.host=None) to serve gRPC."
+        )
+    from shoal.controller import grpc_listen
+
+    return grpc_listen.prepare(options, str(http["host"]))
 
 
 def _start_metrics(
@@ -238,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=_gpu_ids, help="GPUs: a count, device ids (0,2) or a JSON list of ids; omit to detect")
     parser.add_argument("--log-file", type=Path, help="write stdout and stderr to this size-rotating file")
     parser.add_argument("--logging-config", type=json.loads, help="the instance's LoggingConfig as JSON (the proxy's)")
+    parser.add_argument("--grpc-options", type=json.loads, help="gRPCOptions as JSON; omit for no gRPC")
     args = parser.parse_args(argv)
     try:
         rotation = limits_from_env()  # read once here; replicas get them in their spec
@@ -251,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = SupervisorConfig(
         args.run_dir, args.lifeline_fd, args.ready_fd, args.http_options, args.gpus, rotation, args.logging_config,
+        args.grpc_options,
     )
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -54,14 +54,17 @@ class ProxyPool:
         logs_dir: str | None = None,
         log_rotation: RotationLimits | None = None,
         logging_config: dict[str, Any] | None = None,
+        grpc: dict[str, Any] | None = None,
     ) -> None:
         """``http_options``: the instance's (``num_proxies`` of them start); the other arguments
-        are every proxy's, see ``ProxySupervisor``."""
+        are every proxy's, see ``ProxySupervisor`` (``grpc``: every proxy serves gRPC on the
+        same port, ``SO_REUSEPORT``; see ``controller/grpc_listen.py``)."""
         self.options = http_options
         self.listener = listener
         self._make: Callable[[int], ProxySupervisor] = lambda index: ProxySupervisor(
             self.options, control_endpoint, listener, echo=echo, on_process_exit=on_process_exit,
             logs_dir=logs_dir, log_rotation=log_rotation, logging_config=self.logging_config, index=index,
+            grpc=grpc,
         )
         self.logging_config = logging_config
         count = HTTPOptions(**http_options).num_proxies  # unset: the default for this machine

@@ -70,8 +70,10 @@ class ProxySupervisor:
         log_rotation: RotationLimits | None = None,
         logging_config: dict[str, Any] | None = None,
         index: int = 0,
+        grpc: dict[str, Any] | None = None,
     ) -> None:
         """``index``: which of the instance's proxies this is (its log file's name).
+        ``grpc``: the gRPC server it runs too (``GrpcListen.spec()``), None for none.
         ``on_process_exit(pid)``: a proxy process was reaped (the metrics files).
         ``logs_dir``: where the proxy's log file goes unless ``logging_config`` names a
         ``logs_dir`` (the run directory's ``logs``); ``log_rotation``: that file's limits."""
@@ -86,6 +88,7 @@ class ProxySupervisor:
         self._echo = echo
         self._on_process_exit = on_process_exit
         self.index = index
+        self.grpc = grpc
         self.identity: bytes | None = None  # its control connection, once it said it is ready
         self.process: WorkerProcess | None = None
         self.status = ProxyStatus.STARTING
@@ -116,6 +119,7 @@ class ProxySupervisor:
                 "logging_config": self.logging_config,
                 "logs_dir": self.logs_dir,
                 "log_rotation": self.log_rotation.to_spec(),
+                "grpc": self.grpc,
             }
         )
         prefix = "(ProxyActor)"

@@ -8,6 +8,11 @@ keep-alive deadline from ``http_options``) on it, over TLS when ``http_options``
 answers 503 while the requests in flight finish; at ``graceful_shutdown_timeout_s`` those left
 are answered 503 (``ProxyApp.drain``).
 
+With ``spec["grpc"]`` (servicer functions configured) the proxy also runs a gRPC server
+(``proxy.grpc_server``) on the gRPC port, bound with ``SO_REUSEPORT`` beside the other proxies';
+it drains with the HTTP server (new calls UNAVAILABLE, calls in flight finish within
+``graceful_shutdown_timeout_s``). Without it, grpc is not even imported.
+
 Several proxies may serve from the same listener (``http_options.num_proxies``): each is one
 such process with its own routers, told its ``proxy_index`` by the spec.
 
@@ -34,6 +39,7 @@ from typing import Any
 from shoal.runtime import worker_main
 
 _MIN_DRAIN_S = 0.5  # /-/healthz answers 503 at least this long before the proxy stops
+_GRPC_STOP_GRACE_S = 1.0  # after the drain, how long the gRPC calls left get to end
 _RESERVED_FDS = 256  # descriptors kept for ZeroMQ sockets, pipes and logs, beyond client connections
 
 
@@ -108,6 +114,23 @@ def _connection_cap(max_connections: int) -> int:
     return max_connections
 
 
+async def _start_grpc(spec: dict[str, Any], runtime: Any, access_handlers: list[logging.Handler]) -> tuple[Any, Any]:
+    """Start the gRPC server ``spec["grpc"]`` describes; returns the ingress and the server."""
+    from shoal.proxy.access import access_line
+    from shoal.proxy.grpc_server import GrpcIngress, GrpcOptions, build_server
+    from shoal.proxy.metrics import IngressMetrics
+    from shoal.runtime import metrics_batch
+
+    options = GrpcOptions.from_spec(spec["grpc"])
+    metrics = IngressMetrics(node_id=socket.gethostname(), node_ip_address=options.host, protocol="gRPC")
+    metrics_batch.register(asyncio.get_running_loop(), metrics.flush)
+    access = access_line(access_handlers, _logging_config(spec), options.host) if access_handlers else None
+    ingress = GrpcIngress(runtime, options, metrics, access)
+    server, _port = build_server(ingress)
+    await server.start()
+    return ingress, server
+
+
 def _listening_address(sock: socket.socket) -> str:
     """The address the proxy listens on (the ``node_ip_address`` of its metrics)."""
     try:
@@ -176,9 +199,15 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int, acces
 
     grace_s = float(options["graceful_shutdown_timeout_s"])
     drain: list[asyncio.Task[None]] = []
+    grpc_ingress, grpc_server = None, None
+    if spec.get("grpc"):
+        grpc_ingress, grpc_server = await _start_grpc(spec, runtime, access_handlers)
 
     async def drain_then_exit(min_s: float) -> None:
-        await app.drain(min_s=min_s, timeout_s=grace_s)
+        if grpc_ingress is None:
+            await app.drain(min_s=min_s, timeout_s=grace_s)
+        else:
+            await asyncio.gather(app.drain(min_s=min_s, timeout_s=grace_s), grpc_ingress.drain(grace_s))
         server.should_exit = True
 
     def on_signal(min_s: float) -> None:
@@ -193,6 +222,8 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int, acces
     try:
         await server.serve(sockets=[sock])
     finally:
+        if grpc_server is not None:
+            await grpc_server.stop(_GRPC_STOP_GRACE_S)  # what is left after the drain is cut
         metrics_batch.flush_now(loop)  # what the last interval recorded
         await client.shutdown_runtime()
         transport.terminate_context()

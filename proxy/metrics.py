@@ -131,28 +131,32 @@ class IngressMetrics:
     to applications being answered) and records each answered request in ``for_route``'s
     series; ``flush`` pushes both out (loop thread only)."""
 
-    def __init__(self, node_id: str, node_ip_address: str) -> None:
+    def __init__(self, node_id: str, node_ip_address: str, protocol: str = "HTTP") -> None:
+        """``protocol``: ``"HTTP"`` or ``"gRPC"`` (the gRPC server's series, Ray's
+        ``ray_serve_num_grpc_requests_total`` ...: same labels, ``method`` is the RPC's path,
+        ``route`` its application, ``status_code`` the gRPC status name)."""
+        p = protocol.lower()
         self.requests = metrics.Counter(
-            "serve_num_http_requests", description="The number of HTTP requests processed.",
+            f"serve_num_{p}_requests", description=f"The number of {protocol} requests processed.",
             tag_keys=("route", "method", "application", "status_code"),
         )
         self.error_requests = metrics.Counter(
-            "serve_num_http_error_requests", description="The number of errored HTTP responses.",
+            f"serve_num_{p}_error_requests", description=f"The number of errored {protocol} responses.",
             tag_keys=("route", "error_code", "method", "application"),
         )
         self.deployment_error_requests = metrics.Counter(
-            "serve_num_deployment_http_error_requests",
-            description="The number of errored HTTP responses returned by each deployment.",
+            f"serve_num_deployment_{p}_error_requests",
+            description=f"The number of errored {protocol} responses returned by each deployment.",
             tag_keys=("deployment", "error_code", "method", "route", "application"),
         )
         self.latency_ms = metrics.Histogram(
-            "serve_http_request_latency_ms",
-            description="The end-to-end latency of HTTP requests (measured from the Serve HTTP proxy).",
+            f"serve_{p}_request_latency_ms",
+            description=f"The end-to-end latency of {protocol} requests (measured from the Serve {protocol} proxy).",
             boundaries=metrics.LATENCY_BUCKETS_MS,
             tag_keys=("method", "route", "application", "status_code"),
         )
         self.ongoing_requests = metrics.Gauge(
-            "serve_num_ongoing_http_requests", description="The number of ongoing requests in this HTTP proxy.",
+            f"serve_num_ongoing_{p}_requests", description=f"The number of ongoing requests in this {protocol} proxy.",
             tag_keys=("node_id", "node_ip_address"),
         )
         self.ongoing = 0

@@ -56,7 +56,7 @@ from shoal.runtime.replica_metrics import ReplicaMetrics
 from shoal.runtime.reply import ReplySink
 from shoal.runtime.transport import Channel
 from shoal.runtime.user_code import UserCallable
-from shoal.runtime.wire import HEALTH_METHOD, METRICS_METHOD, RECONFIGURE_METHOD, ROUTING_STATS_METHOD
+from shoal.runtime.wire import GRPC_METHOD, HEALTH_METHOD, METRICS_METHOD, RECONFIGURE_METHOD, ROUTING_STATS_METHOD
 
 logger = logging.getLogger("shoal.replica")
 
@@ -263,13 +263,21 @@ class ReplicaWorker:
                     error_type = type(answered).__name__
                 kind = wire.Kind.STREAM_END
                 enc, data = wire.dumps_plain(final) if final else (None, b"")
+            elif method == GRPC_METHOD and header.http:
+                grpc_final, grpc_error = await self._serve_grpc(identity, call_id, key, msg.payload[0],
+                                                                 header.request_id)
+                if grpc_error is not None:
+                    error_type = type(grpc_error).__name__
+                kind = wire.Kind.STREAM_END
+                enc, data = wire.dumps_plain(grpc_final)
             else:
                 kind, enc, data, buffers = await self._call(identity, msg, header)
         except asyncio.CancelledError:
             self._release(key, internal)
             if route is not None:
                 self.metrics.finished(route, (time.perf_counter() - started_s) * 1000, "CancelledError")
-            self._send(identity, self._cancelled_reply(key, header.request_id, http=header.http))
+            self._send(identity, self._cancelled_reply(key, header.request_id, http=header.http,
+                                                       grpc=method == GRPC_METHOD))
             self._slot_freed()
             access.end("CANCELLED")
             raise
@@ -292,14 +300,21 @@ class ReplicaWorker:
         self._slot_freed()
         access.end(kind.name)
 
-    def _cancelled_reply(self, key: tuple[bytes, int], request_id: str, http: bool | None) -> wire.Message:
+    def _cancelled_reply(self, key: tuple[bytes, int], request_id: str, http: bool | None, grpc: bool = False) -> wire.Message:
         """CANCELLED; or, when the replica gives the request up at its shutdown deadline, an
         answer saying so: a 503 response if the request is HTTP and its response has not
-        started, else an error (msgpack only unless ``http`` is False: None means unknown)."""
+        started, UNAVAILABLE if it is a gRPC call, else an error (msgpack only unless ``http``
+        is False: None means unknown)."""
         call_id = key[1]
         if not self._stopping:
             return wire.reply(wire.Kind.CANCELLED, self.incarnation, call_id, q=self.ongoing)
         message = self._gave_up(request_id)
+        if grpc:
+            from shoal.runtime import grpc_call
+
+            outcome = wire.GrpcOutcome(grpc_call.UNAVAILABLE, message, (), None)
+            enc, data = wire.dumps_plain(grpc_call.final_reply(outcome, None))
+            return wire.reply(wire.Kind.STREAM_END, self.incarnation, call_id, enc, data, self.ongoing)
         if http and key not in self._responding:
             enc, data = wire.dumps_plain(to_messages(message, status=503))
             return wire.reply(wire.Kind.STREAM_END, self.incarnation, call_id, enc, data, self.ongoing)
@@ -383,6 +398,26 @@ class ReplicaWorker:
         if held_start is not None:
             final.insert(0, held_start)
         return final, answered
+
+    async def _serve_grpc(
+        self, identity: bytes, call_id: int, key: tuple[bytes, int], payload: bytes, request_id: str,
+    ) -> tuple[dict[str, Any], BaseException | None]:
+        """Run one gRPC call (``runtime/grpc_call.py``); a streamed response's items go out as
+        they come, under the same window as HTTP responses (the proxy ACKs them as its client
+        takes them)."""
+        from shoal.runtime import grpc_call
+
+        credit = self._credits[key] = _Credit(wire.RESPONSE_WINDOW)
+
+        async def send_item(data: bytes) -> None:
+            await credit.take()
+            self._responding.add(key)
+            self._send(identity, wire.reply(wire.Kind.STREAM_ITEM, self.incarnation, call_id, *wire.dumps_plain(data)))
+
+        try:
+            return await grpc_call.serve(self.user, payload, request_id, send_item)
+        finally:
+            self._credits.pop(key, None)
 
     async def _pull_body(self, identity: bytes, call_id: int, inbox: ReplySink) -> Any:
         """The app's ``receive`` while a request body streams in: each chunk handed to the app

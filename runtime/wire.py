@@ -66,6 +66,8 @@ HEALTH_METHOD = "__shoal_check_health__"
 RECONFIGURE_METHOD = "__shoal_reconfigure__"
 METRICS_METHOD = "__shoal_metrics__"  # -> requests running on the replica, this call excluded
 ROUTING_STATS_METHOD = "__shoal_routing_stats__"  # -> [enc, data] of record_routing_stats(), or None
+# A gRPC call from the proxy (with ``http`` set: msgpack replies only); see ``runtime/grpc_call.py``.
+GRPC_METHOD = "__shoal_grpc__"
 # 4: BATCH frames (several messages to one peer in one ZeroMQ message) and SLOT_FREE
 
 _HEADER = struct.Struct("!BIQI")
@@ -845,3 +847,117 @@ def verify(frame: bytes, key: bytes) -> bytes:
     if not hmac.compare_digest(frame[-MAC_BYTES:], hmac.digest(key, body, "sha256")[:MAC_BYTES]):
         raise ProtocolError("the frame's MAC does not match: not signed with this instance's key")
     return body
+
+
+# -- gRPC calls ---------------------------------------------------------------------------------
+#
+# A gRPC call reaches a replica as plain data (``GrpcCallInfo``) and its status comes back as
+# plain data (``GrpcOutcome``): the replica builds the user's ``RayServegRPCContext`` from the one
+# and reads the other back from it (``shoal.serve.grpc_util``). Both are msgpack maps of plain
+# values; nothing a gRPC client sent is ever pickled or unpickled. Metadata values are ``str``, or
+# ``bytes`` for binary keys (ending in ``-bin``), as grpcio gives and takes them.
+
+GrpcMetadata = tuple[tuple[str, str | bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcCallInfo:
+    """What the proxy knows of a gRPC call that a replica's ``RayServegRPCContext`` shows.
+
+    ``method_path``: ``/package.Service/Method``. ``metadata``: the client's invocation metadata,
+    in order. ``peer``: grpcio's peer string (``ipv4:127.0.0.1:5555``). ``auth_context``: grpcio's
+    auth properties (name -> values), empty if unknown. ``deadline_s``: the seconds the call had
+    left on the client's deadline when the proxy took it (``ServicerContext.time_remaining()``),
+    None without a deadline.
+    """
+
+    method_path: str
+    metadata: GrpcMetadata = ()
+    peer: str = ""
+    auth_context: dict[str, list[bytes]] = field(default_factory=dict)
+    deadline_s: float | None = None
+
+    def to_meta(self) -> dict[str, Any]:
+        return {
+            "path": self.method_path,
+            "md": [[key, value] for key, value in self.metadata],
+            "peer": self.peer,
+            "auth": {name: list(values) for name, values in self.auth_context.items()},
+            "dl": self.deadline_s,
+        }
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> GrpcCallInfo:
+        """The inverse of ``to_meta``; ProtocolError if ``meta`` is not one."""
+        try:
+            path, md, peer, auth, deadline_s = meta["path"], meta["md"], meta["peer"], meta["auth"], meta["dl"]
+            if not isinstance(path, str) or not isinstance(peer, str) or not isinstance(auth, dict):
+                raise TypeError("path, peer and auth must be str, str and map")
+            if deadline_s is not None and not isinstance(deadline_s, int | float):
+                raise TypeError(f"deadline {deadline_s!r} is not a number")
+            auth_context = {_str(name): [_bytes(v) for v in values] for name, values in auth.items()}
+            return cls(path, _grpc_metadata(md), peer, auth_context,
+                       None if deadline_s is None else float(deadline_s))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"bad gRPC call info: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcOutcome:
+    """What the user's method set on its ``RayServegRPCContext``, for the proxy to put on the call.
+
+    ``code``: the ``grpc.StatusCode`` number (``StatusCode.X.value[0]``); 0 (OK) also when the
+    method set none. ``details``: "" when it set none. ``trailing_metadata``: in order, the
+    request id first when the proxy gave one. ``compression``: a ``grpc.Compression`` number, None
+    when it set none.
+    """
+
+    code: int = 0
+    details: str = ""
+    trailing_metadata: GrpcMetadata = ()
+    compression: int | None = None
+
+    def to_meta(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "details": self.details,
+            "tm": [[key, value] for key, value in self.trailing_metadata],
+            "comp": self.compression,
+        }
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> GrpcOutcome:
+        """The inverse of ``to_meta``; ProtocolError if ``meta`` is not one."""
+        try:
+            code, details, tm, compression = meta["code"], meta["details"], meta["tm"], meta["comp"]
+            if not isinstance(code, int) or isinstance(code, bool) or not isinstance(details, str):
+                raise TypeError("code and details must be int and str")
+            if compression is not None and (not isinstance(compression, int) or isinstance(compression, bool)):
+                raise TypeError(f"compression {compression!r} is not an int")
+            return cls(code, details, _grpc_metadata(tm), compression)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"bad gRPC outcome: {exc}") from exc
+
+
+def _grpc_metadata(pairs: Any) -> GrpcMetadata:
+    if not isinstance(pairs, list | tuple):
+        raise TypeError(f"metadata {pairs!r} is not a list")
+    metadata: list[tuple[str, str | bytes]] = []
+    for pair in pairs:
+        key, value = pair
+        if not isinstance(value, str | bytes):
+            raise TypeError(f"metadata value {value!r} is neither str nor bytes")
+        metadata.append((_str(key), value))
+    return tuple(metadata)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a str")
+    return value
+
+
+def _bytes(value: Any) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"{value!r} is not bytes")
+    return value

@@ -90,6 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config_path = args.target if _is_config_file(args.target) else None
     http: dict[str, Any] = {}
     logging_config: dict[str, Any] | None = None  # the file's top level: the proxy starts with it
+    file_grpc: dict[str, Any] | None = None
     if config_path is not None:
         import yaml
 
@@ -97,6 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         raw = yaml.safe_load(Path(config_path).read_text()) or {}
         http = dict(raw.get("http_options") or {})
+        file_grpc = raw.get("grpc_options") if isinstance(raw.get("grpc_options"), dict) else None
         try:
             logging_config = logging_config_dict(raw.get("logging_config"))
         except (ValueError, TypeError):
@@ -109,6 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         http["port"] = args.port if args.port is not None else 8000
     if args.num_proxies is not None:
         http["num_proxies"] = args.num_proxies
+    grpc = _grpc_options(args, file_grpc)
     # The foreground instance lives in your default run directory, so `shoal status`,
     # `shoal deploy` and scripts find it; it stops with this command. It starts while the
     # application is imported and built, in parallel.
@@ -119,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             target=lambda: owned.append(
                 launch.start_supervisor(
                     rundir.instance_dir("default"), private=True, http_options=http, gpus=args.gpus,
-                    logging_config=logging_config,
+                    logging_config=logging_config, grpc_options=grpc,
                 )
             )
         )
@@ -205,6 +208,21 @@ def _become_lifeline_holder(instance: Any, stop: threading.Event) -> NoReturn:
     os.execv(sys.executable, argv)
 
 
+def _grpc_options(args: argparse.Namespace, from_file: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The gRPCOptions (plain values) a config file's ``grpc_options`` and the ``--grpc-port`` /
+    ``--grpc-servicer-functions`` flags ask for (the flags win); None without servicer functions.
+    ValueError naming the option if they are not valid."""
+    from shoal.serve.config import gRPCOptions
+
+    values = dict(from_file or {})
+    if args.grpc_port is not None:
+        values["port"] = args.grpc_port
+    if args.grpc_servicer_functions:
+        values["grpc_servicer_functions"] = list(args.grpc_servicer_functions)
+    options = gRPCOptions(**values)
+    return options.model_dump(mode="json") if options.grpc_servicer_functions else None
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     from shoal.controller import applied, launch, rundir
     from shoal.serve.config import HTTPOptions
@@ -224,17 +242,18 @@ def cmd_start(args: argparse.Namespace) -> int:
         ssl_keyfile_password=args.ssl_keyfile_password, ssl_ca_certs=args.ssl_ca_certs,
         metrics_port=args.metrics_port, **extra,
     ).model_dump()
+    grpc = _grpc_options(args, None)
     run_dir = rundir.instance_dir("default")
     restoring = launch.crashed(run_dir) is not None and (run_dir / applied.APPLIED_FILE).exists()
-    instance = launch.start_supervisor(run_dir, private=False, http_options=options, gpus=args.gpus)
+    instance = launch.start_supervisor(run_dir, private=False, http_options=options, gpus=args.gpus, grpc_options=grpc)
     if restoring:
         print("The previous supervisor stopped without shutting down; the applications it ran are deployed again.")
     print(
         f"shoal started (supervisor pid {instance.pid}).\n"
         f"Scripts you run deploy to it with serve.run(); other processes can name it with "
         f"SHOAL_ADDRESS={instance.run_dir}\n"
-        f"HTTP: {instance.http_url or 'off'}   metrics: {instance.metrics_url or 'off'}   "
-        "stop it with: shoal shutdown"
+        f"HTTP: {instance.http_url or 'off'}   gRPC: {instance.grpc_url or 'off'}   "
+        f"metrics: {instance.metrics_url or 'off'}   stop it with: shoal shutdown"
     )
     return 0
 
@@ -298,6 +317,15 @@ def _metrics_port(value: str) -> int | None:
     return port
 
 
+def _add_grpc_flags(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--grpc-port", type=int, help="gRPC port (default: 9000; 0 picks one)" + default)
+    parser.add_argument(
+        "--grpc-servicer-functions", action="append", metavar="MODULE.FUNCTION",
+        help="a generated add_<Service>Servicer_to_server function to serve over gRPC (repeat for more; "
+             "none: no gRPC server)" + default,
+    )
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from shoal.controller import launch, rundir
     from shoal.runtime.errors import ShoalConnectionError
@@ -308,6 +336,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if dead is not None:
             raise ShoalConnectionError(dead)
     status = api.status().to_dict()
+    status["grpc_url"] = api.get_grpc_url()  # a shoal extension, as metrics_url: where gRPC is served
     if args.name:
         status["applications"] = {k: v for k, v in status["applications"].items() if k == args.name}
     if args.json:
@@ -318,6 +347,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(status, sort_keys=False), end="")
     else:
         print(format_status(status, api.get_metrics_url()))
+        if status["grpc_url"] and status["applications"]:
+            print(f"gRPC: {status['grpc_url']}")
     return 0
 
 
@@ -483,6 +514,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--reload", "-r", action="store_true", help="redeploy when Python files under --app-dir change")
     run.add_argument("--gpus", type=_gpus, help=_GPUS_HELP)
     run.add_argument("--num-proxies", type=_num_proxies, help=_NUM_PROXIES_HELP + " (default: the config file's)")
+    _add_grpc_flags(run, " (default: the config file's grpc_options)")
     run.set_defaults(func=cmd_run)
 
     start = sub.add_parser("start", help="start your default instance, detached")
@@ -494,6 +526,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     start.add_argument("--gpus", type=_gpus, help=_GPUS_HELP)
     start.add_argument("--num-proxies", type=_num_proxies, help=_NUM_PROXIES_HELP)
+    _add_grpc_flags(start, "")
     start.add_argument("--ssl-keyfile", help="serve HTTPS: the private key file (with --ssl-certfile)")
     start.add_argument("--ssl-certfile", help="serve HTTPS: the certificate (chain) file (with --ssl-keyfile)")
     start.add_argument("--ssl-keyfile-password", help="the password of an encrypted --ssl-keyfile")

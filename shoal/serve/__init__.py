@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         delete,
         get_app_handle,
         get_deployment_handle,
+        get_grpc_url,
         get_http_url,
         get_metrics_url,
         get_replica_context,
@@ -43,7 +44,7 @@ _LAZY = {
     "ReplicaContext": "shoal.runtime.context",
     **dict.fromkeys(
         (
-            "RunTarget", "delete", "get_app_handle", "get_deployment_handle", "get_http_url", "get_metrics_url",
+            "RunTarget", "delete", "get_app_handle", "get_deployment_handle", "get_grpc_url", "get_http_url", "get_metrics_url",
             "get_replica_context", "run", "run_many", "shutdown", "shutdown_async", "start", "status", "_run",
             "_run_many",
         ),
@@ -80,6 +81,7 @@ __all__ = [
     "deployment",
     "get_app_handle",
     "get_deployment_handle",
+    "get_grpc_url",
     "get_http_url",
     "get_metrics_url",
     "get_multiplexed_model_id",

@@ -5,7 +5,8 @@ Each argument either takes effect or is refused here, naming it (see docs/option
 - ``proxy_location``: ``HeadOnly`` and ``EveryNode`` both mean the one proxy of this machine;
   ``Disabled`` means no HTTP proxy (as ``http_options.host=None``).
 - ``http_options``: validated as ``HTTPOptions``.
-- ``grpc_options``: validated as ``gRPCOptions``, which refuses servicer functions (no gRPC yet).
+- ``grpc_options``: validated as ``gRPCOptions``; passed on (as plain values) only when it names
+  servicer functions (else no gRPC server runs, as in Ray).
 - ``logging_config``: validated as ``LoggingConfig``, returned as plain values.
 - ``tracing_config``: refused unless None (no tracing yet).
 - ``controller_options``: validated as ``ControllerOptions``; env vars are refused.
@@ -32,10 +33,12 @@ __all__ = ["InstanceOptions", "app_options", "instance_options", "logging_config
 
 @dataclass(frozen=True)
 class InstanceOptions:
-    """What ``serve.start`` passes on: HTTP options (None: no proxy) and the logging config."""
+    """What ``serve.start`` passes on: HTTP options (None: no proxy), the logging config, and
+    the gRPC options (plain values; None: no gRPC server)."""
 
     http_options: Any
     logging_config: dict[str, Any] | None
+    grpc_options: dict[str, Any] | None = None
 
 
 def logging_config_dict(logging_config: Any) -> dict[str, Any] | None:
@@ -67,13 +70,19 @@ def instance_options(
         raise TypeError(f"serve.start() got unexpected keyword arguments {sorted(extra)}")
     if tracing_config is not None:
         raise ValueError("tracing_config: shoal does not support tracing yet; pass None.")
-    _model(gRPCOptions, grpc_options)
+    grpc = _model(gRPCOptions, grpc_options)
     check_no_controller_env_vars(_model(ControllerOptions, controller_options))
     location = ProxyLocation(proxy_location) if proxy_location is not None else None
     http = _model(HTTPOptions, http_options)
     if location is ProxyLocation.Disabled:
         http = (http or HTTPOptions()).model_copy(update={"host": None})
-    return InstanceOptions(http, logging_config_dict(logging_config))
+    grpc_plain = grpc.model_dump(mode="json") if grpc is not None and grpc.grpc_servicer_functions else None
+    if grpc_plain is not None and http is not None and http.host is None:
+        raise ValueError(
+            "grpc_options.grpc_servicer_functions needs the proxy, which serves gRPC beside HTTP: "
+            "do not disable HTTP (proxy_location='Disabled' or http_options.host=None) to serve gRPC."
+        )
+    return InstanceOptions(http, logging_config_dict(logging_config), grpc_plain)
 
 
 def app_options(logging_config: Any, external_scaler_enabled: bool, controller_options: Any) -> dict[str, Any] | None:

@@ -44,14 +44,19 @@ _local: LocalRuntime | None = None
 _instance_logging_config: dict[str, Any] | None = None  # serve.start's, as plain values
 
 
-def _runtime(start: bool = True, http_options: Any = None, gpus: tuple[str, ...] | None = None) -> client.Runtime | None:
-    """The driver's runtime, connecting to (or starting) an instance when ``start``."""
+def _runtime(
+    start: bool = True, http_options: Any = None, gpus: tuple[str, ...] | None = None,
+    grpc_options: dict[str, Any] | None = None,
+) -> client.Runtime | None:
+    """The driver's runtime, connecting to (or starting) an instance when ``start``
+    (``grpc_options``: plain gRPCOptions with servicer functions, for an instance started now)."""
     global _instance
     with _lock:
         current = client.current_runtime()
         if current is not None:
-            if http_options is not None or gpus is not None:
-                logger.info("shoal is already running; the new http_options (but num_proxies) and gpus are not applied.")
+            if http_options is not None or gpus is not None or grpc_options is not None:
+                logger.info("shoal is already running; the new http_options (but num_proxies), grpc_options "
+                            "and gpus are not applied.")
             return current
         if context.in_replica():
             raise RayServeException("this replica has no connection to its supervisor")
@@ -61,7 +66,7 @@ def _runtime(start: bool = True, http_options: Any = None, gpus: tuple[str, ...]
             # serve.run alone starts HTTP on the default port if it can; serve.start insists.
             instance = launch.connect_or_start(
                 _http_options(http_options), http_required=http_options is not None, gpus=gpus,
-                logging_config=_instance_logging_config,
+                logging_config=_instance_logging_config, grpc_options=grpc_options,
             )
         if instance is None:
             return None
@@ -110,7 +115,8 @@ def start(
     )
     if options.logging_config is not None:
         _instance_logging_config = options.logging_config
-    _runtime(http_options=options.http_options, gpus=None if gpus is None else parse_gpus(gpus))
+    _runtime(http_options=options.http_options, gpus=None if gpus is None else parse_gpus(gpus),
+             grpc_options=options.grpc_options)
     if options.http_options is not None and "num_proxies" in options.http_options.model_fields_set:
         set_num_proxies(options.http_options.num_proxies)  # an instance that already ran changes too
 
@@ -136,6 +142,15 @@ def get_http_url() -> str | None:
     if rt is None:
         return None
     return rt.call_sync("ping")[0].get("http_url")
+
+
+def get_grpc_url() -> str | None:
+    """Where the instance's proxies serve gRPC (``host:port``, as a client dials it; a shoal
+    extension: useful with ``gRPCOptions(port=0)``), or None if they serve none."""
+    rt = _runtime(start=False)
+    if rt is None:
+        return None
+    return rt.call_sync("ping")[0].get("grpc_url")
 
 
 def get_metrics_url() -> str | None:

@@ -475,19 +475,25 @@ def check_num_proxies(value: Any) -> int:
     return value
 
 
-def check_no_grpc_servicers(functions: list[str]) -> list[str]:
-    """``grpc_servicer_functions`` must be empty: shoal has no gRPC server yet."""
-    if functions:
-        raise ValueError(
-            f"grpc_servicer_functions {functions}: gRPC is not supported by shoal yet; remove them "
-            "(an empty list, the default, starts no gRPC server)."
-        )
+def check_grpc_servicer_functions(functions: list[str]) -> list[str]:
+    """Each of ``grpc_servicer_functions`` must look like an import path (``module.function``
+    or ``module:function``); whether it imports and serves is checked when the instance starts
+    (where it runs: ``controller/grpc_listen.py``)."""
+    for function in functions:
+        module, _, attr = function.partition(":") if ":" in function else function.rpartition(".")
+        if not module or not attr:
+            raise ValueError(
+                f"grpc_servicer_functions: {function!r} is not an import path; give the generated "
+                "function, e.g. 'my_pb2_grpc.add_MyServiceServicer_to_server'."
+            )
     return functions
 
 
 class gRPCOptions(_Strict):
-    """gRPC proxy options. shoal runs no gRPC server: ``grpc_servicer_functions`` must be
-    empty (the default), and the other fields then have no effect, as in Ray."""
+    """gRPC proxy options (Ray's). With ``grpc_servicer_functions`` (import paths of generated
+    ``add_<Service>Servicer_to_server`` functions) every proxy serves gRPC on ``port`` (0: a free
+    one, see ``serve.get_grpc_url()``), on the HTTP host; without them, no gRPC server runs and
+    the other fields have no effect, as in Ray."""
 
     port: int = Field(default=9000, ge=0, le=65535)
     grpc_servicer_functions: list[str] = Field(default_factory=list)
@@ -496,8 +502,8 @@ class gRPCOptions(_Strict):
 
     @field_validator("grpc_servicer_functions")
     @classmethod
-    def _no_servicers(cls, v: list[str]) -> list[str]:
-        return check_no_grpc_servicers(v)
+    def _servicers(cls, v: list[str]) -> list[str]:
+        return check_grpc_servicer_functions(v)
 
 
 class ControllerOptions(_Strict):

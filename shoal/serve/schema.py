@@ -46,7 +46,7 @@ from shoal.serve.config import (
     ProxyLocation,
     RequestRouterConfig,
     _check_import_path,
-    check_no_grpc_servicers,
+    check_grpc_servicer_functions,
     check_num_proxies,
     default_num_proxies,
 )
@@ -546,7 +546,7 @@ class ServeApplicationSchema(_Strict):
 
 
 class gRPCOptionsSchema(_Strict):
-    """gRPC options of a config file; shoal runs no gRPC server, so no servicer functions."""
+    """gRPC options of a config file (see ``shoal.serve.config.gRPCOptions``)."""
 
     port: int = Field(default=9000, ge=0, le=65535)
     grpc_servicer_functions: list[str] = Field(default_factory=list)
@@ -555,8 +555,8 @@ class gRPCOptionsSchema(_Strict):
 
     @field_validator("grpc_servicer_functions")
     @classmethod
-    def _no_servicers(cls, v: list[str]) -> list[str]:
-        return check_no_grpc_servicers(v)
+    def _servicers(cls, v: list[str]) -> list[str]:
+        return check_grpc_servicer_functions(v)
 
 
 class HTTPOptionsSchema(_Strict):

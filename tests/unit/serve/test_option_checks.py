@@ -34,8 +34,10 @@ def start_options(**given: Any) -> Any:
 def test_serve_start_refuses_what_it_cannot_honour() -> None:
     with pytest.raises(TypeError, match="unexpected keyword arguments \\['dedicated_cpu'\\]"):
         serve.start(dedicated_cpu=True)
-    with pytest.raises(ValueError, match=r"grpc_servicer_functions .*not supported"):
-        serve.start(grpc_options={"grpc_servicer_functions": ["mod:add_servicer"]})
+    with pytest.raises(ValueError, match=r"grpc_servicer_functions: 'not a path' is not an import path"):
+        serve.start(grpc_options={"grpc_servicer_functions": ["not a path"]})
+    with pytest.raises(ValueError, match=r"grpc_servicer_functions needs the proxy"):
+        serve.start(proxy_location="Disabled", grpc_options={"grpc_servicer_functions": ["m.add_servicer"]})
     with pytest.raises(ValueError, match="tracing_config"):
         serve.start(tracing_config={"exporter_import_path": "x:y"})
     with pytest.raises(ValueError, match=r"controller_options\.runtime_env\.env_vars"):
@@ -48,7 +50,10 @@ def test_serve_start_carries_what_it_can() -> None:
     disabled = start_options(proxy_location="Disabled", http_options={"port": 0})
     assert disabled.http_options.host is None  # no HTTP proxy
     assert start_options(proxy_location="HeadOnly").http_options is None  # the default proxy
-    assert start_options(grpc_options=gRPCOptions(port=9001)).logging_config is None  # no servicer: no effect
+    assert start_options(grpc_options=gRPCOptions(port=9001)).grpc_options is None  # no servicer: no gRPC
+    grpc = start_options(grpc_options={"port": 0, "grpc_servicer_functions": ["m_pb2_grpc.add_S_to_server"]}).grpc_options
+    assert grpc == {"port": 0, "grpc_servicer_functions": ["m_pb2_grpc.add_S_to_server"], "request_timeout_s": None,
+                    "enable_reflection": True}
     logged = start_options(logging_config={"log_level": 10})
     assert logged.logging_config is not None and logged.logging_config["log_level"] == "DEBUG"
     assert ControllerOptions(runtime_env={}).env_vars == {}
@@ -70,8 +75,10 @@ def test_http_options_legacy_fields() -> None:
 
 def test_config_files_refuse_what_shoal_cannot_honour() -> None:
     app = {"import_path": "m:app"}
-    with pytest.raises(pydantic.ValidationError, match="grpc_servicer_functions"):
-        ServeDeploySchema.model_validate({"applications": [app], "grpc_options": {"grpc_servicer_functions": ["m:f"]}})
+    with pytest.raises(pydantic.ValidationError, match="grpc_servicer_functions: 'f' is not an import path"):
+        ServeDeploySchema.model_validate({"applications": [app], "grpc_options": {"grpc_servicer_functions": ["f"]}})
+    grpc = ServeDeploySchema.model_validate({"applications": [app], "grpc_options": {"grpc_servicer_functions": ["m:f"]}})
+    assert grpc.grpc_options.grpc_servicer_functions == ["m:f"]
     with pytest.raises(pydantic.ValidationError, match="external_scaler_enabled: shoal has no REST"):
         ServeApplicationSchema.model_validate({**app, "external_scaler_enabled": True})
     for key, value, match in [
