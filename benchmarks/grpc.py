@@ -197,18 +197,19 @@ def serve_framework(framework: str, max_ongoing_requests: int | None) -> int:
     import hello_bench_pb2 as pb2
 
     stop = stop_event()
-    grpc_options: dict[str, Any] = {"grpc_servicer_functions": [SERVICER_FUNCTION]}
     if framework == "ray":
         from ray import serve
+        from ray.serve.config import gRPCOptions
 
         grpc_port = free_port()  # Ray's proxy has no port 0; a tiny race, reported if it bites
-        grpc_options["port"] = grpc_port
         http_options: dict[str, Any] = {"host": HOST, "port": free_port()}
     else:
         from shoal import serve
+        from shoal.serve.config import gRPCOptions  # type: ignore[no-redef]
 
-        grpc_options["port"] = 0
+        grpc_port = 0  # shoal picks a free port and reports it (serve.get_grpc_url())
         http_options = {"host": HOST, "port": 0, "metrics_port": 0}
+    grpc_options = gRPCOptions(port=grpc_port, grpc_servicer_functions=[SERVICER_FUNCTION])
 
     @serve.deployment
     class Hello:
