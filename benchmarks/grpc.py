@@ -242,9 +242,10 @@ def serve_framework(framework: str, max_ongoing_requests: int | None) -> int:
 # ---------------------------------------------------------------------------- the client
 
 
-async def _load(address: str, in_flight: int, warmup_s: float, duration_s: float) -> dict[str, Any]:
-    """``in_flight`` calls kept in flight on one channel; the calls that complete within the
-    measured window (after the warm-up) and their latencies."""
+async def _load(address: str, in_flight: int, start_at: float, warmup_s: float, duration_s: float) -> dict[str, Any]:
+    """``in_flight`` calls kept in flight on one channel from ``start_at`` (``time.time()``, the
+    same for every client process); the calls that complete within the measured window (after
+    the warm-up) and their latencies."""
     import grpc
     import hello_bench_pb2 as pb2
 
@@ -257,6 +258,7 @@ async def _load(address: str, in_flight: int, warmup_s: float, duration_s: float
             response_deserializer=pb2.HelloReply.FromString,
         )  # fmt: skip
         await channel.channel_ready()
+        await asyncio.sleep(max(0.0, start_at - time.time()))
         start_ns = time.perf_counter_ns()
         window = (start_ns + int(warmup_s * 1e9), start_ns + int((warmup_s + duration_s) * 1e9))
 
@@ -295,7 +297,7 @@ def cpu_seconds() -> float:
 def run_client(args: argparse.Namespace) -> int:
     """The ``--client`` mode: one process of the load generator; one JSON line on stdout."""
     sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != _HERE]
-    result = asyncio.run(_load(args.client, args.client_in_flight, args.warmup, args.duration))
+    result = asyncio.run(_load(args.client, args.client_in_flight, args.client_start_at, args.warmup, args.duration))
     print(json.dumps(result), flush=True)
     return 0
 
@@ -305,14 +307,16 @@ def measure(address: str, in_flight: int, args: argparse.Namespace, env: dict[st
     req/s over the measured window, p50/p99 of their latencies together, errors by code."""
     procs = min(args.client_processes, in_flight)
     shares = [in_flight // procs + (1 if i < in_flight % procs else 0) for i in range(procs)]
+    start_at = time.time() + 2.0  # the client processes start their load together, after importing grpc
     cmds = [[sys.executable, os.path.abspath(__file__), "--client", address, "--client-in-flight", str(n),
-             "--warmup", str(args.warmup), "--duration", str(args.duration)] for n in shares]  # fmt: skip
+             "--client-start-at", repr(start_at), "--warmup", str(args.warmup), "--duration", str(args.duration)]
+            for n in shares]  # fmt: skip
     children = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
                 for c in cmds]  # fmt: skip
     latencies: list[int] = []
     cpu_s = 0.0
     errors: collections.Counter[str] = collections.Counter()
-    limit_s = args.warmup + args.duration + 60
+    limit_s = 2.0 + args.warmup + args.duration + 60
     for child in children:
         try:
             out, err = child.communicate(timeout=limit_s)
@@ -565,7 +569,7 @@ def profile_round(server: Server, args: argparse.Namespace, env: dict[str, str])
     result = {}
     load = threading.Thread(target=lambda: result.update(measure(server.info["address"], n, args, args.client_env)))
     load.start()
-    time.sleep(args.warmup + 0.5)  # py-spy samples the measured window, not the warm-up
+    time.sleep(2.0 + args.warmup + 0.5)  # py-spy samples the measured window, not the warm-up
     procs = {role: subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for role, (out, cmd) in spies.items()}  # fmt: skip
     load.join()
@@ -814,6 +818,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--serve", choices=TARGETS, help=argparse.SUPPRESS)  # internal: be one server
     add("--client", metavar="ADDRESS", help=argparse.SUPPRESS)  # internal: be one client process
     add("--client-in-flight", type=int, default=1, help=argparse.SUPPRESS)
+    add("--client-start-at", type=float, default=0.0, help=argparse.SUPPRESS)
     add_common_options(p)
     args = p.parse_args(argv)
     args.targets = comma_list(p, args.targets, TARGETS, "targets")
