@@ -20,10 +20,14 @@ Statuses decided here, as Ray 2.60's proxy: backpressure RESOURCE_EXHAUSTED; an 
 deployment (or the proxy draining) UNAVAILABLE; ``request_timeout_s`` or the client's deadline
 DEADLINE_EXCEEDED (the replica's work is cancelled); the client cancelling cancels the replica's
 coroutine; a replica that died with the call INTERNAL (Ray: the actor error, an INTERNAL).
-Client- and bidirectional-streaming RPCs are refused with UNIMPLEMENTED.
+Client-streaming and bidirectional RPCs (Ray 2.60 serves them too) pass the client's messages
+on one at a time as the replica asks for them (PULL; ``_RequestPump``), so a client's stream is
+read no faster than the method takes it; the method gets a ``gRPCInputStream`` (Ray's).
 
 Every call is counted in the gRPC series (``proxy.metrics`` with protocol ``gRPC``) and gets an
-access line (``<method path> <application> <status name> <latency>``) when those are on.
+access line (``<method path> <application> <status name> <latency>``) when those are on. As in
+Ray, ``route`` is the application's name (Ray's gRPC ``route_path``); a call naming no running
+application is counted with ``route`` "".
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +45,7 @@ import grpc
 from shoal.proxy.access import AccessWriter
 from shoal.proxy.metrics import IngressMetrics
 from shoal.runtime import grpc_call, grpc_services, wire
-from shoal.runtime.api import RoutingRuntime
+from shoal.runtime.api import CallRouter, RoutingRuntime
 from shoal.runtime.errors import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -50,7 +54,7 @@ from shoal.runtime.errors import (
 )
 from shoal.runtime.grpc_services import MethodSpec
 from shoal.runtime.handle import new_request_id
-from shoal.runtime.reply import END, ReplySink
+from shoal.runtime.reply import END, PULL, ReplySink
 from shoal.runtime.router import Call, Router
 
 logger = logging.getLogger("shoal.proxy")
@@ -167,23 +171,22 @@ class GrpcIngress:
                 await self.serve(spec, request, context, context.write)
             return grpc.unary_stream_rpc_method_handler(stream)
 
-        async def refuse(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            self._record(spec.path, "", "", grpc.StatusCode.UNIMPLEMENTED, 0.0, "")
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"{spec.path} is a client-streaming RPC: shoal's gRPC proxy serves unary and "
-                "server-streaming RPCs only.",
-            )
         if spec.kind == grpc_services.STREAM_UNARY:
-            return grpc.stream_unary_rpc_method_handler(refuse)
-        return grpc.stream_stream_rpc_method_handler(refuse)
+            async def collect(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+                return await self.serve(spec, b"", context, None, requests)
+            return grpc.stream_unary_rpc_method_handler(collect)
+
+        async def chat(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await self.serve(spec, b"", context, context.write, requests)
+        return grpc.stream_stream_rpc_method_handler(chat)
 
     async def serve(
         self, spec: MethodSpec, request: bytes, context: grpc.aio.ServicerContext[Any, Any],
-        write: Callable[[bytes], Awaitable[None]] | None,
+        write: Callable[[bytes], Awaitable[None]] | None, requests: AsyncIterator[bytes] | None = None,
     ) -> bytes:
         """Answer one call (module docstring); ``write`` sends a streamed response's items
-        (None: unary, the response is returned)."""
+        (None: unary, the response is returned); ``requests``: a streamed request's messages
+        (None: ``request`` is the one message)."""
         start_s = time.perf_counter()
         metadata = tuple(context.invocation_metadata() or ())
         app_name = request_id = model_id = ""
@@ -207,7 +210,7 @@ class GrpcIngress:
                 raise _Status(grpc.StatusCode.UNAVAILABLE, "This node is being drained.")
             target = self._target(app_name)
             outcome, response = await self._forward(spec, request, context, write, target, metadata, request_id,
-                                                    model_id)
+                                                    model_id, requests)
             code = _CODES.get(outcome.code, grpc.StatusCode.UNKNOWN)
             details, trailing = outcome.details, tuple(outcome.trailing_metadata)
             if outcome.compression is not None:
@@ -222,7 +225,9 @@ class GrpcIngress:
             self.calls -= 1
             if not self.calls:
                 self._idle.set()
-            route = target.app_name if target is not None else app_name
+            # An application no route has is counted as "" (as unrouted HTTP paths): a client
+            # cannot create series by naming applications.
+            route = target.app_name if target is not None else ""
             deployment = target.ingress if target is not None else ""
             self._record(spec.path, route, deployment, code, (time.perf_counter() - start_s) * 1000.0, request_id)
         if not any(k == "request_id" for k, _ in trailing):
@@ -245,6 +250,7 @@ class GrpcIngress:
         self, spec: MethodSpec, request: bytes, context: grpc.aio.ServicerContext[Any, Any],
         write: Callable[[bytes], Awaitable[None]] | None, target: _Target,
         metadata: Sequence[tuple[str, Any]], request_id: str, model_id: str,
+        requests: AsyncIterator[bytes] | None,
     ) -> tuple[wire.GrpcOutcome, bytes]:
         """Send the call to the application's ingress and relay its answer; returns the
         outcome and a unary call's response. ``_Status`` for what the proxy decides."""
@@ -269,9 +275,10 @@ class GrpcIngress:
         if isinstance(router, Router):
             router.metrics.count_handle_request(target.prefix)
         router.submit(call)
+        pump = _RequestPump(requests, router, call) if requests is not None else None
         try:
             async with _NO_DEADLINE if timeout_s is None else asyncio.timeout(timeout_s):
-                return await self._relay(call, replies, write)
+                return await self._relay(call, replies, write, pump)
         except TimeoutError:
             limit = self.options.request_timeout_s
             raise _Status(
@@ -300,15 +307,23 @@ class GrpcIngress:
             raise _Status(grpc.StatusCode.INTERNAL, "Request failed due to unexpected error.") from None
         finally:
             router.cancel(call)  # nothing if it ended; else the replica's coroutine is cancelled
+            if pump is not None:
+                await pump.stop()
 
     async def _relay(
         self, call: Call, replies: ReplySink, write: Callable[[bytes], Awaitable[None]] | None,
+        pump: _RequestPump | None,
     ) -> tuple[wire.GrpcOutcome, bytes]:
         taken = 0
         while True:
             item = await replies.next()
             if item is END:
                 raise wire.ProtocolError("a gRPC call ended without its outcome")
+            if item is PULL:
+                if pump is None:
+                    raise wire.ProtocolError("a PULL for a gRPC call whose client does not stream")
+                pump.pull()
+                continue
             if isinstance(item, dict):
                 outcome, response = grpc_call.read_final(item)
                 return outcome, response or b""
@@ -332,6 +347,41 @@ class GrpcIngress:
         except TimeoutError:
             return False
         return True
+
+
+class _RequestPump:
+    """A client-streaming call's messages, read from the client one per PULL the replica sends
+    and forwarded (``grpc_call.input_message``); the end of the client's stream is forwarded too."""
+
+    def __init__(self, requests: AsyncIterator[bytes], router: CallRouter, call: Call) -> None:
+        self._requests = requests
+        self._router = router
+        self._call = call
+        self._pulls = 0
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def pull(self) -> None:
+        self._pulls += 1
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            while not self._pulls:
+                self._wake.clear()
+                await self._wake.wait()
+            self._pulls -= 1
+            data: bytes | None
+            try:
+                data = await anext(self._requests)
+            except StopAsyncIteration:
+                data = None
+            if not self._router.send_receive(self._call, grpc_call.input_message(data)) or data is None:
+                return
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
 
 
 def build_server(ingress: GrpcIngress) -> tuple[grpc.aio.Server, int]:

@@ -10,6 +10,10 @@ request's serialized bytes, all msgpack. Here:
   message, and with ``grpc_context=`` a ``RayServegRPCContext`` if it takes that parameter;
 - a unary RPC's response is serialized and rides on the final reply; a server-streaming RPC's
   method is a generator whose items are sent one by one (``send_item``) as they come;
+- a client-streaming or bidirectional RPC's method gets, instead of a message, a
+  ``gRPCInputStream`` of the client's messages (as in Ray): each is asked of the proxy when the
+  method wants it (``next_message``: the replica sends PULL, the proxy reads one message from its
+  client and forwards its bytes), so the client's stream is held back by the method's pace;
 - the final reply (``GrpcFinal``) carries the outcome: what the user set on the context (code,
   details, trailing metadata), or, if the method raised, a ``gRPCStatusError``'s code and
   details, else INTERNAL with the exception's type and message. The traceback goes to the
@@ -82,12 +86,30 @@ def _takes_grpc_context(fn: Callable[..., Any]) -> bool:
         return False
 
 
+def input_message(data: bytes | None) -> dict[str, Any]:
+    """A client-streaming call's next message as the proxy forwards it (None: the client's stream ended)."""
+    return {"end": True} if data is None else {"m": data}
+
+
+async def _messages(codec: grpc_services.MethodCodec, next_message: Callable[[], Awaitable[Any]]) -> Any:
+    """The client's messages, parsed, until its stream ends."""
+    while True:
+        item = await next_message()
+        if not isinstance(item, dict) or item.get("end"):
+            return
+        data = item.get("m")
+        if not isinstance(data, bytes):
+            raise wire.ProtocolError("a streamed gRPC request message that is not bytes")
+        yield codec.parse(data)
+
+
 async def serve(
     user: UserCallable, payload: bytes, request_id: str, send_item: Callable[[bytes], Awaitable[None]],
+    next_message: Callable[[], Awaitable[Any]],
 ) -> tuple[dict[str, Any], BaseException | None]:
     """Run one gRPC call (module docstring); returns the final reply's value and the user's
     exception if the call failed with one (the replica's metrics count it)."""
-    from shoal.serve.grpc_util import RayServegRPCContext
+    from shoal.serve.grpc_util import RayServegRPCContext, gRPCInputStream
 
     meta, function, request = wire.unpack(payload)
     call = wire.GrpcCallInfo.from_meta(meta)
@@ -100,7 +122,10 @@ async def serve(
     response: bytes | None = None
     failure: BaseException | None = None
     try:
-        message = codec.parse(request)
+        if codec.kind in (grpc_services.STREAM_UNARY, grpc_services.STREAM_STREAM):
+            message: Any = gRPCInputStream(_messages(codec, next_message))
+        else:
+            message = codec.parse(request)
         fn, _ = user.resolve(method_name)
         kwargs = {"grpc_context": context} if _takes_grpc_context(fn) else {}
         if codec.kind in (grpc_services.UNARY_STREAM, grpc_services.STREAM_STREAM):

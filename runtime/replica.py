@@ -252,6 +252,7 @@ class ReplicaWorker:
         key = (identity, call_id)
         enc: wire.Encoding | None
         buffers: tuple[wire.Buffer, ...] = ()
+        access_error = False  # a gRPC call answered with the user's exception's status
         try:
             if method == HTTP_METHOD:
                 # msgpack only: this came from an HTTP client through the proxy.
@@ -266,8 +267,10 @@ class ReplicaWorker:
             elif method == GRPC_METHOD and header.http:
                 grpc_final, grpc_error = await self._serve_grpc(identity, call_id, key, msg.payload[0],
                                                                  header.request_id)
+                access.route = "gRPC"
                 if grpc_error is not None:
                     error_type = type(grpc_error).__name__
+                    access_error = True
                 kind = wire.Kind.STREAM_END
                 enc, data = wire.dumps_plain(grpc_final)
             else:
@@ -298,7 +301,7 @@ class ReplicaWorker:
         model_ids = request_router_report.current() if header.multiplexed_model_id else None
         self._send(identity, wire.reply(kind, self.incarnation, call_id, enc, data, self.ongoing, model_ids, buffers))
         self._slot_freed()
-        access.end(kind.name)
+        access.end("ERROR" if access_error else kind.name)
 
     def _cancelled_reply(self, key: tuple[bytes, int], request_id: str, http: bool | None, grpc: bool = False) -> wire.Message:
         """CANCELLED; or, when the replica gives the request up at its shutdown deadline, an
@@ -404,10 +407,15 @@ class ReplicaWorker:
     ) -> tuple[dict[str, Any], BaseException | None]:
         """Run one gRPC call (``runtime/grpc_call.py``); a streamed response's items go out as
         they come, under the same window as HTTP responses (the proxy ACKs them as its client
-        takes them)."""
+        takes them); a streamed request's messages come one per PULL, as an HTTP body's chunks."""
         from shoal.runtime import grpc_call
 
         credit = self._credits[key] = _Credit(wire.RESPONSE_WINDOW)
+        inbox = self._receives[key] = ReplySink()  # a client-streaming call's messages (RECEIVE)
+
+        async def next_message() -> Any:
+            self._send(identity, wire.reply(wire.Kind.PULL, self.incarnation, call_id))
+            return await inbox.next()
 
         async def send_item(data: bytes) -> None:
             await credit.take()
@@ -415,9 +423,10 @@ class ReplicaWorker:
             self._send(identity, wire.reply(wire.Kind.STREAM_ITEM, self.incarnation, call_id, *wire.dumps_plain(data)))
 
         try:
-            return await grpc_call.serve(self.user, payload, request_id, send_item)
+            return await grpc_call.serve(self.user, payload, request_id, send_item, next_message)
         finally:
             self._credits.pop(key, None)
+            self._receives.pop(key, None)
 
     async def _pull_body(self, identity: bytes, call_id: int, inbox: ReplySink) -> Any:
         """The app's ``receive`` while a request body streams in: each chunk handed to the app

@@ -188,10 +188,9 @@ def status_code(number: int) -> grpc.StatusCode:
 
 
 def _metadata_item(item: Any) -> tuple[str, str | bytes]:
-    try:
-        key, value = item
-    except (TypeError, ValueError):
-        raise TypeError(f"trailing metadata items are (key, value) pairs, got {item!r}") from None
+    if not isinstance(item, tuple | list) or len(item) != 2:
+        raise TypeError(f"trailing metadata items are (key, value) pairs, got {item!r}")
+    key, value = item
     if not isinstance(key, str) or not _METADATA_KEY.fullmatch(key):
         raise ValueError(
             f"trailing metadata key {key!r}: use lowercase letters, digits, '-', '_' and '.'"

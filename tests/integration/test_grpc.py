@@ -75,7 +75,32 @@ def _greeter(pb2: Any) -> Any:
             ctx = current_request()
             return pb2.HelloReply(message=f"{serve.get_multiplexed_model_id()}|{ctx.request_id}")
 
+        async def Collect(self, requests: Any) -> Any:
+            names = [request.name async for request in requests]
+            return pb2.HelloReply(message=",".join(names))
+
+        async def Chat(self, requests: Any) -> Any:
+            async for request in requests:
+                yield pb2.HelloReply(message=f"echo {request.name}")
+
+        def Die(self, request: Any) -> Any:
+            os._exit(1)
+
     return Greeter
+
+
+def _tight(pb2: Any) -> Any:
+    @serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
+    class Tight:
+        def __init__(self, gate: Any) -> None:
+            self.gate = gate
+
+        async def Block(self, request: Any) -> Any:
+            await self.gate.arrive.remote(request.name)
+            await self.gate.wait.remote(request.name)
+            return pb2.HelloReply(message="released")
+
+    return Tight
 
 
 def _other(pb2: Any) -> Any:
@@ -96,8 +121,11 @@ def grpc_url(pb: tuple[Any, Any]) -> Iterator[str]:
         grpc_options={"port": 0, "grpc_servicer_functions": [stubs.SERVICER_FUNCTION], "request_timeout_s": 5},
     )
     gate = serve.run(Gate.bind(), name="gate", route_prefix="/gate")
-    serve.run(_greeter(pb2).bind(gate), name="greeter", route_prefix="/greeter")
-    serve.run(_other(pb2).bind(), name="other", route_prefix="/other")
+    serve.run_many([
+        serve.RunTarget(_greeter(pb2).bind(gate), name="greeter", route_prefix="/greeter"),
+        serve.RunTarget(_other(pb2).bind(), name="other", route_prefix="/other"),
+        serve.RunTarget(_tight(pb2).bind(gate), name="tight", route_prefix="/tight"),
+    ])
     url = serve.get_grpc_url()
     assert url is not None
     yield url
@@ -199,10 +227,27 @@ def test_grpc_status_error_gives_its_code_and_details(stub: Any, pb: Any) -> Non
     assert info.value.details() == "not yours"
 
 
-def test_client_streaming_is_refused(stub: Any, pb: Any) -> None:
-    with pytest.raises(grpc.RpcError) as info:
-        stub.Collect(iter([_req(pb)]), metadata=GREETER, timeout=10)
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+def test_client_streaming(stub: Any, pb: Any) -> None:
+    reply = stub.Collect(iter([_req(pb, n) for n in "abc"]), metadata=GREETER, timeout=10)
+    assert reply.message == "a,b,c"
+    assert stub.Collect(iter([]), metadata=GREETER, timeout=10).message == ""
+
+
+def test_bidirectional_streaming(grpc_url: str, pb: Any) -> None:
+    """Each reply comes before the next request is sent: the stream really goes both ways."""
+
+    async def main() -> list[str]:
+        async with grpc.aio.insecure_channel(grpc_url) as ch:
+            call = pb[1].GreeterStub(ch).Chat(metadata=GREETER, timeout=10)
+            got = []
+            for name in ("x", "y", "z"):
+                await call.write(_req(pb, name))
+                got.append((await call.read()).message)
+            await call.done_writing()
+            assert await call.read() == grpc.aio.EOF
+            return got
+
+    assert asyncio.run(main()) == ["echo x", "echo y", "echo z"]
 
 
 def test_two_replicas_share_concurrent_calls(grpc_url: str, pb: Any) -> None:
@@ -244,7 +289,7 @@ def test_list_applications_and_healthz(channel: grpc.Channel) -> None:
 
     api = serve_pb2_grpc.RayServeAPIServiceStub(channel)
     names = api.ListApplications(serve_pb2.ListApplicationsRequest(), timeout=10).application_names
-    assert {"greeter", "other", "gate"} <= set(names)
+    assert {"greeter", "other", "gate", "tight"} <= set(names)
     assert api.Healthz(serve_pb2.HealthzRequest(), timeout=10).message == "success"
 
 
@@ -258,8 +303,19 @@ def test_standard_health_service(channel: grpc.Channel) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_server_reflection_lists_the_services(channel: grpc.Channel) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    database = ProtoReflectionDescriptorDatabase(channel)
+    services = set(database.get_services())
+    assert {"shoaltest.Greeter", "ray.serve.RayServeAPIService", "grpc.health.v1.Health"} <= services
+    greeter = database.FindFileContainingSymbol("shoaltest.Greeter")
+    assert greeter.package == "shoaltest"
+
+
 def test_grpc_metrics_are_recorded(stub: Any, pb: Any) -> None:
     from helpers import sample_value, scrape
+    from ray_serve_metrics import family_of
 
     stub.Hello(_req(pb), metadata=GREETER, timeout=10)
 
@@ -268,3 +324,81 @@ def test_grpc_metrics_are_recorded(stub: Any, pb: Any) -> None:
                             method="/shoaltest.Greeter/Hello", status_code="OK")
 
     assert wait_until(counted, 10, "the gRPC request counted")
+    with pytest.raises(grpc.RpcError):
+        stub.Fail(_req(pb), metadata=GREETER, timeout=10)
+
+    def all_series() -> set[str] | None:
+        names = {name for name, _ in scrape() if "grpc" in name}
+        wanted = {"ray_serve_num_grpc_error_requests_total", "ray_serve_num_deployment_grpc_error_requests_total",
+                  "ray_serve_grpc_request_latency_ms_bucket", "ray_serve_num_ongoing_grpc_requests"}
+        return names if wanted <= names else None
+
+    wait_until(all_series, 10, "every gRPC series exported")
+    for (name, labels), _value in scrape().items():
+        if "grpc" in name:  # Ray's names, with exactly Ray's labels
+            metric = family_of(name)
+            assert metric is not None and metric.labels is not None, name
+            assert {k for k, _ in labels} - {"le"} == set(metric.labels), name
+
+
+def test_backpressure_is_resource_exhausted(grpc_url: str, pb: Any, gate: Any) -> None:
+    """One call runs (max_ongoing_requests=1), one may wait (max_queued_requests=1): of two
+    more, one is refused at once, and the other runs once the first ends."""
+    tight = (("application", "tight"),)
+
+    async def main() -> tuple[Any, str]:
+        async with grpc.aio.insecure_channel(grpc_url) as ch:
+            s = pb[1].GreeterStub(ch)
+            running = asyncio.ensure_future(s.Block(_req(pb, "bp"), metadata=tight, timeout=30))
+            await asyncio.to_thread(lambda: gate.arrived.remote("bp").result(timeout_s=15))
+            more = [asyncio.ensure_future(s.Block(_req(pb, "bp"), metadata=tight, timeout=30)) for _ in range(2)]
+            done, pending = await asyncio.wait(more, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.to_thread(lambda: gate.open.remote("bp").result(timeout_s=15))
+            assert len(done) == 1 and len(pending) == 1
+            assert (await running).message == (await pending.pop()).message == "released"
+            return done.pop().exception(), "ok"
+
+    error, _ = asyncio.run(main())
+    assert isinstance(error, grpc.aio.AioRpcError)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_queued_requests" in (error.details() or "")
+
+
+def test_access_line_per_call(stub: Any, pb: Any) -> None:
+    import psutil
+    from helpers import run_dir_of, supervisor_of
+
+    stub.Meta(_req(pb), metadata=(*GREETER, ("request_id", "access-rid")), timeout=10)
+    proxy_log = run_dir_of(supervisor_of(psutil.Process())) / "logs" / "proxy_127.0.0.1.log"
+
+    def line() -> str | None:
+        text = proxy_log.read_text() if proxy_log.exists() else ""
+        return next((x for x in text.splitlines() if "access-rid" in x), None)
+
+    found = wait_until(line, 10, "the call's access line")
+    assert "/shoaltest.Greeter/Meta greeter OK" in found
+
+
+def test_failed_deployment_is_unavailable(stub: Any, pb: Any) -> None:
+    @serve.deployment
+    class Broken:
+        def __init__(self) -> None:
+            raise RuntimeError("cannot start")
+
+    with pytest.raises(RuntimeError):
+        serve.run(Broken.bind(), name="broken", route_prefix="/broken")
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Hello(_req(pb), metadata=(("application", "broken"),), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "cannot start" not in (info.value.details() or "")  # no traceback
+    finally:
+        serve.delete("broken")
+
+
+def test_replica_dying_mid_call_is_internal(stub: Any, pb: Any) -> None:
+    """Last in the module: it kills one of the Greeter's replicas."""
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Die(_req(pb), metadata=GREETER, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert "died" in (info.value.details() or "")
