@@ -595,7 +595,7 @@ BOOTSTRAP_FRAMES = ("multiprocessing/", "threading.py", "asyncio/runners.py", "(
 def top_frames(collapsed_path: str, top: int) -> dict[str, Any]:
     """From py-spy's collapsed stacks (``thread (id);frame;frame;... count``, with --threads): the
     samples per thread, and the frames with the most samples on top of the stack (self) and
-    anywhere in it (inclusive, the bootstrap frames every stack has left out)."""
+    anywhere in it (inclusive, by function, the bootstrap frames every stack has left out)."""
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     threads: collections.Counter[str] = collections.Counter()
@@ -615,11 +615,17 @@ def top_frames(collapsed_path: str, top: int) -> dict[str, Any]:
             threads[thread] += count
             total += count
             own[frames[-1]] += count
-            for fr in set(frames):
+            for fr in {without_line(fr) for fr in frames}:  # by function: its lines add up
                 if not any(marker in fr for marker in BOOTSTRAP_FRAMES):
                     inclusive[fr] += count
     return {"samples": total, "waiting": waiting, "threads": threads.most_common(top), "self": own.most_common(top),
             "inclusive": inclusive.most_common(top)}  # fmt: skip
+
+
+def without_line(frame: str) -> str:
+    """``function (file.py:123)`` -> ``function (file.py)``."""
+    head, sep, line = frame.rpartition(":")
+    return f"{head})" if sep and line.rstrip(")").isdigit() else frame
 
 
 def short_frame(frame: str) -> str:
