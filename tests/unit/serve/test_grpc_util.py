@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import msgpack
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shoal.runtime.wire import GrpcCallInfo, GrpcOutcome, ProtocolError
@@ -181,10 +181,13 @@ def test_context_pickles_for_a_handle_call_between_the_users_processes() -> None
 # -- the wire dataclasses --
 
 
+# No deadline: on a loaded machine an example may take longer than hypothesis's default 200 ms.
+property_test = settings(database=None, deadline=None, max_examples=100)
 _text = st.text(max_size=20)
 _metadata = st.lists(st.tuples(_text, st.one_of(_text, st.binary(max_size=20))), max_size=5).map(tuple)
 
 
+@property_test
 @given(
     st.builds(
         GrpcCallInfo, method_path=_text, metadata=_metadata, peer=_text,
@@ -196,6 +199,7 @@ def test_call_info_round_trips_through_msgpack(call: GrpcCallInfo) -> None:
     assert GrpcCallInfo.from_meta(over_the_wire(call.to_meta())) == call
 
 
+@property_test
 @given(
     st.builds(
         GrpcOutcome, code=st.integers(0, 16), details=_text, trailing_metadata=_metadata,
