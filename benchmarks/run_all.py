@@ -33,13 +33,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # The order the README shows them in; scripts not named here follow, by name.
 ORDER = (
-    "http", "proxies", "handle", "arrays", "lifecycle", "warm_start", "batching", "access_log_cost",
+    "http", "proxies", "grpc", "handle", "arrays", "lifecycle", "warm_start", "batching", "access_log_cost",
     "replica_metrics_cost",
 )  # fmt: skip
 # Shorter runs for --short (checking the scripts, not measuring).
 SHORT = {
     "http": ["--duration", "2", "--warmup", "1", "--connections", "1,64"],
     "proxies": ["--duration", "2", "--connections", "1,64"],
+    "grpc": ["--duration", "2", "--warmup", "1"],
     "handle": ["--calls", "300", "--warmup", "50", "--fanout", "500", "--repeats", "2"],
     "arrays": ["--echoes", "3", "--warmup", "1"],
     "warm_start": ["--import-s", "0.3"],
