@@ -6,8 +6,8 @@
     ├── RayServeException                 any serve-level error (bad method, app not found, ...)
     │   ├── BackPressureError             the caller's queue for a deployment is full
     │   ├── RequestCancelledError         the response was cancelled with ``.cancel()``
-    │   ├── gRPCStatusError               a user exception with a gRPC status (gRPC only; shoal
-    │   │                                 runs no gRPC proxy, so it never raises it itself)
+    │   ├── gRPCStatusError               user code raises it to answer a gRPC call with its
+    │   │                                 status code and details (the proxy sends them)
     │   ├── DeploymentUnavailableError    the deployment failed to deploy or was deleted
     │   ├── ReplicaUnavailableError       the replica a request was on is gone
     │   │   └── ReplicaDiedError          ... because its process died mid-request
@@ -87,8 +87,8 @@ class TaskCancelledError(Exception):
 
 class gRPCStatusError(RayServeException):
     """An exception carrying the gRPC status code and details a user set before raising it
-    (Ray's proxy answers gRPC calls with them). shoal runs no gRPC proxy and never raises it
-    itself; it exists so that code importing or catching it keeps working."""
+    (the gRPC proxy answers the call with them; empty details: ``str(original_exception)``).
+    shoal never raises it itself."""
 
     def __init__(self, original_exception: BaseException, code: Any = None, details: str | None = None) -> None:
         self._original_exception = original_exception
