@@ -148,12 +148,16 @@ class ProxyApp:
                 if self.access is not None:
                     self.access.write(WEBSOCKET_METHOD, route.prefix, code, latency_ms, request_id)
 
-    async def drain(self, min_s: float, timeout_s: float) -> None:
+    async def drain(self, min_s: float, timeout_s: float, refuse_new: bool = True) -> None:
         """Answer ``/-/healthz`` with 503 (so load balancers stop sending) for at least
         ``min_s``, and until the requests in flight are answered or ``timeout_s`` passes; the
-        ones left then are answered 503 (or cut mid-response), within ``_ABORT_WAIT_S``."""
+        ones left then are answered 503 (or cut mid-response), within ``_ABORT_WAIT_S``.
+        ``refuse_new``: requests on connections accepted from now on get 503 (the instance is
+        stopping); without it they are served (one proxy replaced while its siblings, which
+        share the listening socket, go on serving)."""
         self.draining = True
-        self._drain_started_s = time.monotonic()
+        if refuse_new:
+            self._drain_started_s = time.monotonic()
         self._idle = asyncio.Event()
         await asyncio.sleep(min_s)
         if await self._wait_idle(max(0.0, timeout_s - min_s)):

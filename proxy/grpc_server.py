@@ -38,7 +38,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -56,6 +56,9 @@ from shoal.runtime.grpc_services import MethodSpec
 from shoal.runtime.handle import new_request_id
 from shoal.runtime.reply import END, PULL, ReplySink
 from shoal.runtime.router import Call, Router
+
+if TYPE_CHECKING:
+    from shoal.proxy.grpc_builtin import BuiltinServices
 
 logger = logging.getLogger("shoal.proxy")
 
@@ -123,6 +126,7 @@ class GrpcIngress:
         self.access = access
         self.draining = False
         self.calls = 0  # calls being answered
+        self.builtins: BuiltinServices | None = None  # set by build_server
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -339,6 +343,8 @@ class GrpcIngress:
         """Refuse new calls (UNAVAILABLE; health checks say NOT_SERVING) and wait until the calls
         in flight end; False if ``timeout_s`` passed first."""
         self.draining = True
+        if self.builtins is not None:
+            self.builtins.health_changed()  # health Watch streams see NOT_SERVING now, not within 1 s
         try:
             async with asyncio.timeout(timeout_s):
                 while self.calls:
@@ -347,6 +353,12 @@ class GrpcIngress:
         except TimeoutError:
             return False
         return True
+
+    def close(self) -> None:
+        """End the health ``Watch`` streams, before the server stops (which would otherwise wait
+        its whole grace for them)."""
+        if self.builtins is not None:
+            self.builtins.close()
 
 
 class _RequestPump:
@@ -400,7 +412,7 @@ def build_server(ingress: GrpcIngress) -> tuple[grpc.aio.Server, int]:
     if options.enable_reflection:  # reflection describes the services from their imported descriptors
         for function in sorted({spec.function for spec in options.methods}):
             import_attr(function)
-    add_builtin_services(
+    ingress.builtins = add_builtin_services(
         server,
         list_applications=ingress.application_names,
         is_healthy=ingress.is_healthy,

@@ -204,10 +204,13 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int, acces
         grpc_ingress, grpc_server = await _start_grpc(spec, runtime, access_handlers)
 
     async def drain_then_exit(min_s: float) -> None:
+        # SIGTERM (min_s > 0) stops the instance: new connections get 503. SIGINT replaces this
+        # proxy, or nobody routes here any more: what still arrives is served.
+        http_drain = app.drain(min_s=min_s, timeout_s=grace_s, refuse_new=min_s > 0)
         if grpc_ingress is None:
-            await app.drain(min_s=min_s, timeout_s=grace_s)
+            await http_drain
         else:
-            await asyncio.gather(app.drain(min_s=min_s, timeout_s=grace_s), grpc_ingress.drain(grace_s))
+            await asyncio.gather(http_drain, grpc_ingress.drain(grace_s))
         server.should_exit = True
 
     def on_signal(min_s: float) -> None:
@@ -222,6 +225,8 @@ async def _serve(spec: dict[str, Any], lifeline_fd: int, listener_fd: int, acces
     try:
         await server.serve(sockets=[sock])
     finally:
+        if grpc_ingress is not None:
+            grpc_ingress.close()
         if grpc_server is not None:
             await grpc_server.stop(_GRPC_STOP_GRACE_S)  # what is left after the drain is cut
         metrics_batch.flush_now(loop)  # what the last interval recorded
