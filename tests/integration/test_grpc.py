@@ -23,14 +23,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def pb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
-    out = tmp_path_factory.mktemp("stubs")
-    stubs.generate(out)
-    stubs.importable(out)
-    import greeter_pb2
-    import greeter_pb2_grpc
-
-    yield greeter_pb2, greeter_pb2_grpc
+def pb(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    return stubs.modules(tmp_path_factory.mktemp("stubs"))
 
 
 def _greeter(pb2: Any) -> Any:

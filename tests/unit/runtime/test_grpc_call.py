@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -16,13 +15,8 @@ from shoal.runtime.user_code import UserCallable
 
 
 @pytest.fixture(scope="module")
-def pb2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    out = tmp_path_factory.mktemp("stubs")
-    stubs.generate(out)
-    stubs.importable(out)
-    import greeter_pb2
-
-    yield greeter_pb2
+def pb2(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return stubs.modules(tmp_path_factory.mktemp("stubs"))[0]
 
 
 def _user(pb2: Any) -> UserCallable:
