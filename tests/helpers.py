@@ -10,8 +10,10 @@ import asyncio
 import os
 import queue
 import re
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -255,3 +257,66 @@ def sample_value(samples: Samples, name: str, **labels: str) -> float | None:
     wanted = set(labels.items())
     found = [value for (sample, have), value in samples.items() if sample == name and wanted <= have]
     return sum(found) if found else None
+
+
+class SocketGate:
+    """A gate request handlers in another process (or user) park on: each connects to a unix
+    socket at ``path`` and waits for one byte. ``parked`` counts the connections; ``release``
+    answers them all, and any that connect later at once.
+
+    ``path``: where to listen (default: a new private temporary directory, removed by ``close``);
+    ``mode``: the socket file's permissions, for handlers running as another user.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, mode: int | None = None) -> None:
+        self._own_dir = tempfile.mkdtemp(prefix="gate-") if path is None else None
+        self.path = os.fspath(path) if path is not None else os.path.join(self._own_dir or "", "gate")
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(self.path)
+        if mode is not None:
+            os.chmod(self.path, mode)
+        self._server.listen(64)
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._released = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self._released:
+                    conn.sendall(b"x")
+                self._conns.append(conn)
+
+    @property
+    def parked(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
+    def release(self) -> None:
+        with self._lock:
+            self._released = True
+            for conn in self._conns:
+                try:
+                    conn.sendall(b"x")
+                except OSError:  # its request is gone (cut at a deadline)
+                    pass
+
+    def close(self) -> None:
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+        except OSError:
+            pass
+        self._server.close()
+        self._thread.join(5)
+        with self._lock:
+            for conn in self._conns:
+                conn.close()
+        os.unlink(self.path)
+        if self._own_dir is not None:
+            os.rmdir(self._own_dir)

@@ -15,7 +15,6 @@ what the image has: the project installed for a system interpreter. Without one,
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +22,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -39,7 +37,7 @@ from typing import IO
 import httpx
 import psutil
 import pytest
-from helpers import processes_in_run_dir, wait_until
+from helpers import SocketGate, processes_in_run_dir, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -126,49 +124,6 @@ applications:
   - name: {deployment}
     max_constructor_retry_count: 1
 """
-
-
-class Gate:
-    """A unix socket the app's ``/hold`` requests park on (each waits for one byte);
-    ``release`` answers them all. ``parked`` counts the connections."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(str(path))
-        os.chmod(path, 0o777)  # the container's user connects to it
-        self._server.listen(16)
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._conns.append(conn)
-
-    @property
-    def parked(self) -> int:
-        with self._lock:
-            return len(self._conns)
-
-    def release(self) -> None:
-        with self._lock:
-            for conn in self._conns:
-                with contextlib.suppress(OSError):  # its request is gone (cut at the deadline)
-                    conn.sendall(b"x")
-
-    def close(self) -> None:
-        self._server.close()
-        self._thread.join(5)
-        with self._lock:
-            for conn in self._conns:
-                conn.close()
 
 
 @dataclass
@@ -403,7 +358,7 @@ def test_serves_as_a_non_root_user_and_drains_on_sigterm(container: Container) -
     flight runs, new connections get 503, the request finishes with 200 and the process exits 0
     within the grace; nothing was written outside the run directory and TMPDIR."""
     config = container.write_app(_config("127.0.0.1"))
-    gate = Gate(container.root / "gate.sock")
+    gate = SocketGate(container.root / "gate.sock", mode=0o777)
     before = {**_tree(container.workdir), **_tree(container.home)}
     owned_before = _files_of(CONTAINER_UID, container) if container.switched_user else set()
     cli = container.run(config, gate.path)
@@ -458,7 +413,7 @@ def test_a_request_still_running_at_the_grace_gets_503_and_the_process_exits_0(c
     """A request that never finishes holds the stop for ``graceful_shutdown_timeout_s`` at most:
     then it is answered 503 and the process exits 0 (a bounded time after the grace)."""
     config = container.write_app(_config("127.0.0.1"))
-    gate = Gate(container.root / "gate.sock")
+    gate = SocketGate(container.root / "gate.sock", mode=0o777)
     cli = container.run(config, gate.path)
     output = Output(cli)
     try:
@@ -516,7 +471,7 @@ def test_as_pid_1_sigterm_stops_it(container: Container, when: str) -> None:
     init = _pid_one(container)
     deploying = when == "deploying"
     config = container.write_app(_config("127.0.0.1", "slow_app:app", "Slow") if deploying else _config("127.0.0.1"))
-    gate = Gate(container.root / "gate.sock")
+    gate = SocketGate(container.root / "gate.sock", mode=0o777)
     cli = container.run(config, gate.path, init=init)
     output = Output(cli)
     try:

@@ -16,10 +16,8 @@ import json
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -30,7 +28,7 @@ from typing import Any
 import httpx
 import pytest
 from harness import Outcome, Poller, StatusPoll, kinds, running_pids
-from helpers import alive, processes_in_run_dir, sockets_in, wait_until
+from helpers import SocketGate, alive, processes_in_run_dir, sockets_in, wait_until
 
 from shoal import serve
 
@@ -293,60 +291,6 @@ class Gated:
 
 app = Gated.bind(GATE)
 """
-
-
-class SocketGate:
-    """A gate HTTP handlers in another instance park on: each connects to a unix socket and
-    waits for one byte. ``parked`` counts the connections; ``release`` answers them all."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="gate-")
-        self.path = os.path.join(self.dir, "gate")
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(self.path)
-        self._server.listen(64)
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._released = False
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            with self._lock:
-                if self._released:
-                    conn.sendall(b"x")
-                self._conns.append(conn)
-
-    @property
-    def parked(self) -> int:
-        with self._lock:
-            return len(self._conns)
-
-    def release(self) -> None:
-        with self._lock:
-            self._released = True
-            for conn in self._conns:
-                try:
-                    conn.sendall(b"x")
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        try:
-            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
-        except OSError:
-            pass
-        self._server.close()
-        for conn in self._conns:
-            conn.close()
-        self._thread.join(5)
-        os.unlink(self.path)
-        os.rmdir(self.dir)
 
 
 class Supervisor:
